@@ -1,0 +1,27 @@
+"""onnx_vbp: Variance-Based Pruning of the MLP blocks of ONNX models, after training.
+
+The pipeline, one stage per module, plain records between them::
+
+    blocks = find_mlp_blocks(model)                 # list[MlpBlock]
+    stats = calibrate(model, blocks, batches)       # {block name: Stats}
+    plan = select(stats, ratio=0.35)                # Plan: kept neuron indices per block
+    pruned = rewrite(model, blocks, stats, plan)    # a new onnx.ModelProto
+
+`prune_file` runs all of it on files, as the command line does.
+"""
+
+__version__ = "0.1.0"
+
+from onnx_vbp.calibrate import Stats, calibrate
+from onnx_vbp.data import iter_batches, model_inputs
+from onnx_vbp.evaluate import evaluate
+from onnx_vbp.find import MlpBlock, find_mlp_blocks
+from onnx_vbp.instrument import instrument
+from onnx_vbp.pipeline import PruneOptions, prune_file
+from onnx_vbp.rewrite import rewrite
+from onnx_vbp.select import Plan, select
+
+__all__ = [
+    "MlpBlock", "Plan", "PruneOptions", "Stats", "calibrate", "evaluate", "find_mlp_blocks", "instrument",
+    "iter_batches", "model_inputs", "prune_file", "rewrite", "select",
+]

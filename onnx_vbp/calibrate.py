@@ -1,0 +1,107 @@
+"""Stage 3, calibrate: stream batches through ORT, per-neuron mean and variance per block.
+
+Statistics are accumulated per batch in float64 and merged with Chan's parallel formula, so the
+memory held is one batch of hidden activations plus O(width) per block, whatever the number of
+samples, and a large mean does not swamp a small variance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnx_vbp.find import MlpBlock
+from onnx_vbp.instrument import instrument
+
+
+class CalibrationError(ValueError):
+    """Calibration data produced unusable activations (NaN/Inf, no samples)."""
+
+
+@dataclass
+class Stats:
+    """Per-neuron running statistics of one block's hidden activation (float64)."""
+
+    count: int
+    mean: np.ndarray  # [width]
+    m2: np.ndarray  # [width], sum of squared deviations from the mean
+
+    @classmethod
+    def empty(cls, width: int) -> Stats:
+        return cls(0, np.zeros(width), np.zeros(width))
+
+    @classmethod
+    def of(cls, samples: np.ndarray) -> Stats:
+        """Two-pass statistics of `samples` [n, width]."""
+        values = np.asarray(samples, dtype=np.float64)
+        mean = values.mean(axis=0)
+        return cls(values.shape[0], mean, np.square(values - mean).sum(axis=0))
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Population variance per neuron."""
+        return self.m2 / max(self.count, 1)
+
+    def merge(self, other: Stats) -> Stats:
+        """Chan et al.'s pairwise combination of two disjoint sets of samples."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / count)
+        return Stats(count, mean, m2)
+
+
+def cpu_session(model_bytes: bytes, threads: int | None = None, optimize: bool = False
+                        ) -> ort.InferenceSession:
+    """A CPU ORT session; calibration keeps graph optimizations off so fusions cannot hide tensors."""
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    blocks: list[MlpBlock],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Stats]:
+    """Run `batches` (dicts of model inputs) through the model and return `Stats` per block name.
+
+    Every sample and token counts as one observation of each neuron. Tied blocks (several sites)
+    pool the observations of all their sites. `on_batch(n_samples)` is called after each batch.
+    """
+    session = cpu_session(instrument(model, blocks), threads)
+    input_names = [i.name for i in session.get_inputs()]
+    fetch = [(block, site) for block in blocks for site in block.sites]
+    fetch_names = [site.hidden for _, site in fetch]
+    stats = {block.name: Stats.empty(block.width) for block in blocks}
+    for batch_index, batch in enumerate(batches):
+        feed = {name: batch[name] for name in input_names}
+        hidden = session.run(fetch_names, feed)
+        for (block, site), values in zip(fetch, hidden, strict=True):
+            per_neuron = np.moveaxis(values, site.hidden_axis, -1).reshape(-1, block.width)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN are reported just below
+                batch_stats = Stats.of(per_neuron)
+            if not np.isfinite(batch_stats.m2).all():
+                raise CalibrationError(
+                    f"non-finite hidden activation in block '{block.name}' at calibration batch {batch_index}"
+                )
+            stats[block.name] = stats[block.name].merge(batch_stats)
+        if on_batch is not None:
+            on_batch(len(next(iter(feed.values()))))
+    if any(s.count == 0 for s in stats.values()):
+        raise CalibrationError("calibration saw no samples")
+    return stats

@@ -1,0 +1,110 @@
+"""Command line: parse, wire the pipeline, print the table, write the JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from onnx_vbp import __version__
+from onnx_vbp.calibrate import CalibrationError
+from onnx_vbp.data import DataError
+from onnx_vbp.modelio import ModelError
+from onnx_vbp.pipeline import NoBlocksError, PruneOptions, prune_file
+from onnx_vbp.report import format_table
+
+DESCRIPTION = """\
+Variance-Based Pruning of the MLP blocks of an ONNX model, after training.
+
+Finds every fc1 -> activation -> fc2 block, runs the calibration data through ONNX Runtime to
+measure each hidden neuron's activation variance, removes the lowest-variance neurons (slicing
+fc1's columns and fc2's rows) and folds their mean into fc2's bias. Writes a smaller model that
+loads in ORT with the same inputs and outputs.
+
+CALIB is a directory (or file) of *.npz batches (keys = input names), *.npy batches
+(single-input models) or ONNX test data sets (test_data_set_*/input_*.pb).
+"""
+
+EPILOG = """\
+example:
+  python -m onnx_vbp models/demo_vit.onnx models/calib --ratio 0.35 --eval models/eval
+"""
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="input ONNX model (never modified)")
+    parser.add_argument("calib", type=Path, help="calibration data: directory or file (see above)")
+    parser.add_argument("--ratio", type=_ratio, default=0.35,
+                        help="fraction of all MLP hidden neurons to remove, 0 <= r < 1 (default 0.35)")
+    parser.add_argument("-o", "--output", type=Path, help="output model (default: <model stem>.vbp.onnx beside it)")
+    parser.add_argument("--report", type=Path, help="write the report as JSON to this file")
+    parser.add_argument("--scope", choices=("global", "per-block"), default="global",
+                        help="rank neurons across all blocks (global, default, as in the paper) or remove the "
+                             "same fraction from each block")
+    parser.add_argument("--min-keep", type=_non_negative, default=1, help="neurons always kept per block (default 1)")
+    parser.add_argument("--round-to", type=_positive, default=1,
+                        help="round each kept width up to a multiple of N, restoring the highest-variance "
+                             "neurons (GEMM-friendly widths; default 1 = no rounding)")
+    parser.add_argument("--compensate", choices=("mean", "none"), default="mean",
+                        help="fold the pruned neurons' mean into fc2's bias (mean, default) or not (none)")
+    parser.add_argument("--batch-size", type=_positive, help="re-batch the data to this many samples per run")
+    parser.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
+    parser.add_argument("--eval", type=Path, metavar="HELDOUT",
+                        help="held-out data (same formats) to compare original and pruned outputs; an .npz "
+                             "'labels' array adds top-1 accuracy")
+    parser.add_argument("--threads", type=_positive, help="ORT intra-op threads (default: ORT's choice)")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="onnx-vbp: %(message)s")
+    options = PruneOptions(
+        ratio=args.ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
+        compensate=args.compensate, batch_size=args.batch_size, max_samples=args.max_samples,
+        threads=args.threads, progress=not args.quiet,
+    )
+    try:
+        report = prune_file(args.model, args.calib, args.output, options, eval_data=args.eval)
+    except (ModelError, DataError, CalibrationError, NoBlocksError) as exc:
+        print(f"onnx-vbp: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnx-vbp: interrupted; nothing written", file=sys.stderr)
+        return 130
+    if args.report is not None:
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.quiet:
+        print(format_table(report))
+        print(f"wrote {report['output']}")
+    return 0

@@ -1,0 +1,430 @@
+"""Stage 1, find: every MLP block `fc1 -> activation -> fc2` of a graph, as plain records.
+
+A block is matched from its fc2 upwards, along explicit op-type paths:
+
+    fc2 input  <- [Reshape | Flatten]*  <- activation (see `activations.py`)
+               <- [Reshape | Flatten]*  <- fc1 [+ bias Add]
+    gated:     fc2 input <- [layout]* <- Mul(activation(gate(x)), up(x))
+
+fc1 / fc2 (`Linear` below) are one of
+    MatMul(x, W) [+ Add(b, .) either operand order]     W [in, out]
+    Gemm(x, W, C), transA = 0, any transB                W [in, out] or [out, in]
+    Conv(x, W, B), 1x1 kernel (any rank), group 1, no padding   features on axis 1
+where W and the biases are constants, possibly behind Transpose / Cast / Identity. fc2's bias
+may also be input 4 of a following com.microsoft SkipLayerNormalization.
+
+Not MLPs: fc2 that is not a linear (1x1 -> ReLU -> 3x3 conv), grouped convolutions, non-constant
+weights. A structural match whose intermediate tensors feed anything outside the block is
+reported in `BlockList.skipped` with the reason, since slicing it would change that consumer.
+Blocks that share fc weights (tied layers) are merged into one block with several sites.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_vbp.activations import Activation, match_activation
+from onnx_vbp.graph import (
+    TracedParam,
+    import_graph,
+    in_default_domain,
+    node_key,
+    node_label,
+    producer,
+    trace_param,
+)
+
+LAYOUT_OPS = ("Reshape", "Flatten")
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """Input `input` of the node keyed `node`: a constant whose axis `axis` runs over neurons."""
+
+    node: str
+    input: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class BiasRef:
+    """Where fc2's bias lives, or should be created.
+
+    `node` carries (or will carry) the bias at input `input`; `input` None means fc2 is a MatMul
+    with no bias anywhere, so a bias Add must be inserted after `node` (fc2 itself). The output
+    change `delta` of fc2 is absorbed as `bias += delta * scale` (Gemm: alpha / beta).
+    """
+
+    node: str
+    input: int | None
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class MlpSite:
+    """One place in the graph where a block's weights are used."""
+
+    fc1: tuple[str, ...]  # node names; gated blocks: (gate, up)
+    fc2: str
+    hidden: str  # fc2's input tensor: the activation (or gate product) calibration observes
+    hidden_axis: int  # axis of `hidden` that runs over neurons
+    fc1_params: tuple[ParamRef, ...]  # sliced along neurons: fc1 weight(s) and bias(es)
+    fc2_weight: ParamRef  # sliced along neurons (its input axis)
+    fc2_bias: BiasRef
+    width_literals: tuple[ParamRef, ...]  # shape constants holding the width (axis = position)
+    width_tensors: tuple[tuple[str, int], ...]  # (tensor, axis) whose annotated shape has the width
+
+
+@dataclass(frozen=True)
+class MlpBlock:
+    name: str
+    activation: str
+    width: int
+    sites: tuple[MlpSite, ...]
+    gated: bool = False
+
+    @property
+    def fc1(self) -> str:
+        return ",".join(self.sites[0].fc1)
+
+    @property
+    def fc2(self) -> str:
+        return self.sites[0].fc2
+
+
+@dataclass(frozen=True)
+class SkippedBlock:
+    name: str
+    reason: str
+
+
+class BlockList(list):
+    """The blocks found, plus `skipped`: structural matches that cannot be pruned, with reasons."""
+
+    def __init__(self, blocks: list[MlpBlock], skipped: list[SkippedBlock]) -> None:
+        super().__init__(blocks)
+        self.skipped = skipped
+
+
+@dataclass
+class Linear:
+    node: gs.Node
+    weight_input: int
+    weight: TracedParam
+    in_axis: int  # weight axis (as the node sees it) over input features
+    out_axis: int  # weight axis over output features
+    feature_axis: int  # axis of the data tensors over features
+    bias_node: gs.Node | None  # node holding the bias constant (the Gemm/Conv itself, or an Add)
+    bias_input: int | None
+    output: gs.Tensor  # after the bias
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.source.values.shape[self.weight.source_axis(self.in_axis)]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.source.values.shape[self.weight.source_axis(self.out_axis)]
+
+
+def _is_present(tensor: gs.Tensor) -> bool:
+    return bool(tensor.name)
+
+
+def _match_bias_add(out: gs.Tensor, features: int) -> tuple[gs.Node, int] | None:
+    """`out`'s only consumer is Add(out, b) with b a constant over the last axis."""
+    if len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return None
+    add = out.outputs[0]
+    for i, other in enumerate(add.inputs):
+        if other is out:
+            continue
+        traced = trace_param(other)
+        shape = traced.value().shape if traced else ()
+        if traced and shape and shape[-1] == features and int(np.prod(shape)) == features:
+            return add, i
+    return None
+
+
+def match_linear(node: gs.Node) -> Linear | None:
+    """Recognise MatMul[+Add] / Gemm / 1x1 Conv with constant weights, else None."""
+    if not in_default_domain(node) or len(node.inputs) < 2:
+        return None
+    weight = trace_param(node.inputs[1])
+    if weight is None:
+        return None
+    rank = weight.source.values.ndim
+    out = node.outputs[0]
+    if node.op == "MatMul" and rank == 2:
+        linear = Linear(node, 1, weight, 0, 1, -1, None, None, out)
+        bias = _match_bias_add(out, linear.out_features)
+        if bias is not None:
+            linear.bias_node, linear.bias_input = bias
+            linear.output = bias[0].outputs[0]
+        return linear
+    if node.op == "Gemm" and rank == 2 and not node.attrs.get("transA", 0):
+        in_axis, out_axis = (1, 0) if node.attrs.get("transB", 0) else (0, 1)
+        linear = Linear(node, 1, weight, in_axis, out_axis, -1, None, None, out,
+                        alpha=float(node.attrs.get("alpha", 1.0)), beta=float(node.attrs.get("beta", 1.0)))
+        return _with_own_bias(linear)
+    if node.op == "Conv" and rank >= 3:
+        kernel = weight.source.values.shape[2:]
+        pads = node.attrs.get("pads", [0])
+        if any(k != 1 for k in kernel) or node.attrs.get("group", 1) != 1 or any(pads):
+            return None
+        return _with_own_bias(Linear(node, 1, weight, 1, 0, 1, None, None, out))
+    return None
+
+
+def _with_own_bias(linear: Linear) -> Linear | None:
+    """Gemm / Conv carry the bias as input 2; it must be a per-feature constant if present."""
+    node = linear.node
+    if len(node.inputs) > 2 and _is_present(node.inputs[2]):
+        bias = trace_param(node.inputs[2])
+        if bias is None or bias.value().size != linear.out_features:
+            return None
+        linear.bias_node, linear.bias_input = node, 2
+    return linear
+
+
+def _fc2_bias(fc2: Linear) -> BiasRef:
+    if fc2.bias_node is not None:
+        return BiasRef(node_key(fc2.bias_node), fc2.bias_input, fc2.alpha / fc2.beta)
+    if fc2.node.op in ("Gemm", "Conv"):
+        return BiasRef(node_key(fc2.node), 2, fc2.alpha / fc2.beta)
+    out = fc2.output
+    if len(out.outputs) == 1 and out.outputs[0].op == "SkipLayerNormalization":
+        return BiasRef(node_key(out.outputs[0]), 4)
+    return BiasRef(node_key(fc2.node), None)
+
+
+def _linear_producing(t: gs.Tensor) -> Linear | None:
+    """The linear whose output (after its bias) is `t`."""
+    node = producer(t)
+    if node is None:
+        return None
+    candidates = [node]
+    if node.op == "Add":
+        candidates = [producer(i) for i in node.inputs if producer(i) is not None]
+    for candidate in candidates:
+        linear = match_linear(candidate)
+        if linear is not None and linear.output is t:
+            return linear
+    return None
+
+
+def _shape_literal(reshape: gs.Node, width: int) -> tuple[ParamRef | None, bool]:
+    """Where a Reshape's target shape holds `width` in its last position.
+
+    Returns (literal or None, ok). The shape is a constant, or a Concat whose last part is one
+    (torch's dynamic export); a computed last dim (-1, 0 or from Shape) needs no rewrite. A last
+    dim that is some other number moves the neuron axis, so the path is not an MLP.
+    """
+    holder, index = reshape, 1
+    concat = producer(reshape.inputs[1])
+    if concat is not None and concat.op == "Concat":
+        holder, index = concat, len(concat.inputs) - 1
+    traced = trace_param(holder.inputs[index])
+    if traced is None:
+        return None, True
+    last = int(traced.value().reshape(-1)[-1])
+    if last == width:
+        return ParamRef(node_key(holder), index, -1), True
+    return None, last in (-1, 0)
+
+
+def _skip_layout(t: gs.Tensor, layout: list[gs.Node]) -> gs.Tensor:
+    node = producer(t)
+    while node is not None and node.op in LAYOUT_OPS:
+        layout.append(node)
+        t = node.inputs[0]
+        node = producer(t)
+    return t
+
+
+def _layout_keeps_last_axis(node: gs.Node, width: int) -> tuple[ParamRef | None, bool]:
+    if node.op == "Reshape":
+        return _shape_literal(node, width)
+    shape = node.inputs[0].shape
+    axis = node.attrs.get("axis", 1)
+    return None, axis == -1 or (shape is not None and axis % len(shape) == len(shape) - 1)
+
+
+@dataclass
+class _Match:
+    fc1: list[Linear]
+    fc2: Linear
+    activation: Activation
+    region: list[gs.Node]  # every node strictly between fc1's MatMul/Gemm/Conv and fc2
+    layout: list[gs.Node]
+
+
+def _match_plain(fc2: Linear, t: gs.Tensor, layout: list[gs.Node]) -> _Match | None:
+    activation = match_activation(t)
+    if activation is None:
+        return None
+    fc1 = _linear_producing(_skip_layout(activation.input, layout))
+    return _Match([fc1], fc2, activation, [], layout) if fc1 is not None else None
+
+
+def _match_gated(fc2: Linear, t: gs.Tensor, layout: list[gs.Node]) -> _Match | None:
+    """down(act(gate(x)) * up(x)): SwiGLU / GeGLU."""
+    mul = producer(t)
+    if mul is None or mul.op != "Mul":
+        return None
+    for act_out, up_out in (mul.inputs, mul.inputs[::-1]):
+        branch_layout = list(layout)
+        activation = match_activation(_skip_layout(act_out, branch_layout))
+        if activation is None:
+            continue
+        gate = _linear_producing(_skip_layout(activation.input, branch_layout))
+        up = _linear_producing(_skip_layout(up_out, branch_layout))
+        if gate is not None and up is not None and gate.node.inputs[0] is up.node.inputs[0]:
+            return _Match([gate, up], fc2, activation, [mul], branch_layout)
+    return None
+
+
+def _match_block(fc2: Linear) -> _Match | None:
+    for matcher in (_match_plain, _match_gated):
+        layout: list[gs.Node] = []
+        match = matcher(fc2, _skip_layout(fc2.node.inputs[0], layout), layout)
+        if match is not None:
+            return match
+    return None
+
+
+def _width(match: _Match) -> int | None:
+    widths = {lin.out_features for lin in match.fc1} | {match.fc2.in_features}
+    axes = {lin.feature_axis for lin in match.fc1} | {match.fc2.feature_axis}
+    if len(widths) != 1 or len(axes) != 1:
+        return None
+    return widths.pop()
+
+
+def _region_nodes(match: _Match) -> list[gs.Node]:
+    nodes = list(match.region) + match.activation.nodes + match.layout
+    for lin in match.fc1:
+        nodes.append(lin.node)
+        if lin.bias_node is not None and lin.bias_node is not lin.node:
+            nodes.append(lin.bias_node)
+    return nodes
+
+
+def _leak(match: _Match, graph_outputs: set[str]) -> str | None:
+    """Why the block's intermediate tensors cannot be sliced, or None if they are private."""
+    region = _region_nodes(match)
+    inside = {id(n) for n in region} | {id(match.fc2.node)}
+    for node in region:
+        for tensor in node.outputs:
+            if tensor.name in graph_outputs:
+                return f"hidden tensor '{tensor.name}' is a graph output"
+            for consumer in tensor.outputs:
+                if id(consumer) not in inside:
+                    return f"hidden tensor '{tensor.name}' also feeds {node_label(consumer)}"
+    return None
+
+
+def _site(match: _Match, width: int) -> MlpSite | None:
+    fc2 = match.fc2
+    fc1_params = []
+    for lin in match.fc1:
+        fc1_params.append(ParamRef(node_key(lin.node), lin.weight_input, lin.out_axis))
+        if lin.bias_node is not None:
+            fc1_params.append(ParamRef(node_key(lin.bias_node), lin.bias_input, -1))
+    fused_bias = match.activation.bias_node
+    if fused_bias is not None:
+        traced = trace_param(fused_bias.inputs[1])
+        if traced is None or traced.value().size != width:
+            return None
+        fc1_params.append(ParamRef(node_key(fused_bias), 1, -1))
+    literals = []
+    for node in match.layout:
+        literal, ok = _layout_keeps_last_axis(node, width)
+        if not ok:
+            return None
+        if literal is not None:
+            literals.append(literal)
+    axis = fc2.feature_axis
+    width_tensors = tuple((t.name, axis) for n in _region_nodes(match) for t in n.outputs)
+    return MlpSite(
+        fc1=tuple(node_label(lin.node) for lin in match.fc1),
+        fc2=node_label(fc2.node),
+        hidden=fc2.node.inputs[0].name,
+        hidden_axis=axis,
+        fc1_params=tuple(fc1_params),
+        fc2_weight=ParamRef(node_key(fc2.node), fc2.weight_input, fc2.in_axis),
+        fc2_bias=_fc2_bias(fc2),
+        width_literals=tuple(literals),
+        width_tensors=width_tensors,
+    )
+
+
+def _block_name(fc1: str, fc2: str, index: int, taken: set[str]) -> str:
+    # common leading path components of the node names: "/blocks.0/mlp/fc1/MatMul" -> "/blocks.0/mlp"
+    parts = zip(re.split(r"(?<=[/.])", fc1), re.split(r"(?<=[/.])", fc2), strict=False)
+    name = "".join(a for a, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], parts)).rstrip("/.")
+    if not name or name in taken:
+        name = f"mlp{index}"
+    return name
+
+
+def find_mlp_blocks(model: onnx.ModelProto) -> BlockList:
+    """Find every prunable MLP block of `model`, in graph order.
+
+    Returns a list of `MlpBlock`; its `skipped` attribute lists structural matches that cannot be
+    pruned, with the reason. The model is not modified.
+    """
+    graph = import_graph(model)
+    graph_outputs = {t.name for t in graph.outputs}
+    found: list[tuple[_Match, MlpSite, int]] = []
+    skipped: list[SkippedBlock] = []
+    for node in graph.nodes:
+        fc2 = match_linear(node)
+        match = _match_block(fc2) if fc2 is not None else None
+        width = _width(match) if match is not None else None
+        if width is None:
+            continue
+        site = _site(match, width)
+        if site is None:
+            continue
+        reason = _leak(match, graph_outputs)
+        if reason is not None:
+            skipped.append(SkippedBlock(f"{site.fc1[0]} -> {site.fc2}", reason))
+            continue
+        found.append((match, site, width))
+    return BlockList(_merge_tied(found), skipped)
+
+
+def _merge_tied(found: list[tuple[_Match, MlpSite, int]]) -> list[MlpBlock]:
+    """Group sites that share any fc weight constant: they must keep the same neurons."""
+    groups: list[list[tuple[_Match, MlpSite, int]]] = []
+    group_of_weight: dict[str, int] = {}
+    for item in found:
+        match = item[0]
+        weights = [lin.weight.source.name for lin in [*match.fc1, match.fc2]]
+        group = next((group_of_weight[w] for w in weights if w in group_of_weight), None)
+        if group is None:
+            group = len(groups)
+            groups.append([])
+        groups[group].append(item)
+        for w in weights:
+            group_of_weight[w] = group
+    blocks: list[MlpBlock] = []
+    taken: set[str] = set()
+    for index, group in enumerate(groups):
+        match, first, width = group[0]
+        if any(w != width for _, _, w in group):
+            continue  # one weight used at two widths: not a tied MLP we understand
+        name = _block_name(first.fc1[0], first.fc2, index, taken)
+        taken.add(name)
+        blocks.append(MlpBlock(name, match.activation.kind, width, tuple(s for _, s, _ in group),
+                               gated=len(match.fc1) == 2))
+    return blocks

@@ -1,0 +1,140 @@
+"""A thin layer over onnx-graphsurgeon shared by the find and rewrite stages.
+
+Both stages import the model the same way (`import_graph`), so tensor names recorded by `find`
+name the same tensors when `rewrite` imports the model again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+# Ops that hand a parameter to its consumer unchanged up to layout or dtype: exporters put weights
+# stored [out, in] behind a Transpose and fp16 weights behind a Cast.
+PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity")
+
+_CONSTANT_ATTRS = {
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
+}
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import `model` into onnx-graphsurgeon with every `Constant` node turned into a constant.
+
+    Exporters write weights, biases and activation scalars either as initializers or as
+    `Constant` nodes; folding the nodes lets every matcher see one form. The input model is
+    not modified.
+    """
+    graph = gs.import_onnx(model)
+    graph_outputs = {t.name for t in graph.outputs}
+    folded = []
+    for node in graph.nodes:
+        if node.op != "Constant" or len(node.outputs) != 1 or node.outputs[0].name in graph_outputs:
+            continue
+        values = _constant_node_values(node)
+        if values is None:
+            continue
+        out = node.outputs[0]
+        node.outputs.clear()
+        out.to_constant(values)
+        folded.append(node)
+    if folded:
+        folded_ids = {id(n) for n in folded}
+        graph.nodes = [n for n in graph.nodes if id(n) not in folded_ids]
+    return graph
+
+
+def _constant_node_values(node: gs.Node) -> np.ndarray | None:
+    if "value" in node.attrs:
+        return np.asarray(node.attrs["value"].values)
+    for attr, dtype in _CONSTANT_ATTRS.items():
+        if attr in node.attrs:
+            return np.asarray(node.attrs[attr], dtype=dtype)
+    return None  # sparse_value / string values: never a weight, leave the node alone
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph`, carrying over the model-level fields gs does not keep."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = like.ir_version
+    model.doc_string = like.doc_string
+    model.domain = like.domain
+    model.model_version = like.model_version
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def in_default_domain(node: gs.Node) -> bool:
+    return node.domain in (None, "", "ai.onnx")
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def node_key(node: gs.Node) -> str:
+    """A stable identity for a node across imports: the name of its first output (SSA-unique)."""
+    return node.outputs[0].name
+
+
+def node_label(node: gs.Node) -> str:
+    """The node's name for people; exporters that leave names empty get the op and output."""
+    return node.name or f"{node.op}({node.outputs[0].name})"
+
+
+def scalar(tensor: gs.Tensor) -> float | None:
+    """The value of a constant holding one number, else None."""
+    if isinstance(tensor, gs.Constant) and tensor.values.size == 1:
+        return float(np.asarray(tensor.values).reshape(()))
+    return None
+
+
+@dataclass
+class TracedParam:
+    """A constant that reaches a consumer input through a chain of pass-through ops."""
+
+    source: gs.Constant
+    chain: list[gs.Node]  # from the consumer back towards the source
+
+    def source_axis(self, axis: int) -> int:
+        """Map an axis of the value the consumer sees to the matching axis of the source."""
+        rank = self.source.values.ndim
+        axis %= rank
+        for node in self.chain:
+            if node.op == "Transpose":
+                perm = node.attrs.get("perm", list(range(rank))[::-1])
+                axis = perm[axis]
+        return axis
+
+    def value(self) -> np.ndarray:
+        """The parameter as the consumer sees it."""
+        value = np.asarray(self.source.values)
+        for node in reversed(self.chain):
+            if node.op == "Transpose":
+                value = np.transpose(value, node.attrs.get("perm"))
+            elif node.op == "Cast":
+                value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+        return value
+
+    def tensors(self) -> list[gs.Tensor]:
+        """Every tensor of the chain, source included."""
+        return [self.source] + [n.outputs[0] for n in self.chain]
+
+
+def trace_param(tensor: gs.Tensor) -> TracedParam | None:
+    """Follow `tensor` up through pass-through ops to a constant; None if it is not constant."""
+    chain = []
+    while not isinstance(tensor, gs.Constant):
+        node = producer(tensor)
+        if node is None or node.op not in PARAM_PASS_THROUGH:
+            return None
+        chain.append(node)
+        tensor = node.inputs[0]
+    return TracedParam(tensor, chain)

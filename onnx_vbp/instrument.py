@@ -1,0 +1,25 @@
+"""Stage 2, instrument: the model, serialized, with every block's hidden tensor as an extra output."""
+
+from __future__ import annotations
+
+import onnx
+
+from onnx_vbp.find import MlpBlock
+
+
+def hidden_outputs(blocks: list[MlpBlock]) -> list[str]:
+    """The tensors calibration observes: each site's fc2 input, in block order."""
+    return [site.hidden for block in blocks for site in block.sites]
+
+
+def instrument(model: onnx.ModelProto, blocks: list[MlpBlock]) -> bytes:
+    """Serialize `model` with the hidden tensors of `blocks` added to the graph outputs.
+
+    Protobuf merges concatenated serializations of a message (repeated fields append), so the
+    extra outputs are appended to the serialized model without copying its weights into a second
+    ModelProto. The outputs carry no type: ORT takes it from the producing node.
+    """
+    existing = {o.name for o in model.graph.output}
+    extra = [onnx.ValueInfoProto(name=name) for name in hidden_outputs(blocks) if name not in existing]
+    addition = onnx.ModelProto(graph=onnx.GraphProto(output=extra))
+    return model.SerializeToString() + addition.SerializeToString()

@@ -1,0 +1,92 @@
+"""Stage 6, report: what changed (widths, params, MACs, file size) as JSON-ready data and a table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.find import MlpBlock
+from onnx_vbp.select import Plan
+
+MAC_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of every floating-point constant (initializers and Constant nodes)."""
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
+
+
+def count_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> int:
+    """Multiply-accumulates per sample of MatMul/Gemm/Conv, from shapes seen running `feed`."""
+    known = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
+    wanted = sorted({name for n in nodes for name in (n.input[0], n.input[1], n.output[0])} - set(known))
+    existing = {o.name for o in model.graph.output}
+    extra = onnx.ModelProto(graph=onnx.GraphProto(
+        output=[onnx.ValueInfoProto(name=name) for name in wanted if name not in existing]))
+    session = cpu_session(model.SerializeToString() + extra.SerializeToString())
+    values = session.run(wanted, dict(feed))
+    shapes = {**known, **{name: v.shape for name, v in zip(wanted, values, strict=True)}}
+    macs = 0
+    for n in nodes:
+        out = int(np.prod(shapes[n.output[0]]))
+        if n.op_type == "Conv":
+            macs += out * int(np.prod(shapes[n.input[1]][1:]))
+        elif n.op_type == "Gemm":
+            trans_a = any(a.name == "transA" and a.i for a in n.attribute)
+            macs += out * shapes[n.input[0]][0 if trans_a else -1]
+        else:
+            macs += out * shapes[n.input[0]][-1]
+    batch = len(next(iter(feed.values())))
+    return macs // max(batch, 1)
+
+
+def block_rows(blocks: list[MlpBlock], plan: Plan) -> list[dict]:
+    return [
+        {
+            "name": b.name,
+            "fc1": b.fc1,
+            "fc2": b.fc2,
+            "activation": b.activation,
+            "gated": b.gated,
+            "sites": len(b.sites),
+            "width_before": b.width,
+            "width_after": int(plan.keep[b.name].size),
+        }
+        for b in blocks
+    ]
+
+
+def _change(before: float, after: float) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "n/a"
+
+
+def format_table(report: Mapping) -> str:
+    """The report as a short human-readable table."""
+    lines = [f"{'block':<36} {'activation':<11} {'width':>13}"]
+    for b in report["blocks"]:
+        lines.append(f"{b['name'][-36:]:<36} {b['activation']:<11} {b['width_before']:>6} -> {b['width_after']:<5}")
+    lines.append("")
+    lines.append(f"{'':<14} {'before':>14} {'after':>14} {'change':>8}")
+    for key, label in (("params", "params"), ("macs", "MACs/sample"), ("file_bytes", "file bytes")):
+        before, after = report[f"{key}_before"], report[f"{key}_after"]
+        lines.append(f"{label:<14} {before:>14,} {after:>14,} {_change(before, after):>8}")
+    evaluation = report.get("eval")
+    if evaluation:
+        if "top1_before" in evaluation:
+            lines.append(f"{'top-1':<14} {evaluation['top1_before']:>14.4f} {evaluation['top1_after']:>14.4f} "
+                         f"{evaluation['top1_after'] - evaluation['top1_before']:>+8.4f}")
+        for name, metrics in evaluation["outputs"].items():
+            lines.append(f"output {name[:30]}: cosine {metrics['cosine']:.5f}, relative L2 {metrics['rel_l2']:.5f}")
+    cal = report["calibration"]
+    lines.append(f"calibrated on {cal['samples']} samples in {cal['seconds']:.1f} s; "
+                 f"pruned {report['neurons_before'] - report['neurons_after']} of {report['neurons_before']} "
+                 f"MLP neurons ({report['scope']}, ratio {report['ratio']})")
+    return "\n".join(lines)

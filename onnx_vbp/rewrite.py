@@ -1,0 +1,174 @@
+"""Stage 5, rewrite: slice the pruned neurons out of each block and fold their mean into fc2's bias.
+
+For a block with hidden activation h (fc2's input), pruned neurons P and kept neurons K:
+
+    fc2(h) = W2[K]ᵀ h[K] + W2[P]ᵀ h[P] + b2  ≈  W2[K]ᵀ h[K] + (b2 + W2[P]ᵀ mean[P])
+
+so a neuron whose activation is constant is removed exactly. Constants are edited in place only
+when no node outside the block reads them; otherwise (exporters merge identical initializers, e.g.
+all-zero biases or reshape targets) the block gets its own copy first.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_vbp.calibrate import Stats
+from onnx_vbp.find import BiasRef, MlpBlock, ParamRef
+from onnx_vbp.graph import (
+    TracedParam,
+    export_model,
+    import_graph,
+    node_key,
+    trace_param,
+)
+from onnx_vbp.select import Plan
+
+COMPENSATIONS = ("mean", "none")
+
+
+class _Editor:
+    """The live graph plus what rewriting it needs: nodes by key and fresh names."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.graph = import_graph(model)
+        self.nodes = {node_key(n): n for n in self.graph.nodes}
+        self.tensors = self.graph.tensors()
+        self.graph_outputs = {id(t) for t in self.graph.outputs}
+        self._taken = set(self.tensors) | {n.name for n in self.graph.nodes}
+
+    def fresh(self, base: str) -> str:
+        for i in itertools.count():
+            name = f"{base}_vbp{i}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+        raise AssertionError("unreachable")
+
+    def owned(self, node: gs.Node, index: int, readers: set[int]) -> TracedParam:
+        """The constant feeding `node.inputs[index]`, copied first if anything outside `readers`
+        (ids of the block's nodes) reads it or the pass-through chain in between."""
+        traced = trace_param(node.inputs[index])
+        allowed = readers | {id(n) for n in traced.chain}
+        shared = any(
+            id(t) in self.graph_outputs or any(id(c) not in allowed for c in t.outputs) for t in traced.tensors()
+        )
+        if not shared:
+            return traced
+        tensor: gs.Tensor = gs.Constant(self.fresh(traced.source.name), np.array(traced.source.values))
+        position = self.graph.nodes.index(node)
+        for link in reversed(traced.chain):
+            out = gs.Variable(self.fresh(link.outputs[0].name), link.outputs[0].dtype, link.outputs[0].shape)
+            clone = gs.Node(link.op, self.fresh(link.name or link.op), dict(link.attrs), [tensor], [out],
+                            domain=link.domain)
+            self.graph.nodes.insert(position, clone)
+            position += 1
+            tensor = out
+        node.inputs[index] = tensor
+        return trace_param(tensor)
+
+    def insert_bias_add(self, node: gs.Node, bias: np.ndarray) -> None:
+        """Give a bias-less MatMul one: MatMul -> Add(bias) -> (former consumers)."""
+        out = node.outputs[0]
+        inner = gs.Variable(self.fresh(out.name), out.dtype, out.shape)
+        node.outputs.clear()
+        node.outputs.append(inner)
+        const = gs.Constant(self.fresh(f"{node.name or 'fc2'}.bias"), bias)
+        add = gs.Node("Add", self.fresh(f"{node.name or 'fc2'}/bias"), inputs=[inner, const], outputs=[out])
+        self.graph.nodes.insert(self.graph.nodes.index(node) + 1, add)
+
+
+def rewrite(
+    model: onnx.ModelProto,
+    blocks: list[MlpBlock],
+    stats: dict[str, Stats],
+    plan: Plan,
+    *,
+    compensate: str = "mean",
+) -> onnx.ModelProto:
+    """Return a pruned copy of `model` keeping `plan.keep[block.name]` neurons of each block.
+
+    With `compensate="mean"` the pruned neurons' mean contribution is folded into fc2's bias
+    (created if fc2 had none); `"none"` drops them outright. `model` is not modified.
+    """
+    if compensate not in COMPENSATIONS:
+        raise ValueError(f"compensate must be one of {COMPENSATIONS}, got {compensate!r}")
+    editor = _Editor(model)
+    for block in blocks:
+        keep = plan.keep[block.name]
+        if keep.size == block.width:
+            continue
+        pruned = plan.pruned(block.name, block.width)
+        readers = {id(editor.nodes[ref.node]) for site in block.sites for ref in _block_refs(site)}
+        if compensate == "mean":
+            _fold_mean(editor, block, stats[block.name].mean[pruned], pruned, readers)
+        _slice(editor, block, keep, readers)
+    return export_model(editor.graph, model)
+
+
+def _block_refs(site) -> list[ParamRef]:
+    refs = [*site.fc1_params, site.fc2_weight, *site.width_literals]
+    if site.fc2_bias.input is not None:
+        refs.append(ParamRef(site.fc2_bias.node, site.fc2_bias.input, -1))
+    return refs
+
+
+def _fold_mean(editor: _Editor, block: MlpBlock, pruned_mean: np.ndarray, pruned: np.ndarray,
+               readers: set[int]) -> None:
+    done: set[int] = set()
+    for site in block.sites:
+        fc2 = editor.nodes[site.fc2_weight.node]
+        weight = trace_param(fc2.inputs[site.fc2_weight.input]).value()
+        rows = np.take(weight.astype(np.float64), pruned, axis=site.fc2_weight.axis)
+        delta = np.tensordot(pruned_mean, rows, axes=([0], [site.fc2_weight.axis])).reshape(-1)
+        _add_to_bias(editor, site.fc2_bias, delta * site.fc2_bias.scale, weight.dtype, readers, done)
+
+
+def _add_to_bias(editor: _Editor, ref: BiasRef, delta: np.ndarray, dtype: np.dtype, readers: set[int],
+                 done: set[int]) -> None:
+    node = editor.nodes[ref.node]
+    if ref.input is None:
+        editor.insert_bias_add(node, delta.astype(dtype))
+        return
+    if len(node.inputs) <= ref.input or not node.inputs[ref.input].name:
+        while len(node.inputs) < ref.input:
+            node.inputs.append(gs.Variable.empty())
+        bias = gs.Constant(editor.fresh(f"{node.name or node.op}.bias"), delta.astype(dtype))
+        if len(node.inputs) == ref.input:
+            node.inputs.append(bias)
+        else:
+            node.inputs[ref.input] = bias
+        return
+    source = editor.owned(node, ref.input, readers).source
+    if id(source) in done:  # tied sites reading one bias: fold once
+        return
+    done.add(id(source))
+    values = np.asarray(source.values)
+    source.values = (values.astype(np.float64) + delta.reshape(values.shape)).astype(values.dtype)
+
+
+def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]) -> None:
+    sliced: set[int] = set()
+    for site in block.sites:
+        for ref in (*site.fc1_params, site.fc2_weight):
+            traced = editor.owned(editor.nodes[ref.node], ref.input, readers)
+            if id(traced.source) in sliced:  # tied sites share the constant
+                continue
+            sliced.add(id(traced.source))
+            traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=traced.source_axis(ref.axis))
+        for ref in site.width_literals:
+            source = editor.owned(editor.nodes[ref.node], ref.input, readers).source
+            shape = np.array(source.values)
+            shape.reshape(-1)[-1] = keep.size
+            source.values = shape
+        for name, axis in site.width_tensors:
+            tensor = editor.tensors.get(name)
+            if tensor is not None and tensor.shape is not None and len(tensor.shape) > axis % max(len(tensor.shape), 1):
+                shape = list(tensor.shape)
+                if shape[axis] == block.width:
+                    shape[axis] = keep.size
+                    tensor.shape = shape

@@ -1,0 +1,27 @@
+"""Small shared helpers for the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnx_vbp import calibrate, find_mlp_blocks, rewrite, select
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def prune(model: onnx.ModelProto, batches: list[dict], ratio: float, **kwargs):
+    """The API pipeline in four lines; returns (blocks, stats, plan, pruned)."""
+    compensate = kwargs.pop("compensate", "mean")
+    blocks = find_mlp_blocks(model)
+    stats = calibrate(model, blocks, batches)
+    plan = select(stats, ratio, **kwargs)
+    return blocks, stats, plan, rewrite(model, blocks, stats, plan, compensate=compensate)
+
+
+def relative_change(before: np.ndarray, after: np.ndarray) -> float:
+    return float(np.max(np.abs(after - before)) / np.max(np.abs(before)))

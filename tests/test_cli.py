@@ -1,0 +1,146 @@
+"""The command line on files: outputs, report, external data, and clean failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graphs import BlockSpec, build_model, random_batch
+
+from onnx_vbp.cli import main
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    model = build_model([BlockSpec(hidden=32), BlockSpec(hidden=32, act="relu")], seq=6)
+    onnx.save(model, tmp_path / "net.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(3):
+        np.savez(calib / f"b{i}.npz", **random_batch(model, batch=8, seed=i))
+    return tmp_path
+
+
+def test_prunes_to_default_output_with_json_report(workspace: Path, capsys) -> None:
+    before = _digest(workspace / "net.onnx")
+    rc = main([str(workspace / "net.onnx"), str(workspace / "calib"), "--ratio", "0.5",
+               "--report", str(workspace / "r.json"), "--eval", str(workspace / "calib")])
+    assert rc == 0
+    assert _digest(workspace / "net.onnx") == before
+    out = workspace / "net.vbp.onnx"
+    assert out.exists() and not list(workspace.glob(".net.vbp.onnx.*"))
+    report = json.loads((workspace / "r.json").read_text())
+    for key in ("ratio", "scope", "blocks", "params_before", "params_after", "macs_before", "macs_after",
+                "file_bytes_before", "file_bytes_after", "calibration", "eval"):
+        assert key in report
+    assert report["calibration"]["samples"] == 24
+    assert sum(b["width_after"] for b in report["blocks"]) == 32
+    assert {b["fc1"] for b in report["blocks"]} == {"/blocks.0/mlp/fc1/MatMul", "/blocks.1/mlp/fc1/MatMul"}
+    # MACs per sample: 6 tokens x (8x32 + 32x8) per block before; half the hidden neurons after
+    assert report["macs_before"] == 2 * 6 * 2 * 8 * 32
+    assert report["macs_after"] == 6 * 2 * 8 * 32
+    assert report["params_after"] == report["params_before"] - 32 * (8 + 1 + 8)
+    assert report["file_bytes_after"] == out.stat().st_size < report["file_bytes_before"]
+    assert 0.0 < report["eval"]["outputs"]["y"]["rel_l2"] < 1.0
+    table = capsys.readouterr().out
+    assert "MACs/sample" in table and "/blocks.0/mlp" in table
+
+
+def test_ratio_zero_writes_an_equivalent_model(workspace: Path) -> None:
+    assert main([str(workspace / "net.onnx"), str(workspace / "calib"), "--ratio", "0", "-q",
+                 "-o", str(workspace / "same.onnx")]) == 0
+    feed = dict(np.load(workspace / "calib" / "b0.npz"))
+    a = ort.InferenceSession(str(workspace / "net.onnx")).run(None, feed)[0]
+    b = ort.InferenceSession(str(workspace / "same.onnx")).run(None, feed)[0]
+    assert np.max(np.abs(a - b)) <= 1e-6
+
+
+def test_external_data_is_kept_and_travels_with_the_output(workspace: Path) -> None:
+    model = build_model([BlockSpec(hidden=128), BlockSpec(hidden=128)], seq=6)
+    source = workspace / "ext"
+    source.mkdir()
+    onnx.save(model, source / "big.onnx", save_as_external_data=True, location="big.weights", size_threshold=0)
+    other = workspace / "elsewhere"
+    other.mkdir()
+    assert main([str(source / "big.onnx"), str(workspace / "calib"), "-q", "-o", str(other / "small.onnx")]) == 0
+    assert (other / "small.onnx.data").exists()
+    loaded = onnx.load(other / "small.onnx", load_external_data=False)
+    assert any(onnx.external_data_helper.uses_external_data(t) for t in loaded.graph.initializer)
+    feed = dict(np.load(workspace / "calib" / "b0.npz"))
+    assert ort.InferenceSession(str(other / "small.onnx")).run(None, feed)[0].shape == feed["x"].shape
+    assert sorted(p.name for p in other.iterdir()) == ["small.onnx", "small.onnx.data"]
+
+
+def _error(capsys, argv: list[str]) -> tuple[int, str]:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def _bad_model(kind: str, folder: Path) -> Path:
+    contents = {"empty": b"", "garbage": b"\x08\x07garbage\xff\xff"}
+    if kind == "directory":
+        return folder
+    path = folder / f"{kind}.onnx"
+    if kind in contents:
+        path.write_bytes(contents[kind])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("missing", "model not found"), ("directory", "not a file"), ("empty", "model file is empty"),
+     ("garbage", "not an ONNX model")],
+)
+def test_bad_model_is_a_one_line_error(workspace: Path, capsys, kind: str, message: str) -> None:
+    model = _bad_model(kind, workspace)
+    rc, err = _error(capsys, [str(model), str(workspace / "calib"), "-o", str(workspace / "o.onnx")])
+    assert rc == 1 and message in err and len(err.splitlines()) == 1
+    assert not (workspace / "o.onnx").exists()
+
+
+def test_output_equal_to_input_is_refused(workspace: Path, capsys) -> None:
+    before = _digest(workspace / "net.onnx")
+    rc, err = _error(capsys, [str(workspace / "net.onnx"), str(workspace / "calib"), "-o", str(workspace / "net.onnx")])
+    assert rc == 1 and "overwrite the input model" in err
+    assert _digest(workspace / "net.onnx") == before
+
+
+def test_model_without_mlp_says_what_was_looked_for(workspace: Path, capsys) -> None:
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", 1, ["batch", 6, 8])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, ["batch", 6, 8])])
+    onnx.save(onnx.helper.make_model(graph), workspace / "relu.onnx")
+    rc, err = _error(capsys, [str(workspace / "relu.onnx"), str(workspace / "calib")])
+    assert rc == 1 and "no prunable MLP block" in err and "fc1 -> activation -> fc2" in err
+
+
+def test_bad_calibration_data_is_a_one_line_error(workspace: Path, capsys) -> None:
+    empty = workspace / "empty"
+    empty.mkdir()
+    rc, err = _error(capsys, [str(workspace / "net.onnx"), str(empty)])
+    assert rc == 1 and "no data files" in err and len(err.splitlines()) == 1
+    assert not (workspace / "net.vbp.onnx").exists()
+
+
+@pytest.mark.parametrize("args", [["--ratio", "1"], ["--ratio", "-0.1"], ["--round-to", "0"]])
+def test_invalid_options_exit_with_usage_error(workspace: Path, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([str(workspace / "net.onnx"), str(workspace / "calib"), *args])
+    assert exc.value.code == 2
+
+
+def test_module_entry_point_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "onnx_vbp", "--help"], capture_output=True, text=True, check=True)
+    assert "--ratio" in result.stdout and "Variance-Based Pruning" in result.stdout

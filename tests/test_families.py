@@ -1,0 +1,96 @@
+"""Every pattern family: found with the right activation, pruned to the planned width, and exact
+when only constant neurons are removed."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import ACTIVATIONS, BlockSpec, build_model, random_batch
+from helpers import prune, relative_change, run
+
+from onnx_vbp import find_mlp_blocks
+
+FAMILIES = {
+    **{f"fc-{fc}": BlockSpec(fc=fc) for fc in ("matmul", "matmul_bias_first", "gemm", "gemm_transb", "conv")},
+    **{f"act-{act}": BlockSpec(act=act) for act in ACTIVATIONS},
+    **{f"store-{store}": BlockSpec(store=store) for store in ("constant", "transposed", "fp16")},
+    **{f"store-{store}-gemm_transb": BlockSpec(fc="gemm_transb", store=store) for store in ("transposed", "fp16")},
+    "gated-swiglu": BlockSpec(gated=True, act="silu"),
+    "gated-geglu": BlockSpec(gated=True, act="gelu_erf_torch"),
+    "gated-gemm": BlockSpec(gated=True, act="silu", fc="gemm"),
+    "fc2-no-bias-matmul": BlockSpec(fc2_bias="none"),
+    "fc2-no-bias-gemm": BlockSpec(fc="gemm_transb", fc2_bias="none"),
+    "fc2-no-bias-conv": BlockSpec(fc="conv", fc2_bias="none"),
+    "fc2-bias-in-skip-layernorm": BlockSpec(fc2_bias="skip_layernorm"),
+    "gpt2-reshape-gemm-reshape": BlockSpec(fc="gemm", layout=True, act="gelu_tanh_pow"),
+    "conv-hardswish": BlockSpec(fc="conv", act="hardswish"),
+}
+
+HIDDEN, CONSTANT = 16, 4
+
+
+def _model(spec: BlockSpec, **kwargs) -> onnx.ModelProto:
+    spec = BlockSpec(**{**spec.__dict__, "hidden": HIDDEN, "const_neurons": CONSTANT})
+    return build_model([spec, spec], **kwargs)
+
+
+def _batches(model: onnx.ModelProto) -> list[dict]:
+    return [random_batch(model, batch=b, seed=s) for s, b in enumerate((3, 5, 2))]
+
+
+@pytest.fixture(params=FAMILIES.values(), ids=FAMILIES.keys())
+def spec(request) -> BlockSpec:
+    return request.param
+
+
+def test_found_with_activation_kind(spec: BlockSpec) -> None:
+    blocks = find_mlp_blocks(_model(spec))
+    assert [b.activation for b in blocks] == [ACTIVATIONS[spec.act]] * 2
+    assert [b.width for b in blocks] == [HIDDEN] * 2
+    assert all(b.gated == spec.gated for b in blocks)
+    assert blocks.skipped == []
+
+
+def test_constant_neurons_prune_exactly(spec: BlockSpec) -> None:
+    model = _model(spec)
+    feed = random_batch(model, batch=6, seed=42)
+    blocks, stats, plan, pruned = prune(model, _batches(model), ratio=CONSTANT / HIDDEN)
+
+    for block in blocks:
+        assert np.allclose(stats[block.name].variance[:CONSTANT], 0.0, atol=1e-12)
+        assert list(plan.keep[block.name]) == list(range(CONSTANT, HIDDEN))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [b.width for b in find_mlp_blocks(pruned)] == [HIDDEN - CONSTANT] * 2
+    (before,), (after,) = run(model, feed), run(pruned, feed)
+    assert after.shape == before.shape
+    assert relative_change(before, after) <= 1e-5
+
+
+def test_without_compensation_constant_neurons_change_outputs(spec: BlockSpec) -> None:
+    model = _model(spec)
+    feed = random_batch(model, batch=6, seed=42)
+    *_, pruned = prune(model, _batches(model), ratio=CONSTANT / HIDDEN, compensate="none")
+    (before,), (after,) = run(model, feed), run(pruned, feed)
+    assert relative_change(before, after) > 1e-3
+
+
+def test_ratio_zero_is_identity(spec: BlockSpec) -> None:
+    model = _model(spec)
+    feed = random_batch(model, batch=6, seed=42)
+    *_, pruned = prune(model, _batches(model), ratio=0.0)
+    (before,), (after,) = run(model, feed), run(pruned, feed)
+    assert np.max(np.abs(after - before)) <= 1e-6
+    assert [b.width for b in find_mlp_blocks(pruned)] == [HIDDEN] * 2
+
+
+def test_half_pruned_widths_follow_plan(spec: BlockSpec) -> None:
+    model = _model(spec, layernorm=True)
+    feed = random_batch(model, batch=6, seed=42)
+    blocks, _, plan, pruned = prune(model, _batches(model), ratio=0.5)
+    widths = [b.width for b in find_mlp_blocks(pruned)]
+    assert widths == [plan.keep[b.name].size for b in blocks]
+    assert sum(widths) == HIDDEN  # half of 2 x 16
+    onnx.checker.check_model(pruned, full_check=True)
+    (before,), (after,) = run(model, feed), run(pruned, feed)
+    assert after.shape == before.shape and np.isfinite(after).all()

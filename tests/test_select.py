@@ -1,0 +1,59 @@
+"""Selection: global vs per-block counts, min-keep, round-to."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_vbp import Stats, select
+
+
+def _stats(**variances: list[float]) -> dict[str, Stats]:
+    return {name: Stats(10, np.zeros(len(v)), np.asarray(v, dtype=float) * 10) for name, v in variances.items()}
+
+
+def test_global_ranks_all_blocks_together() -> None:
+    stats = _stats(a=[1, 2, 3, 4, 5, 6, 7, 8], b=[0.1, 0.2, 0.3, 9, 10, 11, 12, 13])
+    plan = select(stats, 0.25)  # 4 of 16 neurons: the three of b, then a's lowest
+    assert list(plan.keep["a"]) == [1, 2, 3, 4, 5, 6, 7]
+    assert list(plan.keep["b"]) == [3, 4, 5, 6, 7]
+
+
+def test_per_block_removes_the_same_fraction_everywhere() -> None:
+    stats = _stats(a=[1, 2, 3, 4, 5, 6, 7, 8], b=[0.1, 0.2, 0.3, 9, 10, 11, 12, 13])
+    plan = select(stats, 0.25, scope="per-block")
+    assert list(plan.keep["a"]) == [2, 3, 4, 5, 6, 7]
+    assert list(plan.keep["b"]) == [2, 3, 4, 5, 6, 7]
+
+
+def test_global_count_is_floor_of_ratio_times_total() -> None:
+    rng = np.random.default_rng(0)
+    stats = _stats(a=list(rng.random(100)), b=list(rng.random(300)), c=list(rng.random(37)))
+    plan = select(stats, 0.35)
+    assert sum(k.size for k in plan.keep.values()) == 437 - int(0.35 * 437)
+
+
+def test_min_keep_protects_a_collapsed_block() -> None:
+    stats = _stats(dead=[0.0] * 10, live=list(np.arange(1, 11)))
+    plan = select(stats, 0.6, min_keep=3)
+    assert plan.keep["dead"].size == 3
+    assert plan.keep["live"].size == 20 - 12 - 3  # the rest of the budget comes from the live block
+    assert list(plan.keep["live"]) == [5, 6, 7, 8, 9]
+
+
+def test_round_to_restores_highest_variance_neurons() -> None:
+    variance = [5, 1, 9, 2, 8, 3, 7, 4, 6, 0.5, 10, 0.1]
+    plan = select(_stats(a=variance), 0.5, round_to=4)  # 6 kept -> rounded up to 8
+    assert plan.keep["a"].size == 8
+    assert set(plan.keep["a"]) == set(np.argsort(variance)[-8:])
+
+
+def test_round_to_never_exceeds_width() -> None:
+    plan = select(_stats(a=list(range(1, 11))), 0.1, round_to=64)
+    assert plan.keep["a"].size == 10
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_invalid_ratio_is_refused(ratio: float) -> None:
+    with pytest.raises(ValueError, match="ratio"):
+        select(_stats(a=[1.0, 2.0]), ratio)

@@ -1,0 +1,61 @@
+"""Streaming statistics: Chan merges of per-batch float64 stats equal a two-pass float64 result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import BlockSpec, build_model, random_batch
+
+from onnx_vbp import Stats, calibrate, find_mlp_blocks, instrument
+from onnx_vbp.calibrate import CalibrationError, cpu_session
+
+
+def _stream(data: np.ndarray, sizes: list[int]) -> Stats:
+    stats = Stats.empty(data.shape[1])
+    for chunk in np.split(data, np.cumsum(sizes)[:-1]):
+        stats = stats.merge(Stats.of(chunk))
+    return stats
+
+
+def test_streaming_equals_two_pass_with_large_offset() -> None:
+    rng = np.random.default_rng(0)
+    data = 1e4 + 1e-2 * rng.standard_normal((2000, 7))
+    stats = _stream(data, [1, 7, 333, 1000, 659])
+    assert stats.count == 2000
+    np.testing.assert_allclose(stats.mean, data.mean(axis=0), rtol=1e-14)
+    # E[x^2] - E[x]^2 would lose ~all digits here: 1e8 - 1e8 against a variance of 1e-4
+    np.testing.assert_allclose(stats.variance, data.var(axis=0), rtol=1e-9)
+
+
+def test_merge_with_empty_is_neutral_and_order_free() -> None:
+    rng = np.random.default_rng(1)
+    a, b = Stats.of(rng.normal(size=(5, 3))), Stats.of(rng.normal(3, 2, size=(9, 3)))
+    assert Stats.empty(3).merge(a) is a and a.merge(Stats.empty(3)) is a
+    ab, ba = a.merge(b), b.merge(a)
+    np.testing.assert_allclose(ab.mean, ba.mean)
+    np.testing.assert_allclose(ab.m2, ba.m2)
+
+
+def test_calibrate_matches_two_pass_over_all_tokens() -> None:
+    model = build_model([BlockSpec(hidden=16), BlockSpec(hidden=24, act="silu")], seq=5)
+    blocks = find_mlp_blocks(model)
+    batches = [random_batch(model, batch=b, seed=s) for s, b in enumerate((1, 4, 7))]
+    stats = calibrate(model, blocks, batches)
+
+    # reference: the raw hidden activations of all batches, stacked, in one float64 two-pass
+    probe = cpu_session(instrument(model, blocks))
+    hidden = [probe.run(None, b)[1:] for b in batches]
+    for i, block in enumerate(blocks):
+        raw = np.concatenate([h[i].reshape(-1, block.width) for h in hidden]).astype(np.float64)
+        assert stats[block.name].count == 12 * 5
+        np.testing.assert_allclose(stats[block.name].mean, raw.mean(axis=0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats[block.name].variance, raw.var(axis=0), rtol=1e-10, atol=1e-14)
+
+
+def test_non_finite_activation_names_block_and_batch() -> None:
+    model = build_model([BlockSpec()])
+    blocks = find_mlp_blocks(model)
+    bad = random_batch(model, seed=3)
+    bad["x"][0, 0, 0] = np.inf
+    with pytest.raises(CalibrationError, match=r"block '/blocks.0/mlp' at calibration batch 1"):
+        calibrate(model, blocks, [random_batch(model), bad])

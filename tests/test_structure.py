@@ -1,0 +1,121 @@
+"""Graph structures around the blocks: near misses, leaks, tied weights, shared constants, shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import BlockSpec, Builder, build_model, make_model, random_batch, readers, share_initializer
+from helpers import prune, relative_change, run
+
+from onnx_vbp import find_mlp_blocks
+
+
+def _conv_pair(kernel2: int, group: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    g = Builder()
+    w1 = rng.normal(size=(16, 8 // group, 1, 1)).astype(np.float32)
+    w2 = rng.normal(size=(8, 16 // group, kernel2, kernel2)).astype(np.float32)
+    h = g.op("Relu", [g.op("Conv", ["x", g.const(w1)], group=group)])
+    pads = [kernel2 // 2] * 4
+    return make_model(g, [1, 8, 5, 5], g.op("Conv", [h, g.const(w2)], group=group, pads=pads))
+
+
+def test_near_misses_are_not_mlps() -> None:
+    assert len(find_mlp_blocks(_conv_pair(kernel2=1, group=1))) == 1  # the control
+    assert len(find_mlp_blocks(_conv_pair(kernel2=3, group=1))) == 0  # 1x1 -> ReLU -> 3x3
+    assert len(find_mlp_blocks(_conv_pair(kernel2=1, group=2))) == 0  # grouped 1x1 pair
+
+
+def test_non_constant_weight_is_not_a_linear() -> None:
+    g = Builder()
+    h = g.op("Relu", [g.op("MatMul", ["x", g.op("Transpose", ["x"], perm=[1, 0])])])
+    model = make_model(g, [16, 16], g.op("MatMul", [h, g.const(np.ones((16, 16), np.float32))]))
+    assert find_mlp_blocks(model) == []
+
+
+def test_hidden_tensor_with_another_consumer_is_skipped_with_reason() -> None:
+    model = build_model([BlockSpec(), BlockSpec()])
+    hidden = readers(model, "MatMul", "blocks.1/mlp/fc2").input[0]
+    model.graph.node.append(onnx.helper.make_node("Neg", [hidden], ["peek"], name="peek_node"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("peek", onnx.TensorProto.FLOAT, None))
+    blocks = find_mlp_blocks(model)
+    assert [b.name for b in blocks] == ["/blocks.0/mlp"]
+    assert len(blocks.skipped) == 1
+    assert "also feeds peek_node" in blocks.skipped[0].reason
+
+
+def test_block_names_come_from_node_names() -> None:
+    blocks = find_mlp_blocks(build_model([BlockSpec(), BlockSpec(gated=True, act="silu")]))
+    assert [b.name for b in blocks] == ["/blocks.0/mlp", "/blocks.1/mlp"]
+    assert blocks[0].fc1 == "/blocks.0/mlp/fc1/MatMul" and blocks[0].fc2 == "/blocks.0/mlp/fc2/MatMul"
+    assert blocks[1].fc1 == "/blocks.1/mlp/fc1/MatMul,/blocks.1/mlp/up/MatMul"
+
+
+def _tied_model(const_neurons: int) -> onnx.ModelProto:
+    """ALBERT-style: one MLP's weights applied twice."""
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(size=(8, 16)).astype(np.float32)
+    w1[:, :const_neurons] = 0
+    g = Builder()
+    params = [g.const(w1), g.const(rng.normal(size=16).astype(np.float32)),
+              g.const(rng.normal(size=(16, 8)).astype(np.float32) / 4), g.const(rng.normal(size=8).astype(np.float32))]
+    x = "x"
+    for layer in range(2):
+        pre = g.op("Add", [g.op("MatMul", [x, params[0]], node_name=f"/layer.{layer}/fc1/MatMul"), params[1]])
+        out = g.op("Add", [g.op("MatMul", [g.op("Gelu", [pre]), params[2]], node_name=f"/layer.{layer}/fc2/MatMul"),
+                           params[3]])
+        x = g.op("Add", [x, out])
+    model = make_model(g, ["batch", 5, 8], x)
+    model.opset_import[0].version = 20
+    return model
+
+
+def test_tied_blocks_are_pruned_jointly() -> None:
+    model = _tied_model(const_neurons=4)
+    blocks = find_mlp_blocks(model)
+    assert len(blocks) == 1 and len(blocks[0].sites) == 2
+    feed = random_batch(model, 6, seed=9)
+    batches = [random_batch(model, 4, seed=s) for s in range(3)]
+    _, _, plan, pruned = prune(model, batches, ratio=0.25)
+    assert list(plan.keep[blocks[0].name]) == list(range(4, 16))
+    assert relative_change(run(model, feed)[0], run(pruned, feed)[0]) <= 1e-5
+    shapes = sorted(tuple(t.dims) for t in pruned.graph.initializer if len(t.dims) == 2)
+    assert shapes == [(8, 12), (12, 8)]  # still one copy of each weight
+
+
+def test_initializer_shared_with_other_nodes_is_copied_before_slicing() -> None:
+    spec = BlockSpec(hidden=16)
+    model = build_model([spec, spec], seed=4)
+    biases = [readers(model, "Add", f"blocks.{i}/mlp/fc1").input[1] for i in range(2)]
+    share_initializer(model, biases)
+    shared = biases[0]
+    # an unrelated node reads the merged constant too
+    last = model.graph.node[-1]
+    model.graph.node.insert(len(model.graph.node) - 1,
+                            onnx.helper.make_node("ReduceSum", [shared], ["bias_sum"], keepdims=0, name="unrelated"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("bias_sum", onnx.TensorProto.FLOAT, []))
+    assert last.op_type == "Identity"
+    feed = random_batch(model, 6, seed=9)
+    batches = [random_batch(model, 4, seed=s) for s in range(3)]
+    blocks, _, plan, pruned = prune(model, batches, ratio=0.4)
+    assert [plan.keep[b.name].size for b in blocks] != [16, 16]
+    onnx.checker.check_model(pruned, full_check=True)
+    before, after = run(model, feed), run(pruned, feed)
+    assert after[1] == pytest.approx(before[1])  # the unrelated reader still sees the full constant
+    assert after[0].shape == before[0].shape
+
+
+@pytest.mark.parametrize("spec", [BlockSpec(), BlockSpec(fc="gemm", layout=True), BlockSpec(fc="conv")],
+                         ids=["matmul", "gpt2-layout", "conv"])
+def test_shape_annotations_follow_the_new_width(spec: BlockSpec) -> None:
+    model = onnx.shape_inference.infer_shapes(build_model([spec], seq=5))
+    hidden = readers(model, "MatMul" if spec.fc == "matmul" else "Gemm" if spec.layout else "Conv", "fc2").input[0]
+    annotated = {v.name: v for v in model.graph.value_info}
+    assert hidden in annotated
+    batches = [random_batch(model, 4, seed=s) for s in range(2)]
+    *_, pruned = prune(model, batches, ratio=0.25)
+    onnx.checker.check_model(pruned, full_check=True)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in pruned.graph.value_info}
+    axis = 1 if spec.fc == "conv" else -1
+    assert dims[hidden][axis] == 12
