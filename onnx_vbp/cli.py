@@ -10,7 +10,7 @@ from pathlib import Path
 
 from onnx_vbp import __version__
 from onnx_vbp.calibrate import CalibrationError
-from onnx_vbp.data import DataError
+from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions
 from onnx_vbp.modelio import ModelError
 from onnx_vbp.pipeline import NoBlocksError, PruneOptions, prune_file
 from onnx_vbp.report import format_table
@@ -24,12 +24,16 @@ fc1's columns and fc2's rows) and folds their mean into fc2's bias. Writes a sma
 loads in ORT with the same inputs and outputs.
 
 CALIB is a directory (or file) of *.npz batches (keys = input names), *.npy batches
-(single-input models) or ONNX test data sets (test_data_set_*/input_*.pb).
+(single-input models), ONNX test data sets (test_data_set_*/input_*.pb), photos
+(*.png/*.jpg/*.jpeg, for one 4-D image input; needs onnx_vbp[images]) or text (*.txt one sample
+per line, *.jsonl with a "text" field; needs --tokenizer and onnx_vbp[text]).
 """
 
 EPILOG = """\
-example:
+examples:
   python -m onnx_vbp models/demo_vit.onnx models/calib --ratio 0.35 --eval models/eval
+  python -m onnx_vbp encoder.onnx corpus/ --tokenizer tokenizer.json --max-length 128
+  python -m onnx_vbp vit.onnx photos/ --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5
 """
 
 
@@ -78,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out data (same formats) to compare original and pruned outputs; an .npz "
                              "'labels' array adds top-1 accuracy")
     parser.add_argument("--threads", type=_positive, help="ORT intra-op threads (default: ORT's choice)")
+    raw = parser.add_argument_group("raw images and text")
+    raw.add_argument("--tokenizer", type=Path, help="tokenizer.json (Hugging Face tokenizers) for text data")
+    raw.add_argument("--max-length", type=_positive, default=128, help="truncate text to N tokens (default 128)")
+    raw.add_argument("--image-size", type=_positive, nargs=2, metavar=("H", "W"),
+                     help="image size when the model's input does not fix it")
+    raw.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN),
+                     help="per-channel mean subtracted from [0,1] pixels (default ImageNet)")
+    raw.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD),
+                     help="per-channel std dividing [0,1] pixels (default ImageNet)")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -93,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio=args.ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
         compensate=args.compensate, batch_size=args.batch_size, max_samples=args.max_samples,
         threads=args.threads, progress=not args.quiet,
+        raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
+                       image_size=tuple(args.image_size) if args.image_size else None,
+                       mean=tuple(args.mean), std=tuple(args.std)),
     )
     try:
         report = prune_file(args.model, args.calib, args.output, options, eval_data=args.eval)

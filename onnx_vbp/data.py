@@ -6,13 +6,22 @@ Formats (one loader each), read lazily in sorted order:
 - `*.npy`: one batch per file, for single-input models.
 - the ONNX test-data layout (`onnxruntime_perf_test`, ONNX backend tests):
   `test_data_set_*/input_*.pb`, TensorProtos matched by name, else by position.
+- raw images (`*.png`, `*.jpg`, `*.jpeg`; Pillow, extra `[images]`), one sample per file, for a
+  model with one 4-D image input: shorter side resized and center-cropped to the input's H x W,
+  scaled to [0, 1], normalized by mean/std, NCHW or NHWC and grey or RGB as the input says.
+- raw text (`*.txt` one sample per line, `*.jsonl` with a `text` field; tokenizers, extra
+  `[text]`) for models fed `input_ids` / `attention_mask` / `token_type_ids`: tokenized with a
+  `tokenizer.json`, truncated to `max_length`, padded to the longest sample of each batch.
+Raw samples are grouped into batches of `batch_size` (default 32).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,23 +87,143 @@ def _read_test_data_set(folder: Path, specs: list[InputSpec]) -> dict[str, np.nd
 
 
 READERS = {".npz": _read_npz, ".npy": _read_npy}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TEXT_SUFFIXES = (".txt", ".jsonl")
+RAW_BATCH_SIZE = 32
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class RawOptions:
+    """How raw images and text become model inputs."""
+
+    tokenizer: Path | None = None
+    max_length: int = 128
+    image_size: tuple[int, int] | None = None  # (H, W) when the model's input does not fix them
+    mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
+    std: tuple[float, ...] = field(default=IMAGENET_STD)
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "tensors"
+    suffix = path.suffix.lower()
+    return "tensors" if suffix in READERS else "images" if suffix in IMAGE_SUFFIXES else "text"
 
 
 def data_files(source: Path) -> list[Path]:
-    """The batch files under `source` (a file, a directory, or a test_data_set_* folder)."""
+    """The data files under `source` (a file, a directory, or a test_data_set_* folder)."""
+    known = (*READERS, *IMAGE_SUFFIXES, *TEXT_SUFFIXES)
     if not source.exists():
         raise DataError(f"data path not found: {source}")
     if source.is_file():
-        if source.suffix.lower() not in READERS:
-            raise DataError(f"{source}: unknown data format (expected .npz or .npy)")
+        if source.suffix.lower() not in known:
+            raise DataError(f"{source}: unknown data format (expected one of {', '.join(known)})")
         return [source]
     if any(source.glob("input_*.pb")):
         return [source]
-    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in READERS)
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in known)
     files += sorted(p for p in source.glob("test_data_set_*") if p.is_dir())
     if not files:
-        raise DataError(f"no data files in {source} (looked for *.npz, *.npy, test_data_set_*/input_*.pb)")
+        raise DataError(f"no data files in {source} (looked for *.npz, *.npy, test_data_set_*/input_*.pb, "
+                        "*.png/*.jpg/*.jpeg, *.txt/*.jsonl)")
+    kinds = {_kind(p) for p in files}
+    if len(kinds) > 1:
+        raise DataError(f"{source} mixes data formats ({', '.join(sorted(kinds))}); use one per directory")
     return sorted(files)
+
+
+class ImageEncoder:
+    """Decode, resize, crop and normalize photos for a model with one 4-D image input."""
+
+    def __init__(self, specs: list[InputSpec], options: RawOptions) -> None:
+        if len(specs) != 1 or len(specs[0].shape) != 4 or specs[0].dtype.kind != "f":
+            raise DataError("image data needs a model with a single 4-D float input; this one has "
+                            + ", ".join(f"'{s.name}' {list(s.shape)}" for s in specs))
+        try:
+            from PIL import Image
+        except ImportError as exc:
+            raise DataError("image data needs Pillow: pip install 'onnx_vbp[images]'") from exc
+        self._image = Image
+        self.spec = specs[0]
+        shape = self.spec.shape
+        self.channels_last = shape[3] in (1, 3) and shape[1] not in (1, 3)
+        channels, *size = (shape[3], shape[1], shape[2]) if self.channels_last else shape[1:]
+        if channels not in (1, 3):
+            raise DataError(f"image input '{self.spec.name}' has {channels} channels; expected 1 or 3")
+        self.grey = channels == 1
+        fixed = all(isinstance(d, int) and d > 0 for d in size)
+        self.size = tuple(size) if fixed else options.image_size
+        if self.size is None:
+            raise DataError(f"image input '{self.spec.name}' has no fixed height and width; pass --image-size")
+        count = 1 if self.grey else 3
+        self.mean = np.asarray(options.mean[:count], np.float32)
+        self.std = np.asarray(options.std[:count], np.float32)
+
+    def samples(self, path: Path) -> Iterator[np.ndarray]:
+        height, width = self.size
+        try:
+            with self._image.open(path) as image:
+                image = image.convert("L" if self.grey else "RGB")
+                scale = max(height / image.height, width / image.width)
+                resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+                image = image.resize(resized, self._image.Resampling.BILINEAR)
+                left, top = (image.width - width) // 2, (image.height - height) // 2
+                pixels = np.asarray(image.crop((left, top, left + width, top + height)), np.float32) / 255.0
+        except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for truncated or bad files
+            raise DataError(f"{path}: not a readable image ({exc})") from exc
+        pixels = ((pixels.reshape(height, width, -1) - self.mean) / self.std).astype(self.spec.dtype)
+        yield pixels if self.channels_last else pixels.transpose(2, 0, 1)
+
+    def encode(self, samples: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.spec.name: np.stack(samples)}
+
+
+class TextEncoder:
+    """Tokenize lines of text for a model fed input_ids / attention_mask / token_type_ids."""
+
+    def __init__(self, specs: list[InputSpec], options: RawOptions) -> None:
+        unknown = [s.name for s in specs if s.name not in TEXT_INPUTS]
+        if unknown:
+            raise DataError(f"text data needs a model whose inputs are {', '.join(TEXT_INPUTS)}; "
+                            f"this one also takes {', '.join(unknown)}")
+        if options.tokenizer is None:
+            raise DataError("text data needs a tokenizer: pass --tokenizer tokenizer.json")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise DataError("text data needs the tokenizers package: pip install 'onnx_vbp[text]'") from exc
+        try:
+            self.tokenizer = Tokenizer.from_file(str(options.tokenizer))
+        except Exception as exc:  # tokenizers raises plain Exception for missing or bad files
+            raise DataError(f"cannot load tokenizer {options.tokenizer}: {exc}") from exc
+        self.tokenizer.enable_truncation(options.max_length)
+        self.tokenizer.enable_padding()  # to the longest sample of each batch
+        self.specs = specs
+
+    def samples(self, path: Path) -> Iterator[str]:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            text = path.read_text(encoding="latin-1")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"{path}: empty text file")
+        for number, line in enumerate(lines, 1):
+            if path.suffix.lower() != ".jsonl":
+                yield line
+                continue
+            try:
+                yield json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}:{number}: expected a JSON object with a 'text' field") from exc
+
+    def encode(self, samples: list[str]) -> dict[str, np.ndarray]:
+        encodings = self.tokenizer.encode_batch(samples)
+        fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+        return {s.name: np.array([getattr(e, fields[s.name]) for e in encodings], s.dtype) for s in self.specs}
 
 
 def read_file(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -136,14 +265,42 @@ def iter_batches(
     *,
     batch_size: int | None = None,
     max_samples: int | None = None,
+    raw: RawOptions = RawOptions(),
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield batches from `source`, one file at a time, re-batched to `batch_size` if given and
-    capped at `max_samples` samples. Arrays other than model inputs (e.g. `labels`) are kept when
-    they have the batch's leading length."""
+    """Yield batches of model inputs from `source`, reading one file at a time.
+
+    Tensor files give one batch each, re-batched to `batch_size` if given; raw images and text are
+    grouped into batches of `batch_size` (default 32) and encoded as `raw` says. At most
+    `max_samples` samples are read. A model with a static batch dimension is fed batches of exactly
+    that size (a smaller remainder is dropped: the model cannot take it). Arrays other than model
+    inputs (e.g. `labels`) are kept when they have the batch's leading length.
+    """
+    fixed = sorted({s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0})
+    if len(fixed) > 1 or (fixed and batch_size not in (None, fixed[0])):
+        raise DataError(f"the model's inputs have a fixed batch size of {fixed}; batch size {batch_size} "
+                        "cannot feed it")
+    if fixed:
+        batch_size = fixed[0]
+    files = data_files(source)
+    kind = _kind(files[0])
+    if kind == "tensors":
+        yield from _tensor_batches(files, specs, batch_size, max_samples, keep_remainder=not fixed)
+        return
+    encoder = ImageEncoder(specs, raw) if kind == "images" else TextEncoder(specs, raw)
+    stream = itertools.chain.from_iterable(encoder.samples(path) for path in files)
+    stream = itertools.islice(stream, max_samples)
+    batch_size = batch_size or RAW_BATCH_SIZE
+    while chunk := list(itertools.islice(stream, batch_size)):
+        if len(chunk) == batch_size or not fixed:
+            yield encoder.encode(chunk)
+
+
+def _tensor_batches(files: list[Path], specs: list[InputSpec], batch_size: int | None, max_samples: int | None,
+                    keep_remainder: bool) -> Iterator[dict[str, np.ndarray]]:
     names = [s.name for s in specs]
     pending: list[dict[str, np.ndarray]] = []
     seen = 0
-    for path in data_files(source):
+    for path in files:
         arrays = read_file(path, specs)
         size = len(arrays[names[0]])
         batch = {k: v for k, v in arrays.items() if k in names or (v.ndim > 0 and len(v) == size)}
@@ -159,7 +316,7 @@ def iter_batches(
             yield from _full_batches(pending, batch_size)
         if max_samples is not None and seen >= max_samples:
             break
-    if pending and len(pending[0][names[0]]):
+    if pending and len(pending[0][names[0]]) and keep_remainder:
         yield pending[0]
 
 

@@ -9,6 +9,24 @@ import numpy as np
 
 from onnx_vbp.calibrate import cpu_session
 
+SIMILARITY_SAMPLES = 2000  # pairwise similarities grow as N^2: use the first 2,000 samples
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    ranks = np.empty(values.size)
+    ranks[np.argsort(values, kind="stable")] = np.arange(values.size)
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two 1-D arrays of continuous values (ties broken by order)."""
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def _pairwise_cosines(rows: np.ndarray) -> np.ndarray:
+    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-300)
+    return (unit @ unit.T)[np.triu_indices(len(rows), k=1)]
+
 
 def evaluate(
     original: Path, pruned: Path, batches: Iterable[Mapping[str, np.ndarray]], *, threads: int | None = None
@@ -16,49 +34,56 @@ def evaluate(
     """Run both models (ORT, all optimizations on) and compare every floating-point output.
 
     Per output: mean cosine similarity of each sample's flattened output, and relative L2 error
-    ||pruned - original|| / ||original|| over all samples. If batches carry `labels`, top-1 accuracy
-    of the first 2-D output before and after, and the top-1 agreement between the two models.
+    ||pruned - original|| / ||original|| over all samples. For 2-D outputs ([batch, features]:
+    logits, sentence embeddings) also the top-1 (argmax) agreement of the two models and the
+    Spearman correlation of the pairwise cosine similarities of the first 2,000 samples (is the
+    similarity structure kept?).
+    If batches carry `labels`, top-1 accuracy of the first 2-D output before and after.
     """
     reference = cpu_session(str(original), threads, optimize=True)
     candidate = cpu_session(str(pruned), threads, optimize=True)
     input_names = [i.name for i in reference.get_inputs()]
+    output_names = [o.name for o in reference.get_outputs()]
     sums: dict[str, dict[str, float]] = {}
-    samples = correct_before = correct_after = agree = 0
+    rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    labels: list[np.ndarray] = []
+    samples = 0
     for batch in batches:
         feed = {name: batch[name] for name in input_names}
-        names = [o.name for o in reference.get_outputs()]
-        before = reference.run(names, feed)
-        after = candidate.run(names, feed)
         size = len(feed[input_names[0]])
         samples += size
-        logits = None
-        for name, a, b in zip(names, before, after, strict=True):
+        if "labels" in batch:
+            labels.append(np.asarray(batch["labels"]).reshape(-1))
+        before, after = reference.run(output_names, feed), candidate.run(output_names, feed)
+        for name, a, b in zip(output_names, before, after, strict=True):
             if not np.issubdtype(a.dtype, np.floating):
                 continue
-            a64 = a.astype(np.float64).reshape(size, -1)
-            b64 = b.astype(np.float64).reshape(size, -1)
+            a64, b64 = a.astype(np.float64).reshape(size, -1), b.astype(np.float64).reshape(size, -1)
             norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
             cosine = np.where(norms > 0, (a64 * b64).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
             acc = sums.setdefault(name, {"cosine": 0.0, "diff2": 0.0, "ref2": 0.0})
             acc["cosine"] += float(cosine.sum())
             acc["diff2"] += float(np.square(b64 - a64).sum())
             acc["ref2"] += float(np.square(a64).sum())
-            if logits is None and a.ndim == 2:
-                logits = (a, b)
-        if "labels" in batch and logits is not None:
-            labels = np.asarray(batch["labels"]).reshape(-1)
-            top_before, top_after = logits[0].argmax(axis=1), logits[1].argmax(axis=1)
-            correct_before += int((top_before == labels).sum())
-            correct_after += int((top_after == labels).sum())
-            agree += int((top_before == top_after).sum())
-    result: dict = {
-        "samples": samples,
-        "outputs": {
-            name: {"cosine": acc["cosine"] / samples, "rel_l2": float(np.sqrt(acc["diff2"] / max(acc["ref2"], 1e-300)))}
-            for name, acc in sums.items()
-        },
+            if a.ndim == 2:
+                rows.setdefault(name, ([], []))
+                rows[name][0].append(a64)
+                rows[name][1].append(b64)
+    outputs = {
+        name: {"cosine": acc["cosine"] / samples, "rel_l2": float(np.sqrt(acc["diff2"] / max(acc["ref2"], 1e-300)))}
+        for name, acc in sums.items()
     }
-    if correct_before or correct_after or agree:
-        result.update(top1_before=correct_before / samples, top1_after=correct_after / samples,
-                      top1_agreement=agree / samples)
+    for name, (before_rows, after_rows) in rows.items():
+        a, b = np.concatenate(before_rows), np.concatenate(after_rows)
+        outputs[name]["top1_agreement"] = float((a.argmax(axis=1) == b.argmax(axis=1)).mean())
+        if len(a) > 2:
+            head_a, head_b = a[:SIMILARITY_SAMPLES], b[:SIMILARITY_SAMPLES]
+            outputs[name]["similarity_spearman"] = spearman(_pairwise_cosines(head_a), _pairwise_cosines(head_b))
+    result: dict = {"samples": samples, "outputs": outputs}
+    if labels and len(np.concatenate(labels)) == samples and rows:
+        truth = np.concatenate(labels)
+        a, b = (np.concatenate(r) for r in next(iter(rows.values())))
+        result.update(top1_before=float((a.argmax(axis=1) == truth).mean()),
+                      top1_after=float((b.argmax(axis=1) == truth).mean()),
+                      top1_agreement=float((a.argmax(axis=1) == b.argmax(axis=1)).mean()))
     return result

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from onnx_vbp.calibrate import calibrate
-from onnx_vbp.data import iter_batches, model_inputs
+from onnx_vbp.data import RawOptions, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import find_mlp_blocks
 from onnx_vbp.modelio import (
@@ -43,6 +42,7 @@ class PruneOptions:
     max_samples: int | None = None
     threads: int | None = None
     progress: bool = True
+    raw: RawOptions = field(default_factory=RawOptions)  # how raw images / text are encoded
 
 
 def prune_file(
@@ -73,7 +73,8 @@ def prune_file(
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
 
     def batches(source: Path):
-        return iter_batches(source, specs, batch_size=options.batch_size, max_samples=options.max_samples)
+        return iter_batches(source, specs, batch_size=options.batch_size, max_samples=options.max_samples,
+                            raw=options.raw)
 
     start = time.perf_counter()
     samples = 0
@@ -100,7 +101,7 @@ def prune_file(
     log.info("wrote %s", out)
 
     report = {
-        **{k: v for k, v in asdict(options).items() if k in ("ratio", "scope", "min_keep", "round_to", "compensate")},
+        **{k: getattr(options, k) for k in ("ratio", "scope", "min_keep", "round_to", "compensate")},
         "model": str(model_path),
         "output": str(out),
         "blocks": block_rows(blocks, plan),
@@ -113,8 +114,7 @@ def prune_file(
         "macs_after": macs_after,
         "file_bytes_before": file_bytes(model_path),
         "file_bytes_after": file_bytes(out),
-        "calibration": {"samples": samples, "seconds": round(seconds, 3),
-                        "min_variance": float(min(np.min(s.variance) for s in stats.values()))},
+        "calibration": {"samples": samples, "seconds": round(seconds, 3)},
     }
     if eval_data is not None:
         report["eval"] = evaluate(model_path, out, batches(eval_data), threads=options.threads)

@@ -84,7 +84,11 @@ def format_table(report: Mapping) -> str:
             lines.append(f"{'top-1':<14} {evaluation['top1_before']:>14.4f} {evaluation['top1_after']:>14.4f} "
                          f"{evaluation['top1_after'] - evaluation['top1_before']:>+8.4f}")
         for name, metrics in evaluation["outputs"].items():
-            lines.append(f"output {name[:30]}: cosine {metrics['cosine']:.5f}, relative L2 {metrics['rel_l2']:.5f}")
+            extras = "".join(f", {label} {metrics[key]:.4f}" for key, label in
+                             (("top1_agreement", "top-1 agreement"), ("similarity_spearman", "similarity Spearman"))
+                             if key in metrics)
+            lines.append(f"output {name[:30]}: cosine {metrics['cosine']:.5f}, relative L2 {metrics['rel_l2']:.5f}"
+                         + extras)
     cal = report["calibration"]
     lines.append(f"calibrated on {cal['samples']} samples in {cal['seconds']:.1f} s; "
                  f"pruned {report['neurons_before'] - report['neurons_after']} of {report['neurons_before']} "

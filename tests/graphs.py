@@ -47,6 +47,8 @@ class BlockSpec:
     store: str = "init"  # init | constant | transposed | fp16
     fc2_bias: str = "add"  # add | none | skip_layernorm
     layout: bool = False  # GPT-2 Conv1D style: Reshape -> Gemm -> Reshape around the activation
+    channels_last: bool = False  # 4-D [B, H, W, C] input, MatMul over C (ConvNeXt, Swin)
+    token_mixing: bool = False  # MLP over the token axis of a transposed [B, C, S] tensor (MLP-Mixer)
     const_neurons: int = 0  # hidden neurons whose activation is constant (zero fc1 columns)
 
 
@@ -150,12 +152,15 @@ def _fc1_weights(rng: np.random.Generator, dim: int, spec: BlockSpec) -> tuple[n
 def layout_of(spec: BlockSpec) -> str:
     if spec.fc == "conv":
         return "nchw"
+    if spec.channels_last:
+        return "nhwc"
     return "rows" if spec.fc.startswith("gemm") and not spec.layout else "tokens"
 
 
 def input_shape(specs: list[BlockSpec], dim: int, batch: int | str = "batch", seq: int = 5) -> list:
     layout = layout_of(specs[0])
-    return {"nchw": [batch, dim, 3, 3], "rows": [batch, dim], "tokens": [batch, seq, dim]}[layout]
+    shapes = {"nchw": [batch, dim, 3, 3], "nhwc": [batch, 3, 3, dim], "rows": [batch, dim], "tokens": [batch, seq, dim]}
+    return shapes[layout]
 
 
 def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 0, opset: int = 20,
@@ -171,7 +176,10 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
         if spec.layout:  # GPT-2 Conv1D: flatten tokens, Gemm, restore [B, S, hidden]
             shape_in = g.op("Shape", [h])
             h = g.op("Reshape", [h, g.const(np.array([-1, dim], np.int64))])
-        w1, b1 = _fc1_weights(rng, dim, spec)
+        features = seq if spec.token_mixing else dim
+        if spec.token_mixing:
+            h = g.op("Transpose", [h], perm=[0, 2, 1])
+        w1, b1 = _fc1_weights(rng, features, spec)
         fused = spec.act in FUSED_BIAS
         pre = g.linear(h, w1, None if fused else b1, spec.fc, spec.store, f"{prefix}/fc1")
         if spec.layout:
@@ -180,12 +188,12 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
             pre = g.op("Reshape", [pre, target])
         hidden = g.activation(pre, spec.act, bias=g.const(b1) if fused else None)
         if spec.gated:
-            w_up, b_up = _fc1_weights(rng, dim, spec)
+            w_up, b_up = _fc1_weights(rng, features, spec)
             hidden = g.op("Mul", [hidden, g.linear(h, w_up, b_up, spec.fc, spec.store, f"{prefix}/up")])
         if spec.layout:
             hidden = g.op("Reshape", [hidden, g.const(np.array([-1, spec.hidden], np.int64))])
-        w2 = rng.normal(0, 1 / math.sqrt(spec.hidden), (spec.hidden, dim)).astype(np.float32)
-        b2 = rng.normal(0, 0.1, dim).astype(np.float32)
+        w2 = rng.normal(0, 1 / math.sqrt(spec.hidden), (spec.hidden, features)).astype(np.float32)
+        b2 = rng.normal(0, 0.1, features).astype(np.float32)
         if spec.fc2_bias == "skip_layernorm":
             out = g.linear(hidden, w2, None, spec.fc, spec.store, f"{prefix}/fc2")
             x = g.op("SkipLayerNormalization", [out, x, g.const(np.ones(dim, np.float32)),
@@ -194,6 +202,8 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
         out = g.linear(hidden, w2, b2 if spec.fc2_bias == "add" else None, spec.fc, spec.store, f"{prefix}/fc2")
         if spec.layout:
             out = g.op("Reshape", [out, shape_in])
+        if spec.token_mixing:
+            out = g.op("Transpose", [out], perm=[0, 2, 1])
         x = g.op("Add", [x, out]) if residual else out
     g.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
     shape = input_shape(specs, dim, seq=seq)

@@ -144,3 +144,16 @@ def test_invalid_options_exit_with_usage_error(workspace: Path, args: list[str])
 def test_module_entry_point_help() -> None:
     result = subprocess.run([sys.executable, "-m", "onnx_vbp", "--help"], capture_output=True, text=True, check=True)
     assert "--ratio" in result.stdout and "Variance-Based Pruning" in result.stdout
+
+
+def test_interrupt_during_calibration_exits_130_and_writes_nothing(workspace: Path, capsys, monkeypatch) -> None:
+    import onnx_vbp.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "iter_batches", interrupted)
+    rc, err = _error(capsys, [str(workspace / "net.onnx"), str(workspace / "calib")])
+    assert rc == 130 and "interrupted" in err
+    assert sorted(p.name for p in workspace.iterdir()) == ["calib", "net.onnx"]

@@ -51,6 +51,14 @@ def test_max_samples_caps_the_stream(tmp_path: Path) -> None:
     assert sum(len(b["image"]) for b in iter_batches(tmp_path, [IMAGE], batch_size=4, max_samples=6)) == 6
 
 
+def test_static_batch_dimension_is_fed_exactly(tmp_path: Path) -> None:
+    _write_npz(tmp_path, [3, 5, 2])
+    static = InputSpec("image", np.dtype(np.float32), (4, 2, 3))
+    assert [len(b["image"]) for b in iter_batches(tmp_path, [static])] == [4, 4]
+    with pytest.raises(DataError, match="fixed batch size of \\[4\\]"):
+        list(iter_batches(tmp_path, [static], batch_size=8))
+
+
 def test_npy_feeds_a_single_input_model(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", _images(0, 2).astype(np.float64))
     (batch,) = iter_batches(tmp_path, [IMAGE])

@@ -25,6 +25,9 @@ FAMILIES = {
     "fc2-bias-in-skip-layernorm": BlockSpec(fc2_bias="skip_layernorm"),
     "gpt2-reshape-gemm-reshape": BlockSpec(fc="gemm", layout=True, act="gelu_tanh_pow"),
     "conv-hardswish": BlockSpec(fc="conv", act="hardswish"),
+    "channels-last-4d": BlockSpec(channels_last=True),
+    "token-mixing-transposed": BlockSpec(token_mixing=True, act="gelu_erf_reordered"),
+    "token-mixing-gated": BlockSpec(token_mixing=True, gated=True, act="silu", store="transposed"),
 }
 
 HIDDEN, CONSTANT = 16, 4

@@ -13,7 +13,6 @@ Usage:  python tools/train_demo_vit.py --epochs 8
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import time
@@ -21,25 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fashion_mnist import DATA, load_split
 from torch import nn
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
 MEAN, STD = 0.2860, 0.3530
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(data / f"{prefix}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
-    labels = read_idx(data / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
-    return images[:, None], labels
 
 
 class Mlp(nn.Module):
@@ -120,8 +104,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
-    train_x, train_y = load_split(args.data, "train")
-    test_x, test_y = load_split(args.data, "test")
+    train_x, train_y = load_split("train", args.data)
+    test_x, test_y = load_split("test", args.data)
 
     model = TinyViT()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)

@@ -1,0 +1,66 @@
+"""Held-out comparison metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_vbp.evaluate import evaluate, spearman
+
+
+def _classifier(path: Path, weight: np.ndarray) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], "c",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _batches(labels: np.ndarray | None = None) -> list[dict]:
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.normal(size=(25, 4)).astype(np.float32)} for _ in range(2)]
+    if labels is not None:
+        for i, batch in enumerate(batches):
+            batch["labels"] = labels[25 * i : 25 * (i + 1)]
+    return batches
+
+
+def test_identical_models_score_perfectly(tmp_path: Path) -> None:
+    weight = np.random.default_rng(1).normal(size=(4, 3))
+    model = _classifier(tmp_path / "a.onnx", weight)
+    result = evaluate(model, model, _batches())
+    metrics = result["outputs"]["logits"]
+    assert result["samples"] == 50
+    assert abs(metrics["cosine"] - 1.0) < 1e-12
+    assert metrics["rel_l2"] == 0.0 and metrics["top1_agreement"] == 1.0
+    assert abs(metrics["similarity_spearman"] - 1.0) < 1e-12
+
+
+def test_a_perturbed_model_and_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(4, 3))
+    noisy = weight + rng.normal(scale=0.5, size=weight.shape)
+    a, b = _classifier(tmp_path / "a.onnx", weight), _classifier(tmp_path / "b.onnx", noisy)
+    batches = _batches()
+    x = np.concatenate([batch["x"] for batch in batches])
+    truth = (x @ weight).argmax(axis=1)  # the original is right on every sample
+    result = evaluate(a, b, _batches(labels=truth))
+    expected_after = float(((x @ noisy).argmax(axis=1) == truth).mean())
+    assert result["top1_before"] == 1.0
+    assert abs(result["top1_after"] - expected_after) < 1e-12 and expected_after < 1.0
+    assert result["top1_agreement"] == result["top1_after"]
+    metrics = result["outputs"]["logits"]
+    assert 0.0 < metrics["cosine"] < 1.0 and metrics["rel_l2"] > 0.1
+
+
+def test_spearman_is_a_rank_correlation() -> None:
+    x = np.random.default_rng(2).normal(size=200)
+    assert abs(spearman(x, x**3) - 1.0) < 1e-12  # monotone: ranks agree exactly
+    assert abs(spearman(x, -x) + 1.0) < 1e-12
+    assert abs(spearman(x, np.random.default_rng(3).normal(size=200))) < 0.2

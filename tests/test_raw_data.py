@@ -1,0 +1,127 @@
+"""Raw calibration data: photos (Pillow) and text (tokenizers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnx_vbp.data import DataError, InputSpec, RawOptions, iter_batches
+
+Image = pytest.importorskip("PIL.Image")
+tokenizers = pytest.importorskip("tokenizers")
+
+NCHW = InputSpec("input_image", np.dtype(np.float32), ("batch", 3, 10, 10))
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "minilm-tokenizer" / "tokenizer.json"
+TEXT_SPECS = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+              InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq"))]
+
+
+def _halves(path: Path, size: tuple[int, int] = (40, 20)) -> None:
+    """Left half red, right half blue."""
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[:, : size[0] // 2, 0] = 255
+    pixels[:, size[0] // 2 :, 2] = 255
+    Image.fromarray(pixels).save(path)
+
+
+def test_photo_is_resized_center_cropped_normalized_nchw(tmp_path: Path) -> None:
+    _halves(tmp_path / "a.PNG")  # suffixes in any case
+    (batch,) = iter_batches(tmp_path, [NCHW], raw=RawOptions(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    image = batch["input_image"]
+    assert image.shape == (1, 3, 10, 10) and image.dtype == np.float32
+    # 40x20 -> shorter side 10 -> 20x10 -> center crop keeps 5 red and 5 blue columns (bilinear
+    # blends the two at the boundary)
+    np.testing.assert_allclose(image[0, 0, :, :4], 1.0)
+    np.testing.assert_allclose(image[0, 2, :, 6:], 1.0)
+    np.testing.assert_allclose(image[0, 0, :, 6:], -1.0)
+    np.testing.assert_allclose(image[0, 1], -1.0)
+
+
+def test_grey_channels_last_and_batching(tmp_path: Path) -> None:
+    for i in range(5):
+        _halves(tmp_path / f"{i}.jpg", size=(12, 12))
+    spec = InputSpec("pixels", np.dtype(np.float32), ("batch", 12, 12, 1))
+    batches = list(iter_batches(tmp_path, [spec], batch_size=2, raw=RawOptions(mean=(0.0,), std=(1.0,))))
+    assert [b["pixels"].shape for b in batches] == [(2, 12, 12, 1), (2, 12, 12, 1), (1, 12, 12, 1)]
+    assert 0.0 < batches[0]["pixels"].mean() < 1.0
+    assert sum(len(b["pixels"]) for b in iter_batches(tmp_path, [spec], max_samples=3)) == 3
+
+
+def test_symbolic_image_size_needs_image_size(tmp_path: Path) -> None:
+    _halves(tmp_path / "a.png")
+    spec = InputSpec("img", np.dtype(np.float32), ("batch", 3, "h", "w"))
+    with pytest.raises(DataError, match="--image-size"):
+        list(iter_batches(tmp_path, [spec]))
+    (batch,) = iter_batches(tmp_path, [spec], raw=RawOptions(image_size=(8, 16)))
+    assert batch["img"].shape == (1, 3, 8, 16)
+
+
+def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
+    _halves(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(DataError, match=r"broken.jpg: not a readable image"):
+        list(iter_batches(tmp_path, [NCHW]))
+
+
+def test_images_for_a_model_without_image_input(tmp_path: Path) -> None:
+    _halves(tmp_path / "a.png")
+    with pytest.raises(DataError, match="single 4-D float input"):
+        list(iter_batches(tmp_path, TEXT_SPECS))
+
+
+def test_mixed_formats_are_refused(tmp_path: Path) -> None:
+    _halves(tmp_path / "a.png")
+    np.savez(tmp_path / "b.npz", input_image=np.zeros((1, 3, 10, 10), np.float32))
+    with pytest.raises(DataError, match="mixes data formats"):
+        list(iter_batches(tmp_path, [NCHW]))
+
+
+needs_tokenizer = pytest.mark.skipif(not TOKENIZER.exists(), reason="shared tokenizer absent")
+
+
+@needs_tokenizer
+def test_text_lines_are_tokenized_and_padded_per_batch(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hello world\n\na much longer sentence than the first\nshort\n")
+    batches = list(iter_batches(tmp_path, TEXT_SPECS, batch_size=2, raw=RawOptions(tokenizer=TOKENIZER)))
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]  # the blank line is not a sample
+    ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
+    assert ids.dtype == np.int64 and ids.shape == mask.shape
+    assert ids[0, 0] == 101 and mask[0].sum() == 4 and mask[1].all()  # [CLS] hello world [SEP] + padding
+    assert batches[1]["input_ids"].shape == (1, 3)  # padded to its own batch's longest
+
+
+@needs_tokenizer
+def test_jsonl_text_field_truncation_and_token_type_ids(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": "word " * 50, "label": 1}), json.dumps({"text": "tiny"})]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    specs = [*TEXT_SPECS, InputSpec("token_type_ids", np.dtype(np.int64), ("batch", "seq"))]
+    (batch,) = iter_batches(tmp_path, specs, raw=RawOptions(tokenizer=TOKENIZER, max_length=16))
+    assert batch["input_ids"].shape == (2, 16) and not batch["token_type_ids"].any()
+    (tmp_path / "a.jsonl").write_text('{"txt": "no text field"}\n')
+    with pytest.raises(DataError, match=r"a.jsonl:1: expected a JSON object with a 'text' field"):
+        list(iter_batches(tmp_path, TEXT_SPECS, raw=RawOptions(tokenizer=TOKENIZER)))
+
+
+@needs_tokenizer
+def test_empty_text_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one sample\n")
+    (tmp_path / "b.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match=r"b.txt: empty text file"):
+        list(iter_batches(tmp_path, TEXT_SPECS, raw=RawOptions(tokenizer=TOKENIZER)))
+
+
+def test_missing_or_broken_tokenizer(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one sample\n")
+    with pytest.raises(DataError, match="needs a tokenizer: pass --tokenizer"):
+        list(iter_batches(tmp_path, TEXT_SPECS))
+    with pytest.raises(DataError, match="cannot load tokenizer"):
+        list(iter_batches(tmp_path, TEXT_SPECS, raw=RawOptions(tokenizer=tmp_path / "nope.json")))
+
+
+def test_text_for_a_model_with_other_inputs(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one sample\n")
+    with pytest.raises(DataError, match="also takes input_image"):
+        list(iter_batches(tmp_path, [NCHW], raw=RawOptions(tokenizer=TOKENIZER)))

