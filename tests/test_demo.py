@@ -32,3 +32,23 @@ def test_pruning_the_demo_at_035_keeps_top1(tmp_path: Path) -> None:
     assert report["neurons_after"] == 3072 - int(0.35 * 3072)
     assert report["macs_after"] < 0.8 * report["macs_before"]
     assert report["file_bytes_after"] < report["file_bytes_before"]
+
+
+def test_demo_prunes_from_png_files_through_the_cli(tmp_path: Path) -> None:
+    """Raw grey photos: the model normalizes inside, so pixels go in as [0, 1] (mean 0, std 1)."""
+    import numpy as np
+    from PIL import Image
+
+    from onnx_vbp.cli import main
+
+    for split, source in (("calib", MODELS / "calib" / "train_00.npz"), ("eval", MODELS / "eval" / "test_subset.npz")):
+        folder = tmp_path / split
+        folder.mkdir()
+        for i, image in enumerate(np.load(source)["image"][:48]):
+            Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    argv = [str(MODELS / "demo_vit.onnx"), str(tmp_path / "calib"), "--eval", str(tmp_path / "eval"), "--mean", "0",
+            "--std", "1", "-q", "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration"]["samples"] == 48
+    assert report["eval"]["outputs"]["logits"]["top1_agreement"] >= 0.9
