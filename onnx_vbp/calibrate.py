@@ -13,13 +13,26 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnx_vbp.find import MlpBlock
 from onnx_vbp.instrument import instrument
 
+# ORT's exceptions derive from Exception only; these are the ones a bad model or input raises.
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
+              ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
+
 
 class CalibrationError(ValueError):
-    """Calibration data produced unusable activations (NaN/Inf, no samples)."""
+    """Calibration data produced unusable activations (NaN/Inf, no samples) or ORT failed on it."""
+
+
+class RuntimeLoadError(ValueError):
+    """ONNX Runtime cannot load the model."""
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 @dataclass
@@ -59,7 +72,7 @@ class Stats:
         return Stats(count, mean, m2)
 
 
-def cpu_session(model_bytes: bytes, threads: int | None = None, optimize: bool = False
+def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False
                         ) -> ort.InferenceSession:
     """A CPU ORT session; calibration keeps graph optimizations off so fusions cannot hide tensors."""
     options = ort.SessionOptions()
@@ -67,7 +80,10 @@ def cpu_session(model_bytes: bytes, threads: int | None = None, optimize: bool =
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as exc:
+        raise RuntimeLoadError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
 
 
 def calibrate(
@@ -90,7 +106,11 @@ def calibrate(
     stats = {block.name: Stats.empty(block.width) for block in blocks}
     for batch_index, batch in enumerate(batches):
         feed = {name: batch[name] for name in input_names}
-        hidden = session.run(fetch_names, feed)
+        try:
+            hidden = session.run(fetch_names, feed)
+        except ORT_ERRORS as exc:
+            raise CalibrationError(f"ONNX Runtime failed on calibration batch {batch_index}: "
+                                   f"{first_line(exc)}") from exc
         for (block, site), values in zip(fetch, hidden, strict=True):
             per_neuron = np.moveaxis(values, site.hidden_axis, -1).reshape(-1, block.width)
             with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN are reported just below

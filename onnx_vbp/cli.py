@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 from onnx_vbp import __version__
-from onnx_vbp.calibrate import CalibrationError
+from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError
 from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions
 from onnx_vbp.modelio import ModelError
 from onnx_vbp.pipeline import NoBlocksError, PruneOptions, prune_file
 from onnx_vbp.report import format_table
+from onnx_vbp.select import SelectionError
 
 DESCRIPTION = """\
 Variance-Based Pruning of the MLP blocks of an ONNX model, after training.
@@ -58,8 +59,15 @@ def _non_negative(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, like every other error of this tool."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG,
+    parser = _Parser(prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="input ONNX model (never modified)")
     parser.add_argument("calib", type=Path, help="calibration data: directory or file (see above)")
@@ -78,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fold the pruned neurons' mean into fc2's bias (mean, default) or not (none)")
     parser.add_argument("--batch-size", type=_positive, help="re-batch the data to this many samples per run")
     parser.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
+    parser.add_argument("--min-samples", type=_positive, default=16,
+                        help="refuse to prune on fewer calibration samples than this (default 16)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write an unchanged copy instead of failing when the model has no prunable MLP block")
     parser.add_argument("--eval", type=Path, metavar="HELDOUT",
                         help="held-out data (same formats) to compare original and pruned outputs; an .npz "
                              "'labels' array adds top-1 accuracy")
@@ -105,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     options = PruneOptions(
         ratio=args.ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
         compensate=args.compensate, batch_size=args.batch_size, max_samples=args.max_samples,
+        min_samples=args.min_samples, allow_empty=args.allow_empty,
         threads=args.threads, progress=not args.quiet,
         raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
                        image_size=tuple(args.image_size) if args.image_size else None,
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         report = prune_file(args.model, args.calib, args.output, options, eval_data=args.eval)
-    except (ModelError, DataError, CalibrationError, NoBlocksError) as exc:
+    except (ModelError, DataError, CalibrationError, NoBlocksError, RuntimeLoadError, SelectionError) as exc:
         print(f"onnx-vbp: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -256,6 +256,8 @@ def _conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
         if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
             raise DataError(f"{path}: input '{spec.name}' is {array.dtype}, the model expects {spec.dtype}")
         array = array.astype(spec.dtype)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataError(f"{path}: input '{spec.name}' contains NaN or Inf")
     return array
 
 

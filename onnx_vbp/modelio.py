@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 from google.protobuf.message import DecodeError
+
+from onnx_vbp.calibrate import cpu_session
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -23,8 +24,27 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.vbp.onnx")
 
 
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> None:
+    """Every external tensor's file exists and holds its bytes (onnx would read short silently)."""
+    for tensor in model.graph.initializer:
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        entries = _external_entries(tensor)
+        data = folder / entries.get("location", "")
+        if not data.is_file():
+            raise ModelError(f"{path}: external data file not found: {data}")
+        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+        if "length" in entries and data.stat().st_size < end:
+            raise ModelError(f"{path}: external data file {data.name} is truncated ({data.stat().st_size} bytes, "
+                             f"tensor '{tensor.name}' needs {end})")
+
+
 def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
-    """Load `path` with its external data; returns (model, whether it used external data)."""
+    """Load `path` with its external data and check it; returns (model, whether it used external data)."""
     if not path.exists():
         raise ModelError(f"model not found: {path}")
     if not path.is_file():
@@ -34,15 +54,20 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise ModelError(f"{path}: not an ONNX model ({exc})") from exc
+        raise ModelError(f"{path}: not an ONNX model or truncated ({exc})") from exc
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes)")
     external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
     if external:
-        try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path}: cannot read its external data ({exc})") from exc
+        _check_external_data(model, path.parent, path)
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{path}: fails onnx.checker: {str(exc).strip().splitlines()[0]}") from exc
     return model, external
 
 
@@ -59,6 +84,17 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
 
 
+def check_writable(out: Path) -> None:
+    """Fail early, before any long work, if `out` cannot be written."""
+    if not out.parent.is_dir():
+        raise ModelError(f"output directory does not exist: {out.parent}")
+    try:
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ModelError(f"output directory is not writable: {out.parent} ({exc.strerror})") from exc
+
+
 def save_model(model: onnx.ModelProto, out: Path, *, external_data: bool) -> None:
     """Write `model` to `out` atomically after checking it (onnx.checker, ORT load).
 
@@ -67,8 +103,7 @@ def save_model(model: onnx.ModelProto, out: Path, *, external_data: bool) -> Non
     models past protobuf's 2 GB limit) the weights go to `<out name>.data` next to `out`.
     `model` may be changed (its weights moved to external references) by an external save.
     """
-    if not out.parent.is_dir():
-        raise ModelError(f"output directory does not exist: {out.parent}")
+    check_writable(out)
     external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
     location = f"{out.name}.data"
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -80,7 +115,7 @@ def save_model(model: onnx.ModelProto, out: Path, *, external_data: bool) -> Non
         else:
             onnx.save_model(model, str(staged))
         onnx.checker.check_model(str(staged))
-        ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
+        cpu_session(str(staged))
         if (staging / location).exists():  # absent when no tensor reached the 1 KiB threshold
             os.replace(staging / location, out.parent / location)
         os.replace(staged, out)

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 from tqdm import tqdm
 
-from onnx_vbp.calibrate import calibrate
-from onnx_vbp.data import RawOptions, iter_batches, model_inputs
+from onnx_vbp.calibrate import Stats, calibrate
+from onnx_vbp.data import DataError, RawOptions, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
-from onnx_vbp.find import find_mlp_blocks
-from onnx_vbp.modelio import (
-    ModelError,
-    default_output,
-    file_bytes,
-    load_model,
-    save_model,
-)
+from onnx_vbp.find import MlpBlock, find_mlp_blocks
+from onnx_vbp.modelio import ModelError, check_writable, default_output, file_bytes, load_model, save_model
 from onnx_vbp.report import block_rows, count_macs, count_params
 from onnx_vbp.rewrite import rewrite
-from onnx_vbp.select import select
+from onnx_vbp.select import Plan, select
 
 log = logging.getLogger("onnx_vbp")
 
@@ -40,9 +36,28 @@ class PruneOptions:
     compensate: str = "mean"
     batch_size: int | None = None
     max_samples: int | None = None
+    min_samples: int = 16
+    allow_empty: bool = False  # a model without MLP blocks is copied instead of refused
     threads: int | None = None
     progress: bool = True
     raw: RawOptions = field(default_factory=RawOptions)  # how raw images / text are encoded
+
+
+def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator[dict], options: PruneOptions
+               ) -> tuple[dict[str, Stats], int, float]:
+    """Calibrate with a progress bar (drawn only on a terminal); returns (stats, samples, seconds)."""
+    start = time.perf_counter()
+    samples = 0
+    with tqdm(desc="calibrating", unit="sample", disable=None if options.progress else True,
+              total=options.max_samples) as bar:
+
+        def on_batch(size: int) -> None:
+            nonlocal samples
+            samples += size
+            bar.update(size)
+
+        stats = calibrate(model, blocks, batches, threads=options.threads, on_batch=on_batch)
+    return stats, samples, time.perf_counter() - start
 
 
 def prune_file(
@@ -60,6 +75,7 @@ def prune_file(
     out = Path(out) if out is not None else default_output(model_path)
     if out.resolve() == model_path.resolve():
         raise ModelError(f"output would overwrite the input model: {out}")
+    check_writable(out)
     model, external = load_model(model_path)
     specs = model_inputs(model)
 
@@ -68,31 +84,27 @@ def prune_file(
         log.warning("skipped MLP block %s: %s", skipped.name, skipped.reason)
     if not blocks:
         why = "; ".join(f"{s.name}: {s.reason}" for s in blocks.skipped)
-        raise NoBlocksError(f"no prunable MLP block in {model_path}" + (f" (skipped: {why})" if why else
-                            " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"))
+        if not options.allow_empty:
+            raise NoBlocksError(f"no prunable MLP block in {model_path}" + (f" (all skipped: {why})" if why else
+                                " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"))
+        log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
 
     def batches(source: Path):
         return iter_batches(source, specs, batch_size=options.batch_size, max_samples=options.max_samples,
                             raw=options.raw)
 
-    start = time.perf_counter()
-    samples = 0
-
-    def on_batch(size: int) -> None:
-        nonlocal samples
-        samples += size
-        bar.update(size)
-
-    # disable=None: tqdm draws only on a terminal
-    with tqdm(desc="calibrating", unit="sample", disable=None if options.progress else True,
-              total=options.max_samples) as bar:
-        stats = calibrate(model, blocks, batches(calib), threads=options.threads, on_batch=on_batch)
-    seconds = time.perf_counter() - start
-    log.info("calibrated on %d samples in %.1f s", samples, seconds)
-
-    plan = select(stats, options.ratio, scope=options.scope, min_keep=options.min_keep, round_to=options.round_to)
-    pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate)
+    if blocks:
+        stats, samples, seconds = _calibrate(model, blocks, batches(calib), options)
+        if samples < options.min_samples:
+            raise DataError(f"only {samples} calibration samples in {calib}; at least --min-samples "
+                            f"{options.min_samples} are needed")
+        log.info("calibrated on %d samples in %.1f s", samples, seconds)
+        plan = select(stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
+                      round_to=options.round_to)
+        pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate)
+    else:
+        samples, seconds, plan, pruned = 0, 0.0, Plan({}), model
     first = next(batches(calib))
     sample_feed = {s.name: first[s.name][:1] for s in specs}
     macs_before, params_before = count_macs(model, sample_feed), count_params(model)

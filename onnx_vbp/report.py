@@ -27,6 +27,8 @@ def count_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> int:
     """Multiply-accumulates per sample of MatMul/Gemm/Conv, from shapes seen running `feed`."""
     known = {t.name: tuple(t.dims) for t in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
+    if not nodes:
+        return 0
     wanted = sorted({name for n in nodes for name in (n.input[0], n.input[1], n.output[0])} - set(known))
     existing = {o.name for o in model.graph.output}
     extra = onnx.ModelProto(graph=onnx.GraphProto(

@@ -16,6 +16,10 @@ from onnx_vbp.calibrate import Stats
 SCOPES = ("global", "per-block")
 
 
+class SelectionError(ValueError):
+    """Options that no plan can satisfy."""
+
+
 @dataclass
 class Plan:
     """Sorted indices of the neurons each block keeps, by block name."""
@@ -41,16 +45,25 @@ def select(
     is then rounded up to a multiple of `round_to` by restoring its highest-variance pruned neurons.
     """
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+        raise SelectionError(f"ratio must be in [0, 1), got {ratio}")
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        raise SelectionError(f"scope must be one of {SCOPES}, got {scope!r}")
     if min_keep < 0 or round_to < 1:
-        raise ValueError("min_keep must be >= 0 and round_to >= 1")
+        raise SelectionError("min_keep must be >= 0 and round_to >= 1")
     variances = {name: s.variance for name, s in stats.items()}
     if scope == "global":
+        total = sum(v.size for v in variances.values())
+        prunable = sum(max(v.size - min_keep, 0) for v in variances.values())
+        if int(ratio * total) > prunable:
+            raise SelectionError(f"ratio {ratio} removes {int(ratio * total)} of {total} neurons, but keeping "
+                                 f"--min-keep {min_keep} per block leaves only {prunable} removable")
         pruned = _prune_global(variances, ratio, min_keep)
     else:
-        pruned = {name: _lowest(v, min(int(ratio * v.size), v.size - min_keep)) for name, v in variances.items()}
+        for name, v in variances.items():
+            if v.size - int(ratio * v.size) < min_keep:
+                raise SelectionError(f"ratio {ratio} would leave block '{name}' {v.size - int(ratio * v.size)} "
+                                     f"of {v.size} neurons, fewer than --min-keep {min_keep}")
+        pruned = {name: _lowest(v, int(ratio * v.size)) for name, v in variances.items()}
     keep = {}
     for name, variance in variances.items():
         width = variance.size

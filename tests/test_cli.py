@@ -82,78 +82,7 @@ def test_external_data_is_kept_and_travels_with_the_output(workspace: Path) -> N
     assert sorted(p.name for p in other.iterdir()) == ["small.onnx", "small.onnx.data"]
 
 
-def _error(capsys, argv: list[str]) -> tuple[int, str]:
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    return rc, err
-
-
-def _bad_model(kind: str, folder: Path) -> Path:
-    contents = {"empty": b"", "garbage": b"\x08\x07garbage\xff\xff"}
-    if kind == "directory":
-        return folder
-    path = folder / f"{kind}.onnx"
-    if kind in contents:
-        path.write_bytes(contents[kind])
-    return path
-
-
-@pytest.mark.parametrize(
-    ("kind", "message"),
-    [("missing", "model not found"), ("directory", "not a file"), ("empty", "model file is empty"),
-     ("garbage", "not an ONNX model")],
-)
-def test_bad_model_is_a_one_line_error(workspace: Path, capsys, kind: str, message: str) -> None:
-    model = _bad_model(kind, workspace)
-    rc, err = _error(capsys, [str(model), str(workspace / "calib"), "-o", str(workspace / "o.onnx")])
-    assert rc == 1 and message in err and len(err.splitlines()) == 1
-    assert not (workspace / "o.onnx").exists()
-
-
-def test_output_equal_to_input_is_refused(workspace: Path, capsys) -> None:
-    before = _digest(workspace / "net.onnx")
-    rc, err = _error(capsys, [str(workspace / "net.onnx"), str(workspace / "calib"), "-o", str(workspace / "net.onnx")])
-    assert rc == 1 and "overwrite the input model" in err
-    assert _digest(workspace / "net.onnx") == before
-
-
-def test_model_without_mlp_says_what_was_looked_for(workspace: Path, capsys) -> None:
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
-                                   [onnx.helper.make_tensor_value_info("x", 1, ["batch", 6, 8])],
-                                   [onnx.helper.make_tensor_value_info("y", 1, ["batch", 6, 8])])
-    onnx.save(onnx.helper.make_model(graph), workspace / "relu.onnx")
-    rc, err = _error(capsys, [str(workspace / "relu.onnx"), str(workspace / "calib")])
-    assert rc == 1 and "no prunable MLP block" in err and "fc1 -> activation -> fc2" in err
-
-
-def test_bad_calibration_data_is_a_one_line_error(workspace: Path, capsys) -> None:
-    empty = workspace / "empty"
-    empty.mkdir()
-    rc, err = _error(capsys, [str(workspace / "net.onnx"), str(empty)])
-    assert rc == 1 and "no data files" in err and len(err.splitlines()) == 1
-    assert not (workspace / "net.vbp.onnx").exists()
-
-
-@pytest.mark.parametrize("args", [["--ratio", "1"], ["--ratio", "-0.1"], ["--round-to", "0"]])
-def test_invalid_options_exit_with_usage_error(workspace: Path, args: list[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main([str(workspace / "net.onnx"), str(workspace / "calib"), *args])
-    assert exc.value.code == 2
-
-
 def test_module_entry_point_help() -> None:
     result = subprocess.run([sys.executable, "-m", "onnx_vbp", "--help"], capture_output=True, text=True, check=True)
     assert "--ratio" in result.stdout and "Variance-Based Pruning" in result.stdout
 
-
-def test_interrupt_during_calibration_exits_130_and_writes_nothing(workspace: Path, capsys, monkeypatch) -> None:
-    import onnx_vbp.pipeline as pipeline
-
-    def interrupted(*args, **kwargs):
-        yield from ()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "iter_batches", interrupted)
-    rc, err = _error(capsys, [str(workspace / "net.onnx"), str(workspace / "calib")])
-    assert rc == 130 and "interrupted" in err
-    assert sorted(p.name for p in workspace.iterdir()) == ["calib", "net.onnx"]

@@ -105,6 +105,7 @@ def test_vit_s_from_photos_through_the_cli(tmp_path: Path) -> None:
         (calib / name).write_bytes((PHOTOS / name).read_bytes())
     for name in ("astronaut.png", "rocket.jpg"):
         (held_out / name).write_bytes((PHOTOS / name).read_bytes())
-    report = _cli_report(tmp_path, [str(model), str(calib), "--ratio", "0.2", "--eval", str(held_out)])
+    report = _cli_report(tmp_path, [str(model), str(calib), "--ratio", "0.2", "--eval", str(held_out),
+                                    "--min-samples", "3"])
     saliency = report["eval"]["outputs"]["output_importance"]
     assert report["macs_after"] < report["macs_before"] and saliency["cosine"] > 0.9

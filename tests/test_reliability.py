@@ -1,0 +1,262 @@
+"""Bad input, as a matrix: every row must exit non-zero with a one-line message naming the problem,
+leave the input byte-identical, and leave no output and no temporary file behind."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from graphs import BlockSpec, build_model, random_batch
+
+import onnx_vbp.modelio
+from onnx_vbp.cli import main
+
+HIDDEN = 32
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    """A workspace: net.onnx (two MLP blocks), calib/ with 24 samples, out/ for results."""
+    model = build_model([BlockSpec(hidden=HIDDEN), BlockSpec(hidden=HIDDEN, act="relu")], seq=6)
+    onnx.save(model, tmp_path / "net.onnx")
+    (tmp_path / "calib").mkdir()
+    for i in range(3):
+        np.savez(tmp_path / "calib" / f"b{i}.npz", **random_batch(model, batch=8, seed=i))
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def _save_variant(ws: Path, name: str, edit: Callable[[onnx.ModelProto], None], **save) -> Path:
+    model = onnx.load(ws / "net.onnx")
+    edit(model)
+    onnx.save(model, ws / name, **save)
+    return ws / name
+
+
+# --- each setup edits the workspace and returns (argv, message expected in the error line) ------
+
+def model_missing(ws):
+    return [ws / "nope.onnx", ws / "calib"], "model not found"
+
+
+def model_is_directory(ws):
+    return [ws / "calib", ws / "calib"], "not a file"
+
+
+def model_empty(ws):
+    (ws / "empty.onnx").write_bytes(b"")
+    return [ws / "empty.onnx", ws / "calib"], "model file is empty"
+
+
+def model_not_onnx(ws):
+    (ws / "junk.onnx").write_bytes(b"\x08\x07garbage\xff\xff")
+    return [ws / "junk.onnx", ws / "calib"], "not an ONNX model"
+
+
+def model_truncated(ws):
+    data = (ws / "net.onnx").read_bytes()
+    (ws / "cut.onnx").write_bytes(data[: len(data) // 2])
+    return [ws / "cut.onnx", ws / "calib"], "not an ONNX model or truncated"
+
+
+def model_fails_checker(ws):
+    def dangling(model):
+        model.graph.node.insert(0, onnx.helper.make_node("Relu", ["undefined_tensor"], ["r"], name="dangling"))
+    return [_save_variant(ws, "bad.onnx", dangling), ws / "calib"], "fails onnx.checker"
+
+
+def external_data_missing(ws):
+    path = _save_variant(ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin",
+                         size_threshold=0)
+    (ws / "ext.bin").unlink()
+    return [path, ws / "calib"], "external data file not found"
+
+
+def external_data_truncated(ws):
+    path = _save_variant(ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin",
+                         size_threshold=0)
+    data = (ws / "ext.bin").read_bytes()
+    (ws / "ext.bin").write_bytes(data[: len(data) - 100])
+    return [path, ws / "calib"], "is truncated"
+
+
+def model_ort_cannot_load(ws):
+    def custom_op(model):
+        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+        out = model.graph.output[0].name
+        model.graph.node.append(onnx.helper.make_node("Mystery", [out], ["mystery"], domain="com.example"))
+        model.graph.output.append(onnx.helper.make_tensor_value_info("mystery", 1, ["b", "s", "d"]))
+    return [_save_variant(ws, "custom.onnx", custom_op), ws / "calib"], "ONNX Runtime cannot load the model"
+
+
+def no_mlp_block(ws):
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", 1, ["batch", 6, 8])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, ["batch", 6, 8])])
+    onnx.save(onnx.helper.make_model(graph), ws / "relu.onnx")
+    return [ws / "relu.onnx", ws / "calib"], "looked for fc1 -> activation -> fc2"
+
+
+def all_blocks_skipped(ws):
+    def expose_hidden(model):
+        for node in model.graph.node:
+            if node.op_type == "MatMul" and "fc2" in node.name:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], 1, ["b", "s", "h"]))
+    return [_save_variant(ws, "exposed.onnx", expose_hidden), ws / "calib"], "all skipped: "
+
+
+def calib_missing(ws):
+    return [ws / "net.onnx", ws / "nowhere"], "data path not found"
+
+
+def calib_empty(ws):
+    (ws / "empty").mkdir()
+    return [ws / "net.onnx", ws / "empty"], "no data files"
+
+
+def calib_no_known_format(ws):
+    (ws / "csv").mkdir()
+    (ws / "csv" / "data.csv").write_text("1,2,3\n")
+    return [ws / "net.onnx", ws / "csv"], "no data files"
+
+
+def calib_unreadable(ws):
+    (ws / "calib" / "b9.npz").write_bytes(b"PK\x03\x04 broken zip")
+    return [ws / "net.onnx", ws / "calib"], "b9.npz: cannot read"
+
+
+def _one_batch(ws: Path, **arrays: np.ndarray) -> Path:
+    folder = ws / "one"
+    folder.mkdir()
+    np.savez(folder / "b.npz", **arrays)
+    return folder
+
+
+def calib_input_name_unknown(ws):
+    return [ws / "net.onnx", _one_batch(ws, z=np.zeros((16, 6, 8), np.float32))], "no array for model input 'x'"
+
+
+def calib_wrong_dtype(ws):
+    return [ws / "net.onnx", _one_batch(ws, x=np.zeros((16, 6, 8), np.int32))], "is int32, the model expects float32"
+
+
+def calib_wrong_rank(ws):
+    return [ws / "net.onnx", _one_batch(ws, x=np.zeros((16, 48), np.float32))], "has rank 2, the model expects 3"
+
+
+def calib_wrong_fixed_dim(ws):
+    return [ws / "net.onnx", _one_batch(ws, x=np.zeros((16, 6, 9), np.float32))], "has shape [16, 6, 9]"
+
+
+def calib_too_few_samples(ws):
+    return [ws / "net.onnx", _one_batch(ws, x=np.ones((4, 6, 8), np.float32))], "only 4 calibration samples"
+
+
+def calib_nan_input(ws):
+    x = np.ones((16, 6, 8), np.float32)
+    x[3, 2, 1] = np.nan
+    return [ws / "net.onnx", _one_batch(ws, x=x)], "input 'x' contains NaN or Inf"
+
+
+def calib_inf_hidden(ws):
+    x = np.full((16, 6, 8), 3e38, np.float32)  # finite, but fc1 overflows
+    message = "non-finite hidden activation in block '/blocks.0/mlp' at calibration batch 0"
+    return [ws / "net.onnx", _one_batch(ws, x=x)], message
+
+
+def ratio_infeasible_with_min_keep(ws):
+    return [ws / "net.onnx", ws / "calib", "--ratio", "0.9", "--min-keep", "30"], "--min-keep 30"
+
+
+def per_block_ratio_below_min_keep(ws):
+    return [ws / "net.onnx", ws / "calib", "--ratio", "0.5", "--min-keep", "20", "--scope", "per-block"], \
+        "fewer than --min-keep 20"
+
+
+def output_is_input(ws):
+    return [ws / "net.onnx", ws / "calib", "-o", ws / "net.onnx"], "overwrite the input model"
+
+
+def output_dir_missing(ws):
+    return [ws / "net.onnx", ws / "calib", "-o", ws / "nodir" / "o.onnx"], "output directory does not exist"
+
+
+def output_dir_not_writable(ws):
+    return [ws / "net.onnx", ws / "calib", "-o", Path("/proc/onnx_vbp_test.onnx")], "output directory is not writable"
+
+
+ROWS = [model_missing, model_is_directory, model_empty, model_not_onnx, model_truncated, model_fails_checker,
+        external_data_missing, external_data_truncated, model_ort_cannot_load, no_mlp_block, all_blocks_skipped,
+        calib_missing, calib_empty, calib_no_known_format, calib_unreadable, calib_input_name_unknown,
+        calib_wrong_dtype, calib_wrong_rank, calib_wrong_fixed_dim, calib_too_few_samples, calib_nan_input,
+        calib_inf_hidden, ratio_infeasible_with_min_keep, per_block_ratio_below_min_keep, output_is_input,
+        output_dir_missing, output_dir_not_writable]
+
+
+def _fails_cleanly(ws: Path, capsys, argv: list, message: str, code: int = 1) -> None:
+    before = _snapshot(ws)
+    argv = [str(a) for a in argv]
+    if "-o" not in argv:
+        argv += ["-o", str(ws / "out" / "result.onnx")]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == code, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("onnx-vbp: ") and message in err, err
+    assert _snapshot(ws) == before  # inputs byte-identical, no output, no temporary file
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.__name__ for r in ROWS])
+def test_bad_input_fails_cleanly(ws: Path, capsys, row) -> None:
+    argv, message = row(ws)
+    _fails_cleanly(ws, capsys, argv, message)
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--ratio", "1"], "must be in [0, 1)"),
+                                               (["--ratio", "-0.1"], "must be in [0, 1)"),
+                                               (["--round-to", "0"], "must be >= 1")])
+def test_invalid_options_are_usage_errors(ws: Path, capsys, args: list[str], message: str) -> None:
+    before = _snapshot(ws)
+    with pytest.raises(SystemExit) as exc:
+        main([str(ws / "net.onnx"), str(ws / "calib"), *args])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err
+    assert _snapshot(ws) == before
+
+
+def test_disk_full_during_write(ws: Path, capsys, monkeypatch) -> None:
+    def full_disk(model, path, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx_vbp.modelio.onnx, "save_model", full_disk)
+    _fails_cleanly(ws, capsys, [ws / "net.onnx", ws / "calib"], "No space left on device")
+
+
+def test_interrupt_during_calibration_exits_130(ws: Path, capsys, monkeypatch) -> None:
+    import onnx_vbp.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "iter_batches", interrupted)
+    _fails_cleanly(ws, capsys, [ws / "net.onnx", ws / "calib"], "interrupted; nothing written", code=130)
+
+
+def test_allow_empty_writes_an_unchanged_copy(ws: Path, capsys) -> None:
+    argv, _ = no_mlp_block(ws)
+    out = ws / "out" / "copy.onnx"
+    assert main([*map(str, argv), "--allow-empty", "-q", "-o", str(out)]) == 0
+    copy, original = onnx.load(out), onnx.load(argv[0])
+    assert [n.op_type for n in copy.graph.node] == [n.op_type for n in original.graph.node]
