@@ -83,8 +83,9 @@ class Builder:
         """`w` as its consumer must see it, stored as `store` says."""
         if store == "constant":
             return self.const(w, as_node=True)
-        if store == "transposed":
-            return self.op("Transpose", [self.const(np.ascontiguousarray(w.T))], perm=[1, 0])
+        if store == "transposed":  # stored with the first two axes swapped, as [out, in] for a 2-D weight
+            perm = [1, 0, *range(2, w.ndim)]
+            return self.op("Transpose", [self.const(np.ascontiguousarray(np.transpose(w, perm)))], perm=perm)
         if store == "fp16":
             return self.op("Cast", [self.const(w.astype(np.float16))], to=TensorProto.FLOAT)
         return self.const(w)
@@ -164,8 +165,9 @@ def input_shape(specs: list[BlockSpec], dim: int, batch: int | str = "batch", se
 
 
 def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 0, opset: int = 20,
-                layernorm: bool = False, residual: bool = True) -> onnx.ModelProto:
-    """A model `x -> [LayerNorm] -> x + mlp_i(x) ...` with one MLP block per spec."""
+                layernorm: bool = False, residual: bool = True, batch: int | str = "batch") -> onnx.ModelProto:
+    """A model `x -> [LayerNorm] -> x + mlp_i(x) ...` with one MLP block per spec; the input layout
+    follows the first spec, the batch dimension is symbolic or the given number."""
     rng = np.random.default_rng(seed)
     g = Builder()
     x = "x"
@@ -206,7 +208,7 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
             out = g.op("Transpose", [out], perm=[0, 2, 1])
         x = g.op("Add", [x, out]) if residual else out
     g.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
-    shape = input_shape(specs, dim, seq=seq)
+    shape = input_shape(specs, dim, batch=batch, seq=seq)
     graph = helper.make_graph(
         g.nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], g.inits,
