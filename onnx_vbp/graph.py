@@ -91,7 +91,7 @@ def node_label(node: gs.Node) -> str:
 
 def scalar(tensor: gs.Tensor) -> float | None:
     """The value of a constant holding one number, else None."""
-    if isinstance(tensor, gs.Constant) and tensor.values.size == 1:
+    if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) == 1:
         return float(np.asarray(tensor.values).reshape(()))
     return None
 
@@ -105,7 +105,7 @@ class TracedParam:
 
     def source_axis(self, axis: int) -> int:
         """Map an axis of the value the consumer sees to the matching axis of the source."""
-        rank = self.source.values.ndim
+        rank = len(self.source.shape)
         axis %= rank
         for node in self.chain:
             if node.op == "Transpose":

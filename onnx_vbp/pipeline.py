@@ -29,6 +29,8 @@ class NoBlocksError(ValueError):
 
 @dataclass(frozen=True)
 class PruneOptions:
+    """The options of `prune_file`, one per CLI flag (see `python -m onnx_vbp --help`)."""
+
     ratio: float = 0.35
     scope: str = "global"
     min_keep: int = 1

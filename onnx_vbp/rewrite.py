@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_vbp.calibrate import Stats
-from onnx_vbp.find import BiasRef, MlpBlock, ParamRef
+from onnx_vbp.find import BiasRef, MlpBlock, MlpSite, ParamRef
 from onnx_vbp.graph import (
     TracedParam,
     export_model,
@@ -110,7 +110,8 @@ def rewrite(
     return export_model(editor.graph, model)
 
 
-def _block_refs(site) -> list[ParamRef]:
+def _block_refs(site: MlpSite) -> list[ParamRef]:
+    """Every constant the block edits at this site: they may only be shared within the block."""
     refs = [*site.fc1_params, site.fc2_weight, *site.width_literals]
     if site.fc2_bias.input is not None:
         refs.append(ParamRef(site.fc2_bias.node, site.fc2_bias.input, -1))
@@ -165,10 +166,11 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
             shape = np.array(source.values)
             shape.reshape(-1)[-1] = keep.size
             source.values = shape
-        for name, axis in site.width_tensors:
+        for name, axis in site.width_tensors:  # shape annotations (value_info) of the hidden tensors
             tensor = editor.tensors.get(name)
-            if tensor is not None and tensor.shape is not None and len(tensor.shape) > axis % max(len(tensor.shape), 1):
+            if tensor is None or not tensor.shape or not -len(tensor.shape) <= axis < len(tensor.shape):
+                continue
+            if tensor.shape[axis] == block.width:
                 shape = list(tensor.shape)
-                if shape[axis] == block.width:
-                    shape[axis] = keep.size
-                    tensor.shape = shape
+                shape[axis] = keep.size
+                tensor.shape = shape

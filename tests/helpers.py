@@ -24,4 +24,6 @@ def prune(model: onnx.ModelProto, batches: list[dict], ratio: float, **kwargs):
 
 
 def relative_change(before: np.ndarray, after: np.ndarray) -> float:
-    return float(np.max(np.abs(after - before)) / np.max(np.abs(before)))
+    """Largest deviation relative to the largest reference value (an all-zero reference is legal:
+    dead ReLUs with no bias and no residual)."""
+    return float(np.max(np.abs(after - before)) / max(float(np.max(np.abs(before))), 1e-12))

@@ -84,8 +84,11 @@ def test_random_graphs_keep_every_invariant(case, ratio: float, scope: str) -> N
 
     # Pruning exactly the neurons that were constant on this data (all but one when a whole block
     # is constant, as --min-keep 1 demands) leaves the outputs unchanged up to float rounding.
+    # Up to 4 stacked blocks re-round the folded bias to float32 and can end in a near-dead
+    # output (ReLU, no bias, no residual), so the bound is 1e-4 of the output's scale, not the
+    # single-block 1e-5; a wrong fold or slice moves outputs by a neuron's share, >= 1e-2.
     keep = {b.name: np.flatnonzero(stats[b.name].variance > 0) for b in blocks}
     keep = {name: k if k.size else np.array([0]) for name, k in keep.items()}
     constant_only = rewrite(model, blocks, stats, Plan(keep))
     for feed in batches:
-        assert relative_change(run(model, feed)[0], run(constant_only, feed)[0]) <= 1e-5
+        assert relative_change(run(model, feed)[0], run(constant_only, feed)[0]) <= 1e-4

@@ -71,6 +71,13 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHOTOS = CACHE / "photos"
 
 
+def _data_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    calib, held_out = tmp_path / "calib", tmp_path / "eval"
+    calib.mkdir()
+    held_out.mkdir()
+    return calib, held_out
+
+
 def _cli_report(tmp_path: Path, argv: list[str]) -> dict:
     assert main([*argv, "-q", "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 0
     return json.loads((tmp_path / "r.json").read_text())
@@ -80,9 +87,7 @@ def test_minilm_from_raw_text_through_the_cli(tmp_path: Path) -> None:
     model = CACHE / "paraphrase-MiniLM-L3-v2.onnx"
     if not model.exists() or not SHARED.exists():
         pytest.skip("MiniLM or shared data absent")
-    calib, held_out = tmp_path / "calib", tmp_path / "eval"
-    calib.mkdir()
-    held_out.mkdir()
+    calib, held_out = _data_dirs(tmp_path)
     news = (SHARED / "text" / "lee_background.cor").read_text(encoding="latin-1").splitlines()
     (calib / "news.txt").write_text("\n".join(news[:48]))
     reviews = (SHARED / "text" / "pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines()
@@ -98,9 +103,7 @@ def test_vit_s_from_photos_through_the_cli(tmp_path: Path) -> None:
     model = CACHE / "vit_s_focus.onnx"
     if not model.exists() or not PHOTOS.exists():
         pytest.skip("ViT-S or photos absent: python tools/fetch_models.py --photos")
-    calib, held_out = tmp_path / "calib", tmp_path / "eval"
-    calib.mkdir()
-    held_out.mkdir()
+    calib, held_out = _data_dirs(tmp_path)
     for name in ("hubble_deep_field.jpg", "retina.jpg", "brick.png"):
         (calib / name).write_bytes((PHOTOS / name).read_bytes())
     for name in ("astronaut.png", "rocket.jpg"):
