@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -72,10 +73,16 @@ class Stats:
         return Stats(count, mean, m2)
 
 
-def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False
-                        ) -> ort.InferenceSession:
-    """A CPU ORT session; calibration keeps graph optimizations off so fusions cannot hide tensors."""
+def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False,
+                external_dir: Path | None = None) -> ort.InferenceSession:
+    """A CPU ORT session; calibration keeps graph optimizations off so fusions cannot hide tensors.
+
+    `external_dir`: where a serialized model's external data lives (ORT reads it from there, so
+    the weights are not copied through Python).
+    """
     options = ort.SessionOptions()
+    if external_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -93,13 +100,15 @@ def calibrate(
     *,
     threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    external_dir: Path | None = None,
 ) -> dict[str, Stats]:
     """Run `batches` (dicts of model inputs) through the model and return `Stats` per block name.
 
     Every sample and token counts as one observation of each neuron. Tied blocks (several sites)
     pool the observations of all their sites. `on_batch(n_samples)` is called after each batch.
+    `external_dir` is the folder of a model whose weights are still in external data files.
     """
-    session = cpu_session(instrument(model, blocks), threads)
+    session = cpu_session(instrument(model, blocks), threads, external_dir=external_dir)
     input_names = [i.name for i in session.get_inputs()]
     fetch = [(block, site) for block in blocks for site in block.sites]
     fetch_names = [site.hidden for _, site in fetch]

@@ -7,12 +7,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.calibrate import cpu_session
 
 PROTOBUF_LIMIT = 2**31 - 1
+SMALL_TENSOR_BYTES = 1 << 20  # external tensors below this are read at load time
+COPY_CHUNK = 64 << 20
 
 
 class ModelError(ValueError):
@@ -31,7 +35,7 @@ def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
 def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> None:
     """Every external tensor's file exists and holds its bytes (onnx would read short silently)."""
     for tensor in model.graph.initializer:
-        if not onnx.external_data_helper.uses_external_data(tensor):
+        if not uses_external_data(tensor):
             continue
         entries = _external_entries(tensor)
         data = folder / entries.get("location", "")
@@ -44,7 +48,12 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> No
 
 
 def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
-    """Load `path` with its external data and check it; returns (model, whether it used external data)."""
+    """Load and check `path`; returns (model, whether it uses external data).
+
+    A model with external data keeps its large tensors (>= 1 MiB) on disk: the stages read them
+    from `path.parent` when they need them (ORT directly, rewrite only what it slices), so a model
+    of any size, past protobuf's 2 GB too, is never held twice.
+    """
     if not path.exists():
         raise ModelError(f"model not found: {path}")
     if not path.is_file():
@@ -57,18 +66,22 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
         raise ModelError(f"{path}: not an ONNX model or truncated ({exc})") from exc
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes)")
-    external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+    external = any(uses_external_data(t) for t in model.graph.initializer)
     if external:
         _check_external_data(model, path.parent, path)
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        for tensor in model.graph.initializer:  # small constants (biases, shapes, scalars) in memory
+            if uses_external_data(tensor) and _nbytes(tensor) < SMALL_TENSOR_BYTES:
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{path}: fails onnx.checker: {str(exc).strip().splitlines()[0]}") from exc
     return model, external
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims)) * itemsize
 
 
 def file_bytes(path: Path) -> int:
@@ -77,11 +90,47 @@ def file_bytes(path: Path) -> int:
     locations = {
         entry.value
         for tensor in model.graph.initializer
-        if onnx.external_data_helper.uses_external_data(tensor)
+        if uses_external_data(tensor)
         for entry in tensor.external_data
         if entry.key == "location"
     }
     return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def _write_external_data(model: onnx.ModelProto, data_path: Path, source_dir: Path | None) -> None:
+    """Move every initializer of >= 1 KiB (onnx's own threshold) into `data_path`, streaming.
+
+    In-memory tensors are written from their bytes; tensors still stored in `source_dir`'s files
+    are copied in chunks, so no weight passes through memory whole.
+    """
+    offset = 0
+    with open(data_path, "wb") as sink:
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor):
+                if source_dir is None:
+                    raise ModelError(f"tensor '{tensor.name}' refers to external data but no source folder is known")
+                entries = _external_entries(tensor)
+                length = int(entries.get("length", _nbytes(tensor)))
+                with open(source_dir / entries["location"], "rb") as source:
+                    source.seek(int(entries.get("offset", 0)))
+                    remaining = length
+                    while remaining:
+                        chunk = source.read(min(remaining, COPY_CHUNK))
+                        if not chunk:
+                            raise ModelError(f"external data of '{tensor.name}' ends early")
+                        sink.write(chunk)
+                        remaining -= len(chunk)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                length = len(tensor.raw_data)
+                sink.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+            offset += length
 
 
 def check_writable(out: Path) -> None:
@@ -95,25 +144,24 @@ def check_writable(out: Path) -> None:
         raise ModelError(f"output directory is not writable: {out.parent} ({exc.strerror})") from exc
 
 
-def save_model(model: onnx.ModelProto, out: Path, *, external_data: bool) -> None:
+def save_model(model: onnx.ModelProto, out: Path, *, external_data: bool, source_dir: Path | None = None) -> None:
     """Write `model` to `out` atomically after checking it (onnx.checker, ORT load).
 
     Everything is written into a temporary folder beside `out` and renamed into place, so a
     failure leaves neither a partial model nor a stray data file. With `external_data` (or for
     models past protobuf's 2 GB limit) the weights go to `<out name>.data` next to `out`.
-    `model` may be changed (its weights moved to external references) by an external save.
+    Tensors that still reference external data in `source_dir` are copied over file to file.
+    `model` is changed by an external save: its weights become references to the new data file.
     """
     check_writable(out)
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    external_data = external_data or source_dir is not None or model.ByteSize() > PROTOBUF_LIMIT
     location = f"{out.name}.data"
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         staged = staging / out.name
         if external_data:
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(staged))
+            _write_external_data(model, staging / location, source_dir)
+        onnx.save_model(model, str(staged))
         onnx.checker.check_model(str(staged))
         cpu_session(str(staged))
         if (staging / location).exists():  # absent when no tensor reached the 1 KiB threshold

@@ -45,8 +45,8 @@ class PruneOptions:
     raw: RawOptions = field(default_factory=RawOptions)  # how raw images / text are encoded
 
 
-def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator[dict], options: PruneOptions
-               ) -> tuple[dict[str, Stats], int, float]:
+def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator[dict], options: PruneOptions,
+               external_dir: Path | None) -> tuple[dict[str, Stats], int, float]:
     """Calibrate with a progress bar (drawn only on a terminal); returns (stats, samples, seconds)."""
     start = time.perf_counter()
     samples = 0
@@ -58,7 +58,8 @@ def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator
             samples += size
             bar.update(size)
 
-        stats = calibrate(model, blocks, batches, threads=options.threads, on_batch=on_batch)
+        stats = calibrate(model, blocks, batches, threads=options.threads, on_batch=on_batch,
+                          external_dir=external_dir)
     return stats, samples, time.perf_counter() - start
 
 
@@ -79,6 +80,7 @@ def prune_file(
         raise ModelError(f"output would overwrite the input model: {out}")
     check_writable(out)
     model, external = load_model(model_path)
+    external_dir = model_path.parent if external else None  # large weights stay in their files
     specs = model_inputs(model)
 
     blocks = find_mlp_blocks(model)
@@ -97,21 +99,21 @@ def prune_file(
                             raw=options.raw)
 
     if blocks:
-        stats, samples, seconds = _calibrate(model, blocks, batches(calib), options)
+        stats, samples, seconds = _calibrate(model, blocks, batches(calib), options, external_dir)
         if samples < options.min_samples:
             raise DataError(f"only {samples} calibration samples in {calib}; at least --min-samples "
                             f"{options.min_samples} are needed")
         log.info("calibrated on %d samples in %.1f s", samples, seconds)
         plan = select(stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
                       round_to=options.round_to)
-        pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate)
+        pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate, external_dir=external_dir)
     else:
         samples, seconds, plan, pruned = 0, 0.0, Plan({}), model
     first = next(batches(calib))
     sample_feed = {s.name: first[s.name][:1] for s in specs}
-    macs_before, params_before = count_macs(model, sample_feed), count_params(model)
-    macs_after, params_after = count_macs(pruned, sample_feed), count_params(pruned)
-    save_model(pruned, out, external_data=external)
+    macs_before, params_before = count_macs(model, sample_feed, external_dir), count_params(model)
+    macs_after, params_after = count_macs(pruned, sample_feed, external_dir), count_params(pruned)
+    save_model(pruned, out, external_data=external, source_dir=external_dir)
     log.info("wrote %s", out)
 
     report = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,7 +24,7 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
 
 
-def count_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> int:
+def count_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_dir: Path | None = None) -> int:
     """Multiply-accumulates per sample of MatMul/Gemm/Conv, from shapes seen running `feed`."""
     known = {t.name: tuple(t.dims) for t in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
@@ -33,7 +34,7 @@ def count_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> int:
     existing = {o.name for o in model.graph.output}
     extra = onnx.ModelProto(graph=onnx.GraphProto(
         output=[onnx.ValueInfoProto(name=name) for name in wanted if name not in existing]))
-    session = cpu_session(model.SerializeToString() + extra.SerializeToString())
+    session = cpu_session(model.SerializeToString() + extra.SerializeToString(), external_dir=external_dir)
     values = session.run(wanted, dict(feed))
     shapes = {**known, **{name: v.shape for name, v in zip(wanted, values, strict=True)}}
     macs = 0

@@ -12,10 +12,13 @@ all-zero biases or reshape targets) the block gets its own copy first.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.calibrate import Stats
 from onnx_vbp.find import BiasRef, MlpBlock, MlpSite, ParamRef
@@ -32,9 +35,12 @@ COMPENSATIONS = ("mean", "none")
 
 
 class _Editor:
-    """The live graph plus what rewriting it needs: nodes by key and fresh names."""
+    """The live graph plus what rewriting it needs: nodes by key, fresh names, and the external
+    tensors of a model whose weights are still on disk (read one at a time, only when edited)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, external_dir: Path | None) -> None:
+        self.external_dir = external_dir
+        self.on_disk = {t.name: t for t in model.graph.initializer if uses_external_data(t)}
         self.graph = import_graph(model)
         self.nodes = {node_key(n): n for n in self.graph.nodes}
         self.tensors = self.graph.tensors()
@@ -53,6 +59,12 @@ class _Editor:
         """The constant feeding `node.inputs[index]`, copied first if anything outside `readers`
         (ids of the block's nodes) reads it or the pass-through chain in between."""
         traced = trace_param(node.inputs[index])
+        on_disk = self.on_disk.pop(traced.source.name, None)
+        if on_disk is not None:
+            if self.external_dir is None:
+                raise ValueError(f"weight '{on_disk.name}' is in external data: pass external_dir")
+            traced.source.values = numpy_helper.to_array(on_disk, base_dir=str(self.external_dir))
+            traced.source.data_location = None  # gs would re-mark the edited tensor as external
         allowed = readers | {id(n) for n in traced.chain}
         shared = any(
             id(t) in self.graph_outputs or any(id(c) not in allowed for c in t.outputs) for t in traced.tensors()
@@ -89,15 +101,18 @@ def rewrite(
     plan: Plan,
     *,
     compensate: str = "mean",
+    external_dir: Path | None = None,
 ) -> onnx.ModelProto:
     """Return a pruned copy of `model` keeping `plan.keep[block.name]` neurons of each block.
 
     With `compensate="mean"` the pruned neurons' mean contribution is folded into fc2's bias
-    (created if fc2 had none); `"none"` drops them outright. `model` is not modified.
+    (created if fc2 had none); `"none"` drops them outright. `model` is not modified. For a model
+    loaded without its external data, `external_dir` is its folder: only the weights that are
+    sliced are read, and the others stay references to the original data files.
     """
     if compensate not in COMPENSATIONS:
         raise ValueError(f"compensate must be one of {COMPENSATIONS}, got {compensate!r}")
-    editor = _Editor(model)
+    editor = _Editor(model, external_dir)
     for block in blocks:
         keep = plan.keep[block.name]
         if keep.size == block.width:
@@ -123,7 +138,7 @@ def _fold_mean(editor: _Editor, block: MlpBlock, pruned_mean: np.ndarray, pruned
     done: set[int] = set()
     for site in block.sites:
         fc2 = editor.nodes[site.fc2_weight.node]
-        weight = trace_param(fc2.inputs[site.fc2_weight.input]).value()
+        weight = editor.owned(fc2, site.fc2_weight.input, readers).value()
         rows = np.take(weight.astype(np.float64), pruned, axis=site.fc2_weight.axis)
         delta = np.tensordot(pruned_mean, rows, axes=([0], [site.fc2_weight.axis])).reshape(-1)
         _add_to_bias(editor, site.fc2_bias, delta * site.fc2_bias.scale, weight.dtype, readers, done)

@@ -86,3 +86,35 @@ def test_module_entry_point_help() -> None:
     result = subprocess.run([sys.executable, "-m", "onnx_vbp", "--help"], capture_output=True, text=True, check=True)
     assert "--ratio" in result.stdout and "Variance-Based Pruning" in result.stdout
 
+
+
+def test_large_external_weights_stay_on_disk_and_prune_like_in_memory(tmp_path: Path) -> None:
+    """Weights >= 1 MiB are read from their files only when sliced; the result must be the same
+    model as pruning the fully loaded one."""
+    from onnx.external_data_helper import uses_external_data
+
+    from onnx_vbp import PruneOptions, prune_file
+    from onnx_vbp.modelio import load_model
+
+    model = build_model([BlockSpec(hidden=1024), BlockSpec(hidden=1024, act="relu")], dim=256, seq=4)
+    onnx.save(model, tmp_path / "inline.onnx")
+    (tmp_path / "ext").mkdir()  # (saving with external data moves model's weights: inline first)
+    onnx.save(model, tmp_path / "ext" / "big.onnx", save_as_external_data=True, location="big.bin")
+    data_digest = _digest(tmp_path / "ext" / "big.bin")
+    (tmp_path / "calib").mkdir()
+    for i in range(2):
+        np.savez(tmp_path / "calib" / f"b{i}.npz", **random_batch(model, batch=8, seed=i))
+
+    loaded, external = load_model(tmp_path / "ext" / "big.onnx")
+    on_disk = {t.name for t in loaded.graph.initializer if uses_external_data(t)}
+    assert external and len(on_disk) == 4  # the four 256 x 1024 weights; biases were read
+
+    options = PruneOptions(ratio=0.4, progress=False)
+    lazy = prune_file(tmp_path / "ext" / "big.onnx", tmp_path / "calib", tmp_path / "lazy.onnx", options)
+    eager = prune_file(tmp_path / "inline.onnx", tmp_path / "calib", tmp_path / "eager.onnx", options)
+    assert lazy["blocks"] == eager["blocks"] and lazy["macs_after"] == eager["macs_after"]
+    assert _digest(tmp_path / "ext" / "big.bin") == data_digest
+    feed = random_batch(model, batch=5, seed=7)
+    a = ort.InferenceSession(str(tmp_path / "lazy.onnx")).run(None, feed)[0]
+    b = ort.InferenceSession(str(tmp_path / "eager.onnx")).run(None, feed)[0]
+    assert np.array_equal(a, b)
