@@ -16,7 +16,7 @@ from onnx_vbp.data import DataError, RawOptions, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import MlpBlock, find_mlp_blocks
 from onnx_vbp.modelio import ModelError, check_writable, default_output, file_bytes, load_model, save_model
-from onnx_vbp.report import block_rows, count_macs, count_params
+from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
 from onnx_vbp.rewrite import rewrite
 from onnx_vbp.select import Plan, select
 
@@ -111,8 +111,9 @@ def prune_file(
         samples, seconds, plan, pruned = 0, 0.0, Plan({}), model
     first = next(batches(calib))
     sample_feed = {s.name: first[s.name][:1] for s in specs}
-    macs_before, params_before = count_macs(model, sample_feed, external_dir), count_params(model)
-    macs_after, params_after = count_macs(pruned, sample_feed, external_dir), count_params(pruned)
+    macs = node_macs(model, sample_feed, external_dir)
+    macs_before, macs_after = sum(macs.values()), pruned_macs(macs, blocks, plan)
+    params_before, params_after = count_params(model), count_params(pruned)
     save_model(pruned, out, external_data=external, source_dir=external_dir)
     log.info("wrote %s", out)
 

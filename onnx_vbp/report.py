@@ -24,12 +24,14 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
 
 
-def count_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_dir: Path | None = None) -> int:
-    """Multiply-accumulates per sample of MatMul/Gemm/Conv, from shapes seen running `feed`."""
+def node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_dir: Path | None = None
+              ) -> dict[str, int]:
+    """Multiply-accumulates per sample of each MatMul/Gemm/Conv (keyed by its first output), from
+    the shapes seen running `feed`."""
     known = {t.name: tuple(t.dims) for t in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
     if not nodes:
-        return 0
+        return {}
     wanted = sorted({name for n in nodes for name in (n.input[0], n.input[1], n.output[0])} - set(known))
     existing = {o.name for o in model.graph.output}
     extra = onnx.ModelProto(graph=onnx.GraphProto(
@@ -37,18 +39,29 @@ def count_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_
     session = cpu_session(model.SerializeToString() + extra.SerializeToString(), external_dir=external_dir)
     values = session.run(wanted, dict(feed))
     shapes = {**known, **{name: v.shape for name, v in zip(wanted, values, strict=True)}}
-    macs = 0
+    batch = max(len(next(iter(feed.values()))), 1)
+    macs = {}
     for n in nodes:
         out = int(np.prod(shapes[n.output[0]]))
         if n.op_type == "Conv":
-            macs += out * int(np.prod(shapes[n.input[1]][1:]))
+            inner = int(np.prod(shapes[n.input[1]][1:]))
         elif n.op_type == "Gemm":
             trans_a = any(a.name == "transA" and a.i for a in n.attribute)
-            macs += out * shapes[n.input[0]][0 if trans_a else -1]
+            inner = shapes[n.input[0]][0 if trans_a else -1]
         else:
-            macs += out * shapes[n.input[0]][-1]
-    batch = len(next(iter(feed.values())))
-    return macs // max(batch, 1)
+            inner = shapes[n.input[0]][-1]
+        macs[n.output[0]] = out * inner // batch
+    return macs
+
+
+def pruned_macs(macs: dict[str, int], blocks: list[MlpBlock], plan: Plan) -> int:
+    """MACs after pruning: each block's fc1 (gate, up) and fc2 scale exactly by kept / width."""
+    kept = {}
+    for block in blocks:
+        for site in block.sites:
+            for ref in (*site.fc1_params, site.fc2_weight):
+                kept[ref.node] = (plan.keep[block.name].size, block.width)
+    return sum(m * kept[k][0] // kept[k][1] if k in kept else m for k, m in macs.items())
 
 
 def block_rows(blocks: list[MlpBlock], plan: Plan) -> list[dict]:

@@ -11,6 +11,7 @@ all-zero biases or reshape targets) the block gets its own copy first.
 
 from __future__ import annotations
 
+import gc
 import itertools
 from pathlib import Path
 
@@ -122,7 +123,12 @@ def rewrite(
         if compensate == "mean":
             _fold_mean(editor, block, stats[block.name].mean[pruned], pruned, readers)
         _slice(editor, block, keep, readers)
-    return export_model(editor.graph, model)
+    pruned = export_model(editor.graph, model)
+    # A gs graph is a web of reference cycles (nodes <-> tensors): collect it now, or a large
+    # model's sliced weights linger beside their exported copy until the next GC pass.
+    del editor
+    gc.collect()
+    return pruned
 
 
 def _block_refs(site: MlpSite) -> list[ParamRef]:

@@ -119,3 +119,25 @@ def test_shape_annotations_follow_the_new_width(spec: BlockSpec) -> None:
     dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in pruned.graph.value_info}
     axis = 1 if spec.fc == "conv" else -1
     assert dims[hidden][axis] == 12
+
+
+@pytest.mark.parametrize("spec", [BlockSpec(), BlockSpec(gated=True, act="silu"), BlockSpec(fc="gemm", layout=True),
+                                  BlockSpec(fc="conv")], ids=["matmul", "gated", "gpt2-layout", "conv"])
+def test_derived_macs_equal_the_pruned_model_measured(spec: BlockSpec) -> None:
+    from onnx_vbp.report import node_macs, pruned_macs
+
+    model = build_model([spec, BlockSpec(**{**spec.__dict__, "hidden": 24})], seq=5)
+    batches = [random_batch(model, 4, seed=s) for s in range(2)]
+    blocks, _, plan, pruned = prune(model, batches, ratio=0.3)
+    feed = {"x": batches[0]["x"][:1]}
+    assert pruned_macs(node_macs(model, feed), blocks, plan) == sum(node_macs(pruned, feed).values())
+
+
+def test_derived_macs_of_tied_blocks() -> None:
+    from onnx_vbp.report import node_macs, pruned_macs
+
+    model = _tied_model(const_neurons=0)
+    batches = [random_batch(model, 4, seed=s) for s in range(2)]
+    blocks, _, plan, pruned = prune(model, batches, ratio=0.5)
+    feed = {"x": batches[0]["x"][:1]}
+    assert pruned_macs(node_macs(model, feed), blocks, plan) == sum(node_macs(pruned, feed).values())

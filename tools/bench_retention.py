@@ -41,7 +41,7 @@ from sklearn.model_selection import StratifiedKFold
 from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, rewrite, select
 from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.data import RawOptions
-from onnx_vbp.report import count_macs, count_params
+from onnx_vbp.report import count_params, node_macs, pruned_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -63,10 +63,11 @@ def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, th
     start = time.perf_counter()
     stats = calibrate(model, blocks, calib, threads=threads)
     print(f"  calibrated {len(blocks)} blocks in {time.perf_counter() - start:.1f} s", flush=True)
-    macs, params = count_macs(model, feed), count_params(model)
+    macs, params = node_macs(model, feed), count_params(model)
     for ratio, scope, compensate in CONFIGS:
-        pruned = rewrite(model, blocks, stats, select(stats, ratio, scope=scope), compensate=compensate)
-        cost = {"macs_removed": 1 - count_macs(pruned, feed) / macs,
+        plan = select(stats, ratio, scope=scope)
+        pruned = rewrite(model, blocks, stats, plan, compensate=compensate)
+        cost = {"macs_removed": 1 - pruned_macs(macs, blocks, plan) / sum(macs.values()),
                 "params_removed": 1 - count_params(pruned) / params}
         yield (ratio, scope, compensate), cost, pruned.SerializeToString()
 
