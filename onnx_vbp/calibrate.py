@@ -24,6 +24,9 @@ ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
               ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
 
 
+COMOMENT_BUDGET = 8 << 30  # bytes of float64 second moments over all blocks
+
+
 class CalibrationError(ValueError):
     """Calibration data produced unusable activations (NaN/Inf, no samples) or ORT failed on it."""
 
@@ -38,27 +41,41 @@ def first_line(exc: BaseException) -> str:
 
 @dataclass
 class Stats:
-    """Per-neuron running statistics of one block's hidden activation (float64)."""
+    """Per-neuron running statistics of one block's hidden activation (float64).
+
+    `comoment`, kept only when asked for (ridge compensation), is the [width, width] sum of outer
+    products of deviations from the mean: `comoment / count` is the covariance.
+    """
 
     count: int
     mean: np.ndarray  # [width]
     m2: np.ndarray  # [width], sum of squared deviations from the mean
+    comoment: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, width: int) -> Stats:
-        return cls(0, np.zeros(width), np.zeros(width))
+    def empty(cls, width: int, comoment: bool = False) -> Stats:
+        return cls(0, np.zeros(width), np.zeros(width), np.zeros((width, width)) if comoment else None)
 
     @classmethod
-    def of(cls, samples: np.ndarray) -> Stats:
+    def of(cls, samples: np.ndarray, comoment: bool = False) -> Stats:
         """Two-pass statistics of `samples` [n, width]."""
         values = np.asarray(samples, dtype=np.float64)
         mean = values.mean(axis=0)
-        return cls(values.shape[0], mean, np.square(values - mean).sum(axis=0))
+        deviations = values - mean
+        return cls(values.shape[0], mean, np.square(deviations).sum(axis=0),
+                   deviations.T @ deviations if comoment else None)
 
     @property
     def variance(self) -> np.ndarray:
         """Population variance per neuron."""
         return self.m2 / max(self.count, 1)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Population covariance [width, width]; needs the comoment."""
+        if self.comoment is None:
+            raise ValueError("these statistics were gathered without second moments")
+        return self.comoment / max(self.count, 1)
 
     def merge(self, other: Stats) -> Stats:
         """Chan et al.'s pairwise combination of two disjoint sets of samples."""
@@ -68,9 +85,13 @@ class Stats:
             return other
         count = self.count + other.count
         delta = other.mean - self.mean
+        weight = self.count * other.count / count
         mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / count)
-        return Stats(count, mean, m2)
+        m2 = self.m2 + other.m2 + np.square(delta) * weight
+        comoment = None
+        if self.comoment is not None and other.comoment is not None:
+            comoment = self.comoment + other.comoment + np.outer(delta, delta) * weight
+        return Stats(count, mean, m2, comoment)
 
 
 def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False,
@@ -101,18 +122,26 @@ def calibrate(
     threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     external_dir: Path | None = None,
+    comoments: bool = False,
 ) -> dict[str, Stats]:
     """Run `batches` (dicts of model inputs) through the model and return `Stats` per block name.
 
     Every sample and token counts as one observation of each neuron. Tied blocks (several sites)
     pool the observations of all their sites. `on_batch(n_samples)` is called after each batch.
     `external_dir` is the folder of a model whose weights are still in external data files.
+    `comoments` also accumulates each block's [width, width] second moments (ridge compensation).
     """
+    if comoments:
+        needed = sum(8 * b.width**2 for b in blocks)
+        if needed > COMOMENT_BUDGET:
+            raise CalibrationError(f"second moments for ridge compensation need {needed / 2**30:.1f} GiB "
+                                   f"(width^2 x 8 bytes per block), over the {COMOMENT_BUDGET / 2**30:.0f} GiB "
+                                   "budget; use --compensate mean")
     session = cpu_session(instrument(model, blocks), threads, external_dir=external_dir)
     input_names = [i.name for i in session.get_inputs()]
     fetch = [(block, site) for block in blocks for site in block.sites]
     fetch_names = [site.hidden for _, site in fetch]
-    stats = {block.name: Stats.empty(block.width) for block in blocks}
+    stats = {block.name: Stats.empty(block.width, comoments) for block in blocks}
     for batch_index, batch in enumerate(batches):
         feed = {name: batch[name] for name in input_names}
         try:
@@ -123,7 +152,7 @@ def calibrate(
         for (block, site), values in zip(fetch, hidden, strict=True):
             per_neuron = np.moveaxis(values, site.hidden_axis, -1).reshape(-1, block.width)
             with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN are reported just below
-                batch_stats = Stats.of(per_neuron)
+                batch_stats = Stats.of(per_neuron, comoments)
             if not np.isfinite(batch_stats.m2).all():
                 raise CalibrationError(
                     f"non-finite hidden activation in block '{block.name}' at calibration batch {batch_index}"

@@ -14,6 +14,7 @@ from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions
 from onnx_vbp.modelio import ModelError
 from onnx_vbp.pipeline import NoBlocksError, PruneOptions, prune_file
 from onnx_vbp.report import format_table
+from onnx_vbp.rewrite import DEFAULT_RIDGE_LAMBDA
 from onnx_vbp.select import SelectionError
 
 DESCRIPTION = """\
@@ -82,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-to", type=_positive, default=1,
                         help="round each kept width up to a multiple of N, restoring the highest-variance "
                              "neurons (GEMM-friendly widths; default 1 = no rounding)")
-    parser.add_argument("--compensate", choices=("mean", "none"), default="mean",
-                        help="fold the pruned neurons' mean into fc2's bias (mean, default) or not (none)")
+    parser.add_argument("--compensate", choices=("mean", "ridge", "none"), default="mean",
+                        help="mean (default): fold the pruned neurons' mean into fc2's bias; ridge: also "
+                             "update fc2's kept rows by a ridge regression of the pruned neurons on the kept "
+                             "ones (width^2 second moments per block during calibration); none: drop them")
+    parser.add_argument("--ridge-lambda", type=float, default=DEFAULT_RIDGE_LAMBDA,
+                        help="ridge strength relative to the mean kept-neuron variance "
+                             f"(default {DEFAULT_RIDGE_LAMBDA})")
     parser.add_argument("--batch-size", type=_positive, help="re-batch the data to this many samples per run")
     parser.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
     parser.add_argument("--min-samples", type=_positive, default=16,
@@ -116,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="onnx-vbp: %(message)s")
     options = PruneOptions(
         ratio=args.ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
-        compensate=args.compensate, batch_size=args.batch_size, max_samples=args.max_samples,
-        min_samples=args.min_samples, allow_empty=args.allow_empty,
+        compensate=args.compensate, ridge_lambda=args.ridge_lambda, batch_size=args.batch_size,
+        max_samples=args.max_samples, min_samples=args.min_samples, allow_empty=args.allow_empty,
         threads=args.threads, progress=not args.quiet,
         raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
                        image_size=tuple(args.image_size) if args.image_size else None,

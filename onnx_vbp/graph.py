@@ -123,6 +123,14 @@ class TracedParam:
                 value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
         return value
 
+    def assign(self, value: np.ndarray) -> None:
+        """Store `value`, given as the consumer sees it, into the source (undoing the chain)."""
+        for node in self.chain:
+            if node.op == "Transpose":
+                perm = node.attrs.get("perm", list(range(value.ndim))[::-1])
+                value = np.transpose(value, np.argsort(perm))
+        self.source.values = np.ascontiguousarray(value.astype(np.asarray(self.source.values).dtype))
+
     def tensors(self) -> list[gs.Tensor]:
         """Every tensor of the chain, source included."""
         return [self.source] + [n.outputs[0] for n in self.chain]

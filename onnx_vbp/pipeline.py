@@ -17,7 +17,7 @@ from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import MlpBlock, find_mlp_blocks
 from onnx_vbp.modelio import ModelError, check_writable, default_output, file_bytes, load_model, save_model
 from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
-from onnx_vbp.rewrite import rewrite
+from onnx_vbp.rewrite import DEFAULT_RIDGE_LAMBDA, rewrite
 from onnx_vbp.select import Plan, select
 
 log = logging.getLogger("onnx_vbp")
@@ -36,6 +36,7 @@ class PruneOptions:
     min_keep: int = 1
     round_to: int = 1
     compensate: str = "mean"
+    ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
     batch_size: int | None = None
     max_samples: int | None = None
     min_samples: int = 16
@@ -59,7 +60,7 @@ def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator
             bar.update(size)
 
         stats = calibrate(model, blocks, batches, threads=options.threads, on_batch=on_batch,
-                          external_dir=external_dir)
+                          external_dir=external_dir, comoments=options.compensate == "ridge")
     return stats, samples, time.perf_counter() - start
 
 
@@ -106,7 +107,8 @@ def prune_file(
         log.info("calibrated on %d samples in %.1f s", samples, seconds)
         plan = select(stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
                       round_to=options.round_to)
-        pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate, external_dir=external_dir)
+        pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate,
+                         ridge_lambda=options.ridge_lambda, external_dir=external_dir)
     else:
         samples, seconds, plan, pruned = 0, 0.0, Plan({}), model
     first = next(batches(calib))
@@ -118,7 +120,7 @@ def prune_file(
     log.info("wrote %s", out)
 
     report = {
-        **{k: getattr(options, k) for k in ("ratio", "scope", "min_keep", "round_to", "compensate")},
+        **{k: getattr(options, k) for k in ("ratio", "scope", "min_keep", "round_to", "compensate", "ridge_lambda")},
         "model": str(model_path),
         "output": str(out),
         "blocks": block_rows(blocks, plan),

@@ -32,7 +32,8 @@ from onnx_vbp.graph import (
 )
 from onnx_vbp.select import Plan
 
-COMPENSATIONS = ("mean", "none")
+COMPENSATIONS = ("mean", "ridge", "none")
+DEFAULT_RIDGE_LAMBDA = 1e-3
 
 
 class _Editor:
@@ -102,12 +103,15 @@ def rewrite(
     plan: Plan,
     *,
     compensate: str = "mean",
+    ridge_lambda: float = DEFAULT_RIDGE_LAMBDA,
     external_dir: Path | None = None,
 ) -> onnx.ModelProto:
     """Return a pruned copy of `model` keeping `plan.keep[block.name]` neurons of each block.
 
     With `compensate="mean"` the pruned neurons' mean contribution is folded into fc2's bias
-    (created if fc2 had none); `"none"` drops them outright. `model` is not modified. For a model
+    (created if fc2 had none); `"ridge"` also updates fc2's kept rows by a ridge regression of
+    the pruned neurons on the kept ones (needs `calibrate(..., comoments=True)`, see
+    `compensation`); `"none"` drops them outright. `model` is not modified. For a model
     loaded without its external data, `external_dir` is its folder: only the weights that are
     sliced are read, and the others stay references to the original data files.
     """
@@ -120,8 +124,8 @@ def rewrite(
             continue
         pruned = plan.pruned(block.name, block.width)
         readers = {id(editor.nodes[ref.node]) for site in block.sites for ref in _block_refs(site)}
-        if compensate == "mean":
-            _fold_mean(editor, block, stats[block.name].mean[pruned], pruned, readers)
+        if compensate != "none":
+            _compensate(editor, block, stats[block.name], keep, pruned, readers, compensate, ridge_lambda)
         _slice(editor, block, keep, readers)
     pruned = export_model(editor.graph, model)
     # A gs graph is a web of reference cycles (nodes <-> tensors): collect it now, or a large
@@ -139,15 +143,49 @@ def _block_refs(site: MlpSite) -> list[ParamRef]:
     return refs
 
 
-def _fold_mean(editor: _Editor, block: MlpBlock, pruned_mean: np.ndarray, pruned: np.ndarray,
-               readers: set[int]) -> None:
+def compensation(weight: np.ndarray, stats: Stats, keep: np.ndarray, pruned: np.ndarray, method: str,
+                 ridge_lambda: float = DEFAULT_RIDGE_LAMBDA) -> tuple[np.ndarray | None, np.ndarray]:
+    """How fc2 absorbs the pruned neurons: (new rows for the kept neurons or None, bias change).
+
+    `weight` is fc2's [width, out] matrix (float64). "mean" folds the pruned neurons' mean:
+    b += W_pᵀ μ_p. "ridge" also regresses the pruned neurons on the kept ones, with the covariance
+    Σ and λ = ridge_lambda · trace(Σ_kk) / |K|:
+        W_k' = W_k + (Σ_kk + λI)⁻¹ Σ_kp W_p,   b += W_pᵀ μ_p - (W_k' - W_k)ᵀ μ_k
+    which keeps the mean output exact, and is the mean fold when Σ_kp = 0.
+    """
+    mean = stats.mean
+    bias_delta = weight[pruned].T @ mean[pruned]
+    if method != "ridge" or keep.size == 0:
+        return None, bias_delta
+    covariance = stats.covariance
+    c_kk = covariance[np.ix_(keep, keep)]
+    scale = np.trace(c_kk) / keep.size
+    if scale == 0.0:  # every kept neuron is constant: nothing to regress on
+        return None, bias_delta
+    update = np.linalg.solve(c_kk + ridge_lambda * scale * np.eye(keep.size),
+                             covariance[np.ix_(keep, pruned)] @ weight[pruned])
+    return weight[keep] + update, bias_delta - update.T @ mean[keep]
+
+
+def _compensate(editor: _Editor, block: MlpBlock, stats: Stats, keep: np.ndarray, pruned: np.ndarray,
+                readers: set[int], method: str, ridge_lambda: float) -> None:
+    new_rows = bias_delta = None
+    updated: set[int] = set()
     done: set[int] = set()
     for site in block.sites:
         fc2 = editor.nodes[site.fc2_weight.node]
-        weight = editor.owned(fc2, site.fc2_weight.input, readers).value()
-        rows = np.take(weight.astype(np.float64), pruned, axis=site.fc2_weight.axis)
-        delta = np.tensordot(pruned_mean, rows, axes=([0], [site.fc2_weight.axis])).reshape(-1)
-        _add_to_bias(editor, site.fc2_bias, delta * site.fc2_bias.scale, weight.dtype, readers, done)
+        traced = editor.owned(fc2, site.fc2_weight.input, readers)
+        axis = site.fc2_weight.axis
+        effective = traced.value()
+        matrix = np.moveaxis(effective.astype(np.float64), axis, 0)  # [width, out, (1, 1)]
+        if bias_delta is None:  # tied sites share fc2's weight: one solution serves all
+            new_rows, bias_delta = compensation(matrix.reshape(block.width, -1), stats, keep, pruned, method,
+                                                ridge_lambda)
+        if new_rows is not None and id(traced.source) not in updated:
+            updated.add(id(traced.source))
+            matrix[keep] = new_rows.reshape(matrix[keep].shape)
+            traced.assign(np.moveaxis(matrix, 0, axis))
+        _add_to_bias(editor, site.fc2_bias, bias_delta * site.fc2_bias.scale, effective.dtype, readers, done)
 
 
 def _add_to_bias(editor: _Editor, ref: BiasRef, delta: np.ndarray, dtype: np.dtype, readers: set[int],

@@ -243,9 +243,10 @@ def readers(model: onnx.ModelProto, op: str, name_part: str) -> onnx.NodeProto:
 
 
 def make_model(builder: Builder, x_shape: list, y: str) -> onnx.ModelProto:
+    """A model from `builder`'s nodes, input `x` of `x_shape`, output `y` of the same shape."""
     builder.nodes.append(helper.make_node("Identity", [y], ["y"], name="output"))
     graph = helper.make_graph(builder.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], builder.inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape)], builder.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model

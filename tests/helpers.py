@@ -18,7 +18,7 @@ def prune(model: onnx.ModelProto, batches: list[dict], ratio: float, **kwargs):
     """The API pipeline in four lines; returns (blocks, stats, plan, pruned)."""
     compensate = kwargs.pop("compensate", "mean")
     blocks = find_mlp_blocks(model)
-    stats = calibrate(model, blocks, batches)
+    stats = calibrate(model, blocks, batches, comoments=compensate == "ridge")
     plan = select(stats, ratio, **kwargs)
     return blocks, stats, plan, rewrite(model, blocks, stats, plan, compensate=compensate)
 

@@ -55,10 +55,11 @@ def test_found_with_activation_kind(spec: BlockSpec) -> None:
     assert blocks.skipped == []
 
 
-def test_constant_neurons_prune_exactly(spec: BlockSpec) -> None:
+@pytest.mark.parametrize("compensate", ["mean", "ridge"])
+def test_constant_neurons_prune_exactly(spec: BlockSpec, compensate: str) -> None:
     model = _model(spec)
     feed = random_batch(model, batch=6, seed=42)
-    blocks, stats, plan, pruned = prune(model, _batches(model), ratio=CONSTANT / HIDDEN)
+    blocks, stats, plan, pruned = prune(model, _batches(model), ratio=CONSTANT / HIDDEN, compensate=compensate)
 
     for block in blocks:
         assert np.allclose(stats[block.name].variance[:CONSTANT], 0.0, atol=1e-12)

