@@ -94,6 +94,55 @@ class Stats:
         return Stats(count, mean, m2, comoment)
 
 
+STATS_VERSION = 1
+
+
+def save_stats(path: Path, stats: dict[str, Stats], samples: int, feed: Mapping[str, np.ndarray]) -> None:
+    """Write statistics (and one sample of model inputs, for MAC counting) to an .npz file."""
+    arrays: dict[str, np.ndarray] = {"__version__": np.array(STATS_VERSION), "__samples__": np.array(samples)}
+    for name, block in stats.items():
+        arrays.update({f"stats/{name}/count": np.array(block.count), f"stats/{name}/mean": block.mean,
+                       f"stats/{name}/m2": block.m2})
+        if block.comoment is not None:
+            arrays[f"stats/{name}/comoment"] = block.comoment
+    arrays.update({f"feed/{name}": value for name, value in feed.items()})
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_stats(path: Path) -> tuple[dict[str, Stats], int, dict[str, np.ndarray]]:
+    """Read a file written by `save_stats`: (stats by block name, samples, one-sample feed)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{path}: not a statistics file ({exc})") from exc
+    if arrays.get("__version__") != STATS_VERSION:
+        raise CalibrationError(f"{path}: not a statistics file written by onnx_vbp (version {STATS_VERSION})")
+    names = sorted({key[len("stats/"):].rsplit("/", 1)[0] for key in arrays if key.startswith("stats/")})
+    stats = {
+        name: Stats(int(arrays[f"stats/{name}/count"]), arrays[f"stats/{name}/mean"], arrays[f"stats/{name}/m2"],
+                    arrays.get(f"stats/{name}/comoment"))
+        for name in names
+    }
+    feed = {key[len("feed/"):]: value for key, value in arrays.items() if key.startswith("feed/")}
+    return stats, int(arrays["__samples__"]), feed
+
+
+def merge_stats(parts: list[dict[str, Stats]]) -> dict[str, Stats]:
+    """Chan-merge statistics computed on disjoint shards of the calibration data."""
+    names = set(parts[0])
+    if any(set(part) != names for part in parts):
+        raise CalibrationError("the statistics files cover different blocks (different models?)")
+    merged = dict(parts[0])
+    for part in parts[1:]:
+        for name, block in part.items():
+            if block.mean.shape != merged[name].mean.shape:
+                raise CalibrationError(f"block '{name}' has different widths in the statistics files")
+            merged[name] = merged[name].merge(block)
+    return merged
+
+
 def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False,
                 external_dir: Path | None = None) -> ort.InferenceSession:
     """A CPU ORT session; calibration keeps graph optimizations off so fusions cannot hide tensors.

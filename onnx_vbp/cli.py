@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from onnx_vbp import __version__
-from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError
+from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError, load_stats, merge_stats, save_stats
 from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions
 from onnx_vbp.modelio import ModelError
 from onnx_vbp.pipeline import NoBlocksError, PruneOptions, prune_file
@@ -32,6 +32,9 @@ per line, *.jsonl with a "text" field; needs --tokenizer and onnx_vbp[text]).
 """
 
 EPILOG = """\
+subcommand:
+  merge-stats A.npz B.npz -o ALL.npz   merge statistics saved with --save-stats on data shards
+
 examples:
   python -m onnx_vbp models/demo_vit.onnx models/calib --ratio 0.35 --eval models/eval
   python -m onnx_vbp encoder.onnx corpus/ --tokenizer tokenizer.json --max-length 128
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="input ONNX model (never modified)")
-    parser.add_argument("calib", type=Path, help="calibration data: directory or file (see above)")
+    parser.add_argument("calib", type=Path, nargs="?",
+                        help="calibration data: directory or file (see above); not needed with --stats")
     parser.add_argument("--ratio", type=_ratio, default=0.35,
                         help="fraction of all MLP hidden neurons to remove, 0 <= r < 1 (default 0.35)")
     parser.add_argument("-o", "--output", type=Path, help="output model (default: <model stem>.vbp.onnx beside it)")
@@ -94,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
     parser.add_argument("--min-samples", type=_positive, default=16,
                         help="refuse to prune on fewer calibration samples than this (default 16)")
+    parser.add_argument("--save-stats", type=Path, metavar="STATS.npz",
+                        help="also write the calibration statistics, to prune again without recalibrating")
+    parser.add_argument("--stats", type=Path, metavar="STATS.npz",
+                        help="prune from statistics saved by --save-stats (or merged by merge-stats) "
+                             "instead of calibrating")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write an unchanged copy instead of failing when the model has no prunable MLP block")
     parser.add_argument("--eval", type=Path, metavar="HELDOUT",
@@ -116,7 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def merge_main(argv: list[str]) -> int:
+    """`onnx-vbp merge-stats A.npz B.npz ... -o ALL.npz`: Chan-merge statistics of data shards."""
+    parser = _Parser(prog="onnx-vbp merge-stats",
+                     description="Merge statistics saved with --save-stats on disjoint shards of the calibration "
+                                 "data (same model) into one file, as if calibrated in one pass.")
+    parser.add_argument("parts", type=Path, nargs="+", help="statistics files to merge")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="merged statistics file")
+    args = parser.parse_args(argv)
+    try:
+        loaded = [load_stats(path) for path in args.parts]
+        merged = merge_stats([stats for stats, _, _ in loaded])
+        save_stats(args.output, merged, sum(samples for _, samples, _ in loaded), loaded[0][2])
+    except (CalibrationError, OSError) as exc:
+        print(f"onnx-vbp: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["merge-stats"]:
+        return merge_main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="onnx-vbp: %(message)s")
@@ -124,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio=args.ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
         compensate=args.compensate, ridge_lambda=args.ridge_lambda, batch_size=args.batch_size,
         max_samples=args.max_samples, min_samples=args.min_samples, allow_empty=args.allow_empty,
+        stats=args.stats, save_stats=args.save_stats,
         threads=args.threads, progress=not args.quiet,
         raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
                        image_size=tuple(args.image_size) if args.image_size else None,

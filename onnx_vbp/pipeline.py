@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 from tqdm import tqdm
 
-from onnx_vbp.calibrate import Stats, calibrate
+from onnx_vbp.calibrate import CalibrationError, Stats, calibrate, load_stats, save_stats
 from onnx_vbp.data import DataError, RawOptions, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import MlpBlock, find_mlp_blocks
@@ -40,6 +40,8 @@ class PruneOptions:
     batch_size: int | None = None
     max_samples: int | None = None
     min_samples: int = 16
+    stats: Path | None = None  # prune from statistics saved earlier instead of calibrating
+    save_stats: Path | None = None  # write the calibration statistics here
     allow_empty: bool = False  # a model without MLP blocks is copied instead of refused
     threads: int | None = None
     progress: bool = True
@@ -64,18 +66,30 @@ def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator
     return stats, samples, time.perf_counter() - start
 
 
+def _check_stats_fit(stats: dict[str, Stats], blocks: list[MlpBlock], options: PruneOptions) -> None:
+    """Saved statistics must describe exactly this model's blocks."""
+    found = {b.name: b.width for b in blocks}
+    saved = {name: s.mean.size for name, s in stats.items()}
+    if found != saved:
+        raise CalibrationError(f"statistics in {options.stats} do not match this model's MLP blocks "
+                               f"({len(saved)} saved, {len(found)} found)")
+    if options.compensate == "ridge" and any(s.comoment is None for s in stats.values()):
+        raise CalibrationError(f"statistics in {options.stats} have no second moments, which --compensate "
+                               "ridge needs: calibrate again with --compensate ridge --save-stats")
+
+
 def prune_file(
     model_path: Path,
-    calib: Path,
+    calib: Path | None,
     out: Path | None = None,
     options: PruneOptions = PruneOptions(),
     eval_data: Path | None = None,
 ) -> dict:
-    """Prune the model at `model_path` with calibration data `calib`; write it to `out`.
+    """Prune the model at `model_path` with calibration data `calib` (or `options.stats`); write `out`.
 
     Returns the report (see README for its fields). The input model file is never modified.
     """
-    model_path, calib = Path(model_path), Path(calib)
+    model_path, calib = Path(model_path), Path(calib) if calib is not None else None
     out = Path(out) if out is not None else default_output(model_path)
     if out.resolve() == model_path.resolve():
         raise ModelError(f"output would overwrite the input model: {out}")
@@ -99,20 +113,32 @@ def prune_file(
         return iter_batches(source, specs, batch_size=options.batch_size, max_samples=options.max_samples,
                             raw=options.raw)
 
+    if blocks and options.stats is not None:
+        stats, samples, sample_feed = load_stats(options.stats)
+        _check_stats_fit(stats, blocks, options)
+        seconds = 0.0
+        log.info("using statistics of %d samples from %s", samples, options.stats)
+    elif calib is not None:
+        stats, samples, seconds = _calibrate(model, blocks, batches(calib), options, external_dir) if blocks else (
+            {}, 0, 0.0)
+        first = next(batches(calib))
+        sample_feed = {s.name: first[s.name][:1] for s in specs}
+    else:
+        raise DataError("no calibration data: give CALIB or --stats")
     if blocks:
-        stats, samples, seconds = _calibrate(model, blocks, batches(calib), options, external_dir)
         if samples < options.min_samples:
-            raise DataError(f"only {samples} calibration samples in {calib}; at least --min-samples "
-                            f"{options.min_samples} are needed")
+            raise DataError(f"only {samples} calibration samples in {calib or options.stats}; at least "
+                            f"--min-samples {options.min_samples} are needed")
         log.info("calibrated on %d samples in %.1f s", samples, seconds)
+        if options.save_stats is not None and options.stats is None:
+            save_stats(options.save_stats, stats, samples, sample_feed)
+            log.info("saved statistics to %s", options.save_stats)
         plan = select(stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
                       round_to=options.round_to)
         pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate,
                          ridge_lambda=options.ridge_lambda, external_dir=external_dir)
     else:
-        samples, seconds, plan, pruned = 0, 0.0, Plan({}), model
-    first = next(batches(calib))
-    sample_feed = {s.name: first[s.name][:1] for s in specs}
+        plan, pruned = Plan({}), model
     macs = node_macs(model, sample_feed, external_dir)
     macs_before, macs_after = sum(macs.values()), pruned_macs(macs, blocks, plan)
     params_before, params_after = count_params(model), count_params(pruned)

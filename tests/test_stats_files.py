@@ -1,0 +1,74 @@
+"""Saved, loaded and merged statistics: shards merged equal one pass; pruning from them matches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graphs import BlockSpec, build_model, random_batch
+
+from onnx_vbp.calibrate import load_stats
+from onnx_vbp.cli import main
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    model = build_model([BlockSpec(hidden=32), BlockSpec(hidden=24, act="silu", gated=True)], seq=6)
+    onnx.save(model, tmp_path / "net.onnx")
+    for folder, seeds in (("shard_a", (0, 1)), ("shard_b", (2,)), ("all", (0, 1, 2))):
+        (tmp_path / folder).mkdir()
+        for s in seeds:
+            np.savez(tmp_path / folder / f"{s}.npz", **random_batch(model, batch=7 + s, seed=s))
+    return tmp_path
+
+
+def _run(ws: Path, *args: str) -> int:
+    return main([str(ws / "net.onnx"), *args, "-q", "--min-samples", "1"])
+
+
+def test_shards_merged_equal_one_pass_and_prune_the_same(ws: Path) -> None:
+    for name in ("shard_a", "shard_b", "all"):
+        assert _run(ws, str(ws / name), "--compensate", "ridge", "--save-stats", str(ws / f"{name}.npz"),
+                    "-o", str(ws / f"{name}.onnx")) == 0
+    assert main(["merge-stats", str(ws / "shard_a.npz"), str(ws / "shard_b.npz"), "-o", str(ws / "merged.npz")]) == 0
+
+    merged, samples, feed = load_stats(ws / "merged.npz")
+    one_pass, one_pass_samples, _ = load_stats(ws / "all.npz")
+    assert samples == one_pass_samples == 7 + 8 + 9 and set(feed) == {"x"}
+    for name, stats in one_pass.items():
+        assert merged[name].count == stats.count
+        for field in ("mean", "m2", "comoment"):
+            np.testing.assert_allclose(getattr(merged[name], field), getattr(stats, field), rtol=1e-12, atol=1e-12)
+
+    assert _run(ws, "--stats", str(ws / "merged.npz"), "--compensate", "ridge", "-o", str(ws / "from_stats.onnx")) == 0
+    x = random_batch(onnx.load(ws / "net.onnx"), batch=5, seed=9)
+    a = ort.InferenceSession(str(ws / "all.onnx")).run(None, x)[0]
+    b = ort.InferenceSession(str(ws / "from_stats.onnx")).run(None, x)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_of_another_model_are_refused(ws: Path, capsys) -> None:
+    assert _run(ws, str(ws / "all"), "--save-stats", str(ws / "s.npz"), "-o", str(ws / "o.onnx")) == 0
+    onnx.save(build_model([BlockSpec(hidden=16)], seq=6), ws / "other.onnx")
+    rc = main([str(ws / "other.onnx"), "--stats", str(ws / "s.npz"), "-q", "-o", str(ws / "o2.onnx")])
+    assert rc == 1 and "do not match this model's MLP blocks" in capsys.readouterr().err
+    rc = _run(ws, "--stats", str(ws / "s.npz"), "--compensate", "ridge", "-o", str(ws / "o3.onnx"))
+    assert rc == 1 and "no second moments" in capsys.readouterr().err
+    assert not (ws / "o2.onnx").exists() and not (ws / "o3.onnx").exists()
+
+
+def test_merging_statistics_of_different_models_fails(ws: Path, capsys) -> None:
+    assert _run(ws, str(ws / "all"), "--save-stats", str(ws / "a.npz"), "-o", str(ws / "o.onnx")) == 0
+    onnx.save(build_model([BlockSpec(hidden=16)], seq=6), ws / "other.onnx")
+    assert main([str(ws / "other.onnx"), str(ws / "all"), "-q", "--min-samples", "1", "--save-stats",
+                 str(ws / "b.npz"), "-o", str(ws / "o2.onnx")]) == 0
+    assert main(["merge-stats", str(ws / "a.npz"), str(ws / "b.npz"), "-o", str(ws / "m.npz")]) == 1
+    assert "cover different blocks" in capsys.readouterr().err and not (ws / "m.npz").exists()
+
+
+def test_neither_calibration_data_nor_statistics(ws: Path, capsys) -> None:
+    assert main([str(ws / "net.onnx"), "-q", "-o", str(ws / "o.onnx")]) == 1
+    assert "give CALIB or --stats" in capsys.readouterr().err
