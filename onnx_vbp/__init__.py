@@ -16,12 +16,25 @@ from onnx_vbp.calibrate import Stats, calibrate
 from onnx_vbp.data import iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import MlpBlock, find_mlp_blocks
+from onnx_vbp.importance import neuron_scores
 from onnx_vbp.instrument import instrument
 from onnx_vbp.pipeline import PruneOptions, prune_file
 from onnx_vbp.rewrite import rewrite
 from onnx_vbp.select import Plan, select
 
 __all__ = [
-    "MlpBlock", "Plan", "PruneOptions", "Stats", "calibrate", "evaluate", "find_mlp_blocks", "instrument",
-    "iter_batches", "model_inputs", "prune_file", "rewrite", "select",
+    "MlpBlock",
+    "Plan",
+    "PruneOptions",
+    "Stats",
+    "calibrate",
+    "evaluate",
+    "find_mlp_blocks",
+    "instrument",
+    "iter_batches",
+    "model_inputs",
+    "neuron_scores",
+    "prune_file",
+    "rewrite",
+    "select",
 ]

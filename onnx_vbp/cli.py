@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-to", type=_positive, default=1,
                         help="round each kept width up to a multiple of N, restoring the highest-variance "
                              "neurons (GEMM-friendly widths; default 1 = no rounding)")
+    parser.add_argument("--score", choices=("variance", "variance-x-norm"), default="variance",
+                        help="importance of a neuron: the variance of its activation (default, the paper) or "
+                             "that times the squared norm of its fc2 row (FLAP's fluctuation)")
     parser.add_argument("--compensate", choices=("mean", "ridge", "none"), default="mean",
                         help="mean (default): fold the pruned neurons' mean into fc2's bias; ridge: also "
                              "update fc2's kept rows by a ridge regression of the pruned neurons on the kept "
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="onnx-vbp: %(message)s")
     options = PruneOptions(
         ratio=args.ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
-        compensate=args.compensate, ridge_lambda=args.ridge_lambda, batch_size=args.batch_size,
+        compensate=args.compensate, ridge_lambda=args.ridge_lambda, score=args.score, batch_size=args.batch_size,
         max_samples=args.max_samples, min_samples=args.min_samples, allow_empty=args.allow_empty,
         stats=args.stats, save_stats=args.save_stats,
         threads=args.threads, progress=not args.quiet,

@@ -15,6 +15,7 @@ from onnx_vbp.calibrate import CalibrationError, Stats, calibrate, load_stats, s
 from onnx_vbp.data import DataError, RawOptions, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import MlpBlock, find_mlp_blocks
+from onnx_vbp.importance import neuron_scores
 from onnx_vbp.modelio import ModelError, check_writable, default_output, file_bytes, load_model, save_model
 from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
 from onnx_vbp.rewrite import DEFAULT_RIDGE_LAMBDA, rewrite
@@ -36,6 +37,7 @@ class PruneOptions:
     min_keep: int = 1
     round_to: int = 1
     compensate: str = "mean"
+    score: str = "variance"  # importance criterion: variance | variance-x-norm
     ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
     batch_size: int | None = None
     max_samples: int | None = None
@@ -133,8 +135,9 @@ def prune_file(
         if options.save_stats is not None and options.stats is None:
             save_stats(options.save_stats, stats, samples, sample_feed)
             log.info("saved statistics to %s", options.save_stats)
+        scores = neuron_scores(stats, options.score, model, blocks, external_dir)
         plan = select(stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
-                      round_to=options.round_to)
+                      round_to=options.round_to, scores=scores)
         pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate,
                          ridge_lambda=options.ridge_lambda, external_dir=external_dir)
     else:
@@ -146,7 +149,8 @@ def prune_file(
     log.info("wrote %s", out)
 
     report = {
-        **{k: getattr(options, k) for k in ("ratio", "scope", "min_keep", "round_to", "compensate", "ridge_lambda")},
+        **{k: getattr(options, k) for k in ("ratio", "scope", "min_keep", "round_to", "compensate", "ridge_lambda",
+                                             "score")},
         "model": str(model_path),
         "output": str(out),
         "blocks": block_rows(blocks, plan),

@@ -37,8 +37,10 @@ def select(
     scope: str = "global",
     min_keep: int = 1,
     round_to: int = 1,
+    scores: dict[str, np.ndarray] | None = None,
 ) -> Plan:
-    """Prune the fraction `ratio` of all hidden neurons with the lowest variance.
+    """Prune the fraction `ratio` of all hidden neurons with the lowest variance (or the lowest
+    `scores`, from `importance`, when given).
 
     `scope="global"` ranks every block's neurons together (the paper); `"per-block"` removes the
     same fraction from each block. Each block keeps at least `min_keep` neurons, and its kept width
@@ -50,28 +52,28 @@ def select(
         raise SelectionError(f"scope must be one of {SCOPES}, got {scope!r}")
     if min_keep < 0 or round_to < 1:
         raise SelectionError("min_keep must be >= 0 and round_to >= 1")
-    variances = {name: s.variance for name, s in stats.items()}
+    ranking = scores if scores is not None else {name: s.variance for name, s in stats.items()}
     if scope == "global":
-        total = sum(v.size for v in variances.values())
-        prunable = sum(max(v.size - min_keep, 0) for v in variances.values())
+        total = sum(v.size for v in ranking.values())
+        prunable = sum(max(v.size - min_keep, 0) for v in ranking.values())
         if int(ratio * total) > prunable:
             raise SelectionError(f"ratio {ratio} removes {int(ratio * total)} of {total} neurons, but keeping "
                                  f"--min-keep {min_keep} per block leaves only {prunable} removable")
-        pruned = _prune_global(variances, ratio, min_keep)
+        pruned = _prune_global(ranking, ratio, min_keep)
     else:
-        for name, v in variances.items():
+        for name, v in ranking.items():
             if v.size - int(ratio * v.size) < min_keep:
                 raise SelectionError(f"ratio {ratio} would leave block '{name}' {v.size - int(ratio * v.size)} "
                                      f"of {v.size} neurons, fewer than --min-keep {min_keep}")
-        pruned = {name: _lowest(v, int(ratio * v.size)) for name, v in variances.items()}
+        pruned = {name: _lowest(v, int(ratio * v.size)) for name, v in ranking.items()}
     keep = {}
-    for name, variance in variances.items():
-        width = variance.size
+    for name, score in ranking.items():
+        width = score.size
         mask = np.ones(width, dtype=bool)
         mask[pruned[name]] = False
         target = min(width, math.ceil(mask.sum() / round_to) * round_to)
         if target > mask.sum():
-            restore = [i for i in np.argsort(-variance, kind="stable") if not mask[i]]
+            restore = [i for i in np.argsort(-score, kind="stable") if not mask[i]]
             mask[restore[: target - mask.sum()]] = True
         keep[name] = np.flatnonzero(mask)
     return Plan(keep)

@@ -57,3 +57,25 @@ def test_round_to_never_exceeds_width() -> None:
 def test_invalid_ratio_is_refused(ratio: float) -> None:
     with pytest.raises(ValueError, match="ratio"):
         select(_stats(a=[1.0, 2.0]), ratio)
+
+
+def test_variance_x_norm_weighs_each_neuron_by_its_fc2_row() -> None:
+    from graphs import BlockSpec, build_model, random_batch, readers
+    from onnx import numpy_helper
+
+    from onnx_vbp import calibrate, find_mlp_blocks, neuron_scores
+
+    model = build_model([BlockSpec(hidden=16, act="relu")], seed=3)
+    fc2_weight = readers(model, "MatMul", "fc2").input[1]
+    tensor = next(t for t in model.graph.initializer if t.name == fc2_weight)
+    rows = numpy_helper.to_array(tensor).copy()
+    rows[8:] *= 1e-3  # neurons 8..15 barely reach the output
+    tensor.CopyFrom(numpy_helper.from_array(rows, fc2_weight))
+    blocks = find_mlp_blocks(model)
+    stats = calibrate(model, blocks, [random_batch(model, batch=32, seed=s) for s in range(2)])
+
+    scores = neuron_scores(stats, "variance-x-norm", model, blocks)
+    expected = stats[blocks[0].name].variance * np.square(rows).sum(axis=1)
+    np.testing.assert_allclose(scores[blocks[0].name], expected, rtol=1e-6)
+    assert list(select(stats, 0.5, scores=scores).keep[blocks[0].name]) == list(range(8))
+    assert list(select(stats, 0.5).keep[blocks[0].name]) != list(range(8))  # variance alone ranks otherwise
