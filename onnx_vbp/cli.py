@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from onnx_vbp import __version__
 from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError, load_stats, merge_stats, save_stats
 from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions
 from onnx_vbp.modelio import ModelError
-from onnx_vbp.pipeline import NoBlocksError, PruneOptions, prune_file
+from onnx_vbp.pipeline import NoBlocksError, PruneOptions, check_output, prune_file
 from onnx_vbp.report import format_table
 from onnx_vbp.rewrite import DEFAULT_RIDGE_LAMBDA
 from onnx_vbp.select import SelectionError
+from onnx_vbp.sweep import format_sweep, pick, plot_sweep, sweep
 
 DESCRIPTION = """\
 Variance-Based Pruning of the MLP blocks of an ONNX model, after training.
@@ -32,7 +35,9 @@ per line, *.jsonl with a "text" field; needs --tokenizer and onnx_vbp[text]).
 """
 
 EPILOG = """\
-subcommand:
+subcommands:
+  sweep MODEL CALIB --eval HELDOUT [--ratios ...] [--target-retention T -o OUT] [--plot PNG]
+                                       one calibration, several ratios, retention vs MACs
   merge-stats A.npz B.npz -o ALL.npz   merge statistics saved with --save-stats on data shards
 
 examples:
@@ -70,16 +75,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
+    """The options shared by pruning and sweeping: how to calibrate, rank and compensate."""
     parser.add_argument("model", type=Path, help="input ONNX model (never modified)")
     parser.add_argument("calib", type=Path, nargs="?",
                         help="calibration data: directory or file (see above); not needed with --stats")
-    parser.add_argument("--ratio", type=_ratio, default=0.35,
-                        help="fraction of all MLP hidden neurons to remove, 0 <= r < 1 (default 0.35)")
-    parser.add_argument("-o", "--output", type=Path, help="output model (default: <model stem>.vbp.onnx beside it)")
-    parser.add_argument("--report", type=Path, help="write the report as JSON to this file")
     parser.add_argument("--scope", choices=("global", "per-block"), default="global",
                         help="rank neurons across all blocks (global, default, as in the paper) or remove the "
                              "same fraction from each block")
@@ -106,11 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats", type=Path, metavar="STATS.npz",
                         help="prune from statistics saved by --save-stats (or merged by merge-stats) "
                              "instead of calibrating")
-    parser.add_argument("--allow-empty", action="store_true",
-                        help="write an unchanged copy instead of failing when the model has no prunable MLP block")
-    parser.add_argument("--eval", type=Path, metavar="HELDOUT",
-                        help="held-out data (same formats) to compare original and pruned outputs; an .npz "
-                             "'labels' array adds top-1 accuracy")
+    parser.add_argument("--report", type=Path, help="write the report as JSON to this file")
     parser.add_argument("--threads", type=_positive, help="ORT intra-op threads (default: ORT's choice)")
     raw = parser.add_argument_group("raw images and text")
     raw.add_argument("--tokenizer", type=Path, help="tokenizer.json (Hugging Face tokenizers) for text data")
@@ -125,7 +121,90 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log each step")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pruning_options(parser)
+    parser.add_argument("--ratio", type=_ratio, default=0.35,
+                        help="fraction of all MLP hidden neurons to remove, 0 <= r < 1 (default 0.35)")
+    parser.add_argument("-o", "--output", type=Path, help="output model (default: <model stem>.vbp.onnx beside it)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write an unchanged copy instead of failing when the model has no prunable MLP block")
+    parser.add_argument("--eval", type=Path, metavar="HELDOUT",
+                        help="held-out data (same formats) to compare original and pruned outputs; an .npz "
+                             "'labels' array adds top-1 accuracy")
     return parser
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnx-vbp sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Calibrate once, prune at several ratios, evaluate each on held-out data, and "
+                                 "print retention against MACs removed; optionally plot it and keep the largest "
+                                 "ratio that meets a target.")
+    _add_pruning_options(parser)
+    parser.add_argument("--ratios", type=lambda text: [_ratio(r) for r in text.split(",")],
+                        default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6], help="comma-separated ratios")
+    parser.add_argument("--eval", type=Path, metavar="HELDOUT", required=True,
+                        help="held-out data; retention is top-1 after/before with .npz labels, else the mean "
+                             "cosine of the first float output")
+    parser.add_argument("--target-retention", type=float, metavar="T",
+                        help="report the largest ratio whose retention is at least T (and write it with -o)")
+    parser.add_argument("-o", "--output", type=Path, help="with --target-retention: where to write that model")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="plot retention vs MACs removed (matplotlib)")
+    return parser
+
+
+def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
+    return PruneOptions(
+        ratio=ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
+        compensate=args.compensate, ridge_lambda=args.ridge_lambda, score=args.score, batch_size=args.batch_size,
+        max_samples=args.max_samples, min_samples=args.min_samples, allow_empty=getattr(args, "allow_empty", False),
+        stats=args.stats, save_stats=args.save_stats, threads=args.threads, progress=not args.quiet,
+        raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
+                       image_size=tuple(args.image_size) if args.image_size else None,
+                       mean=tuple(args.mean), std=tuple(args.std)),
+    )
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="onnx-vbp: %(message)s")
+
+
+def sweep_main(argv: list[str]) -> int:
+    args = build_sweep_parser().parse_args(argv)
+    _configure_logging(args)
+    if args.output is not None and args.target_retention is None:
+        build_sweep_parser().error("-o needs --target-retention")
+    try:
+        if args.output is not None:
+            check_output(args.model, args.output)
+        with tempfile.TemporaryDirectory(dir=args.output.parent if args.output else None) as tmp:
+            rows = sweep(args.model, args.calib, args.ratios, args.eval, Path(tmp), _options(args))
+            best = pick(rows, args.target_retention) if args.target_retention is not None else None
+            if best is not None and args.output is not None:
+                os.replace(best["output"], args.output)
+                data = Path(best["output"] + ".data")
+                if data.exists():
+                    os.replace(data, args.output.with_name(args.output.name + ".data"))
+        if args.plot is not None:
+            plot_sweep(rows, args.plot)
+    except (ModelError, DataError, CalibrationError, NoBlocksError, RuntimeLoadError, SelectionError) as exc:
+        print(f"onnx-vbp: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnx-vbp: interrupted; nothing written", file=sys.stderr)
+        return 130
+    if args.report is not None:
+        args.report.write_text(json.dumps({"rows": rows, "best_ratio": best and best["ratio"]}, indent=2) + "\n")
+    if not args.quiet:
+        print(format_sweep(rows))
+        if args.target_retention is not None:
+            print(f"largest ratio with retention >= {args.target_retention}: "
+                  + (f"{best['ratio']:g}" + (f" (wrote {args.output})" if args.output else "") if best else "none"))
+    return 0
 
 
 def merge_main(argv: list[str]) -> int:
@@ -150,21 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["merge-stats"]:
         return merge_main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
-    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="onnx-vbp: %(message)s")
-    options = PruneOptions(
-        ratio=args.ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
-        compensate=args.compensate, ridge_lambda=args.ridge_lambda, score=args.score, batch_size=args.batch_size,
-        max_samples=args.max_samples, min_samples=args.min_samples, allow_empty=args.allow_empty,
-        stats=args.stats, save_stats=args.save_stats,
-        threads=args.threads, progress=not args.quiet,
-        raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
-                       image_size=tuple(args.image_size) if args.image_size else None,
-                       mean=tuple(args.mean), std=tuple(args.std)),
-    )
+    _configure_logging(args)
     try:
-        report = prune_file(args.model, args.calib, args.output, options, eval_data=args.eval)
+        report = prune_file(args.model, args.calib, args.output, _options(args, args.ratio), eval_data=args.eval)
     except (ModelError, DataError, CalibrationError, NoBlocksError, RuntimeLoadError, SelectionError) as exc:
         print(f"onnx-vbp: error: {exc}", file=sys.stderr)
         return 1

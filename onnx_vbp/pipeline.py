@@ -12,9 +12,9 @@ import onnx
 from tqdm import tqdm
 
 from onnx_vbp.calibrate import CalibrationError, Stats, calibrate, load_stats, save_stats
-from onnx_vbp.data import DataError, RawOptions, iter_batches, model_inputs
+from onnx_vbp.data import DataError, InputSpec, RawOptions, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
-from onnx_vbp.find import MlpBlock, find_mlp_blocks
+from onnx_vbp.find import BlockList, MlpBlock, find_mlp_blocks
 from onnx_vbp.importance import neuron_scores
 from onnx_vbp.modelio import ModelError, check_writable, default_output, file_bytes, load_model, save_model
 from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
@@ -80,6 +80,115 @@ def _check_stats_fit(stats: dict[str, Stats], blocks: list[MlpBlock], options: P
                                "ridge needs: calibrate again with --compensate ridge --save-stats")
 
 
+@dataclass
+class Prepared:
+    """A loaded, calibrated model: what any number of ratios can be pruned from."""
+
+    path: Path
+    model: onnx.ModelProto
+    external: bool
+    specs: list[InputSpec]
+    blocks: BlockList
+    stats: dict[str, Stats]
+    samples: int
+    seconds: float
+    macs: dict[str, int]  # per MatMul/Gemm/Conv node, per sample
+
+    @property
+    def external_dir(self) -> Path | None:
+        return self.path.parent if self.external else None  # large weights stay in their files
+
+    def batches(self, source: Path, options: PruneOptions) -> Iterator[dict]:
+        return iter_batches(source, self.specs, batch_size=options.batch_size, max_samples=options.max_samples,
+                            raw=options.raw)
+
+
+def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneOptions()) -> Prepared:
+    """Load and check the model, find its blocks, and calibrate (or load `options.stats`)."""
+    model_path = Path(model_path)
+    model, external = load_model(model_path)
+    specs = model_inputs(model)
+    blocks = find_mlp_blocks(model)
+    for skipped in blocks.skipped:
+        log.warning("skipped MLP block %s: %s", skipped.name, skipped.reason)
+    if not blocks:
+        why = "; ".join(f"{s.name}: {s.reason}" for s in blocks.skipped)
+        if not options.allow_empty:
+            raise NoBlocksError(f"no prunable MLP block in {model_path}" + (f" (all skipped: {why})" if why else
+                                " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"))
+        log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
+    log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
+    prepared = Prepared(model_path, model, external, specs, blocks, {}, 0, 0.0, {})
+
+    if blocks and options.stats is not None:
+        prepared.stats, prepared.samples, sample_feed = load_stats(options.stats)
+        _check_stats_fit(prepared.stats, blocks, options)
+        log.info("using statistics of %d samples from %s", prepared.samples, options.stats)
+    elif calib is not None:
+        calib = Path(calib)
+        if blocks:
+            prepared.stats, prepared.samples, prepared.seconds = _calibrate(
+                model, blocks, prepared.batches(calib, options), options, prepared.external_dir)
+        first = next(prepared.batches(calib, options))
+        sample_feed = {s.name: first[s.name][:1] for s in specs}
+    else:
+        raise DataError("no calibration data: give CALIB or --stats")
+    if blocks:
+        if prepared.samples < options.min_samples:
+            raise DataError(f"only {prepared.samples} calibration samples in {calib or options.stats}; at least "
+                            f"--min-samples {options.min_samples} are needed")
+        log.info("calibrated on %d samples in %.1f s", prepared.samples, prepared.seconds)
+        if options.save_stats is not None and options.stats is None:
+            save_stats(options.save_stats, prepared.stats, prepared.samples, sample_feed)
+            log.info("saved statistics to %s", options.save_stats)
+    prepared.macs = node_macs(model, sample_feed, prepared.external_dir)
+    return prepared
+
+
+def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_data: Path | None = None) -> dict:
+    """Select, rewrite and write one pruned model from `prepared`; returns its report."""
+    model, blocks = prepared.model, prepared.blocks
+    if blocks:
+        scores = neuron_scores(prepared.stats, options.score, model, blocks, prepared.external_dir)
+        plan = select(prepared.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
+                      round_to=options.round_to, scores=scores)
+        pruned = rewrite(model, blocks, prepared.stats, plan, compensate=options.compensate,
+                         ridge_lambda=options.ridge_lambda, external_dir=prepared.external_dir)
+    else:
+        plan, pruned = Plan({}), model
+    params_before, params_after = count_params(model), count_params(pruned)
+    save_model(pruned, out, external_data=prepared.external, source_dir=prepared.external_dir)
+    log.info("wrote %s", out)
+
+    report = {
+        **{k: getattr(options, k) for k in ("ratio", "scope", "min_keep", "round_to", "compensate", "ridge_lambda",
+                                             "score")},
+        "model": str(prepared.path),
+        "output": str(out),
+        "blocks": block_rows(blocks, plan),
+        "skipped": [{"name": s.name, "reason": s.reason} for s in blocks.skipped],
+        "neurons_before": sum(b.width for b in blocks),
+        "neurons_after": int(sum(plan.keep[b.name].size for b in blocks)),
+        "params_before": params_before,
+        "params_after": params_after,
+        "macs_before": sum(prepared.macs.values()),
+        "macs_after": pruned_macs(prepared.macs, blocks, plan),
+        "file_bytes_before": file_bytes(prepared.path),
+        "file_bytes_after": file_bytes(out),
+        "calibration": {"samples": prepared.samples, "seconds": round(prepared.seconds, 3)},
+    }
+    if eval_data is not None:
+        report["eval"] = evaluate(prepared.path, out, prepared.batches(eval_data, options), threads=options.threads)
+    return report
+
+
+def check_output(model_path: Path, out: Path) -> None:
+    """Refuse to overwrite the input, and fail before any long work if `out` cannot be written."""
+    if out.resolve() == Path(model_path).resolve():
+        raise ModelError(f"output would overwrite the input model: {out}")
+    check_writable(out)
+
+
 def prune_file(
     model_path: Path,
     calib: Path | None,
@@ -91,80 +200,6 @@ def prune_file(
 
     Returns the report (see README for its fields). The input model file is never modified.
     """
-    model_path, calib = Path(model_path), Path(calib) if calib is not None else None
-    out = Path(out) if out is not None else default_output(model_path)
-    if out.resolve() == model_path.resolve():
-        raise ModelError(f"output would overwrite the input model: {out}")
-    check_writable(out)
-    model, external = load_model(model_path)
-    external_dir = model_path.parent if external else None  # large weights stay in their files
-    specs = model_inputs(model)
-
-    blocks = find_mlp_blocks(model)
-    for skipped in blocks.skipped:
-        log.warning("skipped MLP block %s: %s", skipped.name, skipped.reason)
-    if not blocks:
-        why = "; ".join(f"{s.name}: {s.reason}" for s in blocks.skipped)
-        if not options.allow_empty:
-            raise NoBlocksError(f"no prunable MLP block in {model_path}" + (f" (all skipped: {why})" if why else
-                                " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"))
-        log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
-    log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
-
-    def batches(source: Path):
-        return iter_batches(source, specs, batch_size=options.batch_size, max_samples=options.max_samples,
-                            raw=options.raw)
-
-    if blocks and options.stats is not None:
-        stats, samples, sample_feed = load_stats(options.stats)
-        _check_stats_fit(stats, blocks, options)
-        seconds = 0.0
-        log.info("using statistics of %d samples from %s", samples, options.stats)
-    elif calib is not None:
-        stats, samples, seconds = _calibrate(model, blocks, batches(calib), options, external_dir) if blocks else (
-            {}, 0, 0.0)
-        first = next(batches(calib))
-        sample_feed = {s.name: first[s.name][:1] for s in specs}
-    else:
-        raise DataError("no calibration data: give CALIB or --stats")
-    if blocks:
-        if samples < options.min_samples:
-            raise DataError(f"only {samples} calibration samples in {calib or options.stats}; at least "
-                            f"--min-samples {options.min_samples} are needed")
-        log.info("calibrated on %d samples in %.1f s", samples, seconds)
-        if options.save_stats is not None and options.stats is None:
-            save_stats(options.save_stats, stats, samples, sample_feed)
-            log.info("saved statistics to %s", options.save_stats)
-        scores = neuron_scores(stats, options.score, model, blocks, external_dir)
-        plan = select(stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
-                      round_to=options.round_to, scores=scores)
-        pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate,
-                         ridge_lambda=options.ridge_lambda, external_dir=external_dir)
-    else:
-        plan, pruned = Plan({}), model
-    macs = node_macs(model, sample_feed, external_dir)
-    macs_before, macs_after = sum(macs.values()), pruned_macs(macs, blocks, plan)
-    params_before, params_after = count_params(model), count_params(pruned)
-    save_model(pruned, out, external_data=external, source_dir=external_dir)
-    log.info("wrote %s", out)
-
-    report = {
-        **{k: getattr(options, k) for k in ("ratio", "scope", "min_keep", "round_to", "compensate", "ridge_lambda",
-                                             "score")},
-        "model": str(model_path),
-        "output": str(out),
-        "blocks": block_rows(blocks, plan),
-        "skipped": [{"name": s.name, "reason": s.reason} for s in blocks.skipped],
-        "neurons_before": sum(b.width for b in blocks),
-        "neurons_after": int(sum(plan.keep[b.name].size for b in blocks)),
-        "params_before": params_before,
-        "params_after": params_after,
-        "macs_before": macs_before,
-        "macs_after": macs_after,
-        "file_bytes_before": file_bytes(model_path),
-        "file_bytes_after": file_bytes(out),
-        "calibration": {"samples": samples, "seconds": round(seconds, 3)},
-    }
-    if eval_data is not None:
-        report["eval"] = evaluate(model_path, out, batches(eval_data), threads=options.threads)
-    return report
+    out = Path(out) if out is not None else default_output(Path(model_path))
+    check_output(model_path, out)
+    return prune_prepared(prepare(model_path, calib, options), options, out, eval_data)

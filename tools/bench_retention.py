@@ -38,7 +38,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, rewrite, select
+from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, neuron_scores, rewrite, select
 from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.data import RawOptions
 from onnx_vbp.report import count_params, node_macs, pruned_macs
@@ -50,11 +50,14 @@ RATIOS = (0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6)
 LAMBDA = 1e-3  # onnx_vbp's default --ridge-lambda
 STUDIES = {
     # issue 4: the paper's method across ratios, and two ablations at 0.35
-    "paper": [(r, "global", "mean", LAMBDA) for r in RATIOS]
-    + [(0.35, "per-block", "mean", LAMBDA), (0.35, "global", "none", LAMBDA)],
+    "paper": [(r, "global", "mean", LAMBDA, "variance") for r in RATIOS]
+    + [(0.35, "per-block", "mean", LAMBDA, "variance"), (0.35, "global", "none", LAMBDA, "variance")],
     # issue 7: mean vs ridge compensation, and the ridge strength at 0.35
-    "compensation": [(r, "global", c, LAMBDA) for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")]
-    + [(0.35, "global", "ridge", lam) for lam in (1e-5, 1e-4, 1e-2, 1e-1)],
+    "compensation": [(r, "global", c, LAMBDA, "variance") for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")]
+    + [(0.35, "global", "ridge", lam, "variance") for lam in (1e-5, 1e-4, 1e-2, 1e-1)],
+    # issue 7: the importance criterion, with either compensation
+    "score": [(r, "global", c, LAMBDA, score) for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")
+              for score in ("variance", "variance-x-norm")],
 }
 EVAL_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                "motorcycle_right.png", "camera.png", "coins.png")
@@ -74,12 +77,13 @@ def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, th
     stats = calibrate(model, blocks, calib, threads=threads, comoments=ridge)
     print(f"  calibrated {len(blocks)} blocks in {time.perf_counter() - start:.1f} s", flush=True)
     macs, params = node_macs(model, feed), count_params(model)
-    for ratio, scope, compensate, ridge_lambda in configs:
-        plan = select(stats, ratio, scope=scope)
+    scores = {score: neuron_scores(stats, score, model, blocks) for score in {c[4] for c in configs}}
+    for ratio, scope, compensate, ridge_lambda, score in configs:
+        plan = select(stats, ratio, scope=scope, scores=scores[score])
         pruned = rewrite(model, blocks, stats, plan, compensate=compensate, ridge_lambda=ridge_lambda)
         cost = {"macs_removed": 1 - pruned_macs(macs, blocks, plan) / sum(macs.values()),
                 "params_removed": 1 - count_params(pruned) / params}
-        yield (ratio, scope, compensate, ridge_lambda), cost, pruned.SerializeToString()
+        yield (ratio, scope, compensate, ridge_lambda, score), cost, pruned.SerializeToString()
 
 
 def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.ndarray:
@@ -198,22 +202,23 @@ def _sweep(name: str, model: onnx.ModelProto, calib: Iterator[dict], first: dict
     print(f"{name}:", flush=True)
     feed = {k: v[:1] for k, v in first.items() if k in {i.name for i in model_inputs(model)}}
     rows = []
-    for (ratio, scope, compensate, ridge_lambda), cost, pruned in configurations(model, calib, feed, threads,
-                                                                                   configs):
+    for (ratio, scope, compensate, ridge_lambda, score), cost, pruned in configurations(model, calib, feed,
+                                                                                          threads, configs):
         row = {"model": name, "ratio": ratio, "scope": scope, "compensate": compensate, "lambda": ridge_lambda,
-               **cost, **evaluate(pruned)}
+               "score": score, **cost, **evaluate(pruned)}
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
 def table(rows: list[dict], metrics: list[str]) -> str:
-    head = "| ratio | scope | compensate | MACs removed | params removed | " + " | ".join(metrics) + " |"
-    lines = [head, "|" + "---|" * (5 + len(metrics))]
+    head = "| ratio | scope | score | compensate | MACs removed | params removed | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + "---|" * (6 + len(metrics))]
     for r in rows:
         values = " | ".join(f"{r[m]:.4f}" for m in metrics)
         method = f"ridge λ={r['lambda']:g}" if r["compensate"] == "ridge" else r["compensate"]
-        lines.append(f"| {r['ratio']} | {r['scope']} | {method} | {r['macs_removed']:.1%} | "
+        lines.append(f"| {r['ratio']} | {r['scope']} | {r.get('score', 'variance')} | {method} | "
+                     f"{r['macs_removed']:.1%} | "
                      f"{r['params_removed']:.1%} | {values} |")
     return "\n".join(lines)
 
@@ -269,7 +274,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="minilm,vit_s,demo")
     parser.add_argument("--study", choices=sorted(STUDIES), default="paper",
-                        help="paper: ratios and ablations (issue 4); compensation: mean vs ridge (issue 7)")
+                        help="paper: ratios and ablations (issue 4); compensation: mean vs ridge; score: "
+                             "variance vs variance-x-norm (issue 7)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runners = {"minilm": minilm, "vit_s": vit_s, "demo": demo}

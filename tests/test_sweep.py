@@ -1,0 +1,61 @@
+"""onnx-vbp sweep: one calibration, several ratios, retention, the largest ratio meeting a target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from graphs import BlockSpec, build_model, random_batch
+
+from onnx_vbp import find_mlp_blocks
+from onnx_vbp.cli import main
+from onnx_vbp.sweep import pick, retention
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    model = build_model([BlockSpec(hidden=32), BlockSpec(hidden=32, act="relu")], seq=6)
+    onnx.save(model, tmp_path / "net.onnx")
+    for folder, seeds in (("calib", (0, 1, 2)), ("held_out", (5,))):
+        (tmp_path / folder).mkdir()
+        for s in seeds:
+            np.savez(tmp_path / folder / f"{s}.npz", **random_batch(model, batch=8, seed=s))
+    return tmp_path
+
+
+def test_sweep_table_report_target_and_plot(ws: Path, capsys) -> None:
+    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"),
+            "--ratios", "0,0.25,0.5,0.75", "--target-retention", "0.95", "-o", str(ws / "best.onnx"),
+            "--report", str(ws / "sweep.json"), "--plot", str(ws / "sweep.png")]
+    assert main(argv) == 0
+    rows = json.loads((ws / "sweep.json").read_text())["rows"]
+    assert [r["ratio"] for r in rows] == [0, 0.25, 0.5, 0.75]
+    assert rows[0]["retention"] == pytest.approx(1.0) and rows[0]["macs_after"] == rows[0]["macs_before"]
+    assert [r["macs_after"] for r in rows] == sorted((r["macs_after"] for r in rows), reverse=True)
+    best = max((r for r in rows if r["retention"] >= 0.95), key=lambda r: r["ratio"])
+    widths = [b.width for b in find_mlp_blocks(onnx.load(ws / "best.onnx"))]
+    assert sum(widths) == best["neurons_after"]
+    assert (ws / "sweep.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert f"largest ratio with retention >= 0.95: {best['ratio']:g}" in out
+    assert sorted(p.name for p in ws.iterdir()) == ["best.onnx", "calib", "held_out", "net.onnx", "sweep.json",
+                                                    "sweep.png"]
+
+
+def test_output_needs_a_target(ws: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "-o",
+              str(ws / "x.onnx")])
+    assert exc.value.code == 2
+
+
+def test_retention_and_pick() -> None:
+    labelled = {"top1_before": 0.8, "top1_after": 0.6, "outputs": {"y": {"cosine": 0.9}}}
+    assert retention(labelled) == pytest.approx(0.75)
+    assert retention({"outputs": {"logits": {"cosine": 0.97}, "z": {"cosine": 0.5}}}) == 0.97
+    rows = [{"ratio": 0.1, "retention": 0.99}, {"ratio": 0.3, "retention": 0.97}, {"ratio": 0.2, "retention": 0.96}]
+    assert pick(rows, 0.965)["ratio"] == 0.3
+    assert pick(rows, 0.999) is None
