@@ -29,7 +29,12 @@ def _pairwise_cosines(rows: np.ndarray) -> np.ndarray:
 
 
 def evaluate(
-    original: Path, pruned: Path, batches: Iterable[Mapping[str, np.ndarray]], *, threads: int | None = None
+    original: Path,
+    pruned: Path,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+    reference: dict[int, list[np.ndarray]] | None = None,
 ) -> dict:
     """Run both models (ORT, all optimizations on) and compare every floating-point output.
 
@@ -39,22 +44,31 @@ def evaluate(
     Spearman correlation of the pairwise cosine similarities of the first 2,000 samples (is the
     similarity structure kept?).
     If batches carry `labels`, top-1 accuracy of the first 2-D output before and after.
+    `reference` caches the original's outputs by batch index, for evaluating several pruned models
+    on the same data (a sweep) without running the original again.
     """
-    reference = cpu_session(str(original), threads, optimize=True)
     candidate = cpu_session(str(pruned), threads, optimize=True)
-    input_names = [i.name for i in reference.get_inputs()]
-    output_names = [o.name for o in reference.get_outputs()]
+    original_session = None
+    input_names = [i.name for i in candidate.get_inputs()]
+    output_names = [o.name for o in candidate.get_outputs()]
     sums: dict[str, dict[str, float]] = {}
     rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     labels: list[np.ndarray] = []
     samples = 0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         feed = {name: batch[name] for name in input_names}
         size = len(feed[input_names[0]])
         samples += size
         if "labels" in batch:
             labels.append(np.asarray(batch["labels"]).reshape(-1))
-        before, after = reference.run(output_names, feed), candidate.run(output_names, feed)
+        if reference is not None and index in reference:
+            before = reference[index]
+        else:
+            original_session = original_session or cpu_session(str(original), threads, optimize=True)
+            before = original_session.run(output_names, feed)
+            if reference is not None:
+                reference[index] = before
+        after = candidate.run(output_names, feed)
         for name, a, b in zip(output_names, before, after, strict=True):
             if not np.issubdtype(a.dtype, np.floating):
                 continue

@@ -145,8 +145,10 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     return prepared
 
 
-def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_data: Path | None = None) -> dict:
-    """Select, rewrite and write one pruned model from `prepared`; returns its report."""
+def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_data: Path | None = None,
+                   reference: dict | None = None) -> dict:
+    """Select, rewrite and write one pruned model from `prepared`; returns its report (`reference`:
+    see `evaluate`)."""
     model, blocks = prepared.model, prepared.blocks
     if blocks:
         scores = neuron_scores(prepared.stats, options.score, model, blocks, prepared.external_dir)
@@ -178,7 +180,8 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
         "calibration": {"samples": prepared.samples, "seconds": round(prepared.seconds, 3)},
     }
     if eval_data is not None:
-        report["eval"] = evaluate(prepared.path, out, prepared.batches(eval_data, options), threads=options.threads)
+        report["eval"] = evaluate(prepared.path, out, prepared.batches(eval_data, options), threads=options.threads,
+                                  reference=reference)
     return report
 
 

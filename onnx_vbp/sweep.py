@@ -22,10 +22,11 @@ def sweep(model_path: Path, calib: Path | None, ratios: list[float], eval_data: 
     """Calibrate once; write and evaluate one pruned model per ratio into `out_dir`; their reports
     with a `retention` field, in the order of `ratios`."""
     prepared = prepare(model_path, calib, options)
+    reference: dict = {}  # the original's held-out outputs, computed once
     rows = []
     for ratio in ratios:
         out = Path(out_dir) / f"{Path(model_path).stem}.r{ratio:g}.onnx"
-        report = prune_prepared(prepared, dataclasses.replace(options, ratio=ratio), out, eval_data)
+        report = prune_prepared(prepared, dataclasses.replace(options, ratio=ratio), out, eval_data, reference)
         rows.append({**report, "retention": retention(report["eval"])})
     return rows
 

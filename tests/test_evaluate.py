@@ -64,3 +64,14 @@ def test_spearman_is_a_rank_correlation() -> None:
     assert abs(spearman(x, x**3) - 1.0) < 1e-12  # monotone: ranks agree exactly
     assert abs(spearman(x, -x) + 1.0) < 1e-12
     assert abs(spearman(x, np.random.default_rng(3).normal(size=200))) < 0.2
+
+
+def test_cached_reference_outputs_give_the_same_result(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    a = _classifier(tmp_path / "a.onnx", rng.normal(size=(4, 3)))
+    b = _classifier(tmp_path / "b.onnx", rng.normal(size=(4, 3)))
+    cache: dict = {}
+    first = evaluate(a, b, _batches(), reference=cache)
+    assert sorted(cache) == [0, 1]
+    (tmp_path / "a.onnx").unlink()  # with the cache, the original model is not run again
+    assert evaluate(a, b, _batches(), reference=cache) == first
