@@ -106,6 +106,11 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", type=Path, metavar="STATS.npz",
                         help="prune from statistics saved by --save-stats (or merged by merge-stats) "
                              "instead of calibrating")
+    parser.add_argument("--ray", type=_positive, metavar="SHARDS", dest="ray_shards",
+                        help="calibrate on Ray (extra [ray]): split the data files into this many shards, one "
+                             "task each, and merge their statistics")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
     parser.add_argument("--report", type=Path, help="write the report as JSON to this file")
     parser.add_argument("--threads", type=_positive, help="ORT intra-op threads (default: ORT's choice)")
     raw = parser.add_argument_group("raw images and text")
@@ -161,7 +166,8 @@ def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
         ratio=ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
         compensate=args.compensate, ridge_lambda=args.ridge_lambda, score=args.score, batch_size=args.batch_size,
         max_samples=args.max_samples, min_samples=args.min_samples, allow_empty=getattr(args, "allow_empty", False),
-        stats=args.stats, save_stats=args.save_stats, threads=args.threads, progress=not args.quiet,
+        stats=args.stats, save_stats=args.save_stats, ray_shards=args.ray_shards, ray_address=args.ray_address,
+        threads=args.threads, progress=not args.quiet,
         raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
                        image_size=tuple(args.image_size) if args.image_size else None,
                        mean=tuple(args.mean), std=tuple(args.std)),

@@ -44,6 +44,8 @@ class PruneOptions:
     min_samples: int = 16
     stats: Path | None = None  # prune from statistics saved earlier instead of calibrating
     save_stats: Path | None = None  # write the calibration statistics here
+    ray_shards: int | None = None  # calibrate on Ray, this many shards of the data files
+    ray_address: str | None = None  # an existing Ray cluster (default: RAY_ADDRESS, else a local one)
     allow_empty: bool = False  # a model without MLP blocks is copied instead of refused
     threads: int | None = None
     progress: bool = True
@@ -126,7 +128,15 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         log.info("using statistics of %d samples from %s", prepared.samples, options.stats)
     elif calib is not None:
         calib = Path(calib)
-        if blocks:
+        if blocks and options.ray_shards:
+            from onnx_vbp.distributed import calibrate_on_ray  # Ray is an optional extra
+
+            start = time.perf_counter()
+            prepared.stats, prepared.samples = calibrate_on_ray(
+                model_path, calib, options.ray_shards, address=options.ray_address, batch_size=options.batch_size,
+                raw=options.raw, threads=options.threads, comoments=options.compensate == "ridge")
+            prepared.seconds = time.perf_counter() - start
+        elif blocks:
             prepared.stats, prepared.samples, prepared.seconds = _calibrate(
                 model, blocks, prepared.batches(calib, options), options, prepared.external_dir)
         first = next(prepared.batches(calib, options))

@@ -1,0 +1,54 @@
+"""Calibration scaled out on Ray (optional extra: pip install 'onnx_vbp[ray]').
+
+The data files are split into shards; each Ray task loads the model, finds its blocks and runs
+its shard through its own ORT session, and the driver Chan-merges the partial statistics (equal
+to one pass up to float64 rounding). There is no cluster code here: Ray connects to an existing
+cluster (`--ray-address`, or RAY_ADDRESS) or starts a local one. On a multi-machine cluster the
+model and the data must be readable at the same path on every node (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onnx_vbp.calibrate import Stats, calibrate, merge_stats
+from onnx_vbp.data import DataError, RawOptions, data_files, iter_batches, model_inputs
+from onnx_vbp.find import find_mlp_blocks
+from onnx_vbp.modelio import load_model
+
+
+def shard_stats(model_path: str, files: list[str], batch_size: int | None, raw: RawOptions,
+                threads: int | None, comoments: bool) -> tuple[dict[str, Stats], int]:
+    """One worker's job: statistics of one shard of the calibration files, and its sample count."""
+    path = Path(model_path)
+    model, external = load_model(path)
+    blocks = find_mlp_blocks(model)
+    specs = model_inputs(model)
+    samples = 0
+
+    def count(size: int) -> None:
+        nonlocal samples
+        samples += size
+
+    batches = (batch for file in files for batch in iter_batches(Path(file), specs, batch_size=batch_size, raw=raw))
+    stats = calibrate(model, blocks, batches, threads=threads, on_batch=count,
+                      external_dir=path.parent if external else None, comoments=comoments)
+    return stats, samples
+
+
+def calibrate_on_ray(model_path: Path, calib: Path, shards: int, *, address: str | None = None,
+                     batch_size: int | None = None, raw: RawOptions = RawOptions(), threads: int | None = None,
+                     comoments: bool = False) -> tuple[dict[str, Stats], int]:
+    """Statistics of every file under `calib`, computed by up to `shards` Ray tasks and merged."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise DataError("--ray needs Ray: pip install 'onnx_vbp[ray]'") from exc
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    files = [str(f.resolve()) for f in data_files(calib)]
+    parts = [files[i::shards] for i in range(min(shards, len(files)))]
+    task = ray.remote(shard_stats)
+    results = ray.get([task.remote(str(model_path.resolve()), part, batch_size, raw, threads, comoments)
+                       for part in parts])
+    return merge_stats([stats for stats, _ in results]), sum(samples for _, samples in results)
