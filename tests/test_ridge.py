@@ -83,3 +83,21 @@ def test_ridge_through_the_cli_beats_the_mean_fold(tmp_path: Path) -> None:
         assert report["compensate"] == method and report["ridge_lambda"] == 1e-3
         cosine[method] = report["eval"]["outputs"]["y"]["cosine"]
     assert cosine["ridge"] > cosine["mean"] + 0.01, cosine
+
+
+def test_second_moments_over_budget_are_refused(monkeypatch) -> None:
+    import importlib
+
+    import pytest
+
+    from onnx_vbp.calibrate import CalibrationError
+
+    # the package exports the function calibrate(), which shadows the module of the same name
+    calibrate_module = importlib.import_module("onnx_vbp.calibrate")
+
+    model = _duplicated_neurons_model()
+    blocks = find_mlp_blocks(model)
+    monkeypatch.setattr(calibrate_module, "COMOMENT_BUDGET", 8 * 16 * 16 - 1)  # one byte short of 16 x 16
+    with pytest.raises(CalibrationError, match="second moments for ridge compensation need"):
+        calibrate(model, blocks, [random_batch(model, batch=4)], comoments=True)
+    assert calibrate(model, blocks, [random_batch(model, batch=4)])  # without second moments: fine
