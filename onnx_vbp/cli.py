@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from onnx_vbp import __version__
@@ -179,30 +180,44 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="onnx-vbp: %(message)s")
 
 
-def sweep_main(argv: list[str]) -> int:
-    args = build_sweep_parser().parse_args(argv)
-    _configure_logging(args)
-    if args.output is not None and args.target_retention is None:
-        build_sweep_parser().error("-o needs --target-retention")
+USER_ERRORS = (ModelError, DataError, CalibrationError, NoBlocksError, RuntimeLoadError, SelectionError, OSError)
+
+
+def _exit_code(command: Callable[[], int]) -> int:
+    """Run a command: bad input is one line on stderr and exit 1, Ctrl-C exit 130."""
     try:
-        if args.output is not None:
-            check_output(args.model, args.output)
-        with tempfile.TemporaryDirectory(dir=args.output.parent if args.output else None) as tmp:
-            rows = sweep(args.model, args.calib, args.ratios, args.eval, Path(tmp), _options(args))
-            best = pick(rows, args.target_retention) if args.target_retention is not None else None
-            if best is not None and args.output is not None:
-                os.replace(best["output"], args.output)
-                data = Path(best["output"] + ".data")
-                if data.exists():
-                    os.replace(data, args.output.with_name(args.output.name + ".data"))
-        if args.plot is not None:
-            plot_sweep(rows, args.plot)
-    except (ModelError, DataError, CalibrationError, NoBlocksError, RuntimeLoadError, SelectionError) as exc:
+        return command()
+    except USER_ERRORS as exc:
         print(f"onnx-vbp: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("onnx-vbp: interrupted; nothing written", file=sys.stderr)
         return 130
+
+
+def _prune(args: argparse.Namespace) -> int:
+    report = prune_file(args.model, args.calib, args.output, _options(args, args.ratio), eval_data=args.eval)
+    if args.report is not None:
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.quiet:
+        print(format_table(report))
+        print(f"wrote {report['output']}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        check_output(args.model, args.output)
+    with tempfile.TemporaryDirectory(dir=args.output.parent if args.output else None) as tmp:
+        rows = sweep(args.model, args.calib, args.ratios, args.eval, Path(tmp), _options(args))
+        best = pick(rows, args.target_retention) if args.target_retention is not None else None
+        if best is not None and args.output is not None:
+            os.replace(best["output"], args.output)
+            data = Path(best["output"] + ".data")
+            if data.exists():
+                os.replace(data, args.output.with_name(args.output.name + ".data"))
+    if args.plot is not None:
+        plot_sweep(rows, args.plot)
     if args.report is not None:
         args.report.write_text(json.dumps({"rows": rows, "best_ratio": best and best["ratio"]}, indent=2) + "\n")
     if not args.quiet:
@@ -213,43 +228,34 @@ def sweep_main(argv: list[str]) -> int:
     return 0
 
 
-def merge_main(argv: list[str]) -> int:
-    """`onnx-vbp merge-stats A.npz B.npz ... -o ALL.npz`: Chan-merge statistics of data shards."""
+def _merge(args: argparse.Namespace) -> int:
+    loaded = [load_stats(path) for path in args.parts]
+    merged = merge_stats([stats for stats, _, _ in loaded])
+    save_stats(args.output, merged, sum(samples for _, samples, _ in loaded), loaded[0][2])
+    return 0
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-vbp merge-stats",
                      description="Merge statistics saved with --save-stats on disjoint shards of the calibration "
                                  "data (same model) into one file, as if calibrated in one pass.")
     parser.add_argument("parts", type=Path, nargs="+", help="statistics files to merge")
     parser.add_argument("-o", "--output", type=Path, required=True, help="merged statistics file")
-    args = parser.parse_args(argv)
-    try:
-        loaded = [load_stats(path) for path in args.parts]
-        merged = merge_stats([stats for stats, _, _ in loaded])
-        save_stats(args.output, merged, sum(samples for _, samples, _ in loaded), loaded[0][2])
-    except (CalibrationError, OSError) as exc:
-        print(f"onnx-vbp: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["merge-stats"]:
-        return merge_main(argv[1:])
+        args = build_merge_parser().parse_args(argv[1:])
+        return _exit_code(lambda: _merge(args))
     if argv[:1] == ["sweep"]:
-        return sweep_main(argv[1:])
+        parser = build_sweep_parser()
+        args = parser.parse_args(argv[1:])
+        if args.output is not None and args.target_retention is None:
+            parser.error("-o needs --target-retention")
+        _configure_logging(args)
+        return _exit_code(lambda: _sweep(args))
     args = build_parser().parse_args(argv)
     _configure_logging(args)
-    try:
-        report = prune_file(args.model, args.calib, args.output, _options(args, args.ratio), eval_data=args.eval)
-    except (ModelError, DataError, CalibrationError, NoBlocksError, RuntimeLoadError, SelectionError) as exc:
-        print(f"onnx-vbp: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("onnx-vbp: interrupted; nothing written", file=sys.stderr)
-        return 130
-    if args.report is not None:
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
-    if not args.quiet:
-        print(format_table(report))
-        print(f"wrote {report['output']}")
-    return 0
+    return _exit_code(lambda: _prune(args))
