@@ -131,6 +131,8 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         if blocks and options.ray_shards:
             from onnx_vbp.distributed import calibrate_on_ray  # Ray is an optional extra
 
+            if options.max_samples is not None:
+                raise DataError("--max-samples cannot cap shards calibrated on Ray; pass a smaller CALIB instead")
             start = time.perf_counter()
             prepared.stats, prepared.samples = calibrate_on_ray(
                 model_path, calib, options.ray_shards, address=options.ray_address, batch_size=options.batch_size,

@@ -183,6 +183,10 @@ def per_block_ratio_below_min_keep(ws):
         "fewer than --min-keep 20"
 
 
+def ray_with_max_samples(ws):
+    return [ws / "net.onnx", ws / "calib", "--ray", "2", "--max-samples", "8"], "--max-samples cannot cap shards"
+
+
 def output_is_input(ws):
     return [ws / "net.onnx", ws / "calib", "-o", ws / "net.onnx"], "overwrite the input model"
 
@@ -199,7 +203,8 @@ ROWS = [model_missing, model_is_directory, model_empty, model_not_onnx, model_tr
         external_data_missing, external_data_truncated, model_ort_cannot_load, no_mlp_block, all_blocks_skipped,
         calib_missing, calib_empty, calib_no_known_format, calib_unreadable, calib_input_name_unknown,
         calib_wrong_dtype, calib_wrong_rank, calib_wrong_fixed_dim, calib_too_few_samples, calib_nan_input,
-        calib_inf_hidden, ratio_infeasible_with_min_keep, per_block_ratio_below_min_keep, output_is_input,
+        calib_inf_hidden, ratio_infeasible_with_min_keep, per_block_ratio_below_min_keep, ray_with_max_samples,
+        output_is_input,
         output_dir_missing, output_dir_not_writable]
 
 
