@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onnx_vbp import __version__
+from onnx_vbp.bench import bench, format_bench, make_inputs, write_perf_test_data
 from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError, load_stats, merge_stats, save_stats
-from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions
-from onnx_vbp.modelio import ModelError
+from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions, model_inputs
+from onnx_vbp.modelio import ModelError, load_model
 from onnx_vbp.pipeline import NoBlocksError, PruneOptions, check_output, prune_file
 from onnx_vbp.report import format_table
 from onnx_vbp.rewrite import DEFAULT_RIDGE_LAMBDA
@@ -37,6 +38,8 @@ per line, *.jsonl with a "text" field; needs --tokenizer and onnx_vbp[text]).
 
 EPILOG = """\
 subcommands:
+  bench ORIGINAL PRUNED [--batch-size B] [--threads T] [--json] [--perf-test-data]
+                                       latency side by side, speedup vs the MAC bound
   sweep MODEL CALIB --eval HELDOUT [--ratios ...] [--target-retention T -o OUT] [--plot PNG]
                                        one calibration, several ratios, retention vs MACs
   merge-stats A.npz B.npz -o ALL.npz   merge statistics saved with --save-stats on data shards
@@ -244,11 +247,43 @@ def build_merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_bench_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnx-vbp bench",
+                     description="Latency of ORIGINAL and PRUNED side by side in ONNX Runtime (all graph "
+                                 "optimizations, pinned threads, warm-up, interleaved runs): medians, p90, speedup "
+                                 "and the MAC ratio it is measured against.")
+    parser.add_argument("original", type=Path)
+    parser.add_argument("pruned", type=Path)
+    parser.add_argument("--batch-size", type=_positive, default=1)
+    parser.add_argument("--seq", type=_positive, default=128, help="length of symbolic non-batch dims (default 128)")
+    parser.add_argument("--data", type=Path, help="take the inputs from this data (first batch) instead of random")
+    parser.add_argument("--threads", type=_positive, default=1, help="ORT intra-op threads (default 1)")
+    parser.add_argument("--runs", type=_positive, default=50, help="interleaved timed runs per model (default 50)")
+    parser.add_argument("--warmup", type=_non_negative, default=5)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--perf-test-data", action="store_true",
+                        help="also write test_data_set_0/input_*.pb beside PRUNED for onnxruntime_perf_test")
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    specs = model_inputs(load_model(args.original)[0])
+    feed = make_inputs(specs, args.batch_size, args.seq, args.data)
+    result = bench(args.original, args.pruned, feed, threads=args.threads, runs=args.runs, warmup=args.warmup)
+    if args.perf_test_data:
+        result["perf_test_data"] = str(write_perf_test_data(args.pruned, feed))
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["merge-stats"]:
         args = build_merge_parser().parse_args(argv[1:])
         return _exit_code(lambda: _merge(args))
+    if argv[:1] == ["bench"]:
+        args = build_bench_parser().parse_args(argv[1:])
+        return _exit_code(lambda: _bench(args))
     if argv[:1] == ["sweep"]:
         parser = build_sweep_parser()
         args = parser.parse_args(argv[1:])

@@ -1,0 +1,88 @@
+"""Latency of an original and a pruned model side by side in ORT (`onnx-vbp bench`).
+
+Both sessions use ORT's full graph optimizations and the same pinned thread count; after a
+warm-up, runs alternate A/B so that machine noise hits both alike, and medians and p90 are
+reported with the MAC ratio, the speedup the pruning promises. Timing lives here and in tools/,
+never in tests.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from onnx import numpy_helper
+
+from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.data import InputSpec, iter_batches
+from onnx_vbp.modelio import load_model
+from onnx_vbp.report import node_macs
+
+
+def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0
+                ) -> dict[str, np.ndarray]:
+    """One batch of inputs: the first batch of `data` (repeated to `batch_size`), else random
+    values (symbolic dims after the batch become `seq`; integer inputs in [0, 100), masks of 1)."""
+    if data is not None:
+        first = next(iter_batches(data, specs))
+        return {s.name: np.resize(first[s.name], (batch_size, *first[s.name].shape[1:])) for s in specs}
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        shape = [batch_size] + [d if isinstance(d, int) and d > 0 else seq for d in spec.shape[1:]]
+        if spec.dtype.kind in "iu":
+            values = np.ones(shape) if "mask" in spec.name else rng.integers(0, 100, shape)
+            feed[spec.name] = values.astype(spec.dtype)
+        else:
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return feed
+
+
+def write_perf_test_data(model_path: Path, feed: dict[str, np.ndarray]) -> Path:
+    """`test_data_set_0/input_*.pb` beside the model, the layout onnxruntime_perf_test reads."""
+    folder = model_path.parent / "test_data_set_0"
+    folder.mkdir(exist_ok=True)
+    for index, (name, value) in enumerate(feed.items()):
+        (folder / f"input_{index}.pb").write_bytes(numpy_helper.from_array(value, name).SerializeToString())
+    return folder
+
+
+def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 50,
+          warmup: int = 5) -> dict:
+    """Median and p90 latency (ms) of both models on `feed` (see `make_inputs`), interleaved, and
+    the speedup against the MAC ratio."""
+    model, external = load_model(original)
+    sessions = {"original": cpu_session(str(original), threads, optimize=True),
+                "pruned": cpu_session(str(pruned), threads, optimize=True)}
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    one = {k: v[:1] for k, v in feed.items()}
+    macs_before = sum(node_macs(model, one, original.parent if external else None).values())
+    pruned_model, pruned_external = load_model(pruned)
+    macs_after = sum(node_macs(pruned_model, one, pruned.parent if pruned_external else None).values())
+    result = {name: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))}
+              for name, t in times.items()}
+    speedup = result["original"]["median_ms"] / result["pruned"]["median_ms"]
+    mac_bound = macs_before / max(macs_after, 1)
+    return {**result, "speedup": speedup, "mac_bound": mac_bound, "speedup_over_mac_bound": speedup / mac_bound,
+            "batch_size": len(next(iter(feed.values()))), "threads": threads, "runs": runs,
+            "inputs": {name: list(value.shape) for name, value in feed.items()}, "ort_optimization": "ORT_ENABLE_ALL"}
+
+
+def format_bench(result: dict) -> str:
+    lines = [f"{'':<10} {'median ms':>10} {'p90 ms':>10}"]
+    for name in ("original", "pruned"):
+        lines.append(f"{name:<10} {result[name]['median_ms']:>10.2f} {result[name]['p90_ms']:>10.2f}")
+    lines.append(f"speedup {result['speedup']:.3f}x; MAC bound {result['mac_bound']:.3f}x; "
+                 f"speedup / MAC bound {result['speedup_over_mac_bound']:.3f} "
+                 f"(batch {result['batch_size']}, {result['threads']} thread(s), {result['runs']} interleaved runs)")
+    return "\n".join(lines)
+
