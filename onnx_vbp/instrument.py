@@ -12,14 +12,19 @@ def hidden_outputs(blocks: list[MlpBlock]) -> list[str]:
     return [site.hidden for block in blocks for site in block.sites]
 
 
-def instrument(model: onnx.ModelProto, blocks: list[MlpBlock]) -> bytes:
-    """Serialize `model` with the hidden tensors of `blocks` added to the graph outputs.
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """Serialize `model` with the tensors `names` added to its graph outputs.
 
     Protobuf merges concatenated serializations of a message (repeated fields append), so the
     extra outputs are appended to the serialized model without copying its weights into a second
     ModelProto. The outputs carry no type: ORT takes it from the producing node.
     """
     existing = {o.name for o in model.graph.output}
-    extra = [onnx.ValueInfoProto(name=name) for name in hidden_outputs(blocks) if name not in existing]
+    extra = [onnx.ValueInfoProto(name=name) for name in names if name not in existing]
     addition = onnx.ModelProto(graph=onnx.GraphProto(output=extra))
     return model.SerializeToString() + addition.SerializeToString()
+
+
+def instrument(model: onnx.ModelProto, blocks: list[MlpBlock]) -> bytes:
+    """Serialize `model` with the hidden tensors of `blocks` added to the graph outputs."""
+    return with_outputs(model, hidden_outputs(blocks))

@@ -10,6 +10,7 @@ import onnx
 
 from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.find import MlpBlock
+from onnx_vbp.instrument import with_outputs
 from onnx_vbp.select import Plan
 
 MAC_OPS = ("MatMul", "Gemm", "Conv")
@@ -33,10 +34,7 @@ def node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_d
     if not nodes:
         return {}
     wanted = sorted({name for n in nodes for name in (n.input[0], n.input[1], n.output[0])} - set(known))
-    existing = {o.name for o in model.graph.output}
-    extra = onnx.ModelProto(graph=onnx.GraphProto(
-        output=[onnx.ValueInfoProto(name=name) for name in wanted if name not in existing]))
-    session = cpu_session(model.SerializeToString() + extra.SerializeToString(), external_dir=external_dir)
+    session = cpu_session(with_outputs(model, wanted), external_dir=external_dir)
     values = session.run(wanted, dict(feed))
     shapes = {**known, **{name: v.shape for name, v in zip(wanted, values, strict=True)}}
     batch = max(len(next(iter(feed.values()))), 1)
