@@ -7,10 +7,13 @@ name the same tensors when `rewrite` imports the model again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 # Ops that hand a parameter to its consumer unchanged up to layout or dtype: exporters put weights
 # stored [out, in] behind a Transpose and fp16 weights behind a Cast.
@@ -146,3 +149,22 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
         chain.append(node)
         tensor = node.inputs[0]
     return TracedParam(tensor, chain)
+
+
+class DiskWeights:
+    """The initializers a model keeps in external data files (it was loaded without them), read
+    into gs constants one at a time, only when a stage needs their values."""
+
+    def __init__(self, model: onnx.ModelProto, folder: Path | None) -> None:
+        self.folder = folder
+        self.tensors = {t.name: t for t in model.graph.initializer if uses_external_data(t)}
+
+    def load(self, const: gs.Constant) -> None:
+        """Give `const` its values if they are still on disk (a no-op otherwise)."""
+        tensor = self.tensors.pop(const.name, None)
+        if tensor is None:
+            return
+        if self.folder is None:
+            raise ValueError(f"weight '{tensor.name}' is in external data: pass external_dir")
+        const.values = numpy_helper.to_array(tensor, base_dir=str(self.folder))
+        const.data_location = None  # else gs exports the edited tensor marked external, with no location

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
-from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.calibrate import Stats
 from onnx_vbp.find import MlpBlock
-from onnx_vbp.graph import import_graph, node_key, trace_param
+from onnx_vbp.graph import DiskWeights, import_graph, node_key, trace_param
 
 SCORES = ("variance", "variance-x-norm")
 
@@ -27,13 +25,12 @@ def fc2_row_norms(model: onnx.ModelProto, blocks: list[MlpBlock], external_dir: 
     """Squared norm of each neuron's row of fc2's weight (first site; tied sites share it)."""
     graph = import_graph(model)
     nodes = {node_key(n): n for n in graph.nodes}
-    on_disk = {t.name: t for t in model.graph.initializer if uses_external_data(t)}
+    disk = DiskWeights(model, external_dir)
     norms = {}
     for block in blocks:
         ref = block.sites[0].fc2_weight
         traced = trace_param(nodes[ref.node].inputs[ref.input])
-        if traced.source.name in on_disk:
-            traced.source.values = numpy_helper.to_array(on_disk[traced.source.name], base_dir=str(external_dir))
+        disk.load(traced.source)
         rows = np.moveaxis(traced.value().astype(np.float64), ref.axis, 0).reshape(block.width, -1)
         norms[block.name] = np.square(rows).sum(axis=1)
     return norms

@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.calibrate import Stats
 from onnx_vbp.find import BiasRef, MlpBlock, MlpSite, ParamRef
 from onnx_vbp.graph import (
+    DiskWeights,
     TracedParam,
     export_model,
     import_graph,
@@ -41,8 +40,7 @@ class _Editor:
     tensors of a model whose weights are still on disk (read one at a time, only when edited)."""
 
     def __init__(self, model: onnx.ModelProto, external_dir: Path | None) -> None:
-        self.external_dir = external_dir
-        self.on_disk = {t.name: t for t in model.graph.initializer if uses_external_data(t)}
+        self.disk = DiskWeights(model, external_dir)
         self.graph = import_graph(model)
         self.nodes = {node_key(n): n for n in self.graph.nodes}
         self.tensors = self.graph.tensors()
@@ -61,12 +59,7 @@ class _Editor:
         """The constant feeding `node.inputs[index]`, copied first if anything outside `readers`
         (ids of the block's nodes) reads it or the pass-through chain in between."""
         traced = trace_param(node.inputs[index])
-        on_disk = self.on_disk.pop(traced.source.name, None)
-        if on_disk is not None:
-            if self.external_dir is None:
-                raise ValueError(f"weight '{on_disk.name}' is in external data: pass external_dir")
-            traced.source.values = numpy_helper.to_array(on_disk, base_dir=str(self.external_dir))
-            traced.source.data_location = None  # gs would re-mark the edited tensor as external
+        self.disk.load(traced.source)
         allowed = readers | {id(n) for n in traced.chain}
         shared = any(
             id(t) in self.graph_outputs or any(id(c) not in allowed for c in t.outputs) for t in traced.tensors()
