@@ -95,6 +95,13 @@ class Prepared:
     samples: int
     seconds: float
     macs: dict[str, int]  # per MatMul/Gemm/Conv node, per sample
+    _scores: dict[str, dict] = field(default_factory=dict)
+
+    def scores(self, score: str) -> dict:
+        """Neuron scores by criterion, computed once: a sweep ranks many ratios by the same ones."""
+        if score not in self._scores:
+            self._scores[score] = neuron_scores(self.stats, score, self.model, self.blocks, self.external_dir)
+        return self._scores[score]
 
     @property
     def external_dir(self) -> Path | None:
@@ -163,9 +170,8 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
     see `evaluate`)."""
     model, blocks = prepared.model, prepared.blocks
     if blocks:
-        scores = neuron_scores(prepared.stats, options.score, model, blocks, prepared.external_dir)
         plan = select(prepared.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
-                      round_to=options.round_to, scores=scores)
+                      round_to=options.round_to, scores=prepared.scores(options.score))
         pruned = rewrite(model, blocks, prepared.stats, plan, compensate=options.compensate,
                          ridge_lambda=options.ridge_lambda, external_dir=prepared.external_dir)
     else:
