@@ -27,6 +27,42 @@ def test_streaming_equals_two_pass_with_large_offset() -> None:
     np.testing.assert_allclose(stats.variance, data.var(axis=0), rtol=1e-9)
 
 
+def _two_pass(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    exact = data.astype(np.float64)
+    deviations = exact - exact.mean(axis=0)
+    return exact.mean(axis=0), np.square(deviations).sum(axis=0), deviations.T @ deviations
+
+
+@pytest.mark.parametrize("first_rows", ["like the rest", "far from the rest"])
+def test_one_pass_over_chunks_equals_two_pass(first_rows: str) -> None:
+    """Wide float32 activations span many cache-sized chunks; the shift is the first chunk's mean,
+    which may sit far from the batch mean: the result must still be the two-pass one."""
+    rng = np.random.default_rng(2)
+    width = 4096  # 64 rows per chunk: 700 rows make 11 chunks
+    data = (1e3 + rng.standard_normal((700, width))).astype(np.float32)
+    if first_rows == "far from the rest":
+        data[:64] -= 50.0
+    stats = Stats.of(data)
+    mean, m2, _ = _two_pass(data)
+    np.testing.assert_allclose(stats.mean, mean, rtol=1e-14)
+    np.testing.assert_allclose(stats.m2, m2, rtol=1e-11)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_reduction_equals_one_thread(workers: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    data = (5.0 + rng.standard_normal((2000, 300)) * rng.uniform(0.01, 3, 300)).astype(np.float32)
+    with ThreadPoolExecutor(workers) as pool:
+        stats = Stats.of_parallel(data, pool, workers, comoment=True)
+    mean, m2, cross = _two_pass(data)
+    assert stats.count == 2000
+    np.testing.assert_allclose(stats.mean, mean, rtol=1e-14)
+    np.testing.assert_allclose(stats.m2, m2, rtol=1e-11)
+    np.testing.assert_allclose(stats.comoment, cross, rtol=1e-9, atol=1e-9 * np.abs(cross).max())
+
+
 def test_merge_with_empty_is_neutral_and_order_free() -> None:
     rng = np.random.default_rng(1)
     a, b = Stats.of(rng.normal(size=(5, 3))), Stats.of(rng.normal(3, 2, size=(9, 3)))
@@ -42,8 +78,9 @@ def test_calibrate_matches_two_pass_over_all_tokens() -> None:
     batches = [random_batch(model, batch=b, seed=s) for s, b in enumerate((1, 4, 7))]
     stats = calibrate(model, blocks, batches)
 
-    # reference: the raw hidden activations of all batches, stacked, in one float64 two-pass
-    probe = cpu_session(instrument(model, blocks))
+    # reference: the raw hidden activations of all batches (the optimized graph calibration runs),
+    # stacked, in one float64 two-pass
+    probe = cpu_session(instrument(model, blocks), optimize=True)
     hidden = [probe.run(None, b)[1:] for b in batches]
     for i, block in enumerate(blocks):
         raw = np.concatenate([h[i].reshape(-1, block.width) for h in hidden]).astype(np.float64)
