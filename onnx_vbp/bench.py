@@ -8,10 +8,13 @@ never in tests.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 from onnx_vbp.calibrate import cpu_session
@@ -48,13 +51,28 @@ def write_perf_test_data(model_path: Path, feed: dict[str, np.ndarray]) -> Path:
     return folder
 
 
+def optimized_ops(path: Path) -> Counter[str]:
+    """Node count per op of a graph ORT saved after optimizing (`domain:op` outside ai.onnx)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return Counter(f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in graph.node)
+
+
+def fusion_differences(original: Counter[str], pruned: Counter[str]) -> dict[str, list[int]]:
+    """Ops whose count differs between the two optimized graphs: a fusion pruning broke shows
+    here (e.g. BiasGelu back to Add + Gelu)."""
+    return {op: [original[op], pruned[op]] for op in sorted(original | pruned) if original[op] != pruned[op]}
+
+
 def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 50,
           warmup: int = 5) -> dict:
-    """Median and p90 latency (ms) of both models on `feed` (see `make_inputs`), interleaved, and
-    the speedup against the MAC ratio."""
+    """Median and p90 latency (ms) of both models on `feed` (see `make_inputs`), interleaved, the
+    speedup against the MAC ratio, and whether ORT optimized both graphs into the same ops."""
     model, external = load_model(original)
-    sessions = {"original": cpu_session(str(original), threads, optimize=True),
-                "pruned": cpu_session(str(pruned), threads, optimize=True)}
+    paths = {"original": original, "pruned": pruned}
+    with tempfile.TemporaryDirectory(prefix="onnx_vbp.") as folder:
+        sessions = {name: cpu_session(str(path), threads, optimize=True, save_optimized=Path(folder) / f"{name}.onnx")
+                    for name, path in paths.items()}
+        ops = {name: optimized_ops(Path(folder) / f"{name}.onnx") for name in paths}
     for session in sessions.values():
         for _ in range(warmup):
             session.run(None, feed)
@@ -74,7 +92,9 @@ def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads:
     mac_bound = macs_before / max(macs_after, 1)
     return {**result, "speedup": speedup, "mac_bound": mac_bound, "speedup_over_mac_bound": speedup / mac_bound,
             "batch_size": len(next(iter(feed.values()))), "threads": threads, "runs": runs,
-            "inputs": {name: list(value.shape) for name, value in feed.items()}, "ort_optimization": "ORT_ENABLE_ALL"}
+            "inputs": {name: list(value.shape) for name, value in feed.items()}, "ort_optimization": "ORT_ENABLE_ALL",
+            "optimized_nodes": {name: sum(counts.values()) for name, counts in ops.items()},
+            "fusion_differences": fusion_differences(ops["original"], ops["pruned"])}
 
 
 def format_bench(result: dict) -> str:
@@ -84,5 +104,9 @@ def format_bench(result: dict) -> str:
     lines.append(f"speedup {result['speedup']:.3f}x; MAC bound {result['mac_bound']:.3f}x; "
                  f"speedup / MAC bound {result['speedup_over_mac_bound']:.3f} "
                  f"(batch {result['batch_size']}, {result['threads']} thread(s), {result['runs']} interleaved runs)")
+    differences = result["fusion_differences"]
+    lines.append("ORT-optimized graphs: " + ("same ops" if not differences else "differ: " + ", ".join(
+        f"{op} {before} -> {after}" for op, (before, after) in differences.items()))
+        + f" ({result['optimized_nodes']['original']} / {result['optimized_nodes']['pruned']} nodes)")
     return "\n".join(lines)
 

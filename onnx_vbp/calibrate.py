@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -181,16 +182,22 @@ def merge_stats(parts: list[dict[str, Stats]]) -> dict[str, Stats]:
 
 
 def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False,
-                external_dir: Path | None = None) -> ort.InferenceSession:
+                external_dir: Path | None = None, save_optimized: Path | None = None) -> ort.InferenceSession:
     """A CPU ORT session, with all graph optimizations when `optimize`.
 
     ORT never fuses away a graph output, so calibration runs the optimized graph, as the user's
     deployment will; off is for sessions run once (shape probing, the load check of a written
     model), where optimizing would cost more than it saves. `external_dir`: where a serialized
     model's external data lives (ORT reads it from there, so the weights are not copied through
-    Python).
+    Python). `save_optimized`: also write the graph ORT optimized to this file, its weights to
+    a data file beside it.
     """
     options = ort.SessionOptions()
+    if save_optimized is not None:
+        options.optimized_model_filepath = str(save_optimized)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         f"{save_optimized.name}.data")
+        options.log_severity_level = 3  # else ORT warns that NCHWc layouts are machine-specific
     if external_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     if not optimize:
@@ -198,6 +205,13 @@ def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: 
     if threads:
         options.intra_op_num_threads = threads
     try:
+        if isinstance(model_bytes, bytes) and external_dir is None:
+            # ORT's Python session keeps the bytes it was built from as long as it lives (its own
+            # TODO says so): weights serialized inline go to ORT as a file instead, not held twice.
+            with tempfile.TemporaryDirectory(prefix="onnx_vbp.") as folder:
+                path = Path(folder) / "model.onnx"
+                path.write_bytes(model_bytes)
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:
         raise RuntimeLoadError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc

@@ -97,6 +97,11 @@ class MlpBlock:
     def fc2(self) -> str:
         return self.sites[0].fc2
 
+    @property
+    def conv(self) -> bool:
+        """fc1 and fc2 are 1x1 Convs: the neurons are channels (axis 1) of an NCHW tensor."""
+        return self.sites[0].hidden_axis == 1
+
 
 @dataclass(frozen=True)
 class SkippedBlock:

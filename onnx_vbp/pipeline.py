@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -164,6 +165,17 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     return prepared
 
 
+# ORT's CPU optimizer moves a 1x1 Conv to its NCHWc layout only when both channel counts are
+# multiples of 4; a pruned width like 23 would fall back to plain Conv plus layout reorders.
+NCHWC_CHANNELS = 4
+
+
+def block_multiples(blocks: list[MlpBlock], round_to: int) -> dict[str, int]:
+    """What each block's kept width is rounded to: `round_to`, and for 1x1-Conv blocks also a
+    multiple of NCHWC_CHANNELS, so the pruned graph keeps the original's NCHWc kernels."""
+    return {b.name: math.lcm(round_to, NCHWC_CHANNELS) if b.conv else round_to for b in blocks}
+
+
 def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_data: Path | None = None,
                    reference: dict | None = None) -> dict:
     """Select, rewrite and write one pruned model from `prepared`; returns its report (`reference`:
@@ -171,7 +183,7 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
     model, blocks = prepared.model, prepared.blocks
     if blocks:
         plan = select(prepared.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
-                      round_to=options.round_to, scores=prepared.scores(options.score))
+                      round_to=block_multiples(blocks, options.round_to), scores=prepared.scores(options.score))
         pruned = rewrite(model, blocks, prepared.stats, plan, compensate=options.compensate,
                          ridge_lambda=options.ridge_lambda, external_dir=prepared.external_dir)
     else:

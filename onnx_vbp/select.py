@@ -7,6 +7,7 @@ turns statistics into a `Plan` of kept indices.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,7 @@ def select(
     *,
     scope: str = "global",
     min_keep: int = 1,
-    round_to: int = 1,
+    round_to: int | Mapping[str, int] = 1,
     scores: dict[str, np.ndarray] | None = None,
 ) -> Plan:
     """Prune the fraction `ratio` of all hidden neurons with the lowest variance (or the lowest
@@ -44,13 +45,15 @@ def select(
 
     `scope="global"` ranks every block's neurons together (the paper); `"per-block"` removes the
     same fraction from each block. Each block keeps at least `min_keep` neurons, and its kept width
-    is then rounded up to a multiple of `round_to` by restoring its highest-variance pruned neurons.
+    is then rounded up to a multiple of `round_to` (one number, or one per block name) by restoring
+    its highest-variance pruned neurons.
     """
     if not 0.0 <= ratio < 1.0:
         raise SelectionError(f"ratio must be in [0, 1), got {ratio}")
     if scope not in SCOPES:
         raise SelectionError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if min_keep < 0 or round_to < 1:
+    multiple = round_to if isinstance(round_to, Mapping) else dict.fromkeys(stats, round_to)
+    if min_keep < 0 or min(multiple.values(), default=1) < 1:
         raise SelectionError("min_keep must be >= 0 and round_to >= 1")
     ranking = scores if scores is not None else {name: s.variance for name, s in stats.items()}
     if scope == "global":
@@ -71,7 +74,7 @@ def select(
         width = score.size
         mask = np.ones(width, dtype=bool)
         mask[pruned[name]] = False
-        target = min(width, math.ceil(mask.sum() / round_to) * round_to)
+        target = min(width, math.ceil(mask.sum() / multiple[name]) * multiple[name])
         if target > mask.sum():
             restore = [i for i in np.argsort(-score, kind="stable") if not mask[i]]
             mask[restore[: target - mask.sum()]] = True

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from graphs import BlockSpec, build_model, random_batch
 
-from onnx_vbp.bench import make_inputs
+from onnx_vbp import calibrate, find_mlp_blocks, rewrite, select
+from onnx_vbp.bench import bench, make_inputs
 from onnx_vbp.cli import main
 from onnx_vbp.data import InputSpec, iter_batches, model_inputs
+from onnx_vbp.pipeline import block_multiples
 
 
 def test_bench_reports_both_models_and_the_mac_bound(tmp_path: Path, capsys) -> None:
@@ -30,6 +33,7 @@ def test_bench_reports_both_models_and_the_mac_bound(tmp_path: Path, capsys) -> 
     assert result["speedup"] == result["original"]["median_ms"] / result["pruned"]["median_ms"]
     assert result["inputs"] == {"x": [4, 6, 8]} and result["runs"] == 3
     assert all(result[m]["p90_ms"] >= result[m]["median_ms"] > 0 for m in ("original", "pruned"))
+    assert result["fusion_differences"] == {}  # ORT fuses the pruned graph (BiasGelu...) as it did the original
     (written,) = iter_batches(Path(result["perf_test_data"]), model_inputs(model))  # our own loader reads it back
     assert written["x"].shape == (4, 6, 8)
 
@@ -42,3 +46,43 @@ def test_inputs_random_or_from_data(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", input_ids=np.arange(10).reshape(2, 5), attention_mask=np.ones((2, 5), np.int64))
     from_data = make_inputs(specs, 3, 16, tmp_path)
     assert from_data["input_ids"].tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize(("fc", "extra_adds"), [("matmul", 2), ("gemm", 0), ("conv", 0)])
+def test_fc2_without_bias_fuses_as_before_but_for_the_bias_a_matmul_lacks(tmp_path: Path, fc: str,
+                                                                           extra_adds: int) -> None:
+    """Gemm and Conv take the folded bias as an input; a 3-D MatMul has none, so each of its blocks
+    gains exactly one Add (ORT's CPU optimizer fuses no MatMul + Add here, with or without pruning).
+    Pruned through the CLI, whose plan keeps 1x1-Conv widths NCHWc-friendly."""
+    model = build_model([BlockSpec(fc=fc, fc2_bias="none", hidden=64)] * 2, dim=16, layernorm=True)
+    onnx.save(model, tmp_path / "net.onnx")
+    (tmp_path / "calib").mkdir()
+    np.savez(tmp_path / "calib" / "b.npz", **random_batch(model, batch=8))
+    assert main([str(tmp_path / "net.onnx"), str(tmp_path / "calib"), "--ratio", "0.5", "-q", "--min-samples", "1",
+                 "-o", str(tmp_path / "small.onnx")]) == 0
+    result = bench(tmp_path / "net.onnx", tmp_path / "small.onnx", random_batch(model, batch=2), runs=1, warmup=0)
+    adds = result["fusion_differences"].get("Add", [])
+    assert result["fusion_differences"] == ({"Add": [adds[0], adds[0] + extra_adds]} if extra_adds else {})
+    assert result["optimized_nodes"]["pruned"] - result["optimized_nodes"]["original"] == extra_adds
+
+
+def test_conv_blocks_keep_nchwc_widths(tmp_path: Path) -> None:
+    """An odd kept width drops ORT's NCHWc Conv for that block; the pipeline rounds 1x1-Conv
+    blocks to multiples of 4 (and of --round-to), MatMul blocks only to --round-to."""
+    model = build_model([BlockSpec(fc="conv", hidden=64), BlockSpec(fc="conv", hidden=64)], dim=16)
+    blocks = find_mlp_blocks(model)
+    stats = calibrate(model, blocks, [random_batch(model, batch=8)])
+    free = select(stats, 0.45)  # prunes 57 of 128: an odd total, so some block's width is odd
+    assert any(k.size % 4 for k in free.keep.values())
+    onnx.save(model, tmp_path / "net.onnx")
+    onnx.save(rewrite(model, blocks, stats, free), tmp_path / "odd.onnx")
+    odd = bench(tmp_path / "net.onnx", tmp_path / "odd.onnx", random_batch(model, batch=2), runs=1, warmup=0)
+    assert odd["fusion_differences"]  # the effect the rounding exists for
+    aligned = select(stats, 0.45, round_to=block_multiples(blocks, 1))
+    assert all(k.size % 4 == 0 for k in aligned.keep.values())
+    onnx.save(rewrite(model, blocks, stats, aligned), tmp_path / "aligned.onnx")
+    result = bench(tmp_path / "net.onnx", tmp_path / "aligned.onnx", random_batch(model, batch=2), runs=1, warmup=0)
+    assert result["fusion_differences"] == {}
+    assert block_multiples(blocks, 6) == dict.fromkeys((b.name for b in blocks), 12)
+    matmul = find_mlp_blocks(build_model([BlockSpec(hidden=64)]))
+    assert block_multiples(matmul, 6) == {matmul[0].name: 6}

@@ -1,12 +1,19 @@
-"""Calibration overhead: onnx_vbp's calibration vs plain inference on the same batches.
+"""Calibration overhead: onnx_vbp's calibration against plain inference on the same batches.
 
-Each measurement runs in a fresh process (so its peak RSS is its own), with the same pinned
-intra-op thread count: (a) a plain ORT session (graph optimizations off, as calibration has
-them) running every batch; (b) onnx_vbp.calibrate over the same batches. Reported: time ratio
-(b)/(a) and peak RSS of each, for two sample counts (memory must not grow with samples).
+One fresh process per (model, sample count). Both sessions are built in it with the same pinned
+intra-op thread count; plain inference uses ORT_ENABLE_ALL, as a deployment does. The batches
+alternate: each one is run by the plain session and then handed to `onnx_vbp.calibrate`, whose
+time for a batch is the time from receiving it to asking for the next one (the ORT run, the
+float64 reduction and the merge). Machine noise therefore hits both sides alike. Set-up (finding
+the blocks, instrumenting, building the session) is timed apart from the per-batch work.
 
-Usage:  python tools/bench_calibration.py [--samples 1000,10000] [--threads 2]
-Default model: paraphrase-MiniLM-L3-v2 (fetch with tools/fetch_models.py), batch 32, seq 128.
+Memory: the process's peak RSS once the plain session has run a batch, then after calibrating;
+their difference is what calibration adds. The high-water mark is also sampled along the run
+(at 10 %, 50 % and 100 % of the samples): calibration memory must not grow with the samples.
+
+Usage:  python tools/bench_calibration.py [--models minilm,deit] [--samples 1000,10000] [--threads 2]
+Models: paraphrase-MiniLM-L3-v2 (tools/fetch_models.py; batch 32 x 128 random token ids) and
+the DeiT-B-size timm export (tools/export_deit.py; batch 32 random 224x224 images).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from export_deit import export
 from fetch_models import cache_dir, fetch
 
 RUN = """
@@ -24,47 +32,86 @@ import json, resource, sys, time
 import numpy as np, onnx
 from onnx_vbp import calibrate, find_mlp_blocks
 from onnx_vbp.calibrate import cpu_session
-path, mode, samples, batch, seq, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+path, samples, batch, threads = sys.argv[1], *map(int, sys.argv[2:])
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 model = onnx.load(path)
 rng = np.random.default_rng(0)
-def batches():
-    for start in range(0, samples, batch):
-        ids = rng.integers(1000, 20000, (min(batch, samples - start), seq)).astype(np.int64)
-        yield {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+def random_batch(size):
+    if model.graph.input[0].name == "input_ids":
+        ids = rng.integers(1000, 20000, (size, 128)).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return {model.graph.input[0].name: rng.standard_normal((size, 3, 224, 224)).astype(np.float32)}
 start = time.perf_counter()
-if mode == "plain":
-    session = cpu_session(model.SerializeToString(), threads)
-    for feed in batches():
-        session.run(None, feed)
-else:
-    calibrate(model, find_mlp_blocks(model), batches(), threads=threads)
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+plain = cpu_session(path, threads, optimize=True)
+plain_setup = time.perf_counter() - start
+plain.run(None, random_batch(batch))  # warm: the plain session's steady memory
+peak_plain = peak_mb()
+timing = {"plain": 0.0, "calibrate": 0.0}
+checkpoints = {}
+def interleaved():
+    done, mark = 0, None
+    for begin in range(0, samples, batch):
+        resumed = time.perf_counter()
+        if mark is None:
+            timing["calibrate_setup"] = resumed - called
+        else:
+            timing["calibrate"] += resumed - mark
+        feed = random_batch(min(batch, samples - begin))
+        start = time.perf_counter()
+        plain.run(None, feed)
+        timing["plain"] += time.perf_counter() - start
+        done += len(feed[next(iter(feed))])
+        for share in (0.1, 0.5):
+            if done >= share * samples and share not in checkpoints:
+                checkpoints[share] = peak_mb()
+        mark = time.perf_counter()
+        yield feed
+    timing["calibrate"] += time.perf_counter() - mark
+called = time.perf_counter()
+calibrate(model, find_mlp_blocks(model), interleaved(), threads=threads)
+checkpoints[1.0] = peak_mb()
+print(json.dumps({"plain_s": timing["plain"], "calibrate_s": timing["calibrate"],
+                  "plain_setup_s": plain_setup, "calibrate_setup_s": timing["calibrate_setup"],
+                  "peak_rss_plain_mb": peak_plain, "peak_rss_mb": {str(k): v for k, v in checkpoints.items()}}))
 """
 
 
-def measure(model: Path, mode: str, samples: int, batch: int, seq: int, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", RUN, str(model), mode, str(samples), str(batch), str(seq),
-                          str(threads)], capture_output=True, text=True, check=True).stdout
+def measure(model: Path, samples: int, batch: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", RUN, str(model), str(samples), str(batch), str(threads)],
+                         capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,deit")
     parser.add_argument("--samples", default="1000,10000")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    model = fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir())
-    print("| samples | plain s | calibrate s | ratio | plain peak RSS MB | calibrate peak RSS MB |")
-    print("|---|---|---|---|---|---|")
-    for samples in map(int, args.samples.split(",")):
-        plain = measure(model, "plain", samples, args.batch, args.seq, args.threads)
-        calib = measure(model, "calibrate", samples, args.batch, args.seq, args.threads)
-        print(f"| {samples} | {plain['seconds']:.1f} | {calib['seconds']:.1f} | "
-              f"{calib['seconds'] / plain['seconds']:.2f} | {plain['peak_rss_mb']:.0f} | "
-              f"{calib['peak_rss_mb']:.0f} |", flush=True)
+    paths = {"minilm": lambda: fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir()),
+             "deit": lambda: export("deit_base_patch16_224", 17, cache_dir())}
+    print("| model | samples | plain s | calibrate s | ratio (batches) | ratio (with set-up) | plain peak RSS MB "
+          "| + calibration MB | peak at 10 % / 50 % / 100 % of samples MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = []
+    for name in args.models.split(","):
+        path = paths[name]()
+        for samples in map(int, args.samples.split(",")):
+            r = measure(path, samples, args.batch, args.threads)
+            r.update(model=name, samples=samples, batch=args.batch, threads=args.threads)
+            results.append(r)
+            peaks = r["peak_rss_mb"]
+            total_plain = r["plain_s"] + r["plain_setup_s"]
+            total_calib = r["calibrate_s"] + r["calibrate_setup_s"]
+            print(f"| {name} | {samples:,} | {r['plain_s']:.1f} | {r['calibrate_s']:.1f} | "
+                  f"**{r['calibrate_s'] / r['plain_s']:.3f}** | {total_calib / total_plain:.3f} | "
+                  f"{r['peak_rss_plain_mb']:.0f} | {peaks['1.0'] - r['peak_rss_plain_mb']:.0f} | "
+                  f"{peaks['0.1']:.0f} / {peaks['0.5']:.0f} / {peaks['1.0']:.0f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
