@@ -28,13 +28,15 @@ from export_deit import export
 from fetch_models import cache_dir, fetch
 
 RUN = """
-import json, resource, sys, time
+import json, sys, time
+from pathlib import Path
 import numpy as np, onnx
 from onnx_vbp import calibrate, find_mlp_blocks
 from onnx_vbp.calibrate import cpu_session
 path, samples, batch, threads = sys.argv[1], *map(int, sys.argv[2:])
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 model = onnx.load(path)
 rng = np.random.default_rng(0)
 def random_batch(size):

@@ -24,14 +24,15 @@ from export_deit import export
 from fetch_models import cache_dir
 
 RUN = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import onnx_vbp
 from onnx_vbp import find_mlp_blocks, rewrite, select
 from onnx_vbp.calibrate import load_stats
 from onnx_vbp.modelio import load_model, save_model
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 model_path, stats_path, out, ratio = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 imports_mb = peak_mb()
 times = {}
