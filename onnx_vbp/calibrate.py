@@ -202,6 +202,7 @@ def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: 
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")  # a copy of the weights, for speed
     if threads:
         options.intra_op_num_threads = threads
     try:

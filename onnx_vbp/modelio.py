@@ -72,8 +72,8 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
         for tensor in model.graph.initializer:  # small constants (biases, shapes, scalars) in memory
             if uses_external_data(tensor) and _nbytes(tensor) < SMALL_TENSOR_BYTES:
                 onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
-    try:
-        onnx.checker.check_model(str(path) if external else model)
+    try:  # by path: the checker reads the file itself rather than a serialized copy of `model`
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{path}: fails onnx.checker: {str(exc).strip().splitlines()[0]}") from exc
     return model, external
