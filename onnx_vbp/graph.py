@@ -14,6 +14,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 # Ops that hand a parameter to its consumer unchanged up to layout or dtype: exporters put weights
 # stored [out, in] behind a Transpose and fp16 weights behind a Cast.
@@ -62,9 +64,28 @@ def _constant_node_values(node: gs.Node) -> np.ndarray | None:
     return None  # sparse_value / string values: never a weight, leave the node alone
 
 
-def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export `graph`, carrying over the model-level fields gs does not keep."""
+def export_model(graph: gs.Graph, like: onnx.ModelProto, edited: set[str]) -> onnx.ModelProto:
+    """Export `graph`, imported from `like`, carrying over the model-level fields gs does not keep.
+
+    Every weight is copied once, into the returned model. gs alone would gather the initializers,
+    copy them into a GraphProto, and `make_model` would copy that graph again. So the initializers
+    leave gs as data-less shells, and each one's data is then set in the model, one tensor at a
+    time: the original initializer where the constant is not among `edited` (names), else the
+    edited values, converted by gs itself.
+    """
+    originals = {t.name: t for t in like.graph.initializer}
+    sources: dict[str, onnx.TensorProto] = {}
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or not (tensor.name in edited or tensor.name in originals):
+            continue
+        source = OnnxExporter.export_tensor_proto(tensor) if tensor.name in edited else originals[tensor.name]
+        sources[tensor.name] = source
+        tensor.values = LazyValues(onnx.TensorProto(name=tensor.name, data_type=source.data_type, dims=source.dims))
     model = gs.export_onnx(graph, do_type_check=False)
+    for initializer in model.graph.initializer:
+        source = sources.pop(initializer.name, None)
+        if source is not None:
+            initializer.CopyFrom(source)
     model.ir_version = like.ir_version
     model.doc_string = like.doc_string
     model.domain = like.domain

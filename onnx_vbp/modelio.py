@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -144,30 +146,91 @@ def check_writable(out: Path) -> None:
         raise ModelError(f"output directory is not writable: {out.parent} ({exc.strerror})") from exc
 
 
-def save_model(model: onnx.ModelProto, out: Path, *, external_data: bool, source_dir: Path | None = None) -> None:
-    """Write `model` to `out` atomically after checking it (onnx.checker, ORT load).
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
-    Everything is written into a temporary folder beside `out` and renamed into place, so a
-    failure leaves neither a partial model nor a stray data file. With `external_data` (or for
-    models past protobuf's 2 GB limit) the weights go to `<out name>.data` next to `out`.
-    Tensors that still reference external data in `source_dir` are copied over file to file.
-    `model` is changed by an external save: its weights become references to the new data file.
+
+def _copy_field(message, field, value) -> None:
+    if field.is_repeated:
+        getattr(message, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(message, field.name).CopyFrom(value)
+    else:
+        setattr(message, field.name, value)
+
+
+def write_proto(model: onnx.ModelProto, path: Path) -> None:
+    """Serialize `model` to `path` one graph element at a time.
+
+    Protobuf parses concatenated fields as one message, so the model's own fields, the graph's
+    key and length, then each node, tensor and value info are written in turn: no serialized copy
+    of the whole model, as large as its weights, is held (onnx.save_model would hold one).
     """
+    head = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(head, field, value)
+    graph = model.graph
+    graph_key = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number << 3 | 2  # wire type 2: length-delimited
+    with open(path, "wb") as sink:
+        sink.write(head.SerializeToString() + _varint(graph_key) + _varint(graph.ByteSize()))
+        for field, value in graph.ListFields():
+            if not field.is_repeated:  # the graph's name and doc_string
+                part = onnx.GraphProto()
+                _copy_field(part, field, value)
+                sink.write(part.SerializeToString())
+                continue
+            for item in value:
+                sink.write(_varint(field.number << 3 | 2) + _varint(item.ByteSize()))
+                sink.write(item.SerializeToString())
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write it in before renaming it into place; removed
+    whatever happens, so a failure leaves neither a partial model nor a stray data file."""
     check_writable(out)
-    external_data = external_data or source_dir is not None or model.ByteSize() > PROTOBUF_LIMIT
-    location = f"{out.name}.data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        staged = staging / out.name
-        if external_data:
-            _write_external_data(model, staging / location, source_dir)
-        onnx.save_model(model, str(staged))
-        onnx.checker.check_model(str(staged))
-        cpu_session(str(staged))
-        if (staging / location).exists():  # absent when no tensor reached the 1 KiB threshold
-            os.replace(staging / location, out.parent / location)
-        os.replace(staged, out)
+        yield folder
     except OSError as exc:
         raise ModelError(f"cannot write {out}: {exc}") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_model(model: onnx.ModelProto, path: Path, *, external_data: bool, source_dir: Path | None = None) -> None:
+    """Write `model` to `path` (in a `staging` folder). With `external_data` (or past protobuf's
+    2 GB limit) the weights go to `<name>.data` beside it; tensors that still reference external
+    data in `source_dir` are copied over file to file. `model` is changed by an external save: its
+    weights become references to the new data file."""
+    if external_data or source_dir is not None or model.ByteSize() > PROTOBUF_LIMIT:
+        _write_external_data(model, path.with_name(f"{path.name}.data"), source_dir)
+    write_proto(model, path)
+
+
+def publish(written: Path, out: Path) -> None:
+    """Check a model written by `write_model` (onnx.checker, ORT load), from its file alone, and
+    rename it and its data file to `out`."""
+    onnx.checker.check_model(str(written))
+    cpu_session(str(written))
+    data = written.with_name(f"{written.name}.data")
+    if data.exists():  # absent when no tensor reached the 1 KiB threshold
+        os.replace(data, out.with_name(f"{out.name}.data"))
+    os.replace(written, out)
+
+
+def save_model(model: onnx.ModelProto, out: Path, *, external_data: bool, source_dir: Path | None = None) -> None:
+    """Write `model` to `out` atomically after checking it (onnx.checker, ORT load).
+
+    Everything is written into a temporary folder beside `out` and renamed into place (see
+    `staging`, `write_model`, `publish`).
+    """
+    with staging(out) as folder:
+        write_model(model, folder / out.name, external_data=external_data, source_dir=source_dir)
+        publish(folder / out.name, out)

@@ -17,7 +17,16 @@ from onnx_vbp.data import DataError, InputSpec, RawOptions, iter_batches, model_
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import BlockList, MlpBlock, find_mlp_blocks
 from onnx_vbp.importance import neuron_scores
-from onnx_vbp.modelio import ModelError, check_writable, default_output, file_bytes, load_model, save_model
+from onnx_vbp.modelio import (
+    ModelError,
+    check_writable,
+    default_output,
+    file_bytes,
+    load_model,
+    publish,
+    staging,
+    write_model,
+)
 from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
 from onnx_vbp.rewrite import DEFAULT_RIDGE_LAMBDA, rewrite
 from onnx_vbp.select import Plan, select
@@ -177,9 +186,11 @@ def block_multiples(blocks: list[MlpBlock], round_to: int) -> dict[str, int]:
 
 
 def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_data: Path | None = None,
-                   reference: dict | None = None) -> dict:
+                   reference: dict | None = None, *, release_original: bool = False) -> dict:
     """Select, rewrite and write one pruned model from `prepared`; returns its report (`reference`:
-    see `evaluate`)."""
+    see `evaluate`). The written file is checked from disk, with the pruned model no longer held;
+    `release_original` (nothing more will be pruned from `prepared`) drops the original as well.
+    """
     model, blocks = prepared.model, prepared.blocks
     if blocks:
         plan = select(prepared.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
@@ -189,7 +200,12 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
     else:
         plan, pruned = Plan({}), model
     params_before, params_after = count_params(model), count_params(pruned)
-    save_model(pruned, out, external_data=prepared.external, source_dir=prepared.external_dir)
+    with staging(out) as folder:
+        write_model(pruned, folder / out.name, external_data=prepared.external, source_dir=prepared.external_dir)
+        del pruned, model  # checking loads the written model: at most one other copy stays in memory
+        if release_original:
+            del prepared.model
+        publish(folder / out.name, out)
     log.info("wrote %s", out)
 
     report = {
@@ -235,4 +251,4 @@ def prune_file(
     """
     out = Path(out) if out is not None else default_output(Path(model_path))
     check_output(model_path, out)
-    return prune_prepared(prepare(model_path, calib, options), options, out, eval_data)
+    return prune_prepared(prepare(model_path, calib, options), options, out, eval_data, release_original=True)

@@ -46,6 +46,7 @@ class _Editor:
         self.tensors = self.graph.tensors()
         self.graph_outputs = {id(t) for t in self.graph.outputs}
         self._taken = set(self.tensors) | {n.name for n in self.graph.nodes}
+        self.edited: set[str] = set()  # constants handed out for editing (export converts only these)
 
     def fresh(self, base: str) -> str:
         for i in itertools.count():
@@ -65,6 +66,7 @@ class _Editor:
             id(t) in self.graph_outputs or any(id(c) not in allowed for c in t.outputs) for t in traced.tensors()
         )
         if not shared:
+            self.edited.add(traced.source.name)
             return traced
         tensor: gs.Tensor = gs.Constant(self.fresh(traced.source.name), np.array(traced.source.values))
         position = self.graph.nodes.index(node)
@@ -76,7 +78,9 @@ class _Editor:
             position += 1
             tensor = out
         node.inputs[index] = tensor
-        return trace_param(tensor)
+        copied = trace_param(tensor)
+        self.edited.add(copied.source.name)
+        return copied
 
     def insert_bias_add(self, node: gs.Node, bias: np.ndarray) -> None:
         """Give a bias-less MatMul one: MatMul -> Add(bias) -> (former consumers)."""
@@ -120,7 +124,7 @@ def rewrite(
         if compensate != "none":
             _compensate(editor, block, stats[block.name], keep, pruned, readers, compensate, ridge_lambda)
         _slice(editor, block, keep, readers)
-    pruned = export_model(editor.graph, model)
+    pruned = export_model(editor.graph, model, editor.edited)
     # A gs graph is a web of reference cycles (nodes <-> tensors): collect it now, or a large
     # model's sliced weights linger beside their exported copy until the next GC pass.
     del editor

@@ -240,11 +240,11 @@ def test_invalid_options_are_usage_errors(ws: Path, capsys, args: list[str], mes
 
 
 def test_disk_full_during_write(ws: Path, capsys, monkeypatch) -> None:
-    def full_disk(model, path, **kwargs):
+    def full_disk(model, path):
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx_vbp.modelio.onnx, "save_model", full_disk)
+    monkeypatch.setattr(onnx_vbp.modelio, "write_proto", full_disk)
     _fails_cleanly(ws, capsys, [ws / "net.onnx", ws / "calib"], "No space left on device")
 
 

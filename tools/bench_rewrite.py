@@ -4,8 +4,8 @@ Statistics are computed once and saved (8 photos; their values do not change the
 measured process does only what follows calibration, as `onnx-vbp --stats` would: load the model
 (timed apart), find the blocks, select, rewrite, and write (onnx.checker and an ORT load check
 included, as the CLI does). Each run is a fresh process; reported are the time of each stage, and
-the process's peak RSS against the model's size, both whole and above the interpreter with its
-imports (the part the model costs).
+each stage's own peak RSS (the high-water mark is reset between stages) above the interpreter with
+its imports, as a multiple of the model's size.
 
 Usage:  python tools/bench_rewrite.py [--ratio 0.55] [--repeat 3]
 """
@@ -33,27 +33,24 @@ from onnx_vbp.modelio import load_model, save_model
 def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
     status = Path("/proc/self/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
+def reset_peak():  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+    Path("/proc/self/clear_refs").write_text("5")
 model_path, stats_path, out, ratio = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 imports_mb = peak_mb()
-times = {}
-start = time.perf_counter()
-model, external = load_model(model_path)
-times["load"] = time.perf_counter() - start
-loaded_mb = peak_mb()
+times, peaks = {}, {}
+def stage(name, work):
+    reset_peak()
+    start = time.perf_counter()
+    result = work()
+    times[name], peaks[name] = time.perf_counter() - start, peak_mb()
+    return result
+model, external = stage("load", lambda: load_model(model_path))
 stats = load_stats(stats_path)[0]
-mark = time.perf_counter()
-blocks = find_mlp_blocks(model)
-times["find"] = time.perf_counter() - mark
-mark = time.perf_counter()
-plan = select(stats, ratio)
-times["select"] = time.perf_counter() - mark
-mark = time.perf_counter()
-pruned = rewrite(model, blocks, stats, plan)
-times["rewrite"] = time.perf_counter() - mark
-mark = time.perf_counter()
-save_model(pruned, out, external_data=external)
-times["write"] = time.perf_counter() - mark
-print(json.dumps({"times": times, "imports_mb": imports_mb, "loaded_mb": loaded_mb, "peak_mb": peak_mb()}))
+blocks = stage("find", lambda: find_mlp_blocks(model))
+plan = stage("select", lambda: select(stats, ratio))
+pruned = stage("rewrite", lambda: rewrite(model, blocks, stats, plan))
+stage("write", lambda: save_model(pruned, out, external_data=external))
+print(json.dumps({"times": times, "peaks": peaks, "imports_mb": imports_mb}))
 """
 
 
@@ -77,17 +74,17 @@ def main() -> None:
                                   str(args.ratio)], capture_output=True, text=True, check=True).stdout
             runs.append(json.loads(out))
     median = {stage: statistics.median(r["times"][stage] for r in runs) for stage in runs[0]["times"]}
-    measured = sum(median[s] for s in ("find", "select", "rewrite", "write"))
-    peak = statistics.median(r["peak_mb"] for r in runs)
+    peaks = {stage: statistics.median(r["peaks"][stage] for r in runs) for stage in runs[0]["peaks"]}
     imports = statistics.median(r["imports_mb"] for r in runs)
-    print(f"model {size_mb:.0f} MB, ratio {args.ratio}, median of {args.repeat} fresh processes")
-    print("| load s | find s | select s | rewrite s | write s (check + ORT load) | find..write s | peak RSS MB "
-          "| peak / model | (peak - imports) / model |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {median['load']:.2f} | {median['find']:.2f} | {median['select']:.3f} | {median['rewrite']:.2f} | "
-          f"{median['write']:.2f} | **{measured:.2f}** | {peak:.0f} | {peak / size_mb:.2f} | "
-          f"**{(peak - imports) / size_mb:.2f}** |")
-
+    stages = ("find", "select", "rewrite", "write")
+    print(f"model {size_mb:.0f} MB, ratio {args.ratio}, median of {args.repeat} fresh processes; peak RSS per "
+          f"stage, above the {imports:.0f} MB of the interpreter and its imports, as a multiple of the model size")
+    print("| | load | find | select | rewrite | write (+ checker, ORT load) | find..write |")
+    print("|---|---|---|---|---|---|---|")
+    print("| seconds | " + " | ".join(f"{median[s]:.2f}" for s in ("load", *stages))
+          + f" | **{sum(median[s] for s in stages):.2f}** |")
+    print("| peak RSS / model | " + " | ".join(f"{(peaks[s] - imports) / size_mb:.2f}" for s in ("load", *stages))
+          + f" | **{(max(peaks[s] for s in stages) - imports) / size_mb:.2f}** |")
 
 if __name__ == "__main__":
     main()
