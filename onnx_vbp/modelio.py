@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.calibrate import cpu_session
@@ -164,6 +164,38 @@ def _copy_field(message, field, value) -> None:
         setattr(message, field.name, value)
 
 
+class _Pieces:
+    """A model cut into parts that serialize one at a time: its own fields (`head`), then the
+    graph's fields, each with the key and length protobuf puts before it.
+
+    Every size is taken part by part: under upb, ByteSize() of a message encodes all of it, so a
+    graph's would mean a transient copy of every weight (and a second to write it).
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.head = onnx.ModelProto()
+        for field, value in model.ListFields():
+            if field.name != "graph":
+                _copy_field(self.head, field, value)
+        self.parts: list[tuple[bytes, Message]] = []
+        for field, value in model.graph.ListFields():
+            if not field.is_repeated:  # the graph's name and doc_string
+                part = onnx.GraphProto()
+                _copy_field(part, field, value)
+                self.parts.append((b"", part))
+                continue
+            for item in value:
+                self.parts.append((_varint(field.number << 3 | 2) + _varint(item.ByteSize()), item))
+        self.graph_bytes = sum(len(prefix) + item.ByteSize() for prefix, item in self.parts)
+        graph_key = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number << 3 | 2  # wire type 2: length-delimited
+        self.graph_prefix = _varint(graph_key) + _varint(self.graph_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the serialized model."""
+        return self.head.ByteSize() + len(self.graph_prefix) + self.graph_bytes
+
+
 def write_proto(model: onnx.ModelProto, path: Path) -> None:
     """Serialize `model` to `path` one graph element at a time.
 
@@ -171,23 +203,12 @@ def write_proto(model: onnx.ModelProto, path: Path) -> None:
     key and length, then each node, tensor and value info are written in turn: no serialized copy
     of the whole model, as large as its weights, is held (onnx.save_model would hold one).
     """
-    head = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(head, field, value)
-    graph = model.graph
-    graph_key = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number << 3 | 2  # wire type 2: length-delimited
+    pieces = _Pieces(model)
     with open(path, "wb") as sink:
-        sink.write(head.SerializeToString() + _varint(graph_key) + _varint(graph.ByteSize()))
-        for field, value in graph.ListFields():
-            if not field.is_repeated:  # the graph's name and doc_string
-                part = onnx.GraphProto()
-                _copy_field(part, field, value)
-                sink.write(part.SerializeToString())
-                continue
-            for item in value:
-                sink.write(_varint(field.number << 3 | 2) + _varint(item.ByteSize()))
-                sink.write(item.SerializeToString())
+        sink.write(pieces.head.SerializeToString() + pieces.graph_prefix)
+        for prefix, item in pieces.parts:
+            sink.write(prefix)
+            sink.write(item.SerializeToString())
 
 
 @contextmanager
@@ -209,7 +230,7 @@ def write_model(model: onnx.ModelProto, path: Path, *, external_data: bool, sour
     2 GB limit) the weights go to `<name>.data` beside it; tensors that still reference external
     data in `source_dir` are copied over file to file. `model` is changed by an external save: its
     weights become references to the new data file."""
-    if external_data or source_dir is not None or model.ByteSize() > PROTOBUF_LIMIT:
+    if external_data or source_dir is not None or _Pieces(model).nbytes > PROTOBUF_LIMIT:
         _write_external_data(model, path.with_name(f"{path.name}.data"), source_dir)
     write_proto(model, path)
 

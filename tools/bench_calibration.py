@@ -7,11 +7,13 @@ time for a batch is the time from receiving it to asking for the next one (the O
 float64 reduction and the merge). Machine noise therefore hits both sides alike. Set-up (finding
 the blocks, instrumenting, building the session) is timed apart from the per-batch work.
 
-Memory: the process's peak RSS once the plain session has run a batch, then after calibrating;
-their difference is what calibration adds. The high-water mark is also sampled along the run
-(at 10 %, 50 % and 100 % of the samples): calibration memory must not grow with the samples.
+One run goes to the largest sample count and reports at each smaller one on the way (time so
+far, and the high-water mark so far): calibration memory must not grow with the samples. The
+plain session's peak RSS, taken once it has run a batch, is what inference alone needs; the
+rest of the peak is what calibration adds.
 
 Usage:  python tools/bench_calibration.py [--models minilm,deit] [--samples 1000,10000] [--threads 2]
+        (--samples: checkpoints of one run per model)
 Models: paraphrase-MiniLM-L3-v2 (tools/fetch_models.py; batch 32 x 128 random token ids) and
 the DeiT-B-size timm export (tools/export_deit.py; batch 32 random 224x224 images).
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np, onnx
 from onnx_vbp import calibrate, find_mlp_blocks
 from onnx_vbp.calibrate import cpu_session
-path, samples, batch, threads = sys.argv[1], *map(int, sys.argv[2:])
+path, threads, batch, *counts = sys.argv[1], *map(int, sys.argv[2:])
 def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
     status = Path("/proc/self/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
@@ -50,71 +52,67 @@ plain_setup = time.perf_counter() - start
 plain.run(None, random_batch(batch))  # warm: the plain session's steady memory
 peak_plain = peak_mb()
 timing = {"plain": 0.0, "calibrate": 0.0}
-checkpoints = {}
+def report(samples):  # one JSON line per checkpoint, as soon as it is reached
+    print(json.dumps({"samples": samples, "plain_s": timing["plain"], "calibrate_s": timing["calibrate"],
+                      "plain_setup_s": plain_setup, "calibrate_setup_s": timing["calibrate_setup"],
+                      "peak_rss_plain_mb": peak_plain, "peak_rss_mb": peak_mb()}), flush=True)
 def interleaved():
-    done, mark = 0, None
-    for begin in range(0, samples, batch):
+    done, mark, pending = 0, None, list(counts[:-1])
+    for begin in range(0, counts[-1], batch):
         resumed = time.perf_counter()
         if mark is None:
             timing["calibrate_setup"] = resumed - called
         else:
             timing["calibrate"] += resumed - mark
-        feed = random_batch(min(batch, samples - begin))
+            while pending and done >= pending[0]:  # calibrate has reduced and merged the batches so far
+                pending.pop(0)
+                report(done)
+        feed = random_batch(min(batch, counts[-1] - begin))
         start = time.perf_counter()
         plain.run(None, feed)
         timing["plain"] += time.perf_counter() - start
         done += len(feed[next(iter(feed))])
-        for share in (0.1, 0.5):
-            if done >= share * samples and share not in checkpoints:
-                checkpoints[share] = peak_mb()
         mark = time.perf_counter()
         yield feed
     timing["calibrate"] += time.perf_counter() - mark
 called = time.perf_counter()
 calibrate(model, find_mlp_blocks(model), interleaved(), threads=threads)
-checkpoints[1.0] = peak_mb()
-print(json.dumps({"plain_s": timing["plain"], "calibrate_s": timing["calibrate"],
-                  "plain_setup_s": plain_setup, "calibrate_setup_s": timing["calibrate_setup"],
-                  "peak_rss_plain_mb": peak_plain, "peak_rss_mb": {str(k): v for k, v in checkpoints.items()}}))
+report(counts[-1])
 """
-
-
-def measure(model: Path, samples: int, batch: int, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", RUN, str(model), str(samples), str(batch), str(threads)],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm,deit")
-    parser.add_argument("--samples", default="1000,10000")
+    parser.add_argument("--samples", default="1000,10000",
+                        help="checkpoints of one run (reported at the batch that reaches each)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     paths = {"minilm": lambda: fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir()),
              "deit": lambda: export("deit_base_patch16_224", 17, cache_dir())}
+    counts = sorted(map(int, args.samples.split(",")))
     print("| model | samples | plain s | calibrate s | ratio (batches) | ratio (with set-up) | plain peak RSS MB "
-          "| + calibration MB | peak at 10 % / 50 % / 100 % of samples MB |")
+          "| peak RSS MB so far | calibration adds MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for name in args.models.split(","):
-        path = paths[name]()
-        for samples in map(int, args.samples.split(",")):
-            r = measure(path, samples, args.batch, args.threads)
-            r.update(model=name, samples=samples, batch=args.batch, threads=args.threads)
-            results.append(r)
-            peaks = r["peak_rss_mb"]
-            total_plain = r["plain_s"] + r["plain_setup_s"]
-            total_calib = r["calibrate_s"] + r["calibrate_setup_s"]
-            print(f"| {name} | {samples:,} | {r['plain_s']:.1f} | {r['calibrate_s']:.1f} | "
-                  f"**{r['calibrate_s'] / r['plain_s']:.3f}** | {total_calib / total_plain:.3f} | "
-                  f"{r['peak_rss_plain_mb']:.0f} | {peaks['1.0'] - r['peak_rss_plain_mb']:.0f} | "
-                  f"{peaks['0.1']:.0f} / {peaks['0.5']:.0f} / {peaks['1.0']:.0f} |", flush=True)
+        command = [sys.executable, "-c", RUN, str(paths[name]()), str(args.threads), str(args.batch), *map(str, counts)]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+            for line in child.stdout:
+                r = {**json.loads(line), "model": name, "batch": args.batch, "threads": args.threads}
+                results.append(r)
+                total_plain = r["plain_s"] + r["plain_setup_s"]
+                total_calib = r["calibrate_s"] + r["calibrate_setup_s"]
+                print(f"| {name} | {r['samples']:,} | {r['plain_s']:.1f} | {r['calibrate_s']:.1f} | "
+                      f"**{r['calibrate_s'] / r['plain_s']:.3f}** | {total_calib / total_plain:.3f} | "
+                      f"{r['peak_rss_plain_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                      f"{r['peak_rss_mb'] - r['peak_rss_plain_mb']:.0f} |", flush=True)
+        if child.returncode:
+            raise SystemExit(f"{name}: the measuring process failed")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

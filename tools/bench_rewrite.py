@@ -2,10 +2,10 @@
 
 Statistics are computed once and saved (8 photos; their values do not change the cost), so the
 measured process does only what follows calibration, as `onnx-vbp --stats` would: load the model
-(timed apart), find the blocks, select, rewrite, and write (onnx.checker and an ORT load check
-included, as the CLI does). Each run is a fresh process; reported are the time of each stage, and
-each stage's own peak RSS (the high-water mark is reset between stages) above the interpreter with
-its imports, as a multiple of the model's size.
+(timed apart), find the blocks, select, rewrite, write, and check the written file (onnx.checker
+and an ORT load, with the models dropped first, as the CLI does). Each run is a fresh process;
+reported are the time of each stage, and each stage's own peak RSS (the high-water mark is reset
+between stages) above the interpreter with its imports, as a multiple of the model's size.
 
 Usage:  python tools/bench_rewrite.py [--ratio 0.55] [--repeat 3]
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import onnx_vbp
 from onnx_vbp import find_mlp_blocks, rewrite, select
 from onnx_vbp.calibrate import load_stats
-from onnx_vbp.modelio import load_model, save_model
+from onnx_vbp.modelio import load_model, publish, staging, write_model
 def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
     status = Path("/proc/self/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
@@ -49,7 +49,10 @@ stats = load_stats(stats_path)[0]
 blocks = stage("find", lambda: find_mlp_blocks(model))
 plan = stage("select", lambda: select(stats, ratio))
 pruned = stage("rewrite", lambda: rewrite(model, blocks, stats, plan))
-stage("write", lambda: save_model(pruned, out, external_data=external))
+with staging(out) as folder:  # as onnx_vbp.pipeline.prune_file does
+    stage("write", lambda: write_model(pruned, folder / out.name, external_data=external))
+    del pruned, model
+    stage("check", lambda: publish(folder / out.name, out))
 print(json.dumps({"times": times, "peaks": peaks, "imports_mb": imports_mb}))
 """
 
@@ -76,11 +79,11 @@ def main() -> None:
     median = {stage: statistics.median(r["times"][stage] for r in runs) for stage in runs[0]["times"]}
     peaks = {stage: statistics.median(r["peaks"][stage] for r in runs) for stage in runs[0]["peaks"]}
     imports = statistics.median(r["imports_mb"] for r in runs)
-    stages = ("find", "select", "rewrite", "write")
+    stages = ("find", "select", "rewrite", "write", "check")
     print(f"model {size_mb:.0f} MB, ratio {args.ratio}, median of {args.repeat} fresh processes; peak RSS per "
           f"stage, above the {imports:.0f} MB of the interpreter and its imports, as a multiple of the model size")
-    print("| | load | find | select | rewrite | write (+ checker, ORT load) | find..write |")
-    print("|---|---|---|---|---|---|---|")
+    print("| | load | find | select | rewrite | write | check (onnx.checker, ORT load) | find..check |")
+    print("|---|---|---|---|---|---|---|---|")
     print("| seconds | " + " | ".join(f"{median[s]:.2f}" for s in ("load", *stages))
           + f" | **{sum(median[s] for s in stages):.2f}** |")
     print("| peak RSS / model | " + " | ".join(f"{(peaks[s] - imports) / size_mb:.2f}" for s in ("load", *stages))
