@@ -182,8 +182,7 @@ def merge_stats(parts: list[dict[str, Stats]]) -> dict[str, Stats]:
 
 
 def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False,
-                external_dir: Path | None = None, save_optimized: Path | None = None,
-                spinning: bool = True) -> ort.InferenceSession:
+                external_dir: Path | None = None, save_optimized: Path | None = None) -> ort.InferenceSession:
     """A CPU ORT session, with all graph optimizations when `optimize`.
 
     ORT never fuses away a graph output, so calibration runs the optimized graph, as the user's
@@ -191,13 +190,9 @@ def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: 
     model), where optimizing would cost more than it saves. `external_dir`: where a serialized
     model's external data lives (ORT reads it from there, so the weights are not copied through
     Python). `save_optimized`: also write the graph ORT optimized to this file, its weights to
-    a data file beside it. `spinning=False` lets ORT's idle worker threads sleep rather than
-    spin-wait for the next run: for loops that do host work between runs, which they would
-    otherwise compete with for the cores.
+    a data file beside it.
     """
     options = ort.SessionOptions()
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if save_optimized is not None:
         options.optimized_model_filepath = str(save_optimized)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
@@ -246,8 +241,7 @@ def calibrate(
             raise CalibrationError(f"second moments for ridge compensation need {needed / 2**30:.1f} GiB "
                                    f"(width^2 x 8 bytes per block), over the {COMOMENT_BUDGET / 2**30:.0f} GiB "
                                    "budget; use --compensate mean")
-    session = cpu_session(instrument(model, blocks), threads, optimize=True, external_dir=external_dir,
-                          spinning=False)  # the host reduces each batch while ORT waits
+    session = cpu_session(instrument(model, blocks), threads, optimize=True, external_dir=external_dir)
     input_names = [i.name for i in session.get_inputs()]
     fetch = [(block, site) for block in blocks for site in block.sites]
     fetch_names = [site.hidden for _, site in fetch]

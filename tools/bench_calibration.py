@@ -2,15 +2,17 @@
 
 One fresh process per (model, sample count). Both sessions are built in it with the same pinned
 intra-op thread count; plain inference uses ORT_ENABLE_ALL, as a deployment does. The batches
-alternate: each one is run by the plain session and then handed to `onnx_vbp.calibrate`, whose
-time for a batch is the time from receiving it to asking for the next one (the ORT run, the
-float64 reduction and the merge). Machine noise therefore hits both sides alike. Set-up (finding
-the blocks, instrumenting, building the session) is timed apart from the per-batch work.
+alternate in blocks of 8: the plain session runs a block, then `onnx_vbp.calibrate` is handed the
+same batches; its time for a batch is the time from receiving it to asking for the next one (the
+ORT run, the float64 reduction and the merge). Machine noise therefore hits both sides alike.
+Blocks rather than single batches, because ORT's worker threads spin-wait for a moment after a
+run and would slow whichever session ran next, which a calibration running alone never meets.
+Set-up (finding the blocks, instrumenting, building the session) is timed apart.
 
-One run goes to the largest sample count and reports at each smaller one on the way (time so
-far, and the high-water mark so far): calibration memory must not grow with the samples. The
-plain session's peak RSS, taken once it has run a batch, is what inference alone needs; the
-rest of the peak is what calibration adds.
+One run goes to the largest sample count and reports at each smaller one on the way, at the end
+of the block that reaches it (time so far, and the high-water mark so far): calibration memory
+must not grow with the samples. The plain session's peak RSS, taken once it has run a batch, is
+what inference alone needs; the rest of the peak is what calibration adds.
 
 Usage:  python tools/bench_calibration.py [--models minilm,deit] [--samples 1000,10000] [--threads 2]
         (--samples: checkpoints of one run per model)
@@ -48,8 +50,8 @@ def random_batch(size):
     return {model.graph.input[0].name: rng.standard_normal((size, 3, 224, 224)).astype(np.float32)}
 start = time.perf_counter()
 plain = cpu_session(path, threads, optimize=True)
+plain.run(None, random_batch(batch))  # its first run, slower, is set-up as calibration's is
 plain_setup = time.perf_counter() - start
-plain.run(None, random_batch(batch))  # warm: the plain session's steady memory
 peak_plain = peak_mb()
 timing = {"plain": 0.0, "calibrate": 0.0}
 def report(samples):  # one JSON line per checkpoint, as soon as it is reached
@@ -57,24 +59,28 @@ def report(samples):  # one JSON line per checkpoint, as soon as it is reached
                       "plain_setup_s": plain_setup, "calibrate_setup_s": timing["calibrate_setup"],
                       "peak_rss_plain_mb": peak_plain, "peak_rss_mb": peak_mb()}), flush=True)
 def interleaved():
-    done, mark, pending = 0, None, list(counts[:-1])
-    for begin in range(0, counts[-1], batch):
-        resumed = time.perf_counter()
-        if mark is None:
-            timing["calibrate_setup"] = resumed - called
-        else:
-            timing["calibrate"] += resumed - mark
-            while pending and done >= pending[0]:  # calibrate has reduced and merged the batches so far
-                pending.pop(0)
-                report(done)
-        feed = random_batch(min(batch, counts[-1] - begin))
+    # blocks of batches, not single ones: ORT's workers spin-wait a moment after a run, and would
+    # slow whichever session ran next; a real calibration runs alone
+    timing["calibrate_setup"] = time.perf_counter() - called  # finding, instrumenting, the session
+    done, pending = 0, list(counts[:-1])
+    for first in range(0, counts[-1], BLOCK * batch):
+        block = [random_batch(min(batch, counts[-1] - begin))
+                 for begin in range(first, min(first + BLOCK * batch, counts[-1]), batch)]
         start = time.perf_counter()
-        plain.run(None, feed)
+        for feed in block:
+            plain.run(None, feed)
         timing["plain"] += time.perf_counter() - start
-        done += len(feed[next(iter(feed))])
-        mark = time.perf_counter()
-        yield feed
-    timing["calibrate"] += time.perf_counter() - mark
+        for index, feed in enumerate(block):
+            if index:
+                timing["calibrate"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+            yield feed
+        timing["calibrate"] += time.perf_counter() - mark  # asked for the next batch: this block is merged
+        done += sum(len(feed[next(iter(feed))]) for feed in block)
+        while pending and done >= pending[0]:
+            pending.pop(0)
+            report(done)
+BLOCK = 8
 called = time.perf_counter()
 calibrate(model, find_mlp_blocks(model), interleaved(), threads=threads)
 report(counts[-1])
