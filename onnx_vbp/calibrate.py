@@ -246,7 +246,7 @@ def calibrate(
     fetch = [(block, site) for block in blocks for site in block.sites]
     fetch_names = [site.hidden for _, site in fetch]
     stats = {block.name: Stats.empty(block.width, comoments) for block in blocks}
-    # ORT's threads idle while the host reduces a batch: the reduction takes as many
+    # the host reduces each batch while ORT's threads wait for the next: it may use as many cores
     workers = threads or len(os.sched_getaffinity(0))
     with ThreadPoolExecutor(workers) as pool:
         for batch_index, batch in enumerate(batches):

@@ -178,15 +178,19 @@ class _Pieces:
             if field.name != "graph":
                 _copy_field(self.head, field, value)
         self.parts: list[tuple[bytes, Message]] = []
+        self.graph_bytes = 0
         for field, value in model.graph.ListFields():
             if not field.is_repeated:  # the graph's name and doc_string
                 part = onnx.GraphProto()
                 _copy_field(part, field, value)
                 self.parts.append((b"", part))
+                self.graph_bytes += part.ByteSize()
                 continue
             for item in value:
-                self.parts.append((_varint(field.number << 3 | 2) + _varint(item.ByteSize()), item))
-        self.graph_bytes = sum(len(prefix) + item.ByteSize() for prefix, item in self.parts)
+                size = item.ByteSize()
+                prefix = _varint(field.number << 3 | 2) + _varint(size)
+                self.parts.append((prefix, item))
+                self.graph_bytes += len(prefix) + size
         graph_key = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number << 3 | 2  # wire type 2: length-delimited
         self.graph_prefix = _varint(graph_key) + _varint(self.graph_bytes)
 
