@@ -16,7 +16,7 @@ from onnx_vbp.calibrate import Stats, calibrate
 from onnx_vbp.data import iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import MlpBlock, find_mlp_blocks
-from onnx_vbp.importance import neuron_scores
+from onnx_vbp.importance import Ranking, rankings
 from onnx_vbp.instrument import instrument
 from onnx_vbp.pipeline import PruneOptions, prune_file
 from onnx_vbp.rewrite import rewrite
@@ -26,6 +26,7 @@ __all__ = [
     "MlpBlock",
     "Plan",
     "PruneOptions",
+    "Ranking",
     "Stats",
     "calibrate",
     "evaluate",
@@ -33,8 +34,8 @@ __all__ = [
     "instrument",
     "iter_batches",
     "model_inputs",
-    "neuron_scores",
     "prune_file",
+    "rankings",
     "rewrite",
     "select",
 ]

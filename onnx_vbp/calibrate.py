@@ -181,6 +181,15 @@ def merge_stats(parts: list[dict[str, Stats]]) -> dict[str, Stats]:
     return merged
 
 
+def comoment_bytes(blocks: list[MlpBlock]) -> int:
+    """Memory of every block's float64 [width, width] second moments."""
+    return sum(8 * b.width**2 for b in blocks)
+
+
+def comoments_fit(blocks: list[MlpBlock]) -> bool:
+    return comoment_bytes(blocks) <= COMOMENT_BUDGET
+
+
 def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False,
                 external_dir: Path | None = None, save_optimized: Path | None = None) -> ort.InferenceSession:
     """A CPU ORT session, with all graph optimizations when `optimize`.
@@ -218,6 +227,17 @@ def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: 
         raise RuntimeLoadError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
 
 
+TOKEN_MASK = "attention_mask"  # what transformers exporters name the input marking real tokens (1) and padding (0)
+
+
+def _token_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The [batch, sequence] positions that hold real tokens, for a text model fed an attention mask."""
+    mask = batch.get(TOKEN_MASK)
+    if mask is None or mask.ndim != 2 or mask.all():
+        return None
+    return mask != 0
+
+
 def calibrate(
     model: onnx.ModelProto,
     blocks: list[MlpBlock],
@@ -235,12 +255,9 @@ def calibrate(
     `external_dir` is the folder of a model whose weights are still in external data files.
     `comoments` also accumulates each block's [width, width] second moments (ridge compensation).
     """
-    if comoments:
-        needed = sum(8 * b.width**2 for b in blocks)
-        if needed > COMOMENT_BUDGET:
-            raise CalibrationError(f"second moments for ridge compensation need {needed / 2**30:.1f} GiB "
-                                   f"(width^2 x 8 bytes per block), over the {COMOMENT_BUDGET / 2**30:.0f} GiB "
-                                   "budget; use --compensate mean")
+    if comoments and not comoments_fit(blocks):
+        raise CalibrationError(f"second moments need {comoment_bytes(blocks) / 2**30:.1f} GiB (width^2 x 8 bytes "
+                               f"per block), over the {COMOMENT_BUDGET / 2**30:.0f} GiB budget; use --method vbp")
     session = cpu_session(instrument(model, blocks), threads, optimize=True, external_dir=external_dir)
     input_names = [i.name for i in session.get_inputs()]
     fetch = [(block, site) for block in blocks for site in block.sites]
@@ -256,8 +273,12 @@ def calibrate(
             except ORT_ERRORS as exc:
                 raise CalibrationError(f"ONNX Runtime failed on calibration batch {batch_index}: "
                                        f"{first_line(exc)}") from exc
+            kept_rows = _token_rows(batch)
             for (block, site), values in zip(fetch, hidden, strict=True):
-                per_neuron = np.moveaxis(values, site.hidden_axis, -1).reshape(-1, block.width)
+                per_neuron = np.moveaxis(values, site.hidden_axis, -1)
+                if kept_rows is not None and per_neuron.shape[:-1] == kept_rows.shape:
+                    per_neuron = per_neuron[kept_rows]  # padding positions are no observation
+                per_neuron = per_neuron.reshape(-1, block.width)
                 with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN are reported just below
                     batch_stats = Stats.of_parallel(per_neuron, pool, workers, comoments)
                 if not np.isfinite(batch_stats.m2).all():

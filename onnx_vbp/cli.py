@@ -15,10 +15,11 @@ from onnx_vbp import __version__
 from onnx_vbp.bench import bench, format_bench, make_inputs, write_perf_test_data
 from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError, load_stats, merge_stats, save_stats
 from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions, model_inputs
+from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.modelio import ModelError, load_model
-from onnx_vbp.pipeline import NoBlocksError, PruneOptions, check_output, prune_file
+from onnx_vbp.pipeline import METHODS, NoBlocksError, PruneOptions, check_output, prune_file
 from onnx_vbp.report import format_table
-from onnx_vbp.rewrite import DEFAULT_RIDGE_LAMBDA
+from onnx_vbp.rewrite import COMPENSATIONS
 from onnx_vbp.select import SelectionError
 from onnx_vbp.sweep import format_sweep, pick, plot_sweep, sweep
 
@@ -89,17 +90,23 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
                              "same fraction from each block")
     parser.add_argument("--min-keep", type=_non_negative, default=1, help="neurons always kept per block (default 1)")
     parser.add_argument("--round-to", type=_positive, default=1,
-                        help="round each kept width up to a multiple of N, restoring the highest-variance "
-                             "neurons (GEMM-friendly widths; default 1 = no rounding)")
-    parser.add_argument("--score", choices=("variance", "variance-x-norm"), default="variance",
-                        help="importance of a neuron: the variance of its activation (default, the paper) or "
-                             "that times the squared norm of its fc2 row (FLAP's fluctuation)")
-    parser.add_argument("--compensate", choices=("mean", "ridge", "none"), default="mean",
-                        help="mean (default): fold the pruned neurons' mean into fc2's bias; ridge: also "
-                             "update fc2's kept rows by a ridge regression of the pruned neurons on the kept "
-                             "ones (width^2 second moments per block during calibration); none: drop them")
+                        help="round each kept width up to a multiple of N, restoring the pruned neurons that "
+                             "cost the most (GEMM-friendly widths; default 1 = no rounding)")
+    parser.add_argument("--method", choices=tuple(METHODS), default="obs",
+                        help="obs (default): rank removals by structured OBS, the output error left after the "
+                             "best refit of fc2 from the kept neurons, and refit fc2 by ridge regression (needs "
+                             "each block's width^2 hidden covariance); vbp: the paper, remove the lowest-variance "
+                             "neurons and fold their mean into fc2's bias")
+    parser.add_argument("--score", choices=SCORES,
+                        help="override the method's ranking: variance (the paper), variance-x-norm (variance "
+                             "times the squared norm of the neuron's fc2 row, FLAP's fluctuation) or obs")
+    parser.add_argument("--compensate", choices=COMPENSATIONS,
+                        help="override the method's compensation: mean (fold the pruned neurons' mean into "
+                             "fc2's bias), ridge (also refit fc2's kept rows by a ridge regression of the pruned "
+                             "neurons on the kept ones) or none (drop them; for ablations)")
     parser.add_argument("--ridge-lambda", type=float, default=DEFAULT_RIDGE_LAMBDA,
-                        help="ridge strength relative to the mean kept-neuron variance "
+                        help="ridge strength of the obs ranking and the ridge refit, relative to the mean "
+                             "neuron variance "
                              f"(default {DEFAULT_RIDGE_LAMBDA})")
     parser.add_argument("--batch-size", type=_positive, help="re-batch the data to this many samples per run")
     parser.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
@@ -168,7 +175,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
     return PruneOptions(
         ratio=ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
-        compensate=args.compensate, ridge_lambda=args.ridge_lambda, score=args.score, batch_size=args.batch_size,
+        method=args.method, compensate=args.compensate, ridge_lambda=args.ridge_lambda, score=args.score,
+        batch_size=args.batch_size,
         max_samples=args.max_samples, min_samples=args.min_samples, allow_empty=getattr(args, "allow_empty", False),
         stats=args.stats, save_stats=args.save_stats, ray_shards=args.ray_shards, ray_address=args.ray_address,
         threads=args.threads, progress=not args.quiet,

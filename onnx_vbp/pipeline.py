@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -12,11 +13,20 @@ from pathlib import Path
 import onnx
 from tqdm import tqdm
 
-from onnx_vbp.calibrate import CalibrationError, Stats, calibrate, load_stats, save_stats
+from onnx_vbp.calibrate import (
+    COMOMENT_BUDGET,
+    CalibrationError,
+    Stats,
+    calibrate,
+    comoment_bytes,
+    comoments_fit,
+    load_stats,
+    save_stats,
+)
 from onnx_vbp.data import DataError, InputSpec, RawOptions, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import BlockList, MlpBlock, find_mlp_blocks
-from onnx_vbp.importance import neuron_scores
+from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, Ranking, rankings
 from onnx_vbp.modelio import (
     ModelError,
     check_writable,
@@ -28,7 +38,7 @@ from onnx_vbp.modelio import (
     write_model,
 )
 from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
-from onnx_vbp.rewrite import DEFAULT_RIDGE_LAMBDA, rewrite
+from onnx_vbp.rewrite import rewrite
 from onnx_vbp.select import Plan, select
 
 log = logging.getLogger("onnx_vbp")
@@ -38,16 +48,27 @@ class NoBlocksError(ValueError):
     """The model has no prunable MLP block."""
 
 
+# What each method ranks neurons by, and how fc2 absorbs the removed ones.
+METHODS = {
+    "obs": ("obs", "ridge"),  # structured OBS: compensation-aware ranking, ridge refit of fc2 (default)
+    "vbp": ("variance", "mean"),  # the paper: lowest variance first, mean folded into fc2's bias
+}
+
+
 @dataclass(frozen=True)
 class PruneOptions:
-    """The options of `prune_file`, one per CLI flag (see `python -m onnx_vbp --help`)."""
+    """The options of `prune_file`, one per CLI flag (see `python -m onnx_vbp --help`).
+
+    `method` sets `score` and `compensate` (see METHODS); either may be given to override it.
+    """
 
     ratio: float = 0.35
     scope: str = "global"
     min_keep: int = 1
     round_to: int = 1
-    compensate: str = "mean"
-    score: str = "variance"  # importance criterion: variance | variance-x-norm
+    method: str = "obs"
+    compensate: str | None = None  # mean | ridge | none (default: the method's)
+    score: str | None = None  # importance criterion: variance | variance-x-norm | obs (default: the method's)
     ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
     batch_size: int | None = None
     max_samples: int | None = None
@@ -60,6 +81,22 @@ class PruneOptions:
     threads: int | None = None
     progress: bool = True
     raw: RawOptions = field(default_factory=RawOptions)  # how raw images / text are encoded
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
+        score, compensate = METHODS[self.method]
+        object.__setattr__(self, "score", self.score or score)
+        object.__setattr__(self, "compensate", self.compensate or compensate)
+
+    @property
+    def comoments(self) -> bool:
+        """Whether these options need each block's hidden covariance."""
+        return self.score == "obs" or self.compensate == "ridge"
+
+    def without_comoments(self) -> PruneOptions:
+        """The paper's VBP with these options' other settings: what fits when covariances do not."""
+        return dataclasses.replace(self, method="vbp", score=None, compensate=None)
 
 
 def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator[dict], options: PruneOptions,
@@ -76,7 +113,7 @@ def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator
             bar.update(size)
 
         stats = calibrate(model, blocks, batches, threads=options.threads, on_batch=on_batch,
-                          external_dir=external_dir, comoments=options.compensate == "ridge")
+                          external_dir=external_dir, comoments=options.comoments)
     return stats, samples, time.perf_counter() - start
 
 
@@ -87,9 +124,22 @@ def _check_stats_fit(stats: dict[str, Stats], blocks: list[MlpBlock], options: P
     if found != saved:
         raise CalibrationError(f"statistics in {options.stats} do not match this model's MLP blocks "
                                f"({len(saved)} saved, {len(found)} found)")
-    if options.compensate == "ridge" and any(s.comoment is None for s in stats.values()):
-        raise CalibrationError(f"statistics in {options.stats} have no second moments, which --compensate "
-                               "ridge needs: calibrate again with --compensate ridge --save-stats")
+
+
+def _have_comoments(stats: dict[str, Stats]) -> bool:
+    return all(s.comoment is not None for s in stats.values())
+
+
+def fitted_options(options: PruneOptions, comoments: bool) -> PruneOptions:
+    """`options`, or the paper's VBP where they need second moments that cannot be had
+    (`comoments` false): the default method degrades (`prepare` warns), an explicit choice of
+    them is refused."""
+    if not options.comoments or comoments:
+        return options
+    if options.method == "obs" and (options.score, options.compensate) == METHODS["obs"]:
+        return options.without_comoments()
+    raise CalibrationError(f"the statistics have no second moments, which --score {options.score} / --compensate "
+                           f"{options.compensate} need: calibrate again with them (--save-stats)")
 
 
 @dataclass
@@ -105,13 +155,22 @@ class Prepared:
     samples: int
     seconds: float
     macs: dict[str, int]  # per MatMul/Gemm/Conv node, per sample
-    _scores: dict[str, dict] = field(default_factory=dict)
+    _rankings: dict[tuple, tuple[int, dict[str, Ranking]]] = field(default_factory=dict)
 
-    def scores(self, score: str) -> dict:
-        """Neuron scores by criterion, computed once: a sweep ranks many ratios by the same ones."""
-        if score not in self._scores:
-            self._scores[score] = neuron_scores(self.stats, score, self.model, self.blocks, self.external_dir)
-        return self._scores[score]
+    def rankings(self, options: PruneOptions) -> dict[str, Ranking]:
+        """Each block's ranking under `options`, computed once and only deepened when a larger
+        ratio needs more removals: a sweep ranks many ratios from the same ones."""
+        widths = [b.width for b in self.blocks]
+        if options.scope == "global":
+            depth = min(max(widths), int(options.ratio * sum(widths)))
+        else:
+            depth = max(int(options.ratio * w) for w in widths)
+        key = (options.score, options.ridge_lambda)
+        if key not in self._rankings or self._rankings[key][0] < depth:
+            found = rankings(self.stats, options.score, self.model, self.blocks, depth=depth,
+                             external_dir=self.external_dir, ridge_lambda=options.ridge_lambda)
+            self._rankings[key] = (depth, found)
+        return self._rankings[key][1]
 
     @property
     def external_dir(self) -> Path | None:
@@ -139,9 +198,16 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
     prepared = Prepared(model_path, model, external, specs, blocks, {}, 0, 0.0, {})
 
+    if blocks and options.comoments and not comoments_fit(blocks):
+        fitted = fitted_options(options, comoments=False)
+        log.warning("second moments of these blocks need %.1f GiB, over the %.0f GiB budget: pruning with "
+                    "--method %s instead", comoment_bytes(blocks) / 2**30, COMOMENT_BUDGET / 2**30, fitted.method)
+        options = fitted
     if blocks and options.stats is not None:
         prepared.stats, prepared.samples, sample_feed = load_stats(options.stats)
         _check_stats_fit(prepared.stats, blocks, options)
+        if fitted_options(options, _have_comoments(prepared.stats)) is not options:
+            log.warning("statistics in %s have no second moments: pruning with --method vbp", options.stats)
         log.info("using statistics of %d samples from %s", prepared.samples, options.stats)
     elif calib is not None:
         calib = Path(calib)
@@ -153,7 +219,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
             start = time.perf_counter()
             prepared.stats, prepared.samples = calibrate_on_ray(
                 model_path, calib, options.ray_shards, address=options.ray_address, batch_size=options.batch_size,
-                raw=options.raw, threads=options.threads, comoments=options.compensate == "ridge")
+                raw=options.raw, threads=options.threads, comoments=options.comoments)
             prepared.seconds = time.perf_counter() - start
         elif blocks:
             prepared.stats, prepared.samples, prepared.seconds = _calibrate(
@@ -192,9 +258,10 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
     `release_original` (nothing more will be pruned from `prepared`) drops the original as well.
     """
     model, blocks = prepared.model, prepared.blocks
+    options = fitted_options(options, _have_comoments(prepared.stats))
     if blocks:
         plan = select(prepared.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
-                      round_to=block_multiples(blocks, options.round_to), scores=prepared.scores(options.score))
+                      round_to=block_multiples(blocks, options.round_to), rankings=prepared.rankings(options))
         pruned = rewrite(model, blocks, prepared.stats, plan, compensate=options.compensate,
                          ridge_lambda=options.ridge_lambda, external_dir=prepared.external_dir)
     else:
@@ -209,8 +276,8 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
     log.info("wrote %s", out)
 
     report = {
-        **{k: getattr(options, k) for k in ("ratio", "scope", "min_keep", "round_to", "compensate", "ridge_lambda",
-                                             "score")},
+        **{k: getattr(options, k) for k in ("ratio", "method", "scope", "min_keep", "round_to", "compensate",
+                                             "ridge_lambda", "score")},
         "model": str(prepared.path),
         "output": str(out),
         "blocks": block_rows(blocks, plan),

@@ -29,10 +29,10 @@ from onnx_vbp.graph import (
     node_key,
     trace_param,
 )
+from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA
 from onnx_vbp.select import Plan
 
 COMPENSATIONS = ("mean", "ridge", "none")
-DEFAULT_RIDGE_LAMBDA = 1e-3
 
 
 class _Editor:

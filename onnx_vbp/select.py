@@ -1,7 +1,8 @@
-"""Stage 4, select: which neurons each block keeps, ranked by hidden-activation variance.
+"""Stage 4, select: which neurons each block keeps.
 
-The importance criterion (variance; low = prunable) is separate from the pruner: this stage only
-turns statistics into a `Plan` of kept indices.
+The importance criterion (`importance`: a removal order and a cost per step, per block) is
+separate from the pruner: this stage only allocates the budget across blocks by those costs and
+turns them into a `Plan` of kept indices.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_vbp.calibrate import Stats
+from onnx_vbp.importance import Ranking
 
 SCOPES = ("global", "per-block")
 
@@ -38,68 +40,63 @@ def select(
     scope: str = "global",
     min_keep: int = 1,
     round_to: int | Mapping[str, int] = 1,
-    scores: dict[str, np.ndarray] | None = None,
+    rankings: Mapping[str, Ranking] | None = None,
 ) -> Plan:
-    """Prune the fraction `ratio` of all hidden neurons with the lowest variance (or the lowest
-    `scores`, from `importance`, when given).
+    """Prune the fraction `ratio` of all hidden neurons: by `rankings` (from `importance`) when
+    given, else the lowest-variance neurons first (the paper).
 
-    `scope="global"` ranks every block's neurons together (the paper); `"per-block"` removes the
-    same fraction from each block. Each block keeps at least `min_keep` neurons, and its kept width
-    is then rounded up to a multiple of `round_to` (one number, or one per block name) by restoring
-    its highest-variance pruned neurons.
+    `scope="global"` merges every block's ranking by cost and cuts at the budget (for variance:
+    all neurons ranked together, as the paper does); `"per-block"` removes the same fraction from
+    each block. Each block keeps at least `min_keep` neurons, and its kept width is then rounded
+    up to a multiple of `round_to` (one number, or one per block name) by restoring the pruned
+    neurons whose removal cost the most.
     """
     if not 0.0 <= ratio < 1.0:
         raise SelectionError(f"ratio must be in [0, 1), got {ratio}")
     if scope not in SCOPES:
         raise SelectionError(f"scope must be one of {SCOPES}, got {scope!r}")
-    multiple = round_to if isinstance(round_to, Mapping) else dict.fromkeys(stats, round_to)
+    ranked = dict(rankings) if rankings is not None else {n: Ranking.by_score(s.variance) for n, s in stats.items()}
+    multiple = round_to if isinstance(round_to, Mapping) else dict.fromkeys(ranked, round_to)
     if min_keep < 0 or min(multiple.values(), default=1) < 1:
         raise SelectionError("min_keep must be >= 0 and round_to >= 1")
-    ranking = scores if scores is not None else {name: s.variance for name, s in stats.items()}
     if scope == "global":
-        total = sum(v.size for v in ranking.values())
-        prunable = sum(max(v.size - min_keep, 0) for v in ranking.values())
-        if int(ratio * total) > prunable:
+        total = sum(r.width for r in ranked.values())
+        room = {name: max(min(r.order.size, r.width - min_keep), 0) for name, r in ranked.items()}
+        if int(ratio * total) > sum(room.values()):
             raise SelectionError(f"ratio {ratio} removes {int(ratio * total)} of {total} neurons, but keeping "
-                                 f"--min-keep {min_keep} per block leaves only {prunable} removable")
-        pruned = _prune_global(ranking, ratio, min_keep)
+                                 f"--min-keep {min_keep} per block leaves only {sum(room.values())} removable")
+        removed = _allocate(ranked, room, int(ratio * total))
     else:
-        for name, v in ranking.items():
-            if v.size - int(ratio * v.size) < min_keep:
-                raise SelectionError(f"ratio {ratio} would leave block '{name}' {v.size - int(ratio * v.size)} "
-                                     f"of {v.size} neurons, fewer than --min-keep {min_keep}")
-        pruned = {name: _lowest(v, int(ratio * v.size)) for name, v in ranking.items()}
+        removed = {}
+        for name, r in ranked.items():
+            count = int(ratio * r.width)
+            if r.width - count < min_keep:
+                raise SelectionError(f"ratio {ratio} would leave block '{name}' {r.width - count} "
+                                     f"of {r.width} neurons, fewer than --min-keep {min_keep}")
+            if count > r.order.size:
+                raise SelectionError(f"block '{name}' was ranked only {r.order.size} removals deep, {count} needed")
+            removed[name] = count
     keep = {}
-    for name, score in ranking.items():
-        width = score.size
-        mask = np.ones(width, dtype=bool)
-        mask[pruned[name]] = False
-        target = min(width, math.ceil(mask.sum() / multiple[name]) * multiple[name])
+    for name, r in ranked.items():
+        mask = np.ones(r.width, dtype=bool)
+        mask[r.order[: removed[name]]] = False
+        target = min(r.width, math.ceil(mask.sum() / multiple[name]) * multiple[name])
         if target > mask.sum():
-            restore = [i for i in np.argsort(-score, kind="stable") if not mask[i]]
+            cost = np.full(r.width, -np.inf)
+            cost[r.order[: removed[name]]] = r.cost[: removed[name]]
+            restore = [i for i in np.argsort(-cost, kind="stable") if not mask[i]]
             mask[restore[: target - mask.sum()]] = True
         keep[name] = np.flatnonzero(mask)
     return Plan(keep)
 
 
-def _lowest(variance: np.ndarray, count: int) -> np.ndarray:
-    return np.argsort(variance, kind="stable")[: max(count, 0)]
-
-
-def _prune_global(variances: dict[str, np.ndarray], ratio: float, min_keep: int) -> dict[str, np.ndarray]:
-    names = list(variances)
-    owner = np.concatenate([np.full(variances[n].size, i) for i, n in enumerate(names)])
-    index = np.concatenate([np.arange(variances[n].size) for n in names])
-    order = np.argsort(np.concatenate([variances[n] for n in names]), kind="stable")
-    budget = int(ratio * order.size)
-    room = [variances[n].size - min_keep for n in names]
-    pruned: list[list[int]] = [[] for _ in names]
-    for k in order:
-        if budget == 0:
-            break
-        block = owner[k]
-        if room[block] > 0:
-            pruned[block].append(int(index[k]))
-            room[block] -= 1
-            budget -= 1
-    return {n: np.array(p, dtype=np.int64) for n, p in zip(names, pruned, strict=True)}
+def _allocate(ranked: Mapping[str, Ranking], room: Mapping[str, int], budget: int) -> dict[str, int]:
+    """How many of its ranked removals each block makes: the `budget` cheapest steps over all
+    blocks, each block's steps taken in its own order (a step's key is the highest cost up to it,
+    so a cheap step behind an expensive one waits for it)."""
+    names = list(ranked)
+    keys = [np.maximum.accumulate(ranked[n].cost[: room[n]]) if room[n] else np.zeros(0) for n in names]
+    owner = np.concatenate([np.full(k.size, i) for i, k in enumerate(keys)]).astype(np.int64)
+    chosen = owner[np.argsort(np.concatenate(keys), kind="stable")[:budget]]
+    counts = np.bincount(chosen, minlength=len(names))
+    return {n: int(c) for n, c in zip(names, counts, strict=True)}

@@ -63,7 +63,7 @@ def test_variance_x_norm_weighs_each_neuron_by_its_fc2_row() -> None:
     from graphs import BlockSpec, build_model, random_batch, readers
     from onnx import numpy_helper
 
-    from onnx_vbp import calibrate, find_mlp_blocks, neuron_scores
+    from onnx_vbp import calibrate, find_mlp_blocks, rankings
 
     model = build_model([BlockSpec(hidden=16, act="relu")], seed=3)
     fc2_weight = readers(model, "MatMul", "fc2").input[1]
@@ -74,8 +74,9 @@ def test_variance_x_norm_weighs_each_neuron_by_its_fc2_row() -> None:
     blocks = find_mlp_blocks(model)
     stats = calibrate(model, blocks, [random_batch(model, batch=32, seed=s) for s in range(2)])
 
-    scores = neuron_scores(stats, "variance-x-norm", model, blocks)
+    ranked = rankings(stats, "variance-x-norm", model, blocks)
     expected = stats[blocks[0].name].variance * np.square(rows).sum(axis=1)
-    np.testing.assert_allclose(scores[blocks[0].name], expected, rtol=1e-6)
-    assert list(select(stats, 0.5, scores=scores).keep[blocks[0].name]) == list(range(8))
+    ranking = ranked[blocks[0].name]
+    np.testing.assert_allclose(ranking.cost, expected[ranking.order], rtol=1e-6)
+    assert list(select(stats, 0.5, rankings=ranked).keep[blocks[0].name]) == list(range(8))
     assert list(select(stats, 0.5).keep[blocks[0].name]) != list(range(8))  # variance alone ranks otherwise

