@@ -30,7 +30,6 @@ ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
 
 COMOMENT_BUDGET = 8 << 30  # bytes of float64 second moments over all blocks
 CHUNK_ELEMENTS = 1 << 18  # float64 values per row chunk of Stats.of: 2 MiB, cache-resident
-COMOMENT_MIN_ROWS = 256  # ridge adds a [width, width] product per chunk: amortize it over enough rows
 
 
 class CalibrationError(ValueError):
@@ -51,16 +50,21 @@ class Stats:
 
     `comoment`, kept only when asked for (ridge compensation), is the [width, width] sum of outer
     products of deviations from the mean: `comoment / count` is the covariance.
+    `stream`, gathered with it where the block's output joins a residual stream (MlpSite.residual),
+    is [Σ over positions of ||z - mean(z)||², positions] for the stream z after the block: what a
+    LayerNorm reading it divides by, so the scale that an error in the block is relative to.
     """
 
     count: int
     mean: np.ndarray  # [width]
     m2: np.ndarray  # [width], sum of squared deviations from the mean
     comoment: np.ndarray | None = None
+    stream: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, width: int, comoment: bool = False) -> Stats:
-        return cls(0, np.zeros(width), np.zeros(width), np.zeros((width, width)) if comoment else None)
+    def empty(cls, width: int, comoment: bool = False, stream: bool = False) -> Stats:
+        return cls(0, np.zeros(width), np.zeros(width), np.zeros((width, width)) if comoment else None,
+                   np.zeros(2) if stream else None)
 
     @classmethod
     def of(cls, samples: np.ndarray, comoment: bool = False) -> Stats:
@@ -71,37 +75,59 @@ class Stats:
         mean of k of the n rows, (mean - c)² <= variance * (n - k) / k, so the correction cancels
         at most that factor of float64 rounding (about 1e-14 relative for a 32 x 197-token batch):
         no large mean can swamp a small variance. Half the memory traffic of a true second pass.
+        The comoment, when asked for, comes from `with_comoment`.
         """
         values = np.asarray(samples)
         count, width = values.shape
-        rows = max(CHUNK_ELEMENTS // max(width, 1), COMOMENT_MIN_ROWS if comoment else 1)
+        rows = max(CHUNK_ELEMENTS // max(width, 1), 1)
         shift = values[:rows].mean(axis=0, dtype=np.float64)
         sums, squares = np.zeros(width), np.zeros(width)
-        cross = np.zeros((width, width)) if comoment else None
         for start in range(0, count, rows):
             deviations = values[start : start + rows].astype(np.float64)
             deviations -= shift
             sums += deviations.sum(axis=0)
             squares += np.einsum("ij,ij->j", deviations, deviations)
-            if cross is not None:
-                cross += deviations.T @ deviations
         mean_offset = sums / max(count, 1)
-        if cross is not None:
-            cross -= np.outer(sums, mean_offset)
-        return cls(count, shift + mean_offset, squares - sums * mean_offset, cross)
+        stats = cls(count, shift + mean_offset, squares - sums * mean_offset)
+        return stats.with_comoment(values) if comoment else stats
+
+    def with_comoment(self, samples: np.ndarray) -> Stats:
+        """These statistics of `samples` plus their comoment: one float32 product of the
+        deviations from the (float64) mean, a symmetric rank-n update that BLAS runs at twice the
+        float64 speed, added up in float64. The diagonal is m2 itself, exact; off-diagonal terms
+        carry float32 rounding (about 1e-7 of the neurons' standard deviations), far below the
+        sampling noise of any covariance estimated from data."""
+        deviations = np.asarray(samples, dtype=np.float32) - self.mean.astype(np.float32)
+        comoment = (deviations.T @ deviations).astype(np.float64)
+        np.fill_diagonal(comoment, self.m2)
+        return Stats(self.count, self.mean, self.m2, comoment, self.stream)
+
+    def with_stream(self, positions: np.ndarray) -> Stats:
+        """These statistics plus the residual stream's energy at `positions` [n, features]."""
+        values = np.asarray(positions, dtype=np.float64)
+        centered = values - values.mean(axis=1, keepdims=True)
+        return Stats(self.count, self.mean, self.m2, self.comoment,
+                     np.array([np.einsum("ij,ij->", centered, centered), values.shape[0]]))
+
+    @property
+    def stream_energy(self) -> float | None:
+        """Mean ||z - mean(z)||² of the residual stream after the block, per position; None if unknown."""
+        return None if self.stream is None or self.stream[1] == 0 else float(self.stream[0] / self.stream[1])
 
     @classmethod
     def of_parallel(cls, samples: np.ndarray, pool: ThreadPoolExecutor, workers: int, comoment: bool = False
                     ) -> Stats:
         """`of` over `workers` row ranges at once, Chan-merged: numpy releases the GIL in the
-        casts and sums, so the host reduction uses the cores ORT ran the batch on."""
+        casts and sums, so the host reduction uses the cores ORT ran the batch on. The comoment
+        is one product over the whole batch (BLAS spreads it over the cores itself)."""
         values = np.asarray(samples)
         parts = min(workers, max(values.shape[0] * values.shape[1] // CHUNK_ELEMENTS, 1))
         if parts == 1:
             return cls.of(values, comoment)
         bounds = np.linspace(0, values.shape[0], parts + 1).astype(int)
-        pieces = pool.map(lambda i: cls.of(values[bounds[i] : bounds[i + 1]], comoment), range(parts))
-        return functools.reduce(cls.merge, pieces)
+        pieces = pool.map(lambda i: cls.of(values[bounds[i] : bounds[i + 1]]), range(parts))
+        stats = functools.reduce(cls.merge, pieces)
+        return stats.with_comoment(values) if comoment else stats
 
     @property
     def variance(self) -> np.ndarray:
@@ -129,7 +155,8 @@ class Stats:
         comoment = None
         if self.comoment is not None and other.comoment is not None:
             comoment = self.comoment + other.comoment + np.outer(delta, delta) * weight
-        return Stats(count, mean, m2, comoment)
+        stream = self.stream + other.stream if self.stream is not None and other.stream is not None else None
+        return Stats(count, mean, m2, comoment, stream)
 
 
 STATS_VERSION = 1
@@ -143,6 +170,8 @@ def save_stats(path: Path, stats: dict[str, Stats], samples: int, feed: Mapping[
                        f"stats/{name}/m2": block.m2})
         if block.comoment is not None:
             arrays[f"stats/{name}/comoment"] = block.comoment
+        if block.stream is not None:
+            arrays[f"stats/{name}/stream"] = block.stream
     arrays.update({f"feed/{name}": value for name, value in feed.items()})
     with open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -160,7 +189,7 @@ def load_stats(path: Path) -> tuple[dict[str, Stats], int, dict[str, np.ndarray]
     names = sorted({key[len("stats/"):].rsplit("/", 1)[0] for key in arrays if key.startswith("stats/")})
     stats = {
         name: Stats(int(arrays[f"stats/{name}/count"]), arrays[f"stats/{name}/mean"], arrays[f"stats/{name}/m2"],
-                    arrays.get(f"stats/{name}/comoment"))
+                    arrays.get(f"stats/{name}/comoment"), arrays.get(f"stats/{name}/stream"))
         for name in names
     }
     feed = {key[len("feed/"):]: value for key, value in arrays.items() if key.startswith("feed/")}
@@ -238,6 +267,14 @@ def _token_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return mask != 0
 
 
+def _positions(values: np.ndarray, axis: int, kept_rows: np.ndarray | None) -> np.ndarray:
+    """`values` as [positions, features] (features along `axis`), padding positions dropped."""
+    moved = np.moveaxis(values, axis, -1)
+    if kept_rows is not None and moved.shape[:-1] == kept_rows.shape:
+        moved = moved[kept_rows]  # padding positions are no observation
+    return moved.reshape(-1, moved.shape[-1])
+
+
 def calibrate(
     model: onnx.ModelProto,
     blocks: list[MlpBlock],
@@ -253,16 +290,20 @@ def calibrate(
     Every sample and token counts as one observation of each neuron. Tied blocks (several sites)
     pool the observations of all their sites. `on_batch(n_samples)` is called after each batch.
     `external_dir` is the folder of a model whose weights are still in external data files.
-    `comoments` also accumulates each block's [width, width] second moments (ridge compensation).
+    `comoments` also accumulates each block's [width, width] second moments (the obs ranking and
+    ridge compensation) and, for blocks whose every site joins a residual stream, its energy.
     """
     if comoments and not comoments_fit(blocks):
         raise CalibrationError(f"second moments need {comoment_bytes(blocks) / 2**30:.1f} GiB (width^2 x 8 bytes "
                                f"per block), over the {COMOMENT_BUDGET / 2**30:.0f} GiB budget; use --method vbp")
-    session = cpu_session(instrument(model, blocks), threads, optimize=True, external_dir=external_dir)
+    session = cpu_session(instrument(model, blocks, residuals=comoments), threads, optimize=True,
+                          external_dir=external_dir)
     input_names = [i.name for i in session.get_inputs()]
     fetch = [(block, site) for block in blocks for site in block.sites]
-    fetch_names = [site.hidden for _, site in fetch]
-    stats = {block.name: Stats.empty(block.width, comoments) for block in blocks}
+    streams = [(block, site) for block, site in fetch if comoments and site.residual]
+    fetch_names = [site.hidden for _, site in fetch] + [site.residual for _, site in streams]
+    with_stream = {b.name for b in blocks if comoments and all(site.residual for site in b.sites)}
+    stats = {block.name: Stats.empty(block.width, comoments, block.name in with_stream) for block in blocks}
     # the host reduces each batch while ORT's threads wait for the next: it may use as many cores
     workers = threads or len(os.sched_getaffinity(0))
     with ThreadPoolExecutor(workers) as pool:
@@ -274,13 +315,14 @@ def calibrate(
                 raise CalibrationError(f"ONNX Runtime failed on calibration batch {batch_index}: "
                                        f"{first_line(exc)}") from exc
             kept_rows = _token_rows(batch)
-            for (block, site), values in zip(fetch, hidden, strict=True):
-                per_neuron = np.moveaxis(values, site.hidden_axis, -1)
-                if kept_rows is not None and per_neuron.shape[:-1] == kept_rows.shape:
-                    per_neuron = per_neuron[kept_rows]  # padding positions are no observation
-                per_neuron = per_neuron.reshape(-1, block.width)
+            residual = dict(zip([site.residual for _, site in streams], hidden[len(fetch) :], strict=True))
+            for (block, site), values in zip(fetch, hidden[: len(fetch)], strict=True):
+                per_neuron = _positions(values, site.hidden_axis, kept_rows)
                 with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN are reported just below
                     batch_stats = Stats.of_parallel(per_neuron, pool, workers, comoments)
+                    if block.name in with_stream:
+                        batch_stats = batch_stats.with_stream(_positions(residual[site.residual], site.hidden_axis,
+                                                                         kept_rows))
                 if not np.isfinite(batch_stats.m2).all():
                     raise CalibrationError(
                         f"non-finite hidden activation in block '{block.name}' at calibration batch {batch_index}"

@@ -24,12 +24,16 @@ from onnx_vbp.select import SelectionError
 from onnx_vbp.sweep import format_sweep, pick, plot_sweep, sweep
 
 DESCRIPTION = """\
-Variance-Based Pruning of the MLP blocks of an ONNX model, after training.
+Structured pruning of the MLP blocks of an ONNX model, after training, with no retraining.
 
-Finds every fc1 -> activation -> fc2 block, runs the calibration data through ONNX Runtime to
-measure each hidden neuron's activation variance, removes the lowest-variance neurons (slicing
-fc1's columns and fc2's rows) and folds their mean into fc2's bias. Writes a smaller model that
-loads in ORT with the same inputs and outputs.
+Finds every fc1 -> activation -> fc2 block and runs the calibration data through ONNX Runtime to
+measure each hidden neuron's activations. The default method (obs) removes, block by block, the
+neurons whose loss the remaining ones can best make up for (structured Optimal Brain Surgeon on
+the hidden covariance), spends the budget where the error relative to the residual stream is
+smallest, and refits fc2's kept rows by ridge regression. --method vbp is the paper's
+Variance-Based Pruning: remove the lowest-variance neurons and fold their mean into fc2's bias.
+Either way fc1's columns and fc2's rows are sliced out, and the model keeps its inputs and
+outputs and loads in ORT.
 
 CALIB is a directory (or file) of *.npz batches (keys = input names), *.npy batches
 (single-input models), ONNX test data sets (test_data_set_*/input_*.pb), photos

@@ -79,6 +79,11 @@ class MlpSite:
     fc2_bias: BiasRef
     width_literals: tuple[ParamRef, ...]  # shape constants holding the width (axis = position)
     width_tensors: tuple[tuple[str, int], ...]  # (tensor, axis) whose annotated shape has the width
+    # Where fc2's output joins the residual stream (see `_residual`): the sum tensor, None when no
+    # plain Add makes it (fused SkipLayerNormalization, no residual); and the constant that scales
+    # fc2's output on the way (a transformer's layer scale), axis -1 over fc2's output features.
+    residual: str | None = None
+    output_scale: ParamRef | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,34 @@ def _fc2_bias(fc2: Linear) -> BiasRef:
     if len(out.outputs) == 1 and out.outputs[0].op == "SkipLayerNormalization":
         return BiasRef(node_key(out.outputs[0]), 4)
     return BiasRef(node_key(fc2.node), None)
+
+
+def _residual(fc2: Linear) -> tuple[str | None, ParamRef | None]:
+    """Where fc2's output (after its bias) is added to the residual stream:
+
+        fc2 [-> Add(bias)] [-> Mul(scale)] -> Add(·, stream) -> sum      (sum: the tensor returned)
+
+    `scale` is a constant of one value per output feature or one in all (layer scale, ViT-S and
+    ConvNeXt); the other operand of the final Add must not be constant. (None, None) otherwise.
+    """
+    out, scale = fc2.output, None
+    for _ in range(2):
+        if len(out.outputs) != 1:
+            return None, None
+        node = out.outputs[0]
+        others = [i for i, t in enumerate(node.inputs) if t is not out]
+        if len(node.inputs) != 2 or len(others) != 1:
+            return None, None
+        other = trace_param(node.inputs[others[0]])
+        if node.op == "Add" and other is None and node.outputs:
+            return node.outputs[0].name, scale
+        if node.op != "Mul" or scale is not None or other is None:
+            return None, None
+        size = int(np.prod(other.source.shape))
+        if size not in (1, fc2.out_features):
+            return None, None
+        scale, out = ParamRef(node_key(node), others[0], -1), node.outputs[0]
+    return None, None
 
 
 def _linear_producing(t: gs.Tensor) -> Linear | None:
@@ -359,6 +392,7 @@ def _site(match: _Match, width: int) -> MlpSite | None:
             literals.append(literal)
     axis = fc2.feature_axis
     width_tensors = tuple((t.name, axis) for n in _region_nodes(match) for t in n.outputs)
+    residual, output_scale = _residual(fc2)
     return MlpSite(
         fc1=tuple(node_label(lin.node) for lin in match.fc1),
         fc2=node_label(fc2.node),
@@ -369,6 +403,8 @@ def _site(match: _Match, width: int) -> MlpSite | None:
         fc2_bias=_fc2_bias(fc2),
         width_literals=tuple(literals),
         width_tensors=width_tensors,
+        residual=residual,
+        output_scale=output_scale,
     )
 
 

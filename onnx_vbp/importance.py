@@ -12,9 +12,13 @@ cost and cuts at the budget.
       E_j = ||W2[j]||² / [Σ⁻¹]_jj        (added output variance, summed over fc2's outputs)
 
   Neurons are removed greedily, each removal downdating Σ⁻¹ and moving its row into the others
-  (the OBS update), so a neuron that the kept ones can reproduce costs nothing. Costs are
-  divided by the block's output variance tr(W2ᵀΣW2), which makes them comparable across blocks:
-  the global budget goes where a block loses the smallest share of what it contributes.
+  (the OBS update), so a neuron that the kept ones can reproduce costs nothing. W2's columns
+  are first multiplied by any layer scale between fc2 and the residual stream, and each block's
+  costs are divided by the energy of the residual stream its output joins (per position, the
+  sum of squared deviations from the position's mean: what the next LayerNorm divides by). The
+  global budget thus goes where the error relative to the stream is smallest: the same units in
+  every block, pre-LN or post-LN. Where a block's stream is unknown (e.g. a fused
+  SkipLayerNormalization), every block's costs are divided by its output variance tr(W2ᵀΣW2).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import onnx
 
 from onnx_vbp.calibrate import Stats
-from onnx_vbp.find import MlpBlock
+from onnx_vbp.find import MlpBlock, ParamRef
 from onnx_vbp.graph import DiskWeights, import_graph, node_key, trace_param
 
 SCORES = ("variance", "variance-x-norm", "obs")
@@ -54,18 +58,27 @@ class Ranking:
         return cls(order, np.asarray(score)[order], score.size)
 
 
-def fc2_rows(model: onnx.ModelProto, blocks: list[MlpBlock], external_dir: Path | None = None
-             ) -> dict[str, np.ndarray]:
-    """fc2's weight of every block as a float64 [width, outputs] matrix (first site; tied sites share it)."""
+def fc2_rows(model: onnx.ModelProto, blocks: list[MlpBlock], external_dir: Path | None = None, *,
+             to_residual: bool = False) -> dict[str, np.ndarray]:
+    """fc2's weight of every block as a float64 [width, outputs] matrix (first site; tied sites
+    share it). `to_residual`: each output column times the layer scale that multiplies it before
+    the residual stream (MlpSite.output_scale), so the rows say what a neuron adds to the stream."""
     graph = import_graph(model)
     nodes = {node_key(n): n for n in graph.nodes}
     disk = DiskWeights(model, external_dir)
-    rows = {}
-    for block in blocks:
-        ref = block.sites[0].fc2_weight
+
+    def constant(ref: ParamRef) -> np.ndarray:
         traced = trace_param(nodes[ref.node].inputs[ref.input])
         disk.load(traced.source)
-        rows[block.name] = np.moveaxis(traced.value().astype(np.float64), ref.axis, 0).reshape(block.width, -1)
+        return traced.value().astype(np.float64)
+
+    rows = {}
+    for block in blocks:
+        site = block.sites[0]
+        weight = np.moveaxis(constant(site.fc2_weight), site.fc2_weight.axis, 0).reshape(block.width, -1)
+        if to_residual and site.output_scale is not None:
+            weight = weight * constant(site.output_scale).reshape(1, -1)
+        rows[block.name] = weight
     return rows
 
 
@@ -158,16 +171,19 @@ def rankings(stats: dict[str, Stats], score: str = "variance", model: onnx.Model
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if score == "variance":
         return {name: Ranking.by_score(s.variance) for name, s in stats.items()}
-    weights = fc2_rows(model, blocks, external_dir)
     if score == "variance-x-norm":
+        weights = fc2_rows(model, blocks, external_dir)
         return {name: Ranking.by_score(s.variance * np.square(weights[name]).sum(axis=1))
                 for name, s in stats.items()}
+    weights = fc2_rows(model, blocks, external_dir, to_residual=True)
+    energies = {name: s.stream_energy for name, s in stats.items()}
     result = {}
     for name, s in stats.items():
         covariance = s.covariance
-        output_variance = float(np.sum((covariance @ weights[name]) * weights[name]))  # tr(W2ᵀΣW2)
+        if all(energies.values()):
+            scale = energies[name]
+        else:  # some block's residual stream is unknown: relative to the block's own output variance
+            scale = float(np.sum((covariance @ weights[name]) * weights[name]))  # tr(W2ᵀΣW2)
         ranking = obs_ranking(weights[name], covariance, s.mean.size if depth is None else depth, ridge_lambda)
-        result[name] = Ranking(ranking.order, ranking.cost / max(output_variance, np.finfo(float).tiny),
-                               ranking.width)
+        result[name] = Ranking(ranking.order, ranking.cost / max(scale, np.finfo(float).tiny), ranking.width)
     return result
-

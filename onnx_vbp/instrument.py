@@ -1,4 +1,5 @@
-"""Stage 2, instrument: the model, serialized, with every block's hidden tensor as an extra output."""
+"""Stage 2, instrument: the model, serialized, with every block's hidden tensor (and the residual
+stream after it) as extra outputs."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     return model.SerializeToString() + addition.SerializeToString()
 
 
-def instrument(model: onnx.ModelProto, blocks: list[MlpBlock]) -> bytes:
-    """Serialize `model` with the hidden tensors of `blocks` added to the graph outputs."""
-    return with_outputs(model, hidden_outputs(blocks))
+def residual_outputs(blocks: list[MlpBlock]) -> list[str]:
+    """The residual-stream sums the blocks' outputs join (see MlpSite.residual), where found."""
+    return [site.residual for block in blocks for site in block.sites if site.residual]
+
+
+def instrument(model: onnx.ModelProto, blocks: list[MlpBlock], residuals: bool = False) -> bytes:
+    """Serialize `model` with the hidden tensors of `blocks` (and with `residuals`, the residual
+    sums after them) added to the graph outputs."""
+    return with_outputs(model, hidden_outputs(blocks) + (residual_outputs(blocks) if residuals else []))

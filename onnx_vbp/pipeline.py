@@ -157,20 +157,42 @@ class Prepared:
     macs: dict[str, int]  # per MatMul/Gemm/Conv node, per sample
     _rankings: dict[tuple, tuple[int, dict[str, Ranking]]] = field(default_factory=dict)
 
-    def rankings(self, options: PruneOptions) -> dict[str, Ranking]:
-        """Each block's ranking under `options`, computed once and only deepened when a larger
-        ratio needs more removals: a sweep ranks many ratios from the same ones."""
-        widths = [b.width for b in self.blocks]
-        if options.scope == "global":
-            depth = min(max(widths), int(options.ratio * sum(widths)))
-        else:
-            depth = max(int(options.ratio * w) for w in widths)
+    def rankings(self, options: PruneOptions, depth: int) -> dict[str, Ranking]:
+        """Each block's ranking under `options`, at least `depth` removals deep (where the
+        criterion ranks in sequence), computed once and only deepened when a plan needs more: a
+        sweep ranks many ratios from the same ones, and a shallower ranking is a prefix of a
+        deeper one."""
         key = (options.score, options.ridge_lambda)
         if key not in self._rankings or self._rankings[key][0] < depth:
             found = rankings(self.stats, options.score, self.model, self.blocks, depth=depth,
                              external_dir=self.external_dir, ridge_lambda=options.ridge_lambda)
             self._rankings[key] = (depth, found)
         return self._rankings[key][1]
+
+    def plan(self, options: PruneOptions) -> Plan:
+        """Select by `options`. Sequential rankings (obs) cost more the deeper they go, so they
+        start at 1.5x the average share of a block and are deepened (doubled) only while some
+        block's allocation takes all of its ranked removals and could take more."""
+        widths = {b.name: b.width for b in self.blocks}
+        if options.scope == "global":
+            depth = min(max(widths.values()), math.ceil(1.5 * options.ratio * max(widths.values())) + 1)
+        else:
+            depth = max(int(options.ratio * w) for w in widths.values())
+        deepest = max(widths.values())
+        while True:
+            ranked = self.rankings(options, depth)
+            room = sum(min(r.order.size, widths[name] - options.min_keep) for name, r in ranked.items())
+            if depth < deepest and room < int(options.ratio * sum(widths.values())):
+                depth = min(2 * depth, deepest)
+                continue
+            plan = select(self.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
+                          round_to=block_multiples(self.blocks, options.round_to), rankings=ranked)
+            saturated = [name for name, r in ranked.items()  # took every ranked removal, and may take more
+                         if plan.keep[name].size <= widths[name] - r.order.size
+                         and r.order.size < widths[name] - options.min_keep]
+            if not saturated:
+                return plan
+            depth = min(2 * depth, deepest)
 
     @property
     def external_dir(self) -> Path | None:
@@ -260,8 +282,7 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
     model, blocks = prepared.model, prepared.blocks
     options = fitted_options(options, _have_comoments(prepared.stats))
     if blocks:
-        plan = select(prepared.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
-                      round_to=block_multiples(blocks, options.round_to), rankings=prepared.rankings(options))
+        plan = prepared.plan(options)
         pruned = rewrite(model, blocks, prepared.stats, plan, compensate=options.compensate,
                          ridge_lambda=options.ridge_lambda, external_dir=prepared.external_dir)
     else:

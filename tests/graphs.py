@@ -50,6 +50,7 @@ class BlockSpec:
     channels_last: bool = False  # 4-D [B, H, W, C] input, MatMul over C (ConvNeXt, Swin)
     token_mixing: bool = False  # MLP over the token axis of a transposed [B, C, S] tensor (MLP-Mixer)
     const_neurons: int = 0  # hidden neurons whose activation is constant (zero fc1 columns)
+    layer_scale: float | None = None  # fc2's output times this per-feature vector (ViT-S, ConvNeXt) before the residual
 
 
 class Builder:
@@ -206,6 +207,8 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
             out = g.op("Reshape", [out, shape_in])
         if spec.token_mixing:
             out = g.op("Transpose", [out], perm=[0, 2, 1])
+        if spec.layer_scale is not None:
+            out = g.op("Mul", [out, g.const(np.full(features, spec.layer_scale, np.float32))])
         x = g.op("Add", [x, out]) if residual else out
     g.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
     shape = input_shape(specs, dim, batch=batch, seq=seq)

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from graphs import Builder, make_model, random_batch
+from graphs import BlockSpec, Builder, build_model, make_model, random_batch
 from helpers import relative_change, run
 
 from onnx_vbp import Ranking, Stats, calibrate, find_mlp_blocks, rankings, rewrite, select
 from onnx_vbp.cli import main
 from onnx_vbp.importance import obs_ranking
+from onnx_vbp.instrument import with_outputs
 
 
 def _covariance(rng: np.random.Generator, width: int) -> np.ndarray:
@@ -220,3 +222,63 @@ def test_padding_positions_are_not_observed() -> None:
     assert with_mask.count == expected.count == 18
     np.testing.assert_allclose(with_mask.mean, expected.mean, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(with_mask.m2, expected.m2, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("spec", "residual", "scaled"), [
+    (BlockSpec(), True, False),
+    (BlockSpec(fc="gemm"), True, False),
+    (BlockSpec(fc="conv"), True, False),
+    (BlockSpec(layer_scale=0.1), True, True),
+    (BlockSpec(fc2_bias="none", layer_scale=0.1), True, True),
+    (BlockSpec(fc2_bias="skip_layernorm"), False, False),  # the sum is inside the fused op
+])
+def test_where_the_block_joins_the_residual_stream(spec: BlockSpec, residual: bool, scaled: bool) -> None:
+    (block,) = find_mlp_blocks(build_model([spec]))
+    assert (block.sites[0].residual is not None, block.sites[0].output_scale is not None) == (residual, scaled)
+    (alone,) = find_mlp_blocks(build_model([spec], residual=False))
+    assert alone.sites[0].residual is None
+
+
+def test_stream_energy_is_what_a_layernorm_divides_by() -> None:
+    model = build_model([BlockSpec(hidden=16), BlockSpec(hidden=16, act="relu")], layernorm=True)
+    blocks = find_mlp_blocks(model)
+    batches = [random_batch(model, batch=8, seed=s) for s in range(3)]
+    stats = calibrate(model, blocks, batches, comoments=True)
+    names = [b.sites[0].residual for b in blocks]
+    session = ort.InferenceSession(with_outputs(model, names), providers=["CPUExecutionProvider"])
+    for block, name in zip(blocks, names, strict=True):
+        z = np.concatenate([session.run([name], b)[0].reshape(-1, 8) for b in batches]).astype(np.float64)
+        expected = np.mean(np.sum((z - z.mean(axis=1, keepdims=True)) ** 2, axis=1))
+        assert stats[block.name].stream_energy == pytest.approx(expected, rel=1e-6)
+    assert all(s.stream_energy is None for s in calibrate(model, blocks, batches).values())
+
+
+def test_a_small_layer_scale_makes_a_block_cheap() -> None:
+    """Two blocks alike but for the layer scale on their output: obs takes the budget from the
+    block whose neurons barely reach the residual stream."""
+    model = build_model([BlockSpec(hidden=16, layer_scale=1e-3), BlockSpec(hidden=16, layer_scale=1.0)], seed=7)
+    blocks = find_mlp_blocks(model)
+    stats = calibrate(model, blocks, [random_batch(model, batch=16, seed=s) for s in range(3)], comoments=True)
+    plan = select(stats, 0.4, rankings=rankings(stats, "obs", model, blocks))
+    assert [plan.keep[b.name].size for b in blocks] == [16 - 12, 16]
+
+
+def test_rankings_are_deepened_until_no_block_is_cut_short(copies: Path) -> None:
+    """The pipeline ranks obs removals only as deep as the plan needs; the plan must equal the one
+    from a full-depth ranking, including a block that gives up nearly all of its neurons."""
+    from onnx_vbp.pipeline import PruneOptions, prepare
+
+    model = build_model([BlockSpec(hidden=64, layer_scale=1e-4), BlockSpec(hidden=64)], seed=8)
+    onnx.save(model, copies / "two.onnx")
+    (copies / "two").mkdir()
+    for s in range(3):
+        np.savez(copies / "two" / f"{s}.npz", **random_batch(model, batch=16, seed=s))
+    options = PruneOptions(ratio=0.45, min_keep=2)
+    prepared = prepare(copies / "two.onnx", copies / "two", options)
+    plan = prepared.plan(options)
+    depth, _ = prepared._rankings[(options.score, options.ridge_lambda)]
+    full = select(prepared.stats, 0.45, min_keep=2, rankings=rankings(prepared.stats, "obs", model, prepared.blocks))
+    assert depth > math.ceil(1.5 * 0.45 * 64) + 1  # the first depth cut the scaled-down block short
+    for block in prepared.blocks:
+        np.testing.assert_array_equal(plan.keep[block.name], full.keep[block.name])
+    assert plan.keep[prepared.blocks[0].name].size == 64 - int(0.45 * 128)  # the whole budget from the cheap block

@@ -34,7 +34,10 @@ def test_streaming_comoments_equal_two_pass_covariance() -> None:
     stats = Stats.empty(5, comoment=True)
     for chunk in np.split(data, [1, 40, 41, 300]):
         stats = stats.merge(Stats.of(chunk, comoment=True))
-    np.testing.assert_allclose(stats.covariance, np.cov(data, rowvar=False, bias=True), rtol=1e-10, atol=1e-12)
+    exact = np.cov(data, rowvar=False, bias=True)
+    np.testing.assert_allclose(np.diag(stats.covariance), np.diag(exact), rtol=1e-10)  # m2: float64, exact
+    scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
+    assert np.max(np.abs(stats.covariance - exact) / scale) < 1e-5  # float32 products, summed in float64
 
 
 def _duplicated_neurons_model() -> onnx.ModelProto:

@@ -14,10 +14,13 @@ of the block that reaches it (time so far, and the high-water mark so far): cali
 must not grow with the samples. The plain session's peak RSS, taken once it has run a batch, is
 what inference alone needs; the rest of the peak is what calibration adds.
 
-Usage:  python tools/bench_calibration.py [--models minilm,deit] [--samples 1000,10000] [--threads 2]
-        (--samples: checkpoints of one run per model)
-Models: paraphrase-MiniLM-L3-v2 (tools/fetch_models.py; batch 32 x 128 random token ids) and
-the DeiT-B-size timm export (tools/export_deit.py; batch 32 random 224x224 images).
+Usage:  python tools/bench_calibration.py [--models minilm,minilm_l6,deit] [--samples 1000,10000]
+                                         [--threads 2] [--comoments]
+        (--samples: checkpoints of one run per model; --comoments: also gather each block's
+        hidden covariance, as the default method obs does)
+Models: paraphrase-MiniLM-L3-v2 (tools/fetch_models.py) and all-MiniLM-L6-v2
+(tools/export_minilm_l6.py), batch 32 x 128 random token ids; the DeiT-B-size timm export
+(tools/export_deit.py; batch 32 random 224x224 images).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 from pathlib import Path
 
 from export_deit import export
+from export_minilm_l6 import export as export_l6
 from fetch_models import cache_dir, fetch
 
 RUN = """
@@ -37,7 +41,7 @@ from pathlib import Path
 import numpy as np, onnx
 from onnx_vbp import calibrate, find_mlp_blocks
 from onnx_vbp.calibrate import cpu_session
-path, threads, batch, *counts = sys.argv[1], *map(int, sys.argv[2:])
+path, threads, comoments, batch, *counts = sys.argv[1], *map(int, sys.argv[2:])
 def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
     status = Path("/proc/self/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
@@ -46,7 +50,10 @@ rng = np.random.default_rng(0)
 def random_batch(size):
     if model.graph.input[0].name == "input_ids":
         ids = rng.integers(1000, 20000, (size, 128)).astype(np.int64)
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if len(model.graph.input) == 3:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        return feed
     return {model.graph.input[0].name: rng.standard_normal((size, 3, 224, 224)).astype(np.float32)}
 start = time.perf_counter()
 plain = cpu_session(path, threads, optimize=True)
@@ -82,7 +89,7 @@ def interleaved():
             report(done)
 BLOCK = 8
 called = time.perf_counter()
-calibrate(model, find_mlp_blocks(model), interleaved(), threads=threads)
+calibrate(model, find_mlp_blocks(model), interleaved(), threads=threads, comoments=bool(comoments))
 report(counts[-1])
 """
 
@@ -94,9 +101,11 @@ def main() -> None:
                         help="checkpoints of one run (reported at the batch that reaches each)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--comoments", action="store_true", help="gather second moments too (--method obs)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     paths = {"minilm": lambda: fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir()),
+             "minilm_l6": lambda: export_l6(cache_dir()),
              "deit": lambda: export("deit_base_patch16_224", 17, cache_dir())}
     counts = sorted(map(int, args.samples.split(",")))
     print("| model | samples | plain s | calibrate s | ratio (batches) | ratio (with set-up) | plain peak RSS MB "
@@ -104,10 +113,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for name in args.models.split(","):
-        command = [sys.executable, "-c", RUN, str(paths[name]()), str(args.threads), str(args.batch), *map(str, counts)]
+        command = [sys.executable, "-c", RUN, str(paths[name]()), str(args.threads), str(int(args.comoments)),
+                   str(args.batch), *map(str, counts)]
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
             for line in child.stdout:
-                r = {**json.loads(line), "model": name, "batch": args.batch, "threads": args.threads}
+                r = {**json.loads(line), "model": name, "batch": args.batch, "threads": args.threads,
+                     "comoments": args.comoments}
                 results.append(r)
                 total_plain = r["plain_s"] + r["plain_setup_s"]
                 total_calib = r["calibrate_s"] + r["calibrate_setup_s"]

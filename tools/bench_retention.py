@@ -27,6 +27,7 @@ Needs (tools only): scipy, scikit-learn, matplotlib, Pillow, tokenizers (torch, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import tempfile
@@ -45,10 +46,9 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from onnx_vbp import Ranking, calibrate, find_mlp_blocks, iter_batches, model_inputs, rankings, rewrite, select
+from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, rankings, rewrite, select
 from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.data import RawOptions
-from onnx_vbp.importance import fc2_rows
 from onnx_vbp.report import count_params, node_macs, pruned_macs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +67,12 @@ STUDIES = {
     "score": [(r, "global", c, LAMBDA, score) for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")
               for score in ("variance", "variance-x-norm")],
     # the default (obs) against the paper (vbp), ridge on variance, and obs's allocation variants:
-    # obs-outvar normalizes each block's costs by its output variance tr(W2ᵀΣW2), per-block is uniform
+    # costs relative to the residual stream (obs, the default), to each block's output variance
+    # (obs-outvar), absolute (obs-abs), and the same fraction from every block (per-block)
     "method": [(r, "global", c, LAMBDA, score) for r in (0.2, 0.35, 0.5)
                for score, c in (("variance", "mean"), ("variance", "ridge"), ("obs", "ridge"))]
-    + [(0.35, "global", "ridge", LAMBDA, "obs-outvar"), (0.35, "per-block", "ridge", LAMBDA, "obs")],
+    + [(0.35, "global", "ridge", LAMBDA, score) for score in ("obs-outvar", "obs-abs")]
+    + [(0.35, "per-block", "ridge", LAMBDA, "obs")],
 }
 EVAL_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                "motorcycle_right.png", "camera.png", "coins.png")
@@ -105,14 +107,16 @@ def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, th
 
 
 def _rankings(stats: dict, score: str, model: onnx.ModelProto, blocks: list) -> dict:
-    """onnx_vbp's rankings; "obs-outvar" is obs with each block's costs divided by its output
-    variance tr(W2ᵀΣW2) (an allocation studied here, not an option of the tool)."""
-    if score != "obs-outvar":
-        return rankings(stats, score, model, blocks)
-    weights = fc2_rows(model, blocks)
-    found = rankings(stats, "obs", model, blocks)
-    return {name: Ranking(r.order, r.cost / float(np.sum((stats[name].covariance @ weights[name]) * weights[name])),
-                          r.width) for name, r in found.items()}
+    """onnx_vbp's rankings; "obs-outvar" is obs with each block's costs relative to its output
+    variance tr(W2ᵀΣW2) instead of its residual stream's energy (what obs falls back to when a
+    stream is unknown), and "obs-abs" with no normalization: allocations studied here."""
+    if score == "obs-outvar":
+        return rankings({name: dataclasses.replace(s, stream=None) for name, s in stats.items()}, "obs", model,
+                        blocks)
+    if score == "obs-abs":
+        return rankings({name: dataclasses.replace(s, stream=np.array([1.0, 1.0])) for name, s in stats.items()},
+                        "obs", model, blocks)
+    return rankings(stats, score, model, blocks)
 
 
 def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.ndarray:
