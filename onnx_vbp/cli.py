@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -70,6 +71,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _ridge_lambda(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -108,7 +116,7 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
                         help="override the method's compensation: mean (fold the pruned neurons' mean into "
                              "fc2's bias), ridge (also refit fc2's kept rows by a ridge regression of the pruned "
                              "neurons on the kept ones) or none (drop them; for ablations)")
-    parser.add_argument("--ridge-lambda", type=float, default=DEFAULT_RIDGE_LAMBDA,
+    parser.add_argument("--ridge-lambda", type=_ridge_lambda, default=DEFAULT_RIDGE_LAMBDA,
                         help="ridge strength of the obs ranking and the ridge refit, relative to the mean "
                              "neuron variance "
                              f"(default {DEFAULT_RIDGE_LAMBDA})")

@@ -106,5 +106,5 @@ def format_table(report: Mapping) -> str:
     cal = report["calibration"]
     lines.append(f"calibrated on {cal['samples']} samples in {cal['seconds']:.1f} s; "
                  f"pruned {report['neurons_before'] - report['neurons_after']} of {report['neurons_before']} "
-                 f"MLP neurons ({report['scope']}, ratio {report['ratio']})")
+                 f"MLP neurons (--method {report['method']}, {report['scope']}, ratio {report['ratio']})")
     return "\n".join(lines)

@@ -229,7 +229,10 @@ def test_bad_input_fails_cleanly(ws: Path, capsys, row) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [(["--ratio", "1"], "must be in [0, 1)"),
                                                (["--ratio", "-0.1"], "must be in [0, 1)"),
-                                               (["--round-to", "0"], "must be >= 1")])
+                                               (["--round-to", "0"], "must be >= 1"),
+                                               (["--ridge-lambda", "nan"], "must be a finite number >= 0"),
+                                               (["--ridge-lambda", "inf"], "must be a finite number >= 0"),
+                                               (["--ridge-lambda=-1e-3"], "must be a finite number >= 0")])
 def test_invalid_options_are_usage_errors(ws: Path, capsys, args: list[str], message: str) -> None:
     before = _snapshot(ws)
     with pytest.raises(SystemExit) as exc:
