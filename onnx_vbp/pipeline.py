@@ -182,7 +182,7 @@ class Prepared:
         while True:
             ranked = self.rankings(options, depth)
             room = sum(min(r.order.size, widths[name] - options.min_keep) for name, r in ranked.items())
-            if depth < deepest and room < int(options.ratio * sum(widths.values())):
+            if options.scope == "global" and depth < deepest and room < int(options.ratio * sum(widths.values())):
                 depth = min(2 * depth, deepest)
                 continue
             plan = select(self.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
@@ -255,12 +255,21 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
             raise DataError(f"only {prepared.samples} calibration samples in {calib or options.stats}; at least "
                             f"--min-samples {options.min_samples} are needed")
         log.info("calibrated on %d samples in %.1f s", prepared.samples, prepared.seconds)
+        for name, block_stats in prepared.stats.items():
+            width = block_stats.mean.size
+            if block_stats.comoment is not None and block_stats.count < POSITIONS_PER_NEURON * width:
+                log.warning("block %s: its %d x %d covariance comes from only %d positions; the obs ranking and "
+                            "the ridge refit will fit noise: give more calibration data (at least %d positions)",
+                            name, width, width, block_stats.count, POSITIONS_PER_NEURON * width)
         if options.save_stats is not None and options.stats is None:
             save_stats(options.save_stats, prepared.stats, prepared.samples, sample_feed)
             log.info("saved statistics to %s", options.save_stats)
     prepared.macs = node_macs(model, sample_feed, prepared.external_dir)
     return prepared
 
+
+# A covariance estimated from fewer observations than this many per neuron is mostly noise.
+POSITIONS_PER_NEURON = 4
 
 # ORT's CPU optimizer moves a 1x1 Conv to its NCHWc layout only when both channel counts are
 # multiples of 4; a pruned width like 23 would fall back to plain Conv plus layout reorders.

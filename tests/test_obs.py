@@ -282,3 +282,14 @@ def test_rankings_are_deepened_until_no_block_is_cut_short(copies: Path) -> None
     for block in prepared.blocks:
         np.testing.assert_array_equal(plan.keep[block.name], full.keep[block.name])
     assert plan.keep[prepared.blocks[0].name].size == 64 - int(0.45 * 128)  # the whole budget from the cheap block
+
+
+def test_too_few_positions_for_a_covariance_are_warned_about(copies: Path, caplog) -> None:
+    (copies / "tiny").mkdir()
+    np.savez(copies / "tiny" / "0.npz", **random_batch(_scaled_copies_model(), batch=8, seed=0))  # 40 positions
+    assert main([str(copies / "m.onnx"), str(copies / "tiny"), "--min-samples", "1", "-q", "-o",
+                 str(copies / "o.onnx")]) == 0
+    assert "covariance comes from only 40 positions" in caplog.text
+    caplog.clear()
+    assert main([str(copies / "m.onnx"), str(copies / "calib"), "-q", "-o", str(copies / "o2.onnx")]) == 0
+    assert "covariance comes from only" not in caplog.text  # 240 positions for 16 neurons
