@@ -138,8 +138,8 @@ def fitted_options(options: PruneOptions, comoments: bool) -> PruneOptions:
         return options
     if options.method == "obs" and (options.score, options.compensate) == METHODS["obs"]:
         return options.without_comoments()
-    raise CalibrationError(f"the statistics have no second moments, which --score {options.score} / --compensate "
-                           f"{options.compensate} need: calibrate again with them (--save-stats)")
+    raise CalibrationError(f"--score {options.score} / --compensate {options.compensate} need second moments, and "
+                           "there are none (over the memory budget, or a statistics file saved without them)")
 
 
 @dataclass

@@ -200,7 +200,8 @@ def test_default_method_is_obs_and_vbp_stays_selectable(copies: Path) -> None:
     assert obs["eval"]["outputs"]["y"]["rel_l2"] < 1e-3 < vbp["eval"]["outputs"]["y"]["rel_l2"]
 
 
-def test_default_method_degrades_to_vbp_when_second_moments_do_not_fit(copies: Path, monkeypatch, caplog) -> None:
+def test_default_method_degrades_to_vbp_when_second_moments_do_not_fit(copies: Path, monkeypatch, caplog,
+                                                                       capsys) -> None:
     monkeypatch.setattr(importlib.import_module("onnx_vbp.pipeline"), "comoments_fit", lambda blocks: False)
     report = _prune(copies, "degraded")
     assert report["method"] == "vbp" and report["compensate"] == "mean"
@@ -208,6 +209,7 @@ def test_default_method_degrades_to_vbp_when_second_moments_do_not_fit(copies: P
     rc = main([str(copies / "m.onnx"), str(copies / "calib"), "-q", "--method", "vbp", "--compensate", "ridge",
                "-o", str(copies / "refused.onnx")])
     assert rc == 1 and not (copies / "refused.onnx").exists()
+    assert "need second moments, and there are none (over the memory budget" in capsys.readouterr().err
 
 
 def test_padding_positions_are_not_observed() -> None:
