@@ -178,22 +178,56 @@ def save_stats(path: Path, stats: dict[str, Stats], samples: int, feed: Mapping[
 
 
 def load_stats(path: Path) -> tuple[dict[str, Stats], int, dict[str, np.ndarray]]:
-    """Read a file written by `save_stats`: (stats by block name, samples, one-sample feed)."""
+    """Read a file written by `save_stats`: (stats by block name, samples, one-sample feed).
+
+    Every array is checked (`_checked_stats`): a damaged or hand-edited file is refused with the
+    key at fault, never turned into a model with NaN outputs.
+    """
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise CalibrationError(f"{path}: not a statistics file ({exc})") from exc
-    if arrays.get("__version__") != STATS_VERSION:
+    version = arrays.get("__version__")
+    if version is None or version.shape != () or version != STATS_VERSION:
         raise CalibrationError(f"{path}: not a statistics file written by onnx_vbp (version {STATS_VERSION})")
     names = sorted({key[len("stats/"):].rsplit("/", 1)[0] for key in arrays if key.startswith("stats/")})
-    stats = {
-        name: Stats(int(arrays[f"stats/{name}/count"]), arrays[f"stats/{name}/mean"], arrays[f"stats/{name}/m2"],
-                    arrays.get(f"stats/{name}/comoment"), arrays.get(f"stats/{name}/stream"))
-        for name in names
-    }
+    stats = {name: _checked_stats(path, name, arrays) for name in names}
+    samples = arrays.get("__samples__")
+    if samples is None or samples.shape != () or samples.dtype.kind not in "iu" or samples < 0:
+        raise CalibrationError(f"{path}: '__samples__' must be a non-negative integer")
     feed = {key[len("feed/"):]: value for key, value in arrays.items() if key.startswith("feed/")}
-    return stats, int(arrays["__samples__"]), feed
+    return stats, int(samples), feed
+
+
+def _checked_stats(path: Path, name: str, arrays: Mapping[str, np.ndarray]) -> Stats:
+    """One block's `Stats` from `arrays`, after checking kinds, shapes and values."""
+
+    def array(part: str, shape: tuple[int, ...] | None, required: bool = True) -> np.ndarray | None:
+        key = f"stats/{name}/{part}"
+        value = arrays.get(key)
+        if value is None:
+            if required:
+                raise CalibrationError(f"{path}: '{key}' is missing")
+            return None
+        if value.dtype.kind not in "fiu" or (shape is not None and value.shape != shape):
+            raise CalibrationError(f"{path}: '{key}' must be a number array of shape {shape}, got {value.dtype} "
+                                   f"{value.shape}")
+        if not np.isfinite(value).all():
+            raise CalibrationError(f"{path}: '{key}' holds NaN or infinite values")
+        return value.astype(np.float64) if value.dtype.kind == "f" else value
+
+    count = array("count", ())
+    mean = array("mean", None)
+    if count.dtype.kind not in "iu" or count < 0 or mean.ndim != 1:
+        raise CalibrationError(f"{path}: block '{name}' needs a non-negative integer count and a 1-D mean")
+    width = mean.shape[0]
+    m2 = array("m2", (width,))
+    comoment = array("comoment", (width, width), required=False)
+    stream = array("stream", (2,), required=False)
+    if (m2 < 0).any() or (stream is not None and (stream < 0).any()):
+        raise CalibrationError(f"{path}: block '{name}' has negative sums of squares")
+    return Stats(int(count), mean.astype(np.float64), m2.astype(np.float64), comoment, stream)
 
 
 def merge_stats(parts: list[dict[str, Stats]]) -> dict[str, Stats]:

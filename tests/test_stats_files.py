@@ -85,3 +85,40 @@ def test_merging_statistics_of_different_models_fails(ws: Path, capsys) -> None:
 def test_neither_calibration_data_nor_statistics(ws: Path, capsys) -> None:
     assert main([str(ws / "net.onnx"), "-q", "-o", str(ws / "o.onnx")]) == 1
     assert "give CALIB or --stats" in capsys.readouterr().err
+
+
+def _without(arrays: dict, key: str) -> dict:
+    return {k: v for k, v in arrays.items() if k != key}
+
+
+def _with(arrays: dict, key: str, value) -> dict:
+    return {**arrays, key: np.asarray(value)}
+
+
+def _first(arrays: dict, part: str) -> str:
+    return next(k for k in sorted(arrays) if k.startswith("stats/") and k.endswith(f"/{part}"))
+
+
+DAMAGE = {  # a statistics file changed by hand or by a broken disk, and what the error names
+    "missing count": (lambda a: _without(a, _first(a, "count")), "is missing"),
+    "string mean": (lambda a: _with(a, _first(a, "mean"), ["x"] * a[_first(a, "mean")].size), "must be a number"),
+    "NaN in m2": (lambda a: _with(a, _first(a, "m2"), np.full(a[_first(a, "m2")].shape, np.nan)), "NaN or infinite"),
+    "negative m2": (lambda a: _with(a, _first(a, "m2"), -np.abs(a[_first(a, "m2")]) - 1), "negative sums of squares"),
+    "infinite stream": (lambda a: _with(a, _first(a, "stream"), [np.inf, 1.0]), "NaN or infinite"),
+    "comoment of the wrong shape": (lambda a: _with(a, _first(a, "comoment"), np.eye(3)), "of shape"),
+    "array version": (lambda a: _with(a, "__version__", [1]), "not a statistics file"),
+    "negative samples": (lambda a: _with(a, "__samples__", -5), "'__samples__' must be"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_statistics_files_are_refused_in_one_line(ws: Path, capsys, damage: str) -> None:
+    assert _run(ws, str(ws / "all"), "--save-stats", str(ws / "s.npz"), "-o", str(ws / "o.onnx")) == 0
+    with np.load(ws / "s.npz") as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    change, message = DAMAGE[damage]
+    np.savez(ws / "bad.npz", **change(arrays))
+    rc = main([str(ws / "net.onnx"), "--stats", str(ws / "bad.npz"), "-o", str(ws / "o2.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and message in err, err
+    assert not (ws / "o2.onnx").exists()
