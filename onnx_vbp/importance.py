@@ -177,10 +177,11 @@ def rankings(stats: dict[str, Stats], score: str = "variance", model: onnx.Model
                 for name, s in stats.items()}
     weights = fc2_rows(model, blocks, external_dir, to_residual=True)
     energies = {name: s.stream_energy for name, s in stats.items()}
+    streams_known = all(energies.values())
     result = {}
     for name, s in stats.items():
         covariance = s.covariance
-        if all(energies.values()):
+        if streams_known:
             scale = energies[name]
         else:  # some block's residual stream is unknown: relative to the block's own output variance
             scale = float(np.sum((covariance @ weights[name]) * weights[name]))  # tr(W2ᵀΣW2)
