@@ -8,6 +8,7 @@ never in tests.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections import Counter
@@ -18,15 +19,16 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_vbp.calibrate import cpu_session
-from onnx_vbp.data import InputSpec, iter_batches
-from onnx_vbp.modelio import load_model
+from onnx_vbp.data import InputSpec, iter_batches, model_inputs
+from onnx_vbp.modelio import ModelError, load_model
 from onnx_vbp.report import node_macs
 
 
 def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0
                 ) -> dict[str, np.ndarray]:
     """One batch of inputs: the first batch of `data` (repeated to `batch_size`), else random
-    values (symbolic dims after the batch become `seq`; integer inputs in [0, 100), masks of 1)."""
+    values (symbolic dims after the batch become `seq`; integer inputs in [0, 100), masks of 1,
+    token types of 0)."""
     if data is not None:
         first = next(iter_batches(data, specs))
         return {s.name: np.resize(first[s.name], (batch_size, *first[s.name].shape[1:])) for s in specs}
@@ -35,19 +37,33 @@ def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | 
     for spec in specs:
         shape = [batch_size] + [d if isinstance(d, int) and d > 0 else seq for d in spec.shape[1:]]
         if spec.dtype.kind in "iu":
-            values = np.ones(shape) if "mask" in spec.name else rng.integers(0, 100, shape)
+            # token types index a table of 2 rows in BERT: 0 is always valid
+            values = np.ones(shape) if "mask" in spec.name else np.zeros(shape) if "type" in spec.name \
+                else rng.integers(0, 100, shape)
             feed[spec.name] = values.astype(spec.dtype)
         else:
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return feed
 
 
-def write_perf_test_data(model_path: Path, feed: dict[str, np.ndarray]) -> Path:
-    """`test_data_set_0/input_*.pb` beside the model, the layout onnxruntime_perf_test reads."""
+def perf_test_folder(model_path: Path) -> Path:
+    """Where `write_perf_test_data` will write, refused up front if something is already there."""
     folder = model_path.parent / "test_data_set_0"
-    folder.mkdir(exist_ok=True)
-    for index, (name, value) in enumerate(feed.items()):
-        (folder / f"input_{index}.pb").write_bytes(numpy_helper.from_array(value, name).SerializeToString())
+    if folder.exists() or folder.is_symlink():
+        raise ModelError(f"{folder} already exists; move it away to write new perf-test data there")
+    return folder
+
+
+def write_perf_test_data(model_path: Path, feed: dict[str, np.ndarray]) -> Path:
+    """`test_data_set_0/input_*.pb` beside the model, the layout onnxruntime_perf_test reads;
+    written in a hidden folder and renamed into place whole."""
+    folder = perf_test_folder(model_path)
+    with tempfile.TemporaryDirectory(prefix=".onnx_vbp.", dir=model_path.parent) as staging:
+        written = Path(staging) / folder.name
+        written.mkdir()
+        for index, (name, value) in enumerate(feed.items()):
+            (written / f"input_{index}.pb").write_bytes(numpy_helper.from_array(value, name).SerializeToString())
+        os.rename(written, folder)
     return folder
 
 
@@ -68,6 +84,11 @@ def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads:
     """Median and p90 latency (ms) of both models on `feed` (see `make_inputs`), interleaved, the
     speedup against the MAC ratio, and whether ORT optimized both graphs into the same ops."""
     model, external = load_model(original)
+    pruned_model, pruned_external = load_model(pruned)
+    inputs = {name: [(s.name, s.dtype) for s in model_inputs(m)] for name, m in (("original", model),
+                                                                                ("pruned", pruned_model))}
+    if inputs["original"] != inputs["pruned"]:
+        raise ModelError(f"the two models take different inputs: {inputs['original']} and {inputs['pruned']}")
     paths = {"original": original, "pruned": pruned}
     with tempfile.TemporaryDirectory(prefix="onnx_vbp.") as folder:
         sessions = {name: cpu_session(str(path), threads, optimize=True, save_optimized=Path(folder) / f"{name}.onnx")
@@ -84,7 +105,6 @@ def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads:
             times[name].append((time.perf_counter() - start) * 1e3)
     one = {k: v[:1] for k, v in feed.items()}
     macs_before = sum(node_macs(model, one, original.parent if external else None).values())
-    pruned_model, pruned_external = load_model(pruned)
     macs_after = sum(node_macs(pruned_model, one, pruned.parent if pruned_external else None).values())
     result = {name: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))}
               for name, t in times.items()}

@@ -6,23 +6,22 @@ import argparse
 import json
 import logging
 import math
-import os
+import signal
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from onnx_vbp import __version__
-from onnx_vbp.bench import bench, format_bench, make_inputs, write_perf_test_data
-from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError, load_stats, merge_stats, save_stats
+from onnx_vbp.bench import bench, format_bench, make_inputs, perf_test_folder, write_perf_test_data
+from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError
 from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions, model_inputs
 from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.modelio import ModelError, load_model
-from onnx_vbp.pipeline import METHODS, NoBlocksError, PruneOptions, check_output, prune_file
+from onnx_vbp.pipeline import METHODS, NoBlocksError, PruneOptions, merge_stats_files, prune_file
 from onnx_vbp.report import format_table
 from onnx_vbp.rewrite import COMPENSATIONS
 from onnx_vbp.select import SelectionError
-from onnx_vbp.sweep import format_sweep, pick, plot_sweep, sweep
+from onnx_vbp.sweep import format_sweep, sweep
 
 DESCRIPTION = """\
 Structured pruning of the MLP blocks of an ONNX model, after training, with no retraining.
@@ -206,22 +205,41 @@ def _configure_logging(args: argparse.Namespace) -> None:
 USER_ERRORS = (ModelError, DataError, CalibrationError, NoBlocksError, RuntimeLoadError, SelectionError, OSError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that it cleans up as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def _exit_code(command: Callable[[], int]) -> int:
-    """Run a command: bad input is one line on stderr and exit 1, Ctrl-C exit 130."""
+    """Run a command: bad input is one line on stderr and exit 1; Ctrl-C, SIGTERM and SIGHUP
+    remove what was staged and exit 128 + the signal's number."""
+    handled = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    previous = {signum: signal.signal(signum, _terminate) for signum in handled}
     try:
         return command()
     except USER_ERRORS as exc:
         print(f"onnx-vbp: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("onnx-vbp: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        reason = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"onnx-vbp: {reason}; nothing written", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _prune(args: argparse.Namespace) -> int:
-    report = prune_file(args.model, args.calib, args.output, _options(args, args.ratio), eval_data=args.eval)
-    if args.report is not None:
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    report = prune_file(args.model, args.calib, args.output, _options(args, args.ratio), eval_data=args.eval,
+                        report_path=args.report)
     if not args.quiet:
         print(format_table(report))
         print(f"wrote {report['output']}")
@@ -229,20 +247,8 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    if args.output is not None:
-        check_output(args.model, args.output)
-    with tempfile.TemporaryDirectory(dir=args.output.parent if args.output else None) as tmp:
-        rows = sweep(args.model, args.calib, args.ratios, args.eval, Path(tmp), _options(args))
-        best = pick(rows, args.target_retention) if args.target_retention is not None else None
-        if best is not None and args.output is not None:
-            os.replace(best["output"], args.output)
-            data = Path(best["output"] + ".data")
-            if data.exists():
-                os.replace(data, args.output.with_name(args.output.name + ".data"))
-    if args.plot is not None:
-        plot_sweep(rows, args.plot)
-    if args.report is not None:
-        args.report.write_text(json.dumps({"rows": rows, "best_ratio": best and best["ratio"]}, indent=2) + "\n")
+    rows, best = sweep(args.model, args.calib, args.ratios, args.eval, _options(args), target=args.target_retention,
+                       output=args.output, report_path=args.report, plot=args.plot)
     if not args.quiet:
         print(format_sweep(rows))
         if args.target_retention is not None:
@@ -252,9 +258,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    loaded = [load_stats(path) for path in args.parts]
-    merged = merge_stats([stats for stats, _, _ in loaded])
-    save_stats(args.output, merged, sum(samples for _, samples, _ in loaded), loaded[0][2])
+    merge_stats_files(args.parts, args.output)
+    if not args.quiet:
+        print(f"merged {len(args.parts)} statistics files into {args.output}")
     return 0
 
 
@@ -264,6 +270,7 @@ def build_merge_parser() -> argparse.ArgumentParser:
                                  "data (same model) into one file, as if calibrated in one pass.")
     parser.add_argument("parts", type=Path, nargs="+", help="statistics files to merge")
     parser.add_argument("-o", "--output", type=Path, required=True, help="merged statistics file")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
 
 
@@ -287,6 +294,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.perf_test_data:
+        perf_test_folder(args.pruned)  # refused before the timing, not after it
     specs = model_inputs(load_model(args.original)[0])
     feed = make_inputs(specs, args.batch_size, args.seq, args.data)
     result = bench(args.original, args.pruned, feed, threads=args.threads, runs=args.runs, warmup=args.warmup)

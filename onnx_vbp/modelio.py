@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError, Message
 from onnx.external_data_helper import uses_external_data
 
-from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.calibrate import ORT_ERRORS, cpu_session, first_line
 
 PROTOBUF_LIMIT = 2**31 - 1
 SMALL_TENSOR_BYTES = 1 << 20  # external tensors below this are read at load time
@@ -135,15 +135,63 @@ def _write_external_data(model: onnx.ModelProto, data_path: Path, source_dir: Pa
             offset += length
 
 
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def check_writable(out: Path) -> None:
-    """Fail early, before any long work, if `out` cannot be written."""
+    """Fail early, before any long work, if `out` (and its `.data` file) cannot be written."""
+    if out.is_dir():
+        raise ModelError(f"output is a directory: {out}")
     if not out.parent.is_dir():
         raise ModelError(f"output directory does not exist: {out.parent}")
+    if len(os.fsencode(f"{out.name}.data")) > _name_max(out.parent):
+        raise ModelError(f"output file name is too long for its file system (with '.data' added): {out.name}")
     try:
         with tempfile.TemporaryFile(dir=out.parent):
             pass
     except OSError as exc:
         raise ModelError(f"output directory is not writable: {out.parent} ({exc.strerror})") from exc
+
+
+def model_files(path: Path) -> list[Path]:
+    """The model file and the external data files it names; an unreadable model is just its file
+    (`load_model` says what is wrong with it)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # any parse failure is reported by load_model, with its reason
+        return [path]
+    locations = {entry.value for tensor in model.graph.initializer if uses_external_data(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [path, *(path.parent / location for location in sorted(locations))]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: the same path after links, or hard links to one inode."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def guard_outputs(outputs: dict[str, Path], inputs: list[Path]) -> None:
+    """Refuse, before any work, an output (named by its role, e.g. "the report") that is, links
+    to, or would be renamed over an input or another output, or that cannot be written."""
+    claimed: dict[str, Path] = {}
+    for role, out in outputs.items():
+        check_writable(out)
+        for source in inputs:
+            if _same_file(out, source):
+                raise ModelError(f"{role} would overwrite an input file: {source}")
+        for other_role, other in claimed.items():
+            if _same_file(out, other):
+                raise ModelError(f"{role} and {other_role} are the same file: {out}")
+        claimed[role] = out
 
 
 def _varint(value: int) -> bytes:
@@ -215,47 +263,104 @@ def write_proto(model: onnx.ModelProto, path: Path) -> None:
             sink.write(item.SerializeToString())
 
 
+class Publication:
+    """Every file of one command, written under hidden names beside where it goes and renamed into
+    place together by `commit`, only after every step that can fail has run. Whatever is not
+    committed is removed, so a failure (or a signal the CLI turns into an exception) leaves neither
+    a partial output nor a stray temporary file."""
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, Path] = {}  # destination folder -> its hidden staging folder
+        self._moves: list[tuple[Path, Path]] = []  # (written, destination)
+
+    def stage(self, out: Path) -> Path:
+        """Where to write `out` (and, for a model, its `.data` file beside it)."""
+        check_writable(out)
+        folder = self._folders.get(out.parent)
+        if folder is None:  # a short name: `out`'s own may already be as long as the file system allows
+            folder = Path(tempfile.mkdtemp(prefix=".onnx_vbp.", dir=out.parent))
+            self._folders[out.parent] = folder
+        self._moves.append((folder / out.name, out))
+        return folder / out.name
+
+    def adopt(self, written: Path, out: Path) -> None:
+        """Publish `written` (already complete, with its `.data` file if any) as `out` on commit.
+        Its data file must keep its name relative to the model: `written` has `out`'s name."""
+        if written.name != out.name:
+            raise ValueError(f"{written} cannot be published as {out}: its data file name would not match")
+        self._moves.append((written, out))
+
+    def commit(self) -> None:
+        """Rename every written file into place (a model's data file before the model)."""
+        try:
+            for written, out in self._moves:
+                data = written.with_name(f"{written.name}.data")
+                if data.exists():  # absent when no tensor reached the 1 KiB threshold
+                    os.replace(data, out.with_name(f"{out.name}.data"))
+                if written.exists():
+                    os.replace(written, out)
+        except OSError as exc:
+            raise ModelError(f"cannot publish {out}: {exc}") from exc
+        self._moves.clear()
+
+    def discard(self) -> None:
+        for folder in self._folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders.clear()
+        self._moves.clear()
+
+
 @contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` to write it in before renaming it into place; removed
-    whatever happens, so a failure leaves neither a partial model nor a stray data file."""
-    check_writable(out)
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+def publishing(publication: Publication | None = None) -> Iterator[Publication]:
+    """A `Publication` committed when the block ends without error and discarded in any case;
+    given one, it is used as is and left to its owner to commit."""
+    if publication is not None:
+        yield publication
+        return
+    publication = Publication()
     try:
-        yield folder
+        yield publication
+        publication.commit()
     except OSError as exc:
-        raise ModelError(f"cannot write {out}: {exc}") from exc
+        raise ModelError(f"cannot write the output: {exc}") from exc
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        publication.discard()
 
 
 def write_model(model: onnx.ModelProto, path: Path, *, external_data: bool, source_dir: Path | None = None) -> None:
-    """Write `model` to `path` (in a `staging` folder). With `external_data` (or past protobuf's
-    2 GB limit) the weights go to `<name>.data` beside it; tensors that still reference external
-    data in `source_dir` are copied over file to file. `model` is changed by an external save: its
-    weights become references to the new data file."""
+    """Write `model` to `path` (a `Publication.stage`d path). With `external_data` (or past
+    protobuf's 2 GB limit) the weights go to `<name>.data` beside it; tensors that still reference
+    external data in `source_dir` are copied over file to file. `model` is changed by an external
+    save: its weights become references to the new data file."""
     if external_data or source_dir is not None or _Pieces(model).nbytes > PROTOBUF_LIMIT:
         _write_external_data(model, path.with_name(f"{path.name}.data"), source_dir)
     write_proto(model, path)
 
 
-def publish(written: Path, out: Path) -> None:
-    """Check a model written by `write_model` (onnx.checker, ORT load), from its file alone, and
-    rename it and its data file to `out`."""
-    onnx.checker.check_model(str(written))
-    cpu_session(str(written))
-    data = written.with_name(f"{written.name}.data")
-    if data.exists():  # absent when no tensor reached the 1 KiB threshold
-        os.replace(data, out.with_name(f"{out.name}.data"))
-    os.replace(written, out)
+def verify_model(written: Path, feed: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
+    """Check a written model from its files alone: onnx.checker, an ORT load, and one run on `feed`
+    whose outputs have the names, dtypes and shapes of `expected` (the original's on the same feed)
+    and are finite wherever those are."""
+    try:
+        onnx.checker.check_model(str(written))
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"the pruned model fails onnx.checker: {first_line(exc)}") from exc
+    session = cpu_session(str(written))
+    try:
+        outputs = session.run(None, dict(feed))
+    except ORT_ERRORS as exc:
+        raise ModelError(f"the pruned model fails to run on a calibration sample: {first_line(exc)}") from exc
+    names = [output.name for output in session.get_outputs()]
+    if names != list(expected):
+        raise ModelError(f"the pruned model's outputs are {names}, the original's {list(expected)}")
+    for name, got in zip(names, outputs, strict=True):
+        want = expected[name]
+        if not isinstance(got, np.ndarray) or not isinstance(want, np.ndarray):
+            continue  # sequences and maps: ORT checked their types when it ran
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise ModelError(f"output '{name}' of the pruned model is {got.dtype} {list(got.shape)} on a calibration "
+                             f"sample, the original's {want.dtype} {list(want.shape)}")
+        if got.dtype.kind in "fc" and not np.isfinite(got).all() and np.isfinite(want).all():
+            raise ModelError(f"output '{name}' of the pruned model holds NaN or Inf on a calibration sample where "
+                             "the original's is finite")
 
-
-def save_model(model: onnx.ModelProto, out: Path, *, external_data: bool, source_dir: Path | None = None) -> None:
-    """Write `model` to `out` atomically after checking it (onnx.checker, ORT load).
-
-    Everything is written into a temporary folder beside `out` and renamed into place (see
-    `staging`, `write_model`, `publish`).
-    """
-    with staging(out) as folder:
-        write_model(model, folder / out.name, external_data=external_data, source_dir=source_dir)
-        publish(folder / out.name, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -10,31 +11,38 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
 from onnx_vbp.calibrate import (
     COMOMENT_BUDGET,
+    ORT_ERRORS,
     CalibrationError,
     Stats,
     calibrate,
     comoment_bytes,
     comoments_fit,
+    cpu_session,
+    first_line,
     load_stats,
+    merge_stats,
     save_stats,
 )
-from onnx_vbp.data import DataError, InputSpec, RawOptions, iter_batches, model_inputs
+from onnx_vbp.data import DataError, InputSpec, RawOptions, data_files, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import BlockList, MlpBlock, find_mlp_blocks
 from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, Ranking, rankings
 from onnx_vbp.modelio import (
     ModelError,
-    check_writable,
+    Publication,
     default_output,
     file_bytes,
+    guard_outputs,
     load_model,
-    publish,
-    staging,
+    model_files,
+    publishing,
+    verify_model,
     write_model,
 )
 from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
@@ -155,6 +163,8 @@ class Prepared:
     samples: int
     seconds: float
     macs: dict[str, int]  # per MatMul/Gemm/Conv node, per sample
+    sample_feed: dict[str, np.ndarray]  # one calibration sample: what a written model is verified on
+    sample_outputs: dict[str, np.ndarray]  # the original's outputs on it
     _rankings: dict[tuple, tuple[int, dict[str, Ranking]]] = field(default_factory=dict)
 
     def rankings(self, options: PruneOptions, depth: int) -> dict[str, Ranking]:
@@ -194,6 +204,10 @@ class Prepared:
                 return plan
             depth = min(2 * depth, deepest)
 
+    def save_stats(self, path: Path) -> None:
+        """Write the calibration statistics to `path` (see `calibrate.save_stats`)."""
+        save_stats(path, self.stats, self.samples, self.sample_feed)
+
     @property
     def external_dir(self) -> Path | None:
         return self.path.parent if self.external else None  # large weights stay in their files
@@ -218,7 +232,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                                 " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"))
         log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
-    prepared = Prepared(model_path, model, external, specs, blocks, {}, 0, 0.0, {})
+    prepared = Prepared(model_path, model, external, specs, blocks, {}, 0, 0.0, {}, {}, {})
 
     if blocks and options.comoments and not comoments_fit(blocks):
         fitted = fitted_options(options, comoments=False)
@@ -226,7 +240,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                     "--method %s instead", comoment_bytes(blocks) / 2**30, COMOMENT_BUDGET / 2**30, fitted.method)
         options = fitted
     if blocks and options.stats is not None:
-        prepared.stats, prepared.samples, sample_feed = load_stats(options.stats)
+        prepared.stats, prepared.samples, prepared.sample_feed = load_stats(options.stats)
         _check_stats_fit(prepared.stats, blocks, options)
         if fitted_options(options, _have_comoments(prepared.stats)) is not options:
             log.warning("statistics in %s have no second moments: pruning with --method vbp", options.stats)
@@ -247,7 +261,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
             prepared.stats, prepared.samples, prepared.seconds = _calibrate(
                 model, blocks, prepared.batches(calib, options), options, prepared.external_dir)
         first = next(prepared.batches(calib, options))
-        sample_feed = {s.name: first[s.name][:1] for s in specs}
+        prepared.sample_feed = {s.name: first[s.name][:1] for s in specs}
     else:
         raise DataError("no calibration data: give CALIB or --stats")
     if blocks:
@@ -261,11 +275,21 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                 log.warning("block %s: its %d x %d covariance comes from only %d positions; the obs ranking and "
                             "the ridge refit will fit noise: give more calibration data (at least %d positions)",
                             name, width, width, block_stats.count, POSITIONS_PER_NEURON * width)
-        if options.save_stats is not None and options.stats is None:
-            save_stats(options.save_stats, prepared.stats, prepared.samples, sample_feed)
-            log.info("saved statistics to %s", options.save_stats)
-    prepared.macs = node_macs(model, sample_feed, prepared.external_dir)
+    prepared.sample_outputs = _sample_outputs(prepared, options.stats)
+    prepared.macs = node_macs(model, prepared.sample_feed, prepared.external_dir)
     return prepared
+
+
+def _sample_outputs(prepared: Prepared, stats_path: Path | None) -> dict[str, np.ndarray]:
+    """The original's outputs on the sample feed (from the calibration data, or saved with the
+    statistics, where it may no longer fit the model)."""
+    session = cpu_session(str(prepared.path))
+    try:
+        return dict(zip((o.name for o in session.get_outputs()), session.run(None, prepared.sample_feed),
+                        strict=True))
+    except ORT_ERRORS as exc:
+        where = f"the sample saved in {stats_path}" if stats_path else "a calibration sample"
+        raise CalibrationError(f"the model fails to run on {where}: {first_line(exc)}") from exc
 
 
 # A covariance estimated from fewer observations than this many per neuron is mostly noise.
@@ -283,10 +307,18 @@ def block_multiples(blocks: list[MlpBlock], round_to: int) -> dict[str, int]:
 
 
 def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_data: Path | None = None,
-                   reference: dict | None = None, *, release_original: bool = False) -> dict:
-    """Select, rewrite and write one pruned model from `prepared`; returns its report (`reference`:
-    see `evaluate`). The written file is checked from disk, with the pruned model no longer held;
-    `release_original` (nothing more will be pruned from `prepared`) drops the original as well.
+                   reference: dict | None = None, *, release_original: bool = False,
+                   publication: Publication | None = None) -> dict:
+    """Select, rewrite, write, verify and evaluate one pruned model from `prepared`; returns its
+    report (`reference`: see `evaluate`).
+
+    The model is written under a hidden name beside `out` and checked from its files alone: it
+    must pass onnx.checker, load and run in ORT on a calibration sample with outputs of the
+    original's names, dtypes and shapes (finite where the original's are), and be no larger than
+    the original. Evaluation runs on it there too. Only then is it renamed to `out`, at the end,
+    or with the rest of `publication` when one is given (its owner commits it).
+    `release_original` (nothing more will be pruned from `prepared`) drops the original from
+    memory while the written model is checked.
     """
     model, blocks = prepared.model, prepared.blocks
     options = fitted_options(options, _have_comoments(prepared.stats))
@@ -297,42 +329,54 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
     else:
         plan, pruned = Plan({}), model
     params_before, params_after = count_params(model), count_params(pruned)
-    with staging(out) as folder:
-        write_model(pruned, folder / out.name, external_data=prepared.external, source_dir=prepared.external_dir)
+    with publishing(publication) as staged:
+        written = staged.stage(out)
+        write_model(pruned, written, external_data=prepared.external, source_dir=prepared.external_dir)
         del pruned, model  # checking loads the written model: at most one other copy stays in memory
         if release_original:
             del prepared.model
-        publish(folder / out.name, out)
-    log.info("wrote %s", out)
-
-    report = {
-        **{k: getattr(options, k) for k in ("ratio", "method", "scope", "min_keep", "round_to", "compensate",
-                                             "ridge_lambda", "score")},
-        "model": str(prepared.path),
-        "output": str(out),
-        "blocks": block_rows(blocks, plan),
-        "skipped": [{"name": s.name, "reason": s.reason} for s in blocks.skipped],
-        "neurons_before": sum(b.width for b in blocks),
-        "neurons_after": int(sum(plan.keep[b.name].size for b in blocks)),
-        "params_before": params_before,
-        "params_after": params_after,
-        "macs_before": sum(prepared.macs.values()),
-        "macs_after": pruned_macs(prepared.macs, blocks, plan),
-        "file_bytes_before": file_bytes(prepared.path),
-        "file_bytes_after": file_bytes(out),
-        "calibration": {"samples": prepared.samples, "seconds": round(prepared.seconds, 3)},
-    }
-    if eval_data is not None:
-        report["eval"] = evaluate(prepared.path, out, prepared.batches(eval_data, options), threads=options.threads,
-                                  reference=reference)
+        verify_model(written, prepared.sample_feed, prepared.sample_outputs)
+        bytes_before, bytes_after = file_bytes(prepared.path), file_bytes(written)
+        if params_after > params_before or bytes_after > bytes_before + GROWTH_SLACK_BYTES:
+            raise ModelError(f"the pruned model would be larger than the original ({params_after} parameters, "
+                             f"{bytes_after} bytes, against {params_before} and {bytes_before}); nothing written")
+        report = {
+            **{k: getattr(options, k) for k in ("ratio", "method", "scope", "min_keep", "round_to", "compensate",
+                                                 "ridge_lambda", "score")},
+            "model": str(prepared.path),
+            "output": str(out),
+            "blocks": block_rows(blocks, plan),
+            "skipped": [{"name": s.name, "reason": s.reason} for s in blocks.skipped],
+            "neurons_before": sum(b.width for b in blocks),
+            "neurons_after": int(sum(plan.keep[b.name].size for b in blocks)),
+            "params_before": params_before,
+            "params_after": params_after,
+            "macs_before": sum(prepared.macs.values()),
+            "macs_after": pruned_macs(prepared.macs, blocks, plan),
+            "file_bytes_before": bytes_before,
+            "file_bytes_after": bytes_after,
+            "calibration": {"samples": prepared.samples, "seconds": round(prepared.seconds, 3)},
+        }
+        if eval_data is not None:
+            report["eval"] = evaluate(prepared.path, written, prepared.batches(eval_data, options),
+                                      threads=options.threads, reference=reference)
     return report
 
 
-def check_output(model_path: Path, out: Path) -> None:
-    """Refuse to overwrite the input, and fail before any long work if `out` cannot be written."""
-    if out.resolve() == Path(model_path).resolve():
-        raise ModelError(f"output would overwrite the input model: {out}")
-    check_writable(out)
+# A pruned model's file may outgrow the original's by this much: the compensation can add a bias
+# per block, and a rewritten graph's metadata differs, even when few neurons go.
+GROWTH_SLACK_BYTES = 4096
+
+
+def input_files(model_path: Path, *sources: Path | None, options: PruneOptions = PruneOptions()) -> list[Path]:
+    """Every file a run reads: the model and its external data, the data files of each source,
+    the statistics file and the tokenizer. No output may be any of them."""
+    files = model_files(Path(model_path))
+    for source in sources:
+        if source is not None and Path(source).exists():
+            for path in data_files(Path(source)):
+                files += sorted(path.glob("input_*.pb")) if path.is_dir() else [path]
+    return files + [p for p in (options.stats, options.raw.tokenizer) if p is not None]
 
 
 def prune_file(
@@ -341,11 +385,44 @@ def prune_file(
     out: Path | None = None,
     options: PruneOptions = PruneOptions(),
     eval_data: Path | None = None,
+    report_path: Path | None = None,
 ) -> dict:
-    """Prune the model at `model_path` with calibration data `calib` (or `options.stats`); write `out`.
+    """Prune the model at `model_path` with calibration data `calib` (or `options.stats`); write `out`
+    (default: `<stem>.vbp.onnx` beside the model, or inside `out` when it is a folder) and, if
+    given, the JSON report to `report_path` and the statistics to `options.save_stats`.
 
-    Returns the report (see README for its fields). The input model file is never modified.
+    Returns the report (see README for its fields). Every output is checked against every input
+    before any work; the input files are never modified, and the outputs appear together at the
+    end or not at all.
     """
-    out = Path(out) if out is not None else default_output(Path(model_path))
-    check_output(model_path, out)
-    return prune_prepared(prepare(model_path, calib, options), options, out, eval_data, release_original=True)
+    model_path = Path(model_path)
+    out = Path(out) if out is not None else default_output(model_path)
+    if out.is_dir():
+        out = out / default_output(model_path).name
+    outputs = {"the output model": out, "the output model's data file": out.with_name(f"{out.name}.data")}
+    if report_path is not None:
+        outputs["the report"] = Path(report_path)
+    saving_stats = options.save_stats is not None and options.stats is None
+    if saving_stats:
+        outputs["the statistics file"] = options.save_stats
+    guard_outputs(outputs, input_files(model_path, calib, eval_data, options=options))
+    with publishing() as publication:
+        prepared = prepare(model_path, calib, options)
+        report = prune_prepared(prepared, options, out, eval_data, release_original=True, publication=publication)
+        if saving_stats:
+            prepared.save_stats(publication.stage(options.save_stats))
+        if report_path is not None:
+            publication.stage(Path(report_path)).write_text(json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s", out)
+    return report
+
+
+def merge_stats_files(parts: list[Path], out: Path) -> None:
+    """Merge statistics files saved on disjoint shards of the data into `out` (never one of them)."""
+    if len({part.resolve() for part in parts}) < len(parts):
+        raise CalibrationError("the same statistics file is given twice: its samples would count twice")
+    guard_outputs({"the merged statistics file": out}, parts)
+    loaded = [load_stats(path) for path in parts]
+    merged = merge_stats([stats for stats, _, _ in loaded])
+    with publishing() as publication:
+        save_stats(publication.stage(out), merged, sum(samples for _, samples, _ in loaded), loaded[0][2])

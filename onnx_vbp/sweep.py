@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from pathlib import Path
 
 from onnx_vbp.data import DataError
-from onnx_vbp.pipeline import PruneOptions, prepare, prune_prepared
+from onnx_vbp.modelio import guard_outputs, publishing
+from onnx_vbp.pipeline import PruneOptions, input_files, prepare, prune_prepared
 
 
 def retention(evaluation: dict) -> float:
@@ -17,18 +20,53 @@ def retention(evaluation: dict) -> float:
     return next(iter(evaluation["outputs"].values()))["cosine"]
 
 
-def sweep(model_path: Path, calib: Path | None, ratios: list[float], eval_data: Path, out_dir: Path,
-          options: PruneOptions = PruneOptions()) -> list[dict]:
-    """Calibrate once; write and evaluate one pruned model per ratio into `out_dir`; their reports
-    with a `retention` field, in the order of `ratios`."""
-    prepared = prepare(model_path, calib, options)
-    reference: dict = {}  # the original's held-out outputs, computed once
-    rows = []
-    for ratio in ratios:
-        out = Path(out_dir) / f"{Path(model_path).stem}.r{ratio:g}.onnx"
-        report = prune_prepared(prepared, dataclasses.replace(options, ratio=ratio), out, eval_data, reference)
-        rows.append({**report, "retention": retention(report["eval"])})
-    return rows
+def sweep(model_path: Path, calib: Path | None, ratios: list[float], eval_data: Path,
+          options: PruneOptions = PruneOptions(), *, target: float | None = None, output: Path | None = None,
+          report_path: Path | None = None, plot: Path | None = None) -> tuple[list[dict], dict | None]:
+    """Calibrate once, prune and evaluate one model per ratio; returns their reports (each with a
+    `retention` field, in the order of `ratios`) and the row `pick` chooses for `target`, if any.
+
+    With `output`, that row's model is written there; `report_path` gets the rows as JSON, `plot`
+    a retention plot, `options.save_stats` the statistics. Every output is checked against every
+    input first, and all of them appear together at the end or not at all. The models of other
+    ratios are written to a temporary folder and removed; their rows have no `output`.
+    """
+    model_path = Path(model_path)
+    outputs = {"the report": report_path, "the plot": plot, "the statistics file": options.save_stats}
+    if output is not None:
+        outputs.update({"the output model": output, "the output model's data file": output.with_name(
+            f"{output.name}.data")})
+    outputs = {role: Path(path) for role, path in outputs.items() if path is not None}
+    if options.stats is not None:
+        outputs.pop("the statistics file", None)
+    guard_outputs(outputs, input_files(model_path, calib, eval_data, options=options))
+    if plot is not None:
+        _pyplot()  # before the work, not after it
+    name = output.name if output is not None else f"{model_path.stem}.onnx"
+    with publishing() as publication, tempfile.TemporaryDirectory(
+            prefix=".onnx_vbp.", dir=output.parent if output is not None else None) as folder:
+        prepared = prepare(model_path, calib, options)
+        reference: dict = {}  # the original's held-out outputs, computed once
+        rows = []
+        for ratio in ratios:
+            candidate = Path(folder) / f"r{ratio:g}" / name  # `name`: its data file keeps its name when published
+            candidate.parent.mkdir()
+            report = prune_prepared(prepared, dataclasses.replace(options, ratio=ratio, save_stats=None), candidate,
+                                    eval_data, reference)
+            rows.append({**report, "output": None, "retention": retention(report["eval"])})
+        best = pick(rows, target) if target is not None else None
+        if best is not None and output is not None:
+            publication.adopt(Path(folder) / f"r{best['ratio']:g}" / name, output)
+            best["output"] = str(output)
+        if "the statistics file" in outputs:
+            prepared.save_stats(publication.stage(options.save_stats))
+        if plot is not None:
+            plot_sweep(rows, publication.stage(plot))
+        if report_path is not None:
+            summary = {"rows": rows, "best_ratio": best and best["ratio"]}
+            publication.stage(report_path).write_text(json.dumps(summary, indent=2) + "\n")
+        publication.commit()  # inside the temporary folder's lifetime: the chosen model is renamed out of it
+    return rows, best
 
 
 def pick(rows: list[dict], target: float) -> dict | None:
@@ -47,15 +85,20 @@ def format_sweep(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict], path: Path) -> None:
-    """Retention against MACs removed, one point per ratio (needs matplotlib: onnx_vbp[plot])."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise DataError("--plot needs matplotlib: pip install 'onnx_vbp[plot]'") from exc
+        raise DataError("plotting needs matplotlib: pip install 'onnx_vbp[plot]'") from exc
+    return plt
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """Retention against MACs removed, one point per ratio (needs matplotlib: onnx_vbp[plot])."""
+    plt = _pyplot()
     removed = [100 * (1 - row["macs_after"] / row["macs_before"]) for row in rows]
     fig, axes = plt.subplots(figsize=(5.5, 4))
     axes.plot(removed, [row["retention"] for row in rows], marker="o")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,7 +190,7 @@ def ray_with_max_samples(ws):
 
 
 def output_is_input(ws):
-    return [ws / "net.onnx", ws / "calib", "-o", ws / "net.onnx"], "overwrite the input model"
+    return [ws / "net.onnx", ws / "calib", "-o", ws / "net.onnx"], "the output model would overwrite an input file"
 
 
 def output_dir_missing(ws):
@@ -199,13 +201,85 @@ def output_dir_not_writable(ws):
     return [ws / "net.onnx", ws / "calib", "-o", Path("/proc/onnx_vbp_test.onnx")], "output directory is not writable"
 
 
+# --- outputs that would destroy an input or each other: refused before any work -------------------
+
+def output_data_file_over_input_weights(ws):
+    """A renamed model keeps its weights in `model.onnx.data`: `-o model.onnx` would rename the new
+    data over them."""
+    path = _save_variant(ws, "renamed.onnx", lambda m: None, save_as_external_data=True,
+                         location="model.onnx.data", size_threshold=0)
+    return [path, ws / "calib", "-o", ws / "model.onnx"], "the output model's data file would overwrite an input"
+
+
+def output_over_input_data_file(ws):
+    path = _save_variant(ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin",
+                         size_threshold=0)
+    return [path, ws / "calib", "-o", ws / "ext.bin"], "the output model would overwrite an input file"
+
+
+def output_links_to_input(ws):
+    (ws / "out" / "link.onnx").symlink_to(ws / "net.onnx")
+    return [ws / "net.onnx", ws / "calib", "-o", ws / "out" / "link.onnx"], "would overwrite an input file"
+
+
+def output_hard_links_to_input(ws):
+    (ws / "out" / "hard.onnx").hardlink_to(ws / "net.onnx")
+    return [ws / "net.onnx", ws / "calib", "-o", ws / "out" / "hard.onnx"], "would overwrite an input file"
+
+
+def save_stats_over_model(ws):
+    return [ws / "net.onnx", ws / "calib", "--save-stats", ws / "net.onnx"], \
+        "the statistics file would overwrite an input file"
+
+
+def save_stats_over_calibration_file(ws):
+    return [ws / "net.onnx", ws / "calib", "--save-stats", ws / "calib" / "b0.npz"], "would overwrite an input file"
+
+
+def report_over_model(ws):
+    return [ws / "net.onnx", ws / "calib", "--report", ws / "net.onnx"], "the report would overwrite an input file"
+
+
+def report_over_output(ws):
+    out = ws / "out" / "result.onnx"
+    return [ws / "net.onnx", ws / "calib", "--report", out, "-o", out], "the report and the output model are the same"
+
+
+def report_dir_missing(ws):
+    return [ws / "net.onnx", ws / "calib", "--report", ws / "nodir" / "r.json"], "output directory does not exist"
+
+
+def output_name_too_long(ws):
+    """Legal as a name, but its data file's name would not be: refused before calibration."""
+    return [ws / "net.onnx", ws / "calib", "-o", ws / "out" / ("x" * 250 + ".onnx")], "file name is too long"
+
+
+def eval_data_unusable(ws):
+    """--eval fails after pruning: the pruned model was written only to staging, so nothing remains."""
+    return [ws / "net.onnx", ws / "calib", "--eval", _one_batch(ws, z=np.zeros((16, 6, 8), np.float32))], \
+        "no array for model input 'x'"
+
+
+def stats_feed_no_longer_fits(ws):
+    main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "--save-stats", str(ws / "s.npz"), "-o", str(ws / "t.onnx")])
+    (ws / "t.onnx").unlink()
+    with np.load(ws / "s.npz") as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays["feed/x"] = np.zeros((1, 6, 9), np.float32)
+    np.savez(ws / "s.npz", **arrays)
+    return [ws / "net.onnx", "--stats", ws / "s.npz"], "the model fails to run on the sample saved in"
+
+
 ROWS = [model_missing, model_is_directory, model_empty, model_not_onnx, model_truncated, model_fails_checker,
         external_data_missing, external_data_truncated, model_ort_cannot_load, no_mlp_block, all_blocks_skipped,
         calib_missing, calib_empty, calib_no_known_format, calib_unreadable, calib_input_name_unknown,
         calib_wrong_dtype, calib_wrong_rank, calib_wrong_fixed_dim, calib_too_few_samples, calib_nan_input,
         calib_inf_hidden, ratio_infeasible_with_min_keep, per_block_ratio_below_min_keep, ray_with_max_samples,
         output_is_input,
-        output_dir_missing, output_dir_not_writable]
+        output_dir_missing, output_dir_not_writable, output_data_file_over_input_weights, output_over_input_data_file,
+        output_links_to_input, output_hard_links_to_input, save_stats_over_model, save_stats_over_calibration_file,
+        report_over_model, report_over_output, report_dir_missing, output_name_too_long, eval_data_unusable,
+        stats_feed_no_longer_fits]
 
 
 def _fails_cleanly(ws: Path, capsys, argv: list, message: str, code: int = 1) -> None:
@@ -268,3 +342,111 @@ def test_allow_empty_writes_an_unchanged_copy(ws: Path, capsys) -> None:
     assert main([*map(str, argv), "--allow-empty", "-q", "-o", str(out)]) == 0
     copy, original = onnx.load(out), onnx.load(argv[0])
     assert [n.op_type for n in copy.graph.node] == [n.op_type for n in original.graph.node]
+
+
+# --- a written model is verified from its files before it is published ---------------------------
+
+def _nan_weight(model: onnx.ModelProto) -> None:
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 2)
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[0, 0] = np.nan
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+
+
+def _rewire_output(model: onnx.ModelProto, make_node: Callable[[str, str], list[onnx.NodeProto]]) -> None:
+    """Insert nodes between the graph output and what computes it, keeping the output's name."""
+    name = model.graph.output[0].name
+    producer = next(n for n in model.graph.node if name in n.output)
+    producer.output[list(producer.output).index(name)] = "inner"
+    model.graph.node.extend(make_node("inner", name))
+
+
+def _doubled_width(model: onnx.ModelProto) -> None:
+    _rewire_output(model, lambda inner, out: [onnx.helper.make_node("Concat", [inner, inner], [out], axis=-1)])
+
+
+def _fails_at_run_time(model: onnx.ModelProto) -> None:
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, 7], np.int64), "bad_shape"))
+    _rewire_output(model, lambda inner, out: [onnx.helper.make_node("Reshape", [inner, "bad_shape"], ["flat"]),
+                                              onnx.helper.make_node("Reshape", ["flat", "shape_of_out"], [out])])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 6, 8], np.int64), "shape_of_out"))
+
+
+def _grown(model: onnx.ModelProto) -> None:
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(4096, np.float32), "unused"))
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    (_nan_weight, "output 'y' of the pruned model holds NaN or Inf on a calibration sample"),
+    (_doubled_width, "output 'y' of the pruned model is float32 [1, 6, 16] on a calibration sample, the original's "
+                     "float32 [1, 6, 8]"),
+    (_fails_at_run_time, "the pruned model fails to run on a calibration sample"),
+    (_grown, "the pruned model would be larger than the original"),
+], ids=["nan", "shape", "run", "grows"])
+def test_a_faulty_rewrite_is_never_published(ws: Path, capsys, monkeypatch, fault, message) -> None:
+    import onnx_vbp.pipeline as pipeline
+
+    real = pipeline.rewrite
+
+    def faulty(*args, **kwargs):
+        model = real(*args, **kwargs)
+        fault(model)
+        return model
+
+    monkeypatch.setattr(pipeline, "rewrite", faulty)
+    _fails_cleanly(ws, capsys, [ws / "net.onnx", ws / "calib", "--report", ws / "out" / "r.json",
+                                "--save-stats", ws / "out" / "s.npz"], message)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(ws: Path, capsys, monkeypatch, signum: int) -> None:
+    import onnx_vbp.pipeline as pipeline
+
+    real = pipeline.write_model
+
+    def killed_while_writing(model, path, **kwargs):
+        real(model, path, **kwargs)  # a staged model on disk, about to be verified and published
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(pipeline, "write_model", killed_while_writing)
+    before = signal.getsignal(signum)
+    _fails_cleanly(ws, capsys, [ws / "net.onnx", ws / "calib"],
+                   f"stopped by {signal.Signals(signum).name}; nothing written", code=128 + signum)
+    assert signal.getsignal(signum) == before  # the handler is the CLI's only while it runs
+
+
+def test_merge_stats_refuses_a_part_twice_and_an_output_over_a_part(ws: Path, capsys) -> None:
+    for name in ("a", "b"):
+        main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "--save-stats", str(ws / f"{name}.npz"),
+              "-o", str(ws / f"{name}.onnx")])
+    for argv, message in ((["merge-stats", ws / "a.npz", ws / "a.npz", "-o", ws / "out" / "m.npz"], "given twice"),
+                          (["merge-stats", ws / "a.npz", ws / "b.npz", "-o", ws / "b.npz"],
+                           "the merged statistics file would overwrite an input file")):
+        _fails_cleanly(ws, capsys, argv, message)
+    assert main(["merge-stats", str(ws / "a.npz"), str(ws / "b.npz"), "-o", str(ws / "out" / "m.npz")]) == 0
+    assert "merged 2 statistics files" in capsys.readouterr().out
+
+
+def test_bench_refuses_to_overwrite_perf_test_data_and_models_with_other_inputs(ws: Path, capsys) -> None:
+    main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "-o", str(ws / "small.onnx")])
+    (ws / "test_data_set_0").mkdir()
+    (ws / "test_data_set_0" / "input_0.pb").write_bytes(b"the user's own data")
+
+    def rename_input(model: onnx.ModelProto) -> None:
+        model.graph.input[0].name = "pixels"
+        for node in model.graph.node:
+            node.input[:] = ["pixels" if name == "x" else name for name in node.input]
+
+    renamed = _save_variant(ws, "renamed.onnx", rename_input)
+    for argv, message in ((["bench", ws / "net.onnx", ws / "small.onnx", "--perf-test-data"], "already exists"),
+                          (["bench", ws / "net.onnx", renamed], "the two models take different inputs")):
+        before = _snapshot(ws)
+        assert main([str(a) for a in argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert _snapshot(ws) == before
+
+
+def test_output_folder_gets_the_default_name_inside(ws: Path) -> None:
+    assert main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "-o", str(ws / "out")]) == 0
+    assert sorted(p.name for p in (ws / "out").iterdir()) == ["net.vbp.onnx"]

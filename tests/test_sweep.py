@@ -59,3 +59,31 @@ def test_retention_and_pick() -> None:
     rows = [{"ratio": 0.1, "retention": 0.99}, {"ratio": 0.3, "retention": 0.97}, {"ratio": 0.2, "retention": 0.96}]
     assert pick(rows, 0.965)["ratio"] == 0.3
     assert pick(rows, 0.999) is None
+
+
+def test_the_chosen_model_of_an_external_data_model_loads_from_its_own_name(ws: Path) -> None:
+    """The chosen ratio's data file is renamed with it: `best.onnx` names `best.onnx.data`."""
+    model = build_model([BlockSpec(hidden=128), BlockSpec(hidden=128, act="relu")], seq=6)  # weights >= 1 KiB
+    onnx.save(model, ws / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    argv = ["sweep", str(ws / "ext.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "-q",
+            "--ratios", "0.25,0.5", "--target-retention", "0", "-o", str(ws / "best.onnx")]
+    assert main(argv) == 0
+    header = onnx.load(ws / "best.onnx", load_external_data=False)
+    locations = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+    best = onnx.load(ws / "best.onnx")  # reads its external data: fails if the named file is missing
+    assert locations == {"best.onnx.data"}
+    assert sum(b.width for b in find_mlp_blocks(best)) == 128  # the 0.5 row: largest meeting the target
+
+
+def test_plot_without_matplotlib_fails_before_the_sweep(ws: Path, capsys, monkeypatch) -> None:
+    import onnx_vbp.sweep as sweep_module
+
+    def no_matplotlib():
+        raise sweep_module.DataError("plotting needs matplotlib: pip install 'onnx_vbp[plot]'")
+
+    monkeypatch.setattr(sweep_module, "_pyplot", no_matplotlib)
+    monkeypatch.setattr(sweep_module, "prepare", lambda *a, **k: pytest.fail("calibrated before failing"))
+    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--plot",
+            str(ws / "p.png")]
+    assert main(argv) == 1
+    assert "plotting needs matplotlib" in capsys.readouterr().err

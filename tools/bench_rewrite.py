@@ -29,7 +29,8 @@ from pathlib import Path
 import onnx_vbp
 from onnx_vbp import find_mlp_blocks, rewrite, select
 from onnx_vbp.calibrate import load_stats
-from onnx_vbp.modelio import load_model, publish, staging, write_model
+from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.modelio import load_model, publishing, verify_model, write_model
 def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
     status = Path("/proc/self/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
@@ -45,14 +46,18 @@ def stage(name, work):
     times[name], peaks[name] = time.perf_counter() - start, peak_mb()
     return result
 model, external = stage("load", lambda: load_model(model_path))
-stats = load_stats(stats_path)[0]
+stats, _, feed = load_stats(stats_path)
+session = cpu_session(str(model_path))
+expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+del session
 blocks = stage("find", lambda: find_mlp_blocks(model))
 plan = stage("select", lambda: select(stats, ratio))
 pruned = stage("rewrite", lambda: rewrite(model, blocks, stats, plan))
-with staging(out) as folder:  # as onnx_vbp.pipeline.prune_file does
-    stage("write", lambda: write_model(pruned, folder / out.name, external_data=external))
+with publishing() as publication:  # as onnx_vbp.pipeline.prune_prepared does
+    written = publication.stage(out)
+    stage("write", lambda: write_model(pruned, written, external_data=external))
     del pruned, model
-    stage("check", lambda: publish(folder / out.name, out))
+    stage("check", lambda: verify_model(written, feed, expected))
 print(json.dumps({"times": times, "peaks": peaks, "imports_mb": imports_mb}))
 """
 
@@ -69,8 +74,8 @@ def main() -> None:
         from onnx_vbp import PruneOptions  # the statistics, once, outside the measured processes
         from onnx_vbp.pipeline import prepare
 
-        prepare(model, cache_dir() / "photos", PruneOptions(max_samples=8, min_samples=1, progress=False,
-                                                            save_stats=stats))
+        prepare(model, cache_dir() / "photos", PruneOptions(max_samples=8, min_samples=1,
+                                                            progress=False)).save_stats(stats)
         runs = []
         for _ in range(args.repeat):
             out = subprocess.run([sys.executable, "-c", RUN, str(model), str(stats), str(Path(tmp) / "out.onnx"),
@@ -82,7 +87,7 @@ def main() -> None:
     stages = ("find", "select", "rewrite", "write", "check")
     print(f"model {size_mb:.0f} MB, ratio {args.ratio}, median of {args.repeat} fresh processes; peak RSS per "
           f"stage, above the {imports:.0f} MB of the interpreter and its imports, as a multiple of the model size")
-    print("| | load | find | select | rewrite | write | check (onnx.checker, ORT load) | find..check |")
+    print("| | load | find | select | rewrite | write | check (onnx.checker, ORT load and run) | find..check |")
     print("|---|---|---|---|---|---|---|---|")
     print("| seconds | " + " | ".join(f"{median[s]:.2f}" for s in ("load", *stages))
           + f" | **{sum(median[s] for s in stages):.2f}** |")
