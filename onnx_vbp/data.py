@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 
 class DataError(ValueError):
@@ -71,6 +72,25 @@ def _pb_index(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
+def external_file(tensor: onnx.TensorProto, folder: Path) -> Path:
+    """The file holding `tensor`'s external data, after checking that it lies in `folder`: no
+    absolute path, no `..`, no link out of it, and a whole-number offset and length. A model or
+    a test data set may not make us read, or even look at, a file elsewhere. Raises ValueError."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    relative = Path(location)
+    if not location or relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"tensor '{tensor.name}' has its data at {location!r}: external data must lie in the "
+                         "folder of the file that names it")
+    for key in ("offset", "length"):
+        if key in entries and not entries[key].isdigit():
+            raise ValueError(f"tensor '{tensor.name}' has external data {key} {entries[key]!r}, not a whole number")
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"tensor '{tensor.name}' has its data in {location}, a link out of {folder}")
+    return path
+
+
 def _read_test_data_set(folder: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     tensors = []
     for pb in sorted(folder.glob("input_*.pb"), key=_pb_index):
@@ -79,6 +99,12 @@ def _read_test_data_set(folder: Path, specs: list[InputSpec]) -> dict[str, np.nd
             tensor.ParseFromString(pb.read_bytes())
         except Exception as exc:  # protobuf raises its own DecodeError type
             raise DataError(f"{pb}: not a TensorProto ({exc})") from exc
+        if uses_external_data(tensor):
+            try:
+                external_file(tensor, folder)
+            except ValueError as exc:
+                raise DataError(f"{pb}: {exc}") from exc
+            load_external_data_for_tensor(tensor, str(folder))
         tensors.append(tensor)
     names = {s.name for s in specs}
     if all(t.name in names for t in tensors):

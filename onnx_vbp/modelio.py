@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError, Message
 from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.calibrate import ORT_ERRORS, cpu_session, first_line
+from onnx_vbp.data import external_file
 
 PROTOBUF_LIMIT = 2**31 - 1
 SMALL_TENSOR_BYTES = 1 << 20  # external tensors below this are read at load time
@@ -35,14 +36,18 @@ def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
 
 
 def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> None:
-    """Every external tensor's file exists and holds its bytes (onnx would read short silently)."""
+    """Every external tensor's file lies in the model's folder (see `external_file`; checked
+    before any file is opened), exists and holds its bytes (onnx would read short silently)."""
     for tensor in model.graph.initializer:
         if not uses_external_data(tensor):
             continue
-        entries = _external_entries(tensor)
-        data = folder / entries.get("location", "")
+        try:
+            data = external_file(tensor, folder)
+        except ValueError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
         if not data.is_file():
             raise ModelError(f"{path}: external data file not found: {data}")
+        entries = _external_entries(tensor)
         end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
         if "length" in entries and data.stat().st_size < end:
             raise ModelError(f"{path}: external data file {data.name} is truncated ({data.stat().st_size} bytes, "
@@ -69,15 +74,16 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes)")
     external = any(uses_external_data(t) for t in model.graph.initializer)
-    if external:
-        _check_external_data(model, path.parent, path)
-        for tensor in model.graph.initializer:  # small constants (biases, shapes, scalars) in memory
-            if uses_external_data(tensor) and _nbytes(tensor) < SMALL_TENSOR_BYTES:
-                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
-    try:  # by path: the checker reads the file itself rather than a serialized copy of `model`
+    try:
+        if external:
+            _check_external_data(model, path.parent, path)
+            for tensor in model.graph.initializer:  # small constants (biases, shapes, scalars) in memory
+                if uses_external_data(tensor) and _nbytes(tensor) < SMALL_TENSOR_BYTES:
+                    onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+        # by path: the checker reads the file itself rather than a serialized copy of `model`
         onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        raise ModelError(f"{path}: fails onnx.checker: {str(exc).strip().splitlines()[0]}") from exc
+    except onnx.checker.ValidationError as exc:  # also raised by onnx's own checks of external data
+        raise ModelError(f"{path}: fails onnx.checker: {first_line(exc)}") from exc
     return model, external
 
 

@@ -92,6 +92,64 @@ def external_data_truncated(ws):
     return [path, ws / "calib"], "is truncated"
 
 
+def _external_variant(ws: Path, name: str, edit: Callable[[dict[str, str]], None], folder: str = ".") -> Path:
+    """The model with its weights in `w.bin`, then every tensor's external-data entries edited."""
+    (ws / folder).mkdir(exist_ok=True)
+    path = ws / folder / name
+    onnx.save(onnx.load(ws / "net.onnx"), path, save_as_external_data=True, location="w.bin", size_threshold=0)
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        entries = {e.key: e.value for e in tensor.external_data}
+        edit(entries)
+        del tensor.external_data[:]
+        for key, value in entries.items():
+            tensor.external_data.add(key=key, value=value)
+    onnx.save(model, path)
+    return path
+
+
+def external_data_absolute_path(ws):
+    (ws / "secret").write_bytes(b"0" * 4096)
+    path = _external_variant(ws, "abs.onnx", lambda e: e.update(location=str(ws / "secret")))
+    return [path, ws / "calib"], "external data must lie in the folder of the file that names it"
+
+
+def external_data_parent_path(ws):
+    (ws / "secret").write_bytes(b"0" * 4096)
+    path = _external_variant(ws, "up.onnx", lambda e: e.update(location="../secret"), folder="models")
+    return [path, ws / "calib"], "external data must lie in the folder of the file that names it"
+
+
+def external_data_link_out(ws):
+    (ws / "secret").write_bytes(b"0" * 4096)
+    (ws / "models").mkdir()
+    (ws / "models" / "link.bin").symlink_to(ws / "secret")
+    path = _external_variant(ws, "link.onnx", lambda e: e.update(location="link.bin"), folder="models")
+    return [path, ws / "calib"], "a link out of"
+
+
+def external_data_offset_not_a_number(ws):
+    path = _external_variant(ws, "off.onnx", lambda e: e.update(offset="12abc"))
+    return [path, ws / "calib"], "external data offset '12abc', not a whole number"
+
+
+def external_data_negative_length(ws):
+    path = _external_variant(ws, "len.onnx", lambda e: e.update(length="-4"))
+    return [path, ws / "calib"], "external data length '-4', not a whole number"
+
+
+def calib_pb_external_data_outside(ws):
+    """A test data set's TensorProto may not read a file outside its folder (here: into --save-stats)."""
+    (ws / "secret").write_bytes(np.ones((16, 6, 8), np.float32).tobytes())
+    folder = ws / "pb" / "test_data_set_0"
+    folder.mkdir(parents=True)
+    tensor = onnx.TensorProto(name="x", data_type=onnx.TensorProto.FLOAT, dims=[16, 6, 8],
+                              data_location=onnx.TensorProto.EXTERNAL)
+    tensor.external_data.add(key="location", value=str(ws / "secret"))
+    (folder / "input_0.pb").write_bytes(tensor.SerializeToString())
+    return [ws / "net.onnx", ws / "pb"], "external data must lie in the folder of the file that names it"
+
+
 def model_ort_cannot_load(ws):
     def custom_op(model):
         model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
@@ -271,7 +329,9 @@ def stats_feed_no_longer_fits(ws):
 
 
 ROWS = [model_missing, model_is_directory, model_empty, model_not_onnx, model_truncated, model_fails_checker,
-        external_data_missing, external_data_truncated, model_ort_cannot_load, no_mlp_block, all_blocks_skipped,
+        external_data_missing, external_data_truncated, external_data_absolute_path, external_data_parent_path,
+        external_data_link_out, external_data_offset_not_a_number, external_data_negative_length,
+        calib_pb_external_data_outside, model_ort_cannot_load, no_mlp_block, all_blocks_skipped,
         calib_missing, calib_empty, calib_no_known_format, calib_unreadable, calib_input_name_unknown,
         calib_wrong_dtype, calib_wrong_rank, calib_wrong_fixed_dim, calib_too_few_samples, calib_nan_input,
         calib_inf_hidden, ratio_infeasible_with_min_keep, per_block_ratio_below_min_keep, ray_with_max_samples,
