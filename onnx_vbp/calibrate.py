@@ -253,6 +253,11 @@ def comoments_fit(blocks: list[MlpBlock]) -> bool:
     return comoment_bytes(blocks) <= COMOMENT_BUDGET
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. under taskset or a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False,
                 external_dir: Path | None = None, save_optimized: Path | None = None) -> ort.InferenceSession:
     """A CPU ORT session, with all graph optimizations when `optimize`.
@@ -275,8 +280,8 @@ def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: 
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")  # a copy of the weights, for speed
-    if threads:
-        options.intra_op_num_threads = threads
+    if threads:  # more threads than cores only adds contention
+        options.intra_op_num_threads = min(threads, available_cores())
     try:
         if isinstance(model_bytes, bytes) and external_dir is None:
             # ORT's Python session keeps the bytes it was built from as long as it lives (its own
@@ -339,7 +344,7 @@ def calibrate(
     with_stream = {b.name for b in blocks if comoments and all(site.residual for site in b.sites)}
     stats = {block.name: Stats.empty(block.width, comoments, block.name in with_stream) for block in blocks}
     # the host reduces each batch while ORT's threads wait for the next: it may use as many cores
-    workers = threads or len(os.sched_getaffinity(0))
+    workers = min(threads or available_cores(), available_cores())
     with ThreadPoolExecutor(workers) as pool:
         for batch_index, batch in enumerate(batches):
             feed = {name: batch[name] for name in input_names}

@@ -1,8 +1,8 @@
 """Calibration and evaluation data: files on disk -> batches of model inputs.
 
 Formats (one loader each), read lazily in sorted order:
-- `*.npz`: one batch per file, keys = model input names, leading batch axis; extra keys with the
-  same leading length (e.g. `labels`) travel along with the batch.
+- `*.npz`: one batch per file, keys = model input names, leading batch axis; a `labels` array
+  with the same leading length travels along with the batch; other members are never read.
 - `*.npy`: one batch per file, for single-input models.
 - the ONNX test-data layout (`onnxruntime_perf_test`, ONNX backend tests):
   `test_data_set_*/input_*.pb`, TensorProtos matched by name, else by position.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,14 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def _read_npz(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """The model's inputs and the labels: other members are never decompressed."""
+    wanted = {s.name for s in specs} | {LABELS}
     with np.load(path, allow_pickle=False) as archive:
-        return {key: archive[key] for key in archive.files}
+        missing = [s.name for s in specs if s.name not in archive.files]
+        if missing:
+            raise DataError(f"{path}: no array for model input '{missing[0]}' (found: "
+                            f"{', '.join(archive.files) or 'none'})")
+        return {key: archive[key] for key in archive.files if key in wanted}
 
 
 def _read_npy(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -113,6 +120,9 @@ def _read_test_data_set(folder: Path, specs: list[InputSpec]) -> dict[str, np.nd
 
 
 READERS = {".npz": _read_npz, ".npy": _read_npy}
+LABELS = "labels"  # the one array besides the inputs that an .npz batch may carry (for top-1)
+MAX_IMAGE_PIXELS = 50_000_000  # a 48 Mpx phone photo fits; decoding more would take gigabytes
+CHARS_PER_TOKEN = 32  # text past max_length x this is cut before tokenizing: it could not fit anyway
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 RAW_BATCH_SIZE = 32
@@ -191,14 +201,23 @@ class ImageEncoder:
     def samples(self, path: Path) -> Iterator[np.ndarray]:
         height, width = self.size
         try:
-            with self._image.open(path) as image:
+            with warnings.catch_warnings():  # over Pillow's own limit: our error below says it in one line
+                warnings.simplefilter("ignore", self._image.DecompressionBombWarning)
+                image = self._image.open(path)  # reads the header only
+            with image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: {image.width} x {image.height} pixels is over the limit of "
+                                    f"{MAX_IMAGE_PIXELS // 10**6} Mpx; downscale the photos first")
+                image.draft("L" if self.grey else "RGB", (width, height))  # JPEG: decode at a smaller scale
                 image = image.convert("L" if self.grey else "RGB")
                 scale = max(height / image.height, width / image.width)
                 resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
                 image = image.resize(resized, self._image.Resampling.BILINEAR)
                 left, top = (image.width - width) // 2, (image.height - height) // 2
                 pixels = np.asarray(image.crop((left, top, left + width, top + height)), np.float32) / 255.0
-        except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for truncated or bad files
+        except DataError:
+            raise
+        except (OSError, ValueError, SyntaxError, self._image.DecompressionBombError) as exc:  # bad files
             raise DataError(f"{path}: not a readable image ({exc})") from exc
         pixels = ((pixels.reshape(height, width, -1) - self.mean) / self.std).astype(self.spec.dtype)
         yield pixels if self.channels_last else pixels.transpose(2, 0, 1)
@@ -228,6 +247,8 @@ class TextEncoder:
         self.tokenizer.enable_truncation(options.max_length)
         self.tokenizer.enable_padding()  # to the longest sample of each batch
         self.specs = specs
+        self.max_chars = options.max_length * CHARS_PER_TOKEN
+        self.source = options.tokenizer
 
     def samples(self, path: Path) -> Iterator[str]:
         try:
@@ -238,16 +259,20 @@ class TextEncoder:
         if not lines:
             raise DataError(f"{path}: empty text file")
         for number, line in enumerate(lines, 1):
-            if path.suffix.lower() != ".jsonl":
-                yield line
-                continue
-            try:
-                yield json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DataError(f"{path}:{number}: expected a JSON object with a 'text' field") from exc
+            if path.suffix.lower() == ".jsonl":
+                try:
+                    line = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
+                    raise DataError(f"{path}:{number}: expected a JSON object with a 'text' field") from exc
+                if not isinstance(line, str):
+                    raise DataError(f"{path}:{number}: 'text' is {type(line).__name__}, not a string")
+            yield line[: self.max_chars]
 
     def encode(self, samples: list[str]) -> dict[str, np.ndarray]:
-        encodings = self.tokenizer.encode_batch(samples)
+        try:
+            encodings = self.tokenizer.encode_batch(samples)
+        except Exception as exc:  # tokenizers raises plain Exception, e.g. for a vocabulary without [UNK]
+            raise DataError(f"tokenizer {self.source} fails on the text: {exc}") from exc
         fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
         return {s.name: np.array([getattr(e, fields[s.name]) for e in encodings], s.dtype) for s in self.specs}
 
@@ -301,7 +326,7 @@ def iter_batches(
     grouped into batches of `batch_size` (default 32) and encoded as `raw` says. At most
     `max_samples` samples are read. A model with a static batch dimension is fed batches of exactly
     that size (a smaller remainder is dropped: the model cannot take it). Arrays other than model
-    inputs (e.g. `labels`) are kept when they have the batch's leading length.
+    inputs (`labels`) are kept when they have the batch's leading length.
     """
     fixed = sorted({s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0})
     if len(fixed) > 1 or (fixed and batch_size not in (None, fixed[0])):

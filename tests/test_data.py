@@ -127,3 +127,17 @@ def test_model_inputs_skip_initializers() -> None:
     model.graph.input.append(onnx.helper.make_tensor_value_info(model.graph.initializer[0].name, 1, None))
     (spec,) = model_inputs(model)
     assert spec.name == "x" and spec.shape == ("batch", 5, 8) and spec.dtype == np.float32
+
+
+def test_npz_members_other_than_inputs_and_labels_are_never_read(tmp_path: Path, monkeypatch) -> None:
+    np.savez(tmp_path / "b.npz", x=np.ones((2, 3), np.float32), labels=np.arange(2), huge=np.zeros(10))
+    read: list[str] = []
+    real = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self, key):
+        read.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    (batch,) = iter_batches(tmp_path, [InputSpec("x", np.dtype(np.float32), ("batch", 3))])
+    assert sorted(batch) == ["labels", "x"] and sorted(read) == ["labels", "x"]

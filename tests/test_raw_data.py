@@ -125,3 +125,66 @@ def test_text_for_a_model_with_other_inputs(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("one sample\n")
     with pytest.raises(DataError, match="also takes input_image"):
         list(iter_batches(tmp_path, [NCHW], raw=RawOptions(tokenizer=TOKENIZER)))
+
+
+def test_images_over_the_pixel_limit_or_pillows_bomb_limit_are_one_error(tmp_path: Path, monkeypatch) -> None:
+    import onnx_vbp.data as data
+
+    _halves(tmp_path / "a.png", size=(40, 30))
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"a.png: 40 x 30 pixels is over the limit"):
+        list(iter_batches(tmp_path, [NCHW]))
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow refuses past twice its limit
+    with pytest.raises(DataError, match=r"a.png: not a readable image \(Image size"):
+        list(iter_batches(tmp_path, [NCHW]))
+
+
+@needs_tokenizer
+def test_text_is_cut_before_tokenizing_to_what_max_length_can_use(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "a.txt").write_text("word " * 200_000 + "\n")
+    seen: list[int] = []
+    real = tokenizers.Tokenizer.encode_batch
+
+    class Spy:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def encode_batch(self, texts):
+            seen.extend(len(t) for t in texts)
+            return real(self.tokenizer, texts)
+
+    import onnx_vbp.data as data
+
+    original_init = data.TextEncoder.__init__
+
+    def spied_init(self, specs, options):
+        original_init(self, specs, options)
+        self.tokenizer = Spy(self.tokenizer)
+
+    monkeypatch.setattr(data.TextEncoder, "__init__", spied_init)
+    (batch,) = iter_batches(tmp_path, TEXT_SPECS, raw=RawOptions(tokenizer=TOKENIZER, max_length=16))
+    assert batch["input_ids"].shape == (1, 16)  # truncated by the tokenizer as before
+    assert seen == [16 * data.CHARS_PER_TOKEN]  # and the line cut before it reached it
+
+
+@needs_tokenizer
+@pytest.mark.parametrize(("line", "message"), [('{"text": 7}', "'text' is int, not a string"),
+                                               ('{"text": null}', "'text' is NoneType, not a string"),
+                                               ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                                                "expected a JSON object with a 'text' field")])
+def test_jsonl_text_that_is_not_a_string(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "a.jsonl").write_text(line + "\n")
+    with pytest.raises(DataError, match=message):
+        list(iter_batches(tmp_path, TEXT_SPECS, raw=RawOptions(tokenizer=TOKENIZER)))
+
+
+@needs_tokenizer
+def test_a_tokenizer_that_fails_on_the_text_is_one_error(tmp_path: Path) -> None:
+    config = json.loads(TOKENIZER.read_text())
+    config["model"]["unk_token"] = "[NOT IN THE VOCABULARY]"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("snowman \u2603 unknown\n")
+    with pytest.raises(DataError, match="fails on the text: WordPiece error"):
+        list(iter_batches(tmp_path / "data", TEXT_SPECS, raw=RawOptions(tokenizer=tmp_path / "tokenizer.json")))

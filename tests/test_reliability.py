@@ -510,3 +510,10 @@ def test_bench_refuses_to_overwrite_perf_test_data_and_models_with_other_inputs(
 def test_output_folder_gets_the_default_name_inside(ws: Path) -> None:
     assert main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "-o", str(ws / "out")]) == 0
     assert sorted(p.name for p in (ws / "out").iterdir()) == ["net.vbp.onnx"]
+
+
+def test_threads_are_clamped_to_the_cores_this_process_may_use(ws: Path) -> None:
+    from onnx_vbp.calibrate import available_cores, cpu_session
+
+    session = cpu_session(str(ws / "net.onnx"), threads=100_000)
+    assert session.get_session_options().intra_op_num_threads == available_cores()
