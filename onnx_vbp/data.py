@@ -49,9 +49,19 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     for value in model.graph.input:
         if value.name in initializers:
             continue
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type":
+            kind = kind.removesuffix("_type").replace("_", " ") if kind else "value without a type"
+            raise DataError(f"model input '{value.name}' is a {kind}, not a tensor: only tensor inputs can be fed")
         tensor = value.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-        specs.append(InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), dims))
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        except KeyError as exc:
+            raise DataError(f"model input '{value.name}' has no numpy type (element type {tensor.elem_type})") from exc
+        specs.append(InputSpec(value.name, dtype, dims))
+    if not specs:
+        raise DataError("the model has no input to feed: every graph input is an initializer, or there is none")
     return specs
 
 

@@ -436,7 +436,7 @@ def find_mlp_blocks(model: onnx.ModelProto) -> BlockList:
         site = _site(match, width)
         if site is None:
             continue
-        reason = _leak(match, graph_outputs)
+        reason = "its hidden layer has no neurons" if width == 0 else _leak(match, graph_outputs)
         if reason is not None:
             skipped.append(SkippedBlock(f"{site.fc1[0]} -> {site.fc2}", reason))
             continue

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.calibrate import ORT_ERRORS, CalibrationError, cpu_session, first_line
 from onnx_vbp.find import MlpBlock
 from onnx_vbp.instrument import with_outputs
 from onnx_vbp.select import Plan
@@ -35,7 +35,10 @@ def node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_d
         return {}
     wanted = sorted({name for n in nodes for name in (n.input[0], n.input[1], n.output[0])} - set(known))
     session = cpu_session(with_outputs(model, wanted), external_dir=external_dir)
-    values = session.run(wanted, dict(feed))
+    try:
+        values = session.run(wanted, dict(feed))
+    except ORT_ERRORS as exc:
+        raise CalibrationError(f"ONNX Runtime failed while counting MACs on one sample: {first_line(exc)}") from exc
     shapes = {**known, **{name: v.shape for name, v in zip(wanted, values, strict=True)}}
     batch = max(len(next(iter(feed.values()))), 1)
     macs = {}

@@ -175,6 +175,31 @@ def all_blocks_skipped(ws):
     return [_save_variant(ws, "exposed.onnx", expose_hidden), ws / "calib"], "all skipped: "
 
 
+def model_input_is_a_sequence(ws):
+    def sequence_input(model):
+        model.graph.input.append(onnx.helper.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, None))
+        model.graph.node.append(onnx.helper.make_node("SequenceLength", ["s"], ["length"]))
+        model.graph.output.append(onnx.helper.make_tensor_value_info("length", onnx.TensorProto.INT64, []))
+    return [_save_variant(ws, "seq.onnx", sequence_input), ws / "calib"], \
+        "model input 's' is a sequence, not a tensor"
+
+
+def model_without_inputs(ws):
+    def constant_input(model):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((1, 6, 8), np.float32), "x"))
+        del model.graph.input[:]
+    return [_save_variant(ws, "noinput.onnx", constant_input), ws / "calib"], "the model has no input to feed"
+
+
+def hidden_layers_without_neurons(ws):
+    model = build_model([BlockSpec(hidden=HIDDEN)], seq=6)
+    for tensor in model.graph.initializer:  # fc1 [8, 32] -> [8, 0], its bias and fc2 [32, 8] -> [0, 8]
+        shape = [0 if d == HIDDEN else d for d in tensor.dims]
+        tensor.CopyFrom(onnx.numpy_helper.from_array(np.zeros(shape, np.float32), tensor.name))
+    onnx.save(model, ws / "empty_hidden.onnx")
+    return [ws / "empty_hidden.onnx", ws / "calib"], "its hidden layer has no neurons"
+
+
 def calib_missing(ws):
     return [ws / "net.onnx", ws / "nowhere"], "data path not found"
 
@@ -331,7 +356,8 @@ def stats_feed_no_longer_fits(ws):
 ROWS = [model_missing, model_is_directory, model_empty, model_not_onnx, model_truncated, model_fails_checker,
         external_data_missing, external_data_truncated, external_data_absolute_path, external_data_parent_path,
         external_data_link_out, external_data_offset_not_a_number, external_data_negative_length,
-        calib_pb_external_data_outside, model_ort_cannot_load, no_mlp_block, all_blocks_skipped,
+        calib_pb_external_data_outside, model_input_is_a_sequence, model_without_inputs,
+        hidden_layers_without_neurons, model_ort_cannot_load, no_mlp_block, all_blocks_skipped,
         calib_missing, calib_empty, calib_no_known_format, calib_unreadable, calib_input_name_unknown,
         calib_wrong_dtype, calib_wrong_rank, calib_wrong_fixed_dim, calib_too_few_samples, calib_nan_input,
         calib_inf_hidden, ratio_infeasible_with_min_keep, per_block_ratio_below_min_keep, ray_with_max_samples,
