@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -162,9 +163,21 @@ class Stats:
 STATS_VERSION = 1
 
 
-def save_stats(path: Path, stats: dict[str, Stats], samples: int, feed: Mapping[str, np.ndarray]) -> None:
-    """Write statistics (and one sample of model inputs, for MAC counting) to an .npz file."""
+class SavedStats(NamedTuple):
+    """What a statistics file holds."""
+
+    stats: dict[str, Stats]
+    samples: int
+    feed: dict[str, np.ndarray]  # one sample of model inputs: MAC counting and the written model's check
+    model: str | None  # the fingerprint of the weights they were measured with (None: an older file)
+
+
+def save_stats(path: Path, stats: dict[str, Stats], samples: int, feed: Mapping[str, np.ndarray],
+               model: str | None = None) -> None:
+    """Write statistics, one sample of model inputs and the model's fingerprint to an .npz file."""
     arrays: dict[str, np.ndarray] = {"__version__": np.array(STATS_VERSION), "__samples__": np.array(samples)}
+    if model is not None:
+        arrays["__model__"] = np.array(model)
     for name, block in stats.items():
         arrays.update({f"stats/{name}/count": np.array(block.count), f"stats/{name}/mean": block.mean,
                        f"stats/{name}/m2": block.m2})
@@ -177,8 +190,8 @@ def save_stats(path: Path, stats: dict[str, Stats], samples: int, feed: Mapping[
         np.savez(f, **arrays)
 
 
-def load_stats(path: Path) -> tuple[dict[str, Stats], int, dict[str, np.ndarray]]:
-    """Read a file written by `save_stats`: (stats by block name, samples, one-sample feed).
+def load_stats(path: Path) -> SavedStats:
+    """Read a file written by `save_stats`.
 
     Every array is checked (`_checked_stats`): a damaged or hand-edited file is refused with the
     key at fault, never turned into a model with NaN outputs.
@@ -197,7 +210,10 @@ def load_stats(path: Path) -> tuple[dict[str, Stats], int, dict[str, np.ndarray]
     if samples is None or samples.shape != () or samples.dtype.kind not in "iu" or samples < 0:
         raise CalibrationError(f"{path}: '__samples__' must be a non-negative integer")
     feed = {key[len("feed/"):]: value for key, value in arrays.items() if key.startswith("feed/")}
-    return stats, int(samples), feed
+    model = arrays.get("__model__")
+    if model is not None and (model.shape != () or model.dtype.kind != "U"):
+        raise CalibrationError(f"{path}: '__model__' must be a string")
+    return SavedStats(stats, int(samples), feed, None if model is None else str(model))
 
 
 def _checked_stats(path: Path, name: str, arrays: Mapping[str, np.ndarray]) -> Stats:

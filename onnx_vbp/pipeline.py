@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
 from onnx_vbp.calibrate import (
@@ -29,9 +31,10 @@ from onnx_vbp.calibrate import (
     merge_stats,
     save_stats,
 )
-from onnx_vbp.data import DataError, InputSpec, RawOptions, data_files, iter_batches, model_inputs
+from onnx_vbp.data import DataError, InputSpec, RawOptions, data_files, external_file, iter_batches, model_inputs
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import BlockList, MlpBlock, find_mlp_blocks
+from onnx_vbp.graph import import_graph, node_key, trace_param
 from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, Ranking, rankings
 from onnx_vbp.modelio import (
     ModelError,
@@ -165,6 +168,7 @@ class Prepared:
     macs: dict[str, int]  # per MatMul/Gemm/Conv node, per sample
     sample_feed: dict[str, np.ndarray]  # one calibration sample: what a written model is verified on
     sample_outputs: dict[str, np.ndarray]  # the original's outputs on it
+    fingerprint: str  # of the weights the statistics describe (see `weights_fingerprint`)
     _rankings: dict[tuple, tuple[int, dict[str, Ranking]]] = field(default_factory=dict)
 
     def rankings(self, options: PruneOptions, depth: int) -> dict[str, Ranking]:
@@ -206,7 +210,7 @@ class Prepared:
 
     def save_stats(self, path: Path) -> None:
         """Write the calibration statistics to `path` (see `calibrate.save_stats`)."""
-        save_stats(path, self.stats, self.samples, self.sample_feed)
+        save_stats(path, self.stats, self.samples, self.sample_feed, self.fingerprint)
 
     @property
     def external_dir(self) -> Path | None:
@@ -232,7 +236,8 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                                 " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"))
         log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
-    prepared = Prepared(model_path, model, external, specs, blocks, {}, 0, 0.0, {}, {}, {})
+    prepared = Prepared(model_path, model, external, specs, blocks, {}, 0, 0.0, {}, {}, {},
+                        weights_fingerprint(model, blocks, model_path.parent if external else None))
 
     if blocks and options.comoments and not comoments_fit(blocks):
         fitted = fitted_options(options, comoments=False)
@@ -240,8 +245,15 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                     "--method %s instead", comoment_bytes(blocks) / 2**30, COMOMENT_BUDGET / 2**30, fitted.method)
         options = fitted
     if blocks and options.stats is not None:
-        prepared.stats, prepared.samples, prepared.sample_feed = load_stats(options.stats)
+        saved = load_stats(options.stats)
+        prepared.stats, prepared.samples, prepared.sample_feed = saved.stats, saved.samples, saved.feed
         _check_stats_fit(prepared.stats, blocks, options)
+        if saved.model is None:
+            log.warning("statistics in %s carry no model fingerprint (an older file): they cannot be checked "
+                        "against this model", options.stats)
+        elif saved.model != prepared.fingerprint:
+            raise CalibrationError(f"statistics in {options.stats} were measured on another model: its MLP "
+                                   "weights differ from this one's (same blocks and widths); calibrate this model")
         if fitted_options(options, _have_comoments(prepared.stats)) is not options:
             log.warning("statistics in %s have no second moments: pruning with --method vbp", options.stats)
         log.info("using statistics of %d samples from %s", prepared.samples, options.stats)
@@ -290,6 +302,38 @@ def _sample_outputs(prepared: Prepared, stats_path: Path | None) -> dict[str, np
     except ORT_ERRORS as exc:
         where = f"the sample saved in {stats_path}" if stats_path else "a calibration sample"
         raise CalibrationError(f"the model fails to run on {where}: {first_line(exc)}") from exc
+
+
+FINGERPRINT_BYTES = 1 << 16
+
+
+def weights_fingerprint(model: onnx.ModelProto, blocks: list[MlpBlock], external_dir: Path | None) -> str:
+    """A digest of what a model's statistics describe: each block's name and width, and the first
+    64 KiB of its fc1 and fc2 weights (any training or fine-tuning changes those). The same for a
+    model stored inline or with external data; different for another model of the same
+    architecture."""
+    graph = import_graph(model)
+    nodes = {node_key(n): n for n in graph.nodes}
+    initializers = {t.name: t for t in model.graph.initializer}
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(f"{block.name}:{block.width};".encode())
+        site = block.sites[0]
+        for ref in (site.fc1_params[0], site.fc2_weight):
+            source = trace_param(nodes[ref.node].inputs[ref.input]).source
+            tensor = initializers.get(source.name)
+            if tensor is not None and uses_external_data(tensor):
+                entries = {e.key: e.value for e in tensor.external_data}
+                with open(external_file(tensor, external_dir), "rb") as data:
+                    data.seek(int(entries.get("offset", 0)))
+                    head = data.read(min(FINGERPRINT_BYTES, int(entries.get("length", FINGERPRINT_BYTES))))
+            elif tensor is not None and tensor.raw_data:
+                head = tensor.raw_data[:FINGERPRINT_BYTES]
+            else:  # typed fields or a Constant node: the same little-endian bytes raw_data would hold
+                head = np.asarray(source.values).astype(np.asarray(source.values).dtype.newbyteorder("<")).tobytes()
+                head = head[:FINGERPRINT_BYTES]
+            digest.update(head)
+    return digest.hexdigest()
 
 
 # A covariance estimated from fewer observations than this many per neuron is mostly noise.
@@ -423,6 +467,9 @@ def merge_stats_files(parts: list[Path], out: Path) -> None:
         raise CalibrationError("the same statistics file is given twice: its samples would count twice")
     guard_outputs({"the merged statistics file": out}, parts)
     loaded = [load_stats(path) for path in parts]
-    merged = merge_stats([stats for stats, _, _ in loaded])
+    merged = merge_stats([part.stats for part in loaded])
+    if len({part.model for part in loaded}) > 1:
+        raise CalibrationError("the statistics files were measured on different models (their fingerprints differ)")
     with publishing() as publication:
-        save_stats(publication.stage(out), merged, sum(samples for _, samples, _ in loaded), loaded[0][2])
+        save_stats(publication.stage(out), merged, sum(part.samples for part in loaded), loaded[0].feed,
+                   loaded[0].model)

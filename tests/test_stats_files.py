@@ -36,8 +36,8 @@ def test_shards_merged_equal_one_pass_and_prune_the_same(ws: Path) -> None:
                     "-o", str(ws / f"{name}.onnx")) == 0
     assert main(["merge-stats", str(ws / "shard_a.npz"), str(ws / "shard_b.npz"), "-o", str(ws / "merged.npz")]) == 0
 
-    merged, samples, feed = load_stats(ws / "merged.npz")
-    one_pass, one_pass_samples, _ = load_stats(ws / "all.npz")
+    merged, samples, feed, _ = load_stats(ws / "merged.npz")
+    one_pass, one_pass_samples, _, _ = load_stats(ws / "all.npz")
     assert samples == one_pass_samples == 7 + 8 + 9 and set(feed) == {"x"}
     for name, stats in one_pass.items():
         assert merged[name].count == stats.count
@@ -57,6 +57,32 @@ def test_statistics_of_another_model_are_refused(ws: Path, capsys) -> None:
     rc = main([str(ws / "other.onnx"), "--stats", str(ws / "s.npz"), "-q", "-o", str(ws / "o2.onnx")])
     assert rc == 1 and "do not match this model's MLP blocks" in capsys.readouterr().err
     assert not (ws / "o2.onnx").exists()
+
+
+def test_statistics_of_a_model_with_the_same_blocks_but_other_weights_are_refused(ws: Path, capsys, caplog) -> None:
+    """Same architecture, other weights (another seed: as after fine-tuning) is refused; the same
+    model stored with external data is the same model; an older file without a fingerprint warns."""
+    assert _run(ws, str(ws / "all"), "--save-stats", str(ws / "s.npz"), "-o", str(ws / "o.onnx")) == 0
+    twin = build_model([BlockSpec(hidden=32), BlockSpec(hidden=24, act="silu", gated=True)], seq=6, seed=1)
+    onnx.save(twin, ws / "twin.onnx")
+    rc = main([str(ws / "twin.onnx"), "--stats", str(ws / "s.npz"), "-q", "-o", str(ws / "o2.onnx")])
+    assert rc == 1 and "were measured on another model" in capsys.readouterr().err
+    assert not (ws / "o2.onnx").exists()
+
+    onnx.save(onnx.load(ws / "net.onnx"), ws / "ext.onnx", save_as_external_data=True, location="ext.bin",
+              size_threshold=0)
+    assert main([str(ws / "ext.onnx"), "--stats", str(ws / "s.npz"), "-q", "-o", str(ws / "o3.onnx")]) == 0
+
+    with np.load(ws / "s.npz") as archive:
+        np.savez(ws / "old.npz", **{k: archive[k] for k in archive.files if k != "__model__"})
+    assert main([str(ws / "net.onnx"), "--stats", str(ws / "old.npz"), "-q", "-o", str(ws / "o4.onnx")]) == 0
+    assert "carry no model fingerprint" in caplog.text
+
+    assert main([str(ws / "twin.onnx"), str(ws / "all"), "-q", "--min-samples", "1", "--save-stats",
+                 str(ws / "twin.npz"), "-o", str(ws / "o6.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["merge-stats", str(ws / "s.npz"), str(ws / "twin.npz"), "-o", str(ws / "m.npz")]) == 1
+    assert "measured on different models" in capsys.readouterr().err and not (ws / "m.npz").exists()
 
 
 def test_statistics_without_second_moments(ws: Path, capsys, caplog) -> None:

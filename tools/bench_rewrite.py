@@ -46,7 +46,7 @@ def stage(name, work):
     times[name], peaks[name] = time.perf_counter() - start, peak_mb()
     return result
 model, external = stage("load", lambda: load_model(model_path))
-stats, _, feed = load_stats(stats_path)
+stats, _, feed, _ = load_stats(stats_path)
 session = cpu_session(str(model_path))
 expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
 del session
