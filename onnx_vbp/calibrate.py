@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from onnx_vbp.data import DataError, read_npz
 from onnx_vbp.find import MlpBlock
 from onnx_vbp.instrument import instrument
 
@@ -161,6 +162,7 @@ class Stats:
 
 
 STATS_VERSION = 1
+STATS_KEYS = ("__version__", "__samples__", "__model__", "stats/", "feed/")  # nothing else is read
 
 
 class SavedStats(NamedTuple):
@@ -197,12 +199,11 @@ def load_stats(path: Path) -> SavedStats:
     key at fault, never turned into a model with NaN outputs.
     """
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise CalibrationError(f"{path}: not a statistics file ({exc})") from exc
+        arrays, _ = read_npz(path, lambda key: key.startswith(STATS_KEYS))
+    except DataError as exc:
+        raise CalibrationError(f"not a statistics file: {exc}") from exc
     version = arrays.get("__version__")
-    if version is None or version.shape != () or version != STATS_VERSION:
+    if version is None or version.shape != () or version.dtype.kind not in "iu" or version != STATS_VERSION:
         raise CalibrationError(f"{path}: not a statistics file written by onnx_vbp (version {STATS_VERSION})")
     names = sorted({key[len("stats/"):].rsplit("/", 1)[0] for key in arrays if key.startswith("stats/")})
     stats = {name: _checked_stats(path, name, arrays) for name in names}
@@ -286,11 +287,11 @@ def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: 
     a data file beside it.
     """
     options = ort.SessionOptions()
+    options.log_severity_level = 4  # errors come back as exceptions: ORT's own log lines would only repeat them
     if save_optimized is not None:
         options.optimized_model_filepath = str(save_optimized)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          f"{save_optimized.name}.data")
-        options.log_severity_level = 3  # else ORT warns that NCHWc layouts are machine-specific
     if external_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     if not optimize:

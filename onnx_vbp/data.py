@@ -21,7 +21,7 @@ import itertools
 import json
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,15 +65,24 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def read_npz(path: Path, wanted: Callable[[str], bool]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The members of an .npz file that `wanted` accepts (no other member is decompressed), and
+    the names of all of them. Any damage to the archive is one DataError."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files if wanted(key)}, list(archive.files)
+    except Exception as exc:  # zipfile and numpy raise a zoo of types for damaged archives
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
 def _read_npz(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     """The model's inputs and the labels: other members are never decompressed."""
     wanted = {s.name for s in specs} | {LABELS}
-    with np.load(path, allow_pickle=False) as archive:
-        missing = [s.name for s in specs if s.name not in archive.files]
-        if missing:
-            raise DataError(f"{path}: no array for model input '{missing[0]}' (found: "
-                            f"{', '.join(archive.files) or 'none'})")
-        return {key: archive[key] for key in archive.files if key in wanted}
+    arrays, members = read_npz(path, wanted.__contains__)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise DataError(f"{path}: no array for model input '{missing[0]}' (found: {', '.join(members) or 'none'})")
+    return arrays
 
 
 def _read_npy(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -298,14 +307,15 @@ def read_file(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     for spec in specs:
         if spec.name not in arrays:
             raise DataError(f"{path}: no array for model input '{spec.name}' (found: {', '.join(arrays) or 'none'})")
-        arrays[spec.name] = _conform(path, spec, arrays[spec.name])
+        arrays[spec.name] = conform(path, spec, arrays[spec.name])
     lengths = {len(arrays[s.name]) for s in specs}
     if len(lengths) > 1:
         raise DataError(f"{path}: inputs disagree on the batch size ({sorted(lengths)})")
     return arrays
 
 
-def _conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
+def conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
+    """`array` checked against the model input `spec` (rank, fixed dims, dtype kind, finite) and cast to its dtype."""
     if array.ndim != len(spec.shape):
         raise DataError(f"{path}: input '{spec.name}' has rank {array.ndim}, the model expects {len(spec.shape)} "
                         f"(shape {list(spec.shape)})")

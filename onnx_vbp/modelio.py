@@ -54,6 +54,52 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> No
                              f"tensor '{tensor.name}' needs {end})")
 
 
+_PACKED_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4} | (  # two values per byte
+    {onnx.TensorProto.FLOAT4E2M1} if hasattr(onnx.TensorProto, "FLOAT4E2M1") else set())
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every constant holds as many values as its dims say, in a known type (onnx.checker does
+    not look; numpy would fail deep inside a stage)."""
+    tensors = list(model.graph.initializer) + [attr.t for node in model.graph.node if node.op_type == "Constant"
+                                               for attr in node.attribute if attr.name == "value"]
+    for tensor in tensors:
+        if tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except KeyError as exc:
+            raise ModelError(f"{path}: tensor '{tensor.name}' has an unknown data type {tensor.data_type}") from exc
+        if any(d < 0 for d in tensor.dims):
+            raise ModelError(f"{path}: tensor '{tensor.name}' has negative dims {list(tensor.dims)}")
+        count = int(np.prod(tensor.dims, dtype=np.float64))
+        if uses_external_data(tensor):
+            length = _external_entries(tensor).get("length")
+            held = None if length is None or not length.isdigit() else int(length) // itemsize
+        elif tensor.HasField("raw_data"):
+            held = len(tensor.raw_data) // itemsize
+        else:
+            typed = next((getattr(tensor, f) for f in _TYPED_FIELDS if len(getattr(tensor, f))), [])
+            per_value = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+            held = len(typed) // per_value
+        if held is not None and held != count:
+            raise ModelError(f"{path}: tensor '{tensor.name}' holds {held} values, its dims {list(tensor.dims)} "
+                             f"say {count}")
+
+
+def _check_names(model: onnx.ModelProto, path: Path) -> None:
+    """Every name in the graph is text (protobuf hands over bytes that are not valid UTF-8 as
+    bytes, which no stage expects)."""
+    graph = model.graph
+    values = [*graph.input, *graph.output, *graph.value_info]
+    names = [graph.name, *(t.name for t in graph.initializer), *(v.name for v in values),
+             *(text for n in graph.node for text in (n.name, n.op_type, n.domain, *n.input, *n.output)),
+             *(a.name for n in graph.node for a in n.attribute), *(o.domain for o in model.opset_import)]
+    if any(not isinstance(name, str) for name in names):
+        raise ModelError(f"{path}: a name in the graph is not valid UTF-8 text (a damaged file?)")
+
+
 def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
     """Load and check `path`; returns (model, whether it uses external data).
 
@@ -73,6 +119,8 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
         raise ModelError(f"{path}: not an ONNX model or truncated ({exc})") from exc
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes)")
+    _check_names(model, path)
+    _check_tensor_sizes(model, path)
     external = any(uses_external_data(t) for t in model.graph.initializer)
     try:
         if external:

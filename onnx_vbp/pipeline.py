@@ -31,7 +31,16 @@ from onnx_vbp.calibrate import (
     merge_stats,
     save_stats,
 )
-from onnx_vbp.data import DataError, InputSpec, RawOptions, data_files, external_file, iter_batches, model_inputs
+from onnx_vbp.data import (
+    DataError,
+    InputSpec,
+    RawOptions,
+    conform,
+    data_files,
+    external_file,
+    iter_batches,
+    model_inputs,
+)
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import BlockList, MlpBlock, find_mlp_blocks
 from onnx_vbp.graph import import_graph, node_key, trace_param
@@ -246,7 +255,8 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         options = fitted
     if blocks and options.stats is not None:
         saved = load_stats(options.stats)
-        prepared.stats, prepared.samples, prepared.sample_feed = saved.stats, saved.samples, saved.feed
+        prepared.stats, prepared.samples = saved.stats, saved.samples
+        prepared.sample_feed = _saved_feed(saved.feed, specs, options.stats)
         _check_stats_fit(prepared.stats, blocks, options)
         if saved.model is None:
             log.warning("statistics in %s carry no model fingerprint (an older file): they cannot be checked "
@@ -290,6 +300,16 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     prepared.sample_outputs = _sample_outputs(prepared, options.stats)
     prepared.macs = node_macs(model, prepared.sample_feed, prepared.external_dir)
     return prepared
+
+
+def _saved_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
+    """The one-sample feed of a statistics file, checked against the model's inputs."""
+    checked = {}
+    for spec in specs:
+        if spec.name not in feed or feed[spec.name].ndim == 0 or len(feed[spec.name]) == 0:
+            raise CalibrationError(f"{path}: no sample of model input '{spec.name}' ('feed/{spec.name}')")
+        checked[spec.name] = conform(path, spec, feed[spec.name][:1])
+    return checked
 
 
 def _sample_outputs(prepared: Prepared, stats_path: Path | None) -> dict[str, np.ndarray]:

@@ -350,7 +350,7 @@ def stats_feed_no_longer_fits(ws):
         arrays = {key: archive[key] for key in archive.files}
     arrays["feed/x"] = np.zeros((1, 6, 9), np.float32)
     np.savez(ws / "s.npz", **arrays)
-    return [ws / "net.onnx", "--stats", ws / "s.npz"], "the model fails to run on the sample saved in"
+    return [ws / "net.onnx", "--stats", ws / "s.npz"], "s.npz: input 'x' has shape [1, 6, 9], the model expects"
 
 
 ROWS = [model_missing, model_is_directory, model_empty, model_not_onnx, model_truncated, model_fails_checker,
