@@ -158,7 +158,7 @@ def _match_bias_add(out: gs.Tensor, features: int) -> tuple[gs.Node, int] | None
         if other is out:
             continue
         traced = trace_param(other)
-        shape = traced.value().shape if traced else ()
+        shape = traced.shape if traced else ()
         if traced and shape and shape[-1] == features and int(np.prod(shape)) == features:
             return add, i
     return None
@@ -199,7 +199,7 @@ def _with_own_bias(linear: Linear) -> Linear | None:
     node = linear.node
     if len(node.inputs) > 2 and _is_present(node.inputs[2]):
         bias = trace_param(node.inputs[2])
-        if bias is None or bias.value().size != linear.out_features:
+        if bias is None or int(np.prod(bias.shape)) != linear.out_features:
             return None
         linear.bias_node, linear.bias_input = node, 2
     return linear
@@ -380,7 +380,7 @@ def _site(match: _Match, width: int) -> MlpSite | None:
     fused_bias = match.activation.bias_node
     if fused_bias is not None:
         traced = trace_param(fused_bias.inputs[1])
-        if traced is None or traced.value().size != width:
+        if traced is None or int(np.prod(traced.shape)) != width:
             return None
         fc1_params.append(ParamRef(node_key(fused_bias), 1, -1))
     literals = []

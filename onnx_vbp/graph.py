@@ -137,6 +137,16 @@ class TracedParam:
                 axis = perm[axis]
         return axis
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The parameter's shape as the consumer sees it, read without loading its values (a
+        large external weight stays on disk)."""
+        shape = tuple(self.source.shape)
+        for node in reversed(self.chain):
+            if node.op == "Transpose":
+                shape = tuple(shape[axis] for axis in node.attrs.get("perm", range(len(shape))[::-1]))
+        return shape
+
     def value(self) -> np.ndarray:
         """The parameter as the consumer sees it."""
         value = np.asarray(self.source.values)

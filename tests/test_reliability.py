@@ -543,3 +543,15 @@ def test_threads_are_clamped_to_the_cores_this_process_may_use(ws: Path) -> None
 
     session = cpu_session(str(ws / "net.onnx"), threads=100_000)
     assert session.get_session_options().intra_op_num_threads == available_cores()
+
+
+def test_external_data_model_prunes_from_any_working_directory(ws: Path, monkeypatch) -> None:
+    """Large external weights stay on disk until a stage reads them from the model's folder; none
+    is ever resolved against the working directory (every one is "large" here)."""
+    monkeypatch.setattr(onnx_vbp.modelio, "SMALL_TENSOR_BYTES", 0)
+    (ws / "models").mkdir()
+    onnx.save(onnx.load(ws / "net.onnx"), ws / "models" / "ext.onnx", save_as_external_data=True,
+              location="ext.onnx.data", size_threshold=0)
+    monkeypatch.chdir(ws / "out")
+    assert main([str(ws / "models" / "ext.onnx"), str(ws / "calib"), "-q", "-o", str(ws / "pruned.onnx")]) == 0
+    assert onnx.load(ws / "pruned.onnx").graph.node
