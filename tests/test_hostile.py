@@ -63,8 +63,9 @@ def _run_hostile(ws: Path, argv: list[str], capsys) -> None:
     err = capsys.readouterr().err.strip()
     if rc == 0:
         session = ort.InferenceSession(str(out))  # what was written loads and runs on what calibrated it
-        with np.load(ws / "calib" / "b0.npz") as batch:
-            feed = {i.name: batch[i.name][:2].astype(np.float32) for i in session.get_inputs() if i.name in batch}
+        with np.load(ws / "calib" / "b0.npz") as batch:  # as many samples as a fixed batch axis asks
+            feed = {i.name: batch[i.name][: i.shape[0] if isinstance(i.shape[0], int) else 2].astype(np.float32)
+                    for i in session.get_inputs() if i.name in batch}
         if len(feed) == len(session.get_inputs()):
             session.run(None, feed)
         assert sorted(p.name for p in (ws / "out").iterdir()) in (["pruned.onnx"], ["pruned.onnx",
