@@ -7,7 +7,7 @@ The pipeline, one stage per module, plain records between them::
     plan = select(stats, ratio=0.35)                # Plan: kept neuron indices per block
     pruned = rewrite(model, blocks, stats, plan)    # a new onnx.ModelProto
 
-`prune_file` runs all of it on files, as the command line does.
+`prune` runs all of it in memory in one call, `prune_file` on files, as the command line does.
 """
 
 __version__ = "0.1.0"
@@ -18,7 +18,7 @@ from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import MlpBlock, find_mlp_blocks
 from onnx_vbp.importance import Ranking, rankings
 from onnx_vbp.instrument import instrument
-from onnx_vbp.pipeline import PruneOptions, prune_file
+from onnx_vbp.pipeline import PruneOptions, prune, prune_file
 from onnx_vbp.rewrite import rewrite
 from onnx_vbp.select import Plan, select
 
@@ -34,6 +34,7 @@ __all__ = [
     "instrument",
     "iter_batches",
     "model_inputs",
+    "prune",
     "prune_file",
     "rankings",
     "rewrite",

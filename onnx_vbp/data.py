@@ -160,6 +160,10 @@ class RawOptions:
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
+    def __post_init__(self) -> None:
+        if self.tokenizer is not None:
+            object.__setattr__(self, "tokenizer", Path(self.tokenizer))
+
 
 def _kind(path: Path) -> str:
     if path.is_dir():
@@ -168,8 +172,9 @@ def _kind(path: Path) -> str:
     return "tensors" if suffix in READERS else "images" if suffix in IMAGE_SUFFIXES else "text"
 
 
-def data_files(source: Path) -> list[Path]:
+def data_files(source: Path | str) -> list[Path]:
     """The data files under `source` (a file, a directory, or a test_data_set_* folder)."""
+    source = Path(source)
     known = (*READERS, *IMAGE_SUFFIXES, *TEXT_SUFFIXES)
     if not source.exists():
         raise DataError(f"data path not found: {source}")
@@ -333,7 +338,7 @@ def conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
 
 
 def iter_batches(
-    source: Path,
+    source: Path | str,
     specs: list[InputSpec],
     *,
     batch_size: int | None = None,

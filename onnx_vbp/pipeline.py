@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +103,9 @@ class PruneOptions:
     raw: RawOptions = field(default_factory=RawOptions)  # how raw images / text are encoded
 
     def __post_init__(self) -> None:
+        for name in ("stats", "save_stats"):  # str paths are welcome
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         score, compensate = METHODS[self.method]
@@ -226,8 +229,17 @@ class Prepared:
         return self.path.parent if self.external else None  # large weights stay in their files
 
     def batches(self, source: Path, options: PruneOptions) -> Iterator[dict]:
+        """Calibration batches from `source`, as `options` say."""
         return iter_batches(source, self.specs, batch_size=options.batch_size, max_samples=options.max_samples,
                             raw=options.raw)
+
+    def eval_batches(self, source: Path, options: PruneOptions) -> Iterator[dict]:
+        """Held-out batches from `source`: all of it, at most EVAL_BATCH_SIZE samples per run
+        unless `options` or the model fix the batch size, so memory stays bounded whatever the
+        size of a file."""
+        fixed = any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in self.specs)
+        size = options.batch_size or (None if fixed else EVAL_BATCH_SIZE)
+        return iter_batches(source, self.specs, batch_size=size, raw=options.raw)
 
 
 def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneOptions()) -> Prepared:
@@ -356,6 +368,9 @@ def weights_fingerprint(model: onnx.ModelProto, blocks: list[MlpBlock], external
     return digest.hexdigest()
 
 
+# Held-out data is run this many samples at a time: a 2,000-sample file fed whole took 2 GB.
+EVAL_BATCH_SIZE = 64
+
 # A covariance estimated from fewer observations than this many per neuron is mostly noise.
 POSITIONS_PER_NEURON = 4
 
@@ -422,7 +437,7 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
             "calibration": {"samples": prepared.samples, "seconds": round(prepared.seconds, 3)},
         }
         if eval_data is not None:
-            report["eval"] = evaluate(prepared.path, written, prepared.batches(eval_data, options),
+            report["eval"] = evaluate(prepared.path, written, prepared.eval_batches(eval_data, options),
                                       threads=options.threads, reference=reference)
     return report
 
@@ -430,6 +445,30 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
 # A pruned model's file may outgrow the original's by this much: the compensation can add a bias
 # per block, and a rewritten graph's metadata differs, even when few neurons go.
 GROWTH_SLACK_BYTES = 4096
+
+
+def prune(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], ratio: float = 0.35, *,
+          options: PruneOptions = PruneOptions(), external_dir: Path | str | None = None) -> onnx.ModelProto:
+    """The whole job in memory, in one call: find the blocks of `model`, calibrate on `batches`,
+    rank, select `ratio` of the neurons and rewrite; returns the pruned model (`model` is not
+    modified). `options` chooses the method and the rest as on the command line (their file and
+    data fields are not used). `external_dir`: the folder of a model loaded without its external
+    data."""
+    options = dataclasses.replace(options, ratio=ratio)
+    blocks = find_mlp_blocks(model)
+    if not blocks:
+        raise NoBlocksError("no prunable MLP block in the model"
+                            + "".join(f"; {s.name}: {s.reason}" for s in blocks.skipped))
+    if options.comoments and not comoments_fit(blocks):
+        options = fitted_options(options, comoments=False)
+    folder = None if external_dir is None else Path(external_dir)
+    stats = calibrate(model, blocks, batches, threads=options.threads, external_dir=folder,
+                      comoments=options.comoments)
+    options = fitted_options(options, _have_comoments(stats))
+    prepared = Prepared(folder / "model.onnx" if folder else Path(), model, folder is not None, model_inputs(model),
+                        blocks, stats, 0, 0.0, {}, {}, {}, "")
+    return rewrite(model, blocks, stats, prepared.plan(options), compensate=options.compensate,
+                   ridge_lambda=options.ridge_lambda, external_dir=folder)
 
 
 def input_files(model_path: Path, *sources: Path | None, options: PruneOptions = PruneOptions()) -> list[Path]:
@@ -444,12 +483,12 @@ def input_files(model_path: Path, *sources: Path | None, options: PruneOptions =
 
 
 def prune_file(
-    model_path: Path,
-    calib: Path | None,
-    out: Path | None = None,
+    model_path: Path | str,
+    calib: Path | str | None,
+    out: Path | str | None = None,
     options: PruneOptions = PruneOptions(),
-    eval_data: Path | None = None,
-    report_path: Path | None = None,
+    eval_data: Path | str | None = None,
+    report_path: Path | str | None = None,
 ) -> dict:
     """Prune the model at `model_path` with calibration data `calib` (or `options.stats`); write `out`
     (default: `<stem>.vbp.onnx` beside the model, or inside `out` when it is a folder) and, if
@@ -459,7 +498,8 @@ def prune_file(
     before any work; the input files are never modified, and the outputs appear together at the
     end or not at all.
     """
-    model_path = Path(model_path)
+    model_path, calib, eval_data, report_path = (None if p is None else Path(p)
+                                                 for p in (model_path, calib, eval_data, report_path))
     out = Path(out) if out is not None else default_output(model_path)
     if out.is_dir():
         out = out / default_output(model_path).name

@@ -20,9 +20,9 @@ def retention(evaluation: dict) -> float:
     return next(iter(evaluation["outputs"].values()))["cosine"]
 
 
-def sweep(model_path: Path, calib: Path | None, ratios: list[float], eval_data: Path,
-          options: PruneOptions = PruneOptions(), *, target: float | None = None, output: Path | None = None,
-          report_path: Path | None = None, plot: Path | None = None) -> tuple[list[dict], dict | None]:
+def sweep(model_path: Path | str, calib: Path | str | None, ratios: list[float], eval_data: Path | str,
+          options: PruneOptions = PruneOptions(), *, target: float | None = None, output: Path | str | None = None,
+          report_path: Path | str | None = None, plot: Path | str | None = None) -> tuple[list[dict], dict | None]:
     """Calibrate once, prune and evaluate one model per ratio; returns their reports (each with a
     `retention` field, in the order of `ratios`) and the row `pick` chooses for `target`, if any.
 
@@ -31,7 +31,8 @@ def sweep(model_path: Path, calib: Path | None, ratios: list[float], eval_data: 
     input first, and all of them appear together at the end or not at all. The models of other
     ratios are written to a temporary folder and removed; their rows have no `output`.
     """
-    model_path = Path(model_path)
+    model_path, calib, eval_data, output, report_path, plot = (
+        None if p is None else Path(p) for p in (model_path, calib, eval_data, output, report_path, plot))
     outputs = {"the report": report_path, "the plot": plot, "the statistics file": options.save_stats}
     if output is not None:
         outputs.update({"the output model": output, "the output model's data file": output.with_name(

@@ -75,3 +75,32 @@ def test_cached_reference_outputs_give_the_same_result(tmp_path: Path) -> None:
     assert sorted(cache) == [0, 1]
     (tmp_path / "a.onnx").unlink()  # with the cache, the original model is not run again
     assert evaluate(a, b, _batches(), reference=cache) == first
+
+
+def test_held_out_data_is_streamed_in_bounded_batches_and_not_capped_by_max_samples(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """A 300-sample file is evaluated 64 samples at a time (memory bounded by the batch, not the
+    file), all of it, even with --max-samples capping calibration."""
+    from graphs import BlockSpec, build_model, random_batch
+
+    import onnx_vbp.pipeline as pipeline
+    from onnx_vbp import PruneOptions, prune_file
+
+    model = build_model([BlockSpec(hidden=16)], seq=4)
+    onnx.save(model, tmp_path / "net.onnx")
+    np.savez(tmp_path / "calib.npz", **random_batch(model, batch=40))
+    np.savez(tmp_path / "held_out.npz", **random_batch(model, batch=300, seed=3))
+    sizes: list[int] = []
+    real = pipeline.evaluate
+
+    def spy(original, pruned, batches, **kwargs):
+        def counted():
+            for batch in batches:
+                sizes.append(len(batch["x"]))
+                yield batch
+        return real(original, pruned, counted(), **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate", spy)
+    report = prune_file(str(tmp_path / "net.onnx"), str(tmp_path / "calib.npz"), str(tmp_path / "out.onnx"),
+                        PruneOptions(max_samples=20, progress=False), eval_data=str(tmp_path / "held_out.npz"))
+    assert sizes == [64, 64, 64, 64, 44] and report["eval"]["samples"] == 300
