@@ -21,7 +21,7 @@ from onnx_vbp.pipeline import METHODS, NoBlocksError, PruneOptions, merge_stats_
 from onnx_vbp.report import format_table
 from onnx_vbp.rewrite import COMPENSATIONS
 from onnx_vbp.select import SelectionError
-from onnx_vbp.sweep import format_sweep, sweep
+from onnx_vbp.sweep import format_sweep, summary, sweep
 
 DESCRIPTION = """\
 Structured pruning of the MLP blocks of an ONNX model, after training, with no retraining.
@@ -133,7 +133,8 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
                              "task each, and merge their statistics")
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
-    parser.add_argument("--report", type=Path, help="write the report as JSON to this file")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="write the report as JSON to this file ('-': to stdout, instead of the table)")
     parser.add_argument("--threads", type=_positive, help="ORT intra-op threads (default: ORT's choice)")
     raw = parser.add_argument_group("raw images and text")
     raw.add_argument("--tokenizer", type=Path, help="tokenizer.json (Hugging Face tokenizers) for text data")
@@ -237,10 +238,17 @@ def _exit_code(command: Callable[[], int]) -> int:
             signal.signal(signum, handler)
 
 
+def _to_stdout(args: argparse.Namespace) -> bool:
+    """`--report -`: the JSON report is the output on stdout (for scripts), not a file."""
+    return args.report == Path("-")
+
+
 def _prune(args: argparse.Namespace) -> int:
     report = prune_file(args.model, args.calib, args.output, _options(args, args.ratio), eval_data=args.eval,
-                        report_path=args.report)
-    if not args.quiet:
+                        report_path=None if _to_stdout(args) else args.report)
+    if _to_stdout(args):
+        print(json.dumps(report, indent=2))
+    elif not args.quiet:
         print(format_table(report))
         print(f"wrote {report['output']}")
     return 0
@@ -248,8 +256,10 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     rows, best = sweep(args.model, args.calib, args.ratios, args.eval, _options(args), target=args.target_retention,
-                       output=args.output, report_path=args.report, plot=args.plot)
-    if not args.quiet:
+                       output=args.output, report_path=None if _to_stdout(args) else args.report, plot=args.plot)
+    if _to_stdout(args):
+        print(json.dumps(summary(rows, best), indent=2))
+    elif not args.quiet:
         print(format_sweep(rows))
         if args.target_retention is not None:
             print(f"largest ratio with retention >= {args.target_retention}: "

@@ -172,6 +172,11 @@ def _kind(path: Path) -> str:
     return "tensors" if suffix in READERS else "images" if suffix in IMAGE_SUFFIXES else "text"
 
 
+def data_kind(source: Path | str) -> str:
+    """"tensors", "images" or "text": what `source` holds (see `data_files`)."""
+    return _kind(data_files(source)[0])
+
+
 def data_files(source: Path | str) -> list[Path]:
     """The data files under `source` (a file, a directory, or a test_data_set_* folder)."""
     source = Path(source)

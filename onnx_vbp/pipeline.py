@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
@@ -37,6 +38,7 @@ from onnx_vbp.data import (
     RawOptions,
     conform,
     data_files,
+    data_kind,
     external_file,
     iter_batches,
     model_inputs,
@@ -181,6 +183,7 @@ class Prepared:
     sample_feed: dict[str, np.ndarray]  # one calibration sample: what a written model is verified on
     sample_outputs: dict[str, np.ndarray]  # the original's outputs on it
     fingerprint: str  # of the weights the statistics describe (see `weights_fingerprint`)
+    source: dict = field(default_factory=dict)  # where the statistics came from, for the report
     _rankings: dict[tuple, tuple[int, dict[str, Ranking]]] = field(default_factory=dict)
 
     def rankings(self, options: PruneOptions, depth: int) -> dict[str, Ranking]:
@@ -279,6 +282,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         if fitted_options(options, _have_comoments(prepared.stats)) is not options:
             log.warning("statistics in %s have no second moments: pruning with --method vbp", options.stats)
         log.info("using statistics of %d samples from %s", prepared.samples, options.stats)
+        prepared.source = {"stats": str(options.stats)}
     elif calib is not None:
         calib = Path(calib)
         if blocks and options.ray_shards:
@@ -294,6 +298,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         elif blocks:
             prepared.stats, prepared.samples, prepared.seconds = _calibrate(
                 model, blocks, prepared.batches(calib, options), options, prepared.external_dir)
+        prepared.source = _data_source(calib, options)
         first = next(prepared.batches(calib, options))
         prepared.sample_feed = {s.name: first[s.name][:1] for s in specs}
     else:
@@ -312,6 +317,26 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     prepared.sample_outputs = _sample_outputs(prepared, options.stats)
     prepared.macs = node_macs(model, prepared.sample_feed, prepared.external_dir)
     return prepared
+
+
+def _data_source(source: Path, options: PruneOptions) -> dict:
+    """Where data came from and, for photos and text, how it was encoded."""
+    described: dict = {"data": str(source)}
+    kind = data_kind(source)
+    if kind == "images":
+        described["images"] = {"mean": list(options.raw.mean), "std": list(options.raw.std),
+                               "image_size": options.raw.image_size and list(options.raw.image_size)}
+    elif kind == "text":
+        described["text"] = {"tokenizer": str(options.raw.tokenizer), "max_length": options.raw.max_length}
+    return described
+
+
+def versions() -> dict[str, str]:
+    """The versions that made a result, for reports."""
+    from onnx_vbp import __version__  # the package's __init__ imports this module: read it at call time
+
+    return {"onnx_vbp": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+            "numpy": np.__version__}
 
 
 def _saved_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
@@ -434,11 +459,13 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
             "macs_after": pruned_macs(prepared.macs, blocks, plan),
             "file_bytes_before": bytes_before,
             "file_bytes_after": bytes_after,
-            "calibration": {"samples": prepared.samples, "seconds": round(prepared.seconds, 3)},
+            "calibration": {"samples": prepared.samples, "seconds": round(prepared.seconds, 3), **prepared.source},
+            "versions": versions(),
         }
         if eval_data is not None:
             report["eval"] = evaluate(prepared.path, written, prepared.eval_batches(eval_data, options),
                                       threads=options.threads, reference=reference)
+            report["eval"]["data"] = _data_source(eval_data, options)
     return report
 
 

@@ -64,10 +64,14 @@ def sweep(model_path: Path | str, calib: Path | str | None, ratios: list[float],
         if plot is not None:
             plot_sweep(rows, publication.stage(plot))
         if report_path is not None:
-            summary = {"rows": rows, "best_ratio": best and best["ratio"]}
-            publication.stage(report_path).write_text(json.dumps(summary, indent=2) + "\n")
+            publication.stage(report_path).write_text(json.dumps(summary(rows, best), indent=2) + "\n")
         publication.commit()  # inside the temporary folder's lifetime: the chosen model is renamed out of it
     return rows, best
+
+
+def summary(rows: list[dict], best: dict | None) -> dict:
+    """The sweep's JSON report."""
+    return {"rows": rows, "best_ratio": best and best["ratio"]}
 
 
 def pick(rows: list[dict], target: float) -> dict | None:

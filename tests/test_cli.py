@@ -118,3 +118,18 @@ def test_large_external_weights_stay_on_disk_and_prune_like_in_memory(tmp_path: 
     a = ort.InferenceSession(str(tmp_path / "lazy.onnx")).run(None, feed)[0]
     b = ort.InferenceSession(str(tmp_path / "eager.onnx")).run(None, feed)[0]
     assert np.array_equal(a, b)
+
+
+def test_report_dash_prints_the_json_report_on_stdout_with_versions_and_data(tmp_path: Path, capsys) -> None:
+    import onnx_vbp
+
+    model = build_model([BlockSpec(hidden=16)], seq=4)
+    onnx.save(model, tmp_path / "net.onnx")
+    np.savez(tmp_path / "calib.npz", **random_batch(model, batch=24))
+    assert main([str(tmp_path / "net.onnx"), str(tmp_path / "calib.npz"), "--report", "-", "--eval",
+                 str(tmp_path / "calib.npz"), "-o", str(tmp_path / "out.onnx")]) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout is the report and nothing else
+    assert report["versions"]["onnx_vbp"] == onnx_vbp.__version__ and "onnxruntime" in report["versions"]
+    assert report["calibration"]["data"] == str(tmp_path / "calib.npz")
+    assert report["eval"]["data"] == {"data": str(tmp_path / "calib.npz")}
+    assert not (tmp_path / "-").exists() and (tmp_path / "out.onnx").exists()
