@@ -19,31 +19,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_vbp.calibrate import cpu_session
-from onnx_vbp.data import InputSpec, iter_batches, model_inputs
+from onnx_vbp.data import model_inputs
 from onnx_vbp.modelio import ModelError, load_model
 from onnx_vbp.report import node_macs
-
-
-def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0
-                ) -> dict[str, np.ndarray]:
-    """One batch of inputs: the first batch of `data` (repeated to `batch_size`), else random
-    values (symbolic dims after the batch become `seq`; integer inputs in [0, 100), masks of 1,
-    token types of 0)."""
-    if data is not None:
-        first = next(iter_batches(data, specs))
-        return {s.name: np.resize(first[s.name], (batch_size, *first[s.name].shape[1:])) for s in specs}
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for spec in specs:
-        shape = [batch_size] + [d if isinstance(d, int) and d > 0 else seq for d in spec.shape[1:]]
-        if spec.dtype.kind in "iu":
-            # token types index a table of 2 rows in BERT: 0 is always valid
-            values = np.ones(shape) if "mask" in spec.name else np.zeros(shape) if "type" in spec.name \
-                else rng.integers(0, 100, shape)
-            feed[spec.name] = values.astype(spec.dtype)
-        else:
-            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return feed
 
 
 def perf_test_folder(model_path: Path) -> Path:
@@ -81,7 +59,7 @@ def fusion_differences(original: Counter[str], pruned: Counter[str]) -> dict[str
 
 def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 50,
           warmup: int = 5) -> dict:
-    """Median and p90 latency (ms) of both models on `feed` (see `make_inputs`), interleaved, the
+    """Median and p90 latency (ms) of both models on `feed` (see `data.make_inputs`), interleaved, the
     speedup against the MAC ratio, and whether ORT optimized both graphs into the same ops."""
     model, external = load_model(original)
     pruned_model, pruned_external = load_model(pruned)

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onnx_vbp import __version__
-from onnx_vbp.bench import bench, format_bench, make_inputs, perf_test_folder, write_perf_test_data
+from onnx_vbp.bench import bench, format_bench, perf_test_folder, write_perf_test_data
 from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError
-from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions, model_inputs
+from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions, make_inputs, model_inputs
 from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.modelio import ModelError, load_model
-from onnx_vbp.pipeline import METHODS, NoBlocksError, PruneOptions, merge_stats_files, prune_file
-from onnx_vbp.report import format_table
+from onnx_vbp.pipeline import METHODS, NoBlocksError, PruneOptions, inspect_model, merge_stats_files, prune_file
+from onnx_vbp.report import format_inspection, format_table
 from onnx_vbp.rewrite import COMPENSATIONS
 from onnx_vbp.select import SelectionError
 from onnx_vbp.sweep import format_sweep, summary, sweep
@@ -43,6 +43,7 @@ per line, *.jsonl with a "text" field; needs --tokenizer and onnx_vbp[text]).
 
 EPILOG = """\
 subcommands:
+  inspect MODEL [--json]               the blocks pruning would work on, without calibration data
   bench ORIGINAL PRUNED [--batch-size B] [--threads T] [--json] [--perf-test-data]
                                        latency side by side, speedup vs the MAC bound
   sweep MODEL CALIB --eval HELDOUT [--ratios ...] [--target-retention T -o OUT] [--plot PNG]
@@ -315,8 +316,30 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_inspect_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnx-vbp inspect",
+                     description="List what pruning would work on, without calibration data: the MLP blocks found "
+                                 "(activation, width, sites, MACs per sample), the ones skipped and why, and "
+                                 "hints (quantized model, no block).")
+    parser.add_argument("model", type=Path, help="ONNX model")
+    parser.add_argument("--seq", type=_positive, default=128,
+                        help="length of symbolic non-batch input dims for counting MACs (default 128)")
+    parser.add_argument("--data", type=Path, help="count MACs on the first sample of this data instead")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    found = inspect_model(args.model, seq=args.seq, data=args.data)
+    print(json.dumps(found, indent=2) if args.json else format_inspection(found))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        args = build_inspect_parser().parse_args(argv[1:])
+        return _exit_code(lambda: _inspect(args))
     if argv[:1] == ["merge-stats"]:
         args = build_merge_parser().parse_args(argv[1:])
         return _exit_code(lambda: _merge(args))

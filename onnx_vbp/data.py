@@ -413,3 +413,25 @@ def _full_batches(pending: list[dict[str, np.ndarray]], batch_size: int) -> Iter
         yield {k: v[start : start + batch_size] for k, v in merged.items()}
         start += batch_size
     pending[:] = [{k: v[start:] for k, v in merged.items()}]
+
+
+def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0
+                ) -> dict[str, np.ndarray]:
+    """One batch of inputs: the first batch of `data` (repeated to `batch_size`), else random
+    values (symbolic dims after the batch become `seq`; integer inputs in [0, 100), masks of 1,
+    token types of 0)."""
+    if data is not None:
+        first = next(iter_batches(data, specs))
+        return {s.name: np.resize(first[s.name], (batch_size, *first[s.name].shape[1:])) for s in specs}
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        shape = [batch_size] + [d if isinstance(d, int) and d > 0 else seq for d in spec.shape[1:]]
+        if spec.dtype.kind in "iu":
+            # token types index a table of 2 rows in BERT: 0 is always valid
+            values = np.ones(shape) if "mask" in spec.name else np.zeros(shape) if "type" in spec.name \
+                else rng.integers(0, 100, shape)
+            feed[spec.name] = values.astype(spec.dtype)
+        else:
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return feed

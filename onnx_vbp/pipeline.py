@@ -41,6 +41,7 @@ from onnx_vbp.data import (
     data_kind,
     external_file,
     iter_batches,
+    make_inputs,
     model_inputs,
 )
 from onnx_vbp.evaluate import evaluate
@@ -496,6 +497,41 @@ def prune(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], r
                         blocks, stats, 0, 0.0, {}, {}, {}, "")
     return rewrite(model, blocks, stats, prepared.plan(options), compensate=options.compensate,
                    ridge_lambda=options.ridge_lambda, external_dir=folder)
+
+
+# Ops of ORT's and ONNX's quantized forms: such a model's MLP blocks are not float MatMuls.
+QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeLinear", "QuantizeLinear",
+                 "DequantizeLinear", "QLinearConv", "ConvInteger", "DynamicQuantizeMatMul", "QGemm")
+
+
+def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | None = None) -> dict:
+    """What pruning would work on, without calibration data: the blocks found (activation,
+    width, sites, fc1/fc2 nodes, MACs per sample), the ones skipped with the reason, the model's
+    MACs per sample (symbolic dims after the batch set to `seq`, or the first sample of `data`),
+    and a hint when the model is quantized or has no block."""
+    model_path = Path(model_path)
+    model, external = load_model(model_path)
+    blocks = find_mlp_blocks(model)
+    feed = make_inputs(model_inputs(model), 1, seq, None if data is None else Path(data))
+    macs = node_macs(model, feed, model_path.parent if external else None)
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    hints = []
+    if quantized:
+        hints.append(f"the model is quantized ({', '.join(quantized)}): prune the float model first, then quantize "
+                     "the pruned one")
+    if not blocks:
+        hints.append("no prunable MLP block: onnx_vbp looks for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv "
+                     "layers (see README, What is recognised)")
+    rows = block_rows(blocks, Plan({b.name: np.arange(b.width) for b in blocks}))
+    for row, block in zip(rows, blocks, strict=True):
+        del row["width_after"]
+        row["width"] = row.pop("width_before")
+        row["macs"] = sum(macs.get(ref.node, 0) for site in block.sites for ref in (*site.fc1_params, site.fc2_weight))
+    return {"model": str(model_path), "blocks": rows, "skipped": [{"name": s.name, "reason": s.reason}
+                                                                   for s in blocks.skipped],
+            "neurons": sum(b.width for b in blocks), "macs": sum(macs.values()),
+            "macs_in_blocks": sum(row["macs"] for row in rows), "inputs": {k: list(v.shape) for k, v in feed.items()},
+            "quantized_ops": quantized, "hints": hints}
 
 
 def input_files(model_path: Path, *sources: Path | None, options: PruneOptions = PruneOptions()) -> list[Path]:

@@ -81,6 +81,23 @@ def block_rows(blocks: list[MlpBlock], plan: Plan) -> list[dict]:
     ]
 
 
+def format_inspection(found: Mapping) -> str:
+    """`inspect_model`'s result as a short table."""
+    lines = [f"{found['model']}: {len(found['blocks'])} MLP blocks, {found['neurons']} hidden neurons; "
+             f"{found['macs'] / 1e6:,.1f} M MACs per sample at inputs "
+             + ", ".join(f"{name} {shape}" for name, shape in found["inputs"].items())
+             + (f", {found['macs_in_blocks'] / max(found['macs'], 1):.0%} of them in the blocks" if found["blocks"]
+                else "")]
+    if found["blocks"]:
+        lines.append(f"{'block':<36} {'activation':<11} {'width':>6} {'sites':>5} {'MACs/sample':>12}")
+        for b in found["blocks"]:
+            activation = b["activation"] + (" (gated)" if b["gated"] else "")
+            lines.append(f"{b['name']:<36} {activation:<11} {b['width']:>6} {b['sites']:>5} {b['macs']:>12,}")
+    lines += [f"skipped {s['name']}: {s['reason']}" for s in found["skipped"]]
+    lines += [f"hint: {hint}" for hint in found["hints"]]
+    return "\n".join(lines)
+
+
 def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}" if before else "n/a"
 

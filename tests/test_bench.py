@@ -11,10 +11,10 @@ import pytest
 from graphs import BlockSpec, build_model, random_batch
 
 from onnx_vbp import calibrate, find_mlp_blocks, rewrite, select
-from onnx_vbp.bench import bench, make_inputs, optimized_ops
+from onnx_vbp.bench import bench, optimized_ops
 from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.cli import main
-from onnx_vbp.data import InputSpec, iter_batches, model_inputs
+from onnx_vbp.data import InputSpec, iter_batches, make_inputs, model_inputs
 from onnx_vbp.pipeline import block_multiples
 
 

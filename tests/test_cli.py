@@ -133,3 +133,22 @@ def test_report_dash_prints_the_json_report_on_stdout_with_versions_and_data(tmp
     assert report["calibration"]["data"] == str(tmp_path / "calib.npz")
     assert report["eval"]["data"] == {"data": str(tmp_path / "calib.npz")}
     assert not (tmp_path / "-").exists() and (tmp_path / "out.onnx").exists()
+
+
+def test_inspect_lists_blocks_with_macs_and_hints_for_quantized_models(tmp_path: Path, capsys) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    model = build_model([BlockSpec(hidden=64), BlockSpec(hidden=32, act="relu")], dim=16, seq=4)
+    onnx.save(model, tmp_path / "net.onnx")
+    assert main(["inspect", str(tmp_path / "net.onnx"), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [(b["width"], b["activation"], b["sites"]) for b in found["blocks"]] == [(64, "gelu", 1), (32, "relu", 1)]
+    # fc1 and fc2 of a block: 2 x tokens x dim x width MACs per sample (4 tokens at this fixed input)
+    assert [b["macs"] for b in found["blocks"]] == [2 * 4 * 16 * 64, 2 * 4 * 16 * 32]
+    assert found["macs"] == found["macs_in_blocks"] and found["hints"] == []
+
+    quantize_dynamic(str(tmp_path / "net.onnx"), str(tmp_path / "int8.onnx"))
+    assert main(["inspect", str(tmp_path / "int8.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "0 MLP blocks" in out and "hint: the model is quantized (DynamicQuantizeLinear, MatMulInteger)" in out
+    assert "hint: no prunable MLP block" in out

@@ -22,7 +22,8 @@ from export_deit import export
 from fetch_models import cache_dir
 
 from onnx_vbp import PruneOptions
-from onnx_vbp.bench import bench, make_inputs
+from onnx_vbp.bench import bench
+from onnx_vbp.data import make_inputs
 from onnx_vbp.pipeline import prepare, prune_prepared
 
 

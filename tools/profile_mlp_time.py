@@ -23,7 +23,7 @@ from export_deit import export
 from fetch_models import cache_dir
 
 from onnx_vbp import PruneOptions
-from onnx_vbp.bench import make_inputs
+from onnx_vbp.data import make_inputs
 from onnx_vbp.pipeline import prepare, prune_prepared
 
 # ORT names the node it fuses from fc1's bias Add and the GELU "BiasGelu_token_<n>", outside "/mlp/".
