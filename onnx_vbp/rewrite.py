@@ -82,6 +82,25 @@ class _Editor:
         self.edited.add(copied.source.name)
         return copied
 
+    def own_node(self, node: gs.Node, region: set[str]) -> gs.Node:
+        """`node`, or a copy of it for this block's nodes (those writing a tensor named in
+        `region`) when other nodes read its outputs too: torch's dynamic export builds a shape
+        once by Concat and hands it to the Reshapes of every block, which keep different widths."""
+        consumers = [c for t in node.outputs for c in t.outputs]
+        mine = [c for c in consumers if any(o.name in region for o in c.outputs)]
+        if len(mine) == len(consumers) and not any(id(t) in self.graph_outputs for t in node.outputs):
+            return node
+        outputs = [gs.Variable(self.fresh(t.name), t.dtype, t.shape) for t in node.outputs]
+        clone = gs.Node(node.op, self.fresh(node.name or node.op), dict(node.attrs), list(node.inputs), outputs,
+                        domain=node.domain)
+        self.graph.nodes.insert(self.graph.nodes.index(node) + 1, clone)
+        replacement = {id(old): new for old, new in zip(node.outputs, outputs, strict=True)}
+        for consumer in mine:
+            for index, tensor in enumerate(consumer.inputs):
+                if id(tensor) in replacement:
+                    consumer.inputs[index] = replacement[id(tensor)]
+        return clone
+
     def insert_bias_add(self, node: gs.Node, bias: np.ndarray) -> None:
         """Give a bias-less MatMul one: MatMul -> Add(bias) -> (former consumers)."""
         out = node.outputs[0]
@@ -218,7 +237,10 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
             sliced.add(id(traced.source))
             traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=traced.source_axis(ref.axis))
         for ref in site.width_literals:
-            source = editor.owned(editor.nodes[ref.node], ref.input, readers).source
+            holder = editor.nodes[ref.node]
+            if holder.op != "Reshape":  # a Concat building the Reshape's shape: may serve other blocks
+                holder = editor.own_node(holder, {name for name, _ in site.width_tensors})
+            source = editor.owned(holder, ref.input, readers | {id(holder)}).source
             shape = np.array(source.values)
             shape.reshape(-1)[-1] = keep.size
             source.values = shape

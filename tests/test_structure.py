@@ -141,3 +141,27 @@ def test_derived_macs_of_tied_blocks() -> None:
     blocks, _, plan, pruned = prune(model, batches, ratio=0.5)
     feed = {"x": batches[0]["x"][:1]}
     assert pruned_macs(node_macs(model, feed), blocks, plan) == sum(node_macs(pruned, feed).values())
+
+
+def test_a_shape_concat_shared_by_blocks_of_different_kept_widths() -> None:
+    """torch's dynamic export builds [B, S, hidden] once by Concat and reshapes every block's fc1
+    output with it (a GPT-2 pruned this way loaded in ORT, then failed in a Reshape). Each block
+    must get its own shape."""
+    from onnx_vbp import calibrate, rewrite
+    from onnx_vbp.select import Plan
+
+    spec = BlockSpec(fc="gemm", layout=True, hidden=16)
+    model = build_model([spec, spec], seq=5)
+    concats = [n for n in model.graph.node if n.op_type == "Concat"]
+    second_reshape = next(n for n in model.graph.node if n.op_type == "Reshape" and n.input[1] == concats[1].output[0])
+    second_reshape.input[1] = concats[0].output[0]  # the first block's shape now serves both
+    onnx.checker.check_model(model)
+    blocks = find_mlp_blocks(model)
+    assert len(blocks) == 2
+    batches = [random_batch(model, 4, seed=s) for s in range(2)]
+    stats = calibrate(model, blocks, batches)
+    plan = Plan({blocks[0].name: np.arange(10), blocks[1].name: np.arange(13)})
+    pruned = rewrite(model, blocks, stats, plan)
+    assert [b.width for b in find_mlp_blocks(pruned)] == [10, 13]
+    before, after = run(model, batches[0]), run(pruned, batches[0])  # runs: each Reshape has its own width
+    assert after[0].shape == before[0].shape and np.isfinite(after[0]).all()
