@@ -415,6 +415,20 @@ def verify_model(written: Path, feed: Mapping[str, np.ndarray], expected: Mappin
             raise ModelError(f"output '{name}' of the pruned model is {got.dtype} {list(got.shape)} on a calibration "
                              f"sample, the original's {want.dtype} {list(want.shape)}")
         if got.dtype.kind in "fc" and not np.isfinite(got).all() and np.isfinite(want).all():
+            culprit = _first_non_finite_constant(written)
             raise ModelError(f"output '{name}' of the pruned model holds NaN or Inf on a calibration sample where "
-                             "the original's is finite")
+                             "the original's is finite" + (f" (its constant '{culprit}' does)" if culprit else ""))
+
+
+def _first_non_finite_constant(path: Path) -> str | None:
+    """The name of the first floating-point initializer of the model at `path` holding NaN or
+    Inf: where a failed verification points (read one tensor at a time)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind == "f":
+            if uses_external_data(tensor):
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+            if not np.isfinite(onnx.numpy_helper.to_array(tensor)).all():
+                return tensor.name
+    return None
 
