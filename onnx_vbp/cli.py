@@ -14,7 +14,7 @@ from pathlib import Path
 from onnx_vbp import __version__
 from onnx_vbp.bench import bench, format_bench, perf_test_folder, write_perf_test_data
 from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError
-from onnx_vbp.data import IMAGENET_MEAN, IMAGENET_STD, DataError, RawOptions, make_inputs, model_inputs
+from onnx_vbp.data import DataError, RawOptions, make_inputs, model_inputs
 from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.modelio import ModelError, load_model
 from onnx_vbp.pipeline import METHODS, NoBlocksError, PruneOptions, inspect_model, merge_stats_files, prune_file
@@ -142,10 +142,10 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
     raw.add_argument("--max-length", type=_positive, default=128, help="truncate text to N tokens (default 128)")
     raw.add_argument("--image-size", type=_positive, nargs=2, metavar=("H", "W"),
                      help="image size when the model's input does not fix it")
-    raw.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN),
-                     help="per-channel mean subtracted from [0,1] pixels (default ImageNet)")
-    raw.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD),
-                     help="per-channel std dividing [0,1] pixels (default ImageNet)")
+    raw.add_argument("--mean", type=float, nargs="+",
+                     help="per-channel mean subtracted from [0,1] pixels (default: ImageNet's for RGB, 0 for grey)")
+    raw.add_argument("--std", type=float, nargs="+",
+                     help="per-channel std dividing [0,1] pixels (default: ImageNet's for RGB, 1 for grey)")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -195,7 +195,7 @@ def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
         threads=args.threads, progress=not args.quiet,
         raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
                        image_size=tuple(args.image_size) if args.image_size else None,
-                       mean=tuple(args.mean), std=tuple(args.std)),
+                       mean=args.mean and tuple(args.mean), std=args.std and tuple(args.std)),
     )
 
 

@@ -22,7 +22,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +157,22 @@ class RawOptions:
     tokenizer: Path | None = None
     max_length: int = 128
     image_size: tuple[int, int] | None = None  # (H, W) when the model's input does not fix them
-    mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
-    std: tuple[float, ...] = field(default=IMAGENET_STD)
+    mean: tuple[float, ...] | None = None  # per channel, or one for all; default: see `normalization`
+    std: tuple[float, ...] | None = None
+
+    def normalization(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) per channel for photos scaled to [0, 1]: as given (one value, or one per
+        channel), else ImageNet's for RGB and none (0, 1) for grey, which ImageNet's would skew."""
+        default = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,), (1.0,))
+        values = []
+        for given, fallback, flag in ((self.mean, default[0], "--mean"), (self.std, default[1], "--std")):
+            chosen = np.asarray(fallback if given is None else given, np.float32)
+            if chosen.size not in (1, channels):
+                raise DataError(f"{flag} has {chosen.size} values; the image input has {channels} channels")
+            values.append(np.broadcast_to(chosen, (channels,)).copy())
+        if not (values[1] > 0).all():
+            raise DataError("--std must be positive")
+        return values[0], values[1]
 
     def __post_init__(self) -> None:
         if self.tokenizer is not None:
@@ -223,9 +237,7 @@ class ImageEncoder:
         self.size = tuple(size) if fixed else options.image_size
         if self.size is None:
             raise DataError(f"image input '{self.spec.name}' has no fixed height and width; pass --image-size")
-        count = 1 if self.grey else 3
-        self.mean = np.asarray(options.mean[:count], np.float32)
-        self.std = np.asarray(options.std[:count], np.float32)
+        self.mean, self.std = options.normalization(channels)
 
     def samples(self, path: Path) -> Iterator[np.ndarray]:
         height, width = self.size

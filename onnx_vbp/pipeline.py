@@ -34,6 +34,7 @@ from onnx_vbp.calibrate import (
 )
 from onnx_vbp.data import (
     DataError,
+    ImageEncoder,
     InputSpec,
     RawOptions,
     conform,
@@ -299,7 +300,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         elif blocks:
             prepared.stats, prepared.samples, prepared.seconds = _calibrate(
                 model, blocks, prepared.batches(calib, options), options, prepared.external_dir)
-        prepared.source = _data_source(calib, options)
+        prepared.source = _data_source(calib, options, specs)
         first = next(prepared.batches(calib, options))
         prepared.sample_feed = {s.name: first[s.name][:1] for s in specs}
     else:
@@ -320,12 +321,13 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     return prepared
 
 
-def _data_source(source: Path, options: PruneOptions) -> dict:
+def _data_source(source: Path, options: PruneOptions, specs: list[InputSpec]) -> dict:
     """Where data came from and, for photos and text, how it was encoded."""
     described: dict = {"data": str(source)}
     kind = data_kind(source)
     if kind == "images":
-        described["images"] = {"mean": list(options.raw.mean), "std": list(options.raw.std),
+        encoder = ImageEncoder(specs, options.raw)
+        described["images"] = {"mean": encoder.mean.tolist(), "std": encoder.std.tolist(),
                                "image_size": options.raw.image_size and list(options.raw.image_size)}
     elif kind == "text":
         described["text"] = {"tokenizer": str(options.raw.tokenizer), "max_length": options.raw.max_length}
@@ -466,7 +468,7 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
         if eval_data is not None:
             report["eval"] = evaluate(prepared.path, written, prepared.eval_batches(eval_data, options),
                                       threads=options.threads, reference=reference)
-            report["eval"]["data"] = _data_source(eval_data, options)
+            report["eval"]["data"] = _data_source(eval_data, options, prepared.specs)
     return report
 
 

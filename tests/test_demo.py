@@ -49,9 +49,11 @@ def test_demo_prunes_from_png_files_through_the_cli(tmp_path: Path) -> None:
         folder.mkdir()
         for i, image in enumerate(np.load(source)["image"][:48]):
             Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
-    argv = [str(MODELS / "demo_vit.onnx"), str(tmp_path / "calib"), "--eval", str(tmp_path / "eval"), "--mean", "0",
-            "--std", "1", "-q", "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]
+    argv = [str(MODELS / "demo_vit.onnx"), str(tmp_path / "calib"), "--eval", str(tmp_path / "eval"),
+            "-q", "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]
     assert main(argv) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["calibration"]["samples"] == 48
+    # a grey input gets no ImageNet statistics unless asked, and the report says what was used
+    assert report["calibration"]["images"] == {"mean": [0.0], "std": [1.0], "image_size": None}
     assert report["eval"]["outputs"]["logits"]["top1_agreement"] >= 0.9

@@ -188,3 +188,15 @@ def test_a_tokenizer_that_fails_on_the_text_is_one_error(tmp_path: Path) -> None
     (tmp_path / "data" / "a.txt").write_text("snowman \u2603 unknown\n")
     with pytest.raises(DataError, match="fails on the text: WordPiece error"):
         list(iter_batches(tmp_path / "data", TEXT_SPECS, raw=RawOptions(tokenizer=tmp_path / "tokenizer.json")))
+
+
+def test_normalization_defaults_follow_the_channels_and_given_values_are_checked() -> None:
+    mean, std = RawOptions().normalization(3)
+    np.testing.assert_allclose(mean, [0.485, 0.456, 0.406], rtol=1e-6)
+    np.testing.assert_allclose(std, [0.229, 0.224, 0.225], rtol=1e-6)
+    assert [v.tolist() for v in RawOptions().normalization(1)] == [[0.0], [1.0]]  # no ImageNet skew for grey
+    assert [v.tolist() for v in RawOptions(mean=(0.5,), std=(0.25,)).normalization(3)] == [[0.5] * 3, [0.25] * 3]
+    with pytest.raises(DataError, match="--mean has 2 values; the image input has 3 channels"):
+        RawOptions(mean=(0.5, 0.5)).normalization(3)
+    with pytest.raises(DataError, match="--std must be positive"):
+        RawOptions(std=(0.0,)).normalization(1)
