@@ -92,11 +92,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
-    """The options shared by pruning and sweeping: how to calibrate, rank and compensate."""
+def _add_inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="input ONNX model (never modified)")
     parser.add_argument("calib", type=Path, nargs="?",
-                        help="calibration data: directory or file (see above); not needed with --stats")
+                        help="calibration data: a directory or file of the formats listed in `onnx-vbp --help`; "
+                             "not needed with --stats")
+
+
+def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
+    """The options shared by pruning and sweeping: how to calibrate, rank and compensate."""
     parser.add_argument("--scope", choices=("global", "per-block"), default="global",
                         help="rank neurons across all blocks (global, default, as in the paper) or remove the "
                              "same fraction from each block")
@@ -155,7 +159,7 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_pruning_options(parser)
+    _add_inputs(parser)  # what a first run needs comes first; the rest follows in _add_pruning_options
     parser.add_argument("--ratio", type=_ratio, default=0.35,
                         help="fraction of all MLP hidden neurons to remove, 0 <= r < 1 (default 0.35)")
     parser.add_argument("-o", "--output", type=Path, help="output model (default: <model stem>.vbp.onnx beside it)")
@@ -164,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", type=Path, metavar="HELDOUT",
                         help="held-out data (same formats) to compare original and pruned outputs; an .npz "
                              "'labels' array adds top-1 accuracy")
+    _add_pruning_options(parser)
     return parser
 
 
@@ -171,8 +176,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-vbp sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Calibrate once, prune at several ratios, evaluate each on held-out data, and "
                                  "print retention against MACs removed; optionally plot it and keep the largest "
-                                 "ratio that meets a target.")
-    _add_pruning_options(parser)
+                                 "ratio that meets a target. Exit status 3 when no ratio meets --target-retention.")
+    _add_inputs(parser)
     parser.add_argument("--ratios", type=lambda text: [_ratio(r) for r in text.split(",")],
                         default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6], help="comma-separated ratios")
     parser.add_argument("--eval", type=Path, metavar="HELDOUT", required=True,
@@ -182,6 +187,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                         help="report the largest ratio whose retention is at least T (and write it with -o)")
     parser.add_argument("-o", "--output", type=Path, help="with --target-retention: where to write that model")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="plot retention vs MACs removed (matplotlib)")
+    _add_pruning_options(parser)
     return parser
 
 
@@ -250,7 +256,7 @@ def _prune(args: argparse.Namespace) -> int:
     if _to_stdout(args):
         print(json.dumps(report, indent=2))
     elif not args.quiet:
-        print(format_table(report))
+        print(format_table(report) if report["blocks"] else "no prunable MLP block: the output is an unchanged copy")
         print(f"wrote {report['output']}")
     return 0
 
@@ -265,7 +271,7 @@ def _sweep(args: argparse.Namespace) -> int:
         if args.target_retention is not None:
             print(f"largest ratio with retention >= {args.target_retention}: "
                   + (f"{best['ratio']:g}" + (f" (wrote {args.output})" if args.output else "") if best else "none"))
-    return 0
+    return 3 if args.target_retention is not None and best is None else 0
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -257,9 +257,12 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         log.warning("skipped MLP block %s: %s", skipped.name, skipped.reason)
     if not blocks:
         why = "; ".join(f"{s.name}: {s.reason}" for s in blocks.skipped)
+        quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
         if not options.allow_empty:
             raise NoBlocksError(f"no prunable MLP block in {model_path}" + (f" (all skipped: {why})" if why else
-                                " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"))
+                                " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)")
+                                + (f"; the model is quantized ({', '.join(quantized)}): prune the float model, "
+                                   "then quantize it" if quantized else ""))
         log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
     prepared = Prepared(model_path, model, external, specs, blocks, {}, 0, 0.0, {}, {}, {},
@@ -271,6 +274,8 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                     "--method %s instead", comoment_bytes(blocks) / 2**30, COMOMENT_BUDGET / 2**30, fitted.method)
         options = fitted
     if blocks and options.stats is not None:
+        if calib is not None:
+            log.warning("calibration data %s is not used: pruning from the statistics in %s", calib, options.stats)
         saved = load_stats(options.stats)
         prepared.stats, prepared.samples = saved.stats, saved.samples
         prepared.sample_feed = _saved_feed(saved.feed, specs, options.stats)
@@ -396,6 +401,12 @@ def weights_fingerprint(model: onnx.ModelProto, blocks: list[MlpBlock], external
     return digest.hexdigest()
 
 
+# A block left with less than this fraction of its neurons is worth a warning: global allocation
+# may gut one block to spare others, and users rarely expect it.
+DUBIOUS_KEEP = 0.2
+# Ratios from here on remove most of the network's MLP capacity.
+DUBIOUS_RATIO = 0.8
+
 # Held-out data is run this many samples at a time: a 2,000-sample file fed whole took 2 GB.
 EVAL_BATCH_SIZE = 64
 
@@ -431,6 +442,10 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
     options = fitted_options(options, _have_comoments(prepared.stats))
     if blocks:
         plan = prepared.plan(options)
+        for block in blocks:
+            if plan.keep[block.name].size < DUBIOUS_KEEP * block.width:
+                log.warning("block %s keeps only %d of its %d neurons: if quality suffers, try --scope per-block or "
+                            "a --min-keep", block.name, plan.keep[block.name].size, block.width)
         pruned = rewrite(model, blocks, prepared.stats, plan, compensate=options.compensate,
                          ridge_lambda=options.ridge_lambda, external_dir=prepared.external_dir)
     else:
@@ -536,6 +551,16 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
             "quantized_ops": quantized, "hints": hints}
 
 
+def warn_dubious(options: PruneOptions, calib: Path | None, eval_data: Path | None) -> None:
+    """Warn about runs that are legal but rarely what was meant."""
+    if options.ratio >= DUBIOUS_RATIO:
+        log.warning("--ratio %g removes most of the MLP neurons: expect a large loss of quality (sweep shows the "
+                    "trade-off)", options.ratio)
+    if calib is not None and eval_data is not None and calib.resolve() == eval_data.resolve():
+        log.warning("--eval is the calibration data itself: the evaluation is not held out and will look better "
+                    "than on new data")
+
+
 def input_files(model_path: Path, *sources: Path | None, options: PruneOptions = PruneOptions()) -> list[Path]:
     """Every file a run reads: the model and its external data, the data files of each source,
     the statistics file and the tokenizer. No output may be any of them."""
@@ -575,6 +600,7 @@ def prune_file(
     if saving_stats:
         outputs["the statistics file"] = options.save_stats
     guard_outputs(outputs, input_files(model_path, calib, eval_data, options=options))
+    warn_dubious(options, calib, eval_data)
     with publishing() as publication:
         prepared = prepare(model_path, calib, options)
         report = prune_prepared(prepared, options, out, eval_data, release_original=True, publication=publication)

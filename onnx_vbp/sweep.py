@@ -9,7 +9,7 @@ from pathlib import Path
 
 from onnx_vbp.data import DataError
 from onnx_vbp.modelio import guard_outputs, publishing
-from onnx_vbp.pipeline import PruneOptions, input_files, prepare, prune_prepared
+from onnx_vbp.pipeline import PruneOptions, input_files, prepare, prune_prepared, warn_dubious
 
 
 def retention(evaluation: dict) -> float:
@@ -41,6 +41,7 @@ def sweep(model_path: Path | str, calib: Path | str | None, ratios: list[float],
     if options.stats is not None:
         outputs.pop("the statistics file", None)
     guard_outputs(outputs, input_files(model_path, calib, eval_data, options=options))
+    warn_dubious(dataclasses.replace(options, ratio=0.0), calib, eval_data)
     if plot is not None:
         _pyplot()  # before the work, not after it
     name = output.name if output is not None else f"{model_path.stem}.onnx"

@@ -152,3 +152,51 @@ def test_inspect_lists_blocks_with_macs_and_hints_for_quantized_models(tmp_path:
     out = capsys.readouterr().out
     assert "0 MLP blocks" in out and "hint: the model is quantized (DynamicQuantizeLinear, MatMulInteger)" in out
     assert "hint: no prunable MLP block" in out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--ratio", "0.85"], "--ratio 0.85 removes most of the MLP neurons"),
+    (["--eval", "{calib}"], "--eval is the calibration data itself"),
+    (["--ratio", "0.6", "--scope", "per-block", "--min-keep", "0"], None),  # control: no warning
+], ids=["ratio", "eval-is-calib", "control"])
+def test_dubious_runs_warn(workspace: Path, caplog, extra: list[str], message: str | None) -> None:
+    calib = workspace / "calib"
+    argv = [str(workspace / "net.onnx"), str(calib), "-q", "-o", str(workspace / "out.onnx"),
+            *[a.format(calib=calib) for a in extra]]
+    assert main(argv) == 0
+    if message is None:
+        assert not caplog.records
+    else:
+        assert message in caplog.text
+
+
+def test_a_block_left_with_under_a_fifth_of_its_neurons_warns(workspace: Path, caplog) -> None:
+    """30 of the second block's 32 neurons are constant: vbp's global variance ranking takes them."""
+    model = build_model([BlockSpec(hidden=32), BlockSpec(hidden=32, act="relu", const_neurons=30)], seq=6)
+    onnx.save(model, workspace / "net.onnx")
+    for i, path in enumerate(sorted((workspace / "calib").iterdir())):
+        np.savez(path, **random_batch(model, batch=8, seed=i))
+    assert main([str(workspace / "net.onnx"), str(workspace / "calib"), "-q", "--ratio", "0.5", "--method", "vbp",
+                 "-o", str(workspace / "out.onnx")]) == 0
+    assert "block /blocks.1/mlp keeps only 1 of its 32 neurons" in caplog.text  # --min-keep 1 holds it
+
+
+def test_statistics_with_calibration_data_say_the_data_is_unused(workspace: Path, caplog) -> None:
+    stats = workspace / "s.npz"
+    assert main([str(workspace / "net.onnx"), str(workspace / "calib"), "-q", "--save-stats", str(stats),
+                 "-o", str(workspace / "a.onnx")]) == 0
+    assert main([str(workspace / "net.onnx"), str(workspace / "calib"), "--stats", str(stats), "-q",
+                 "-o", str(workspace / "b.onnx")]) == 0
+    assert "is not used: pruning from the statistics in" in caplog.text
+
+
+def test_a_quantized_model_without_blocks_is_told_to_prune_before_quantizing(workspace: Path, capsys) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(workspace / "net.onnx"), str(workspace / "int8.onnx"))
+    assert main([str(workspace / "int8.onnx"), str(workspace / "calib"), "-o", str(workspace / "o.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "the model is quantized (DynamicQuantizeLinear, MatMulInteger): prune the float model, then quantize" in err
+    assert main([str(workspace / "int8.onnx"), str(workspace / "calib"), "--allow-empty", "-o",
+                 str(workspace / "o.onnx")]) == 0
+    assert "no prunable MLP block: the output is an unchanged copy" in capsys.readouterr().out

@@ -87,3 +87,11 @@ def test_plot_without_matplotlib_fails_before_the_sweep(ws: Path, capsys, monkey
             str(ws / "p.png")]
     assert main(argv) == 1
     assert "plotting needs matplotlib" in capsys.readouterr().err
+
+
+def test_an_unmet_target_exits_3_and_writes_nothing(ws: Path, capsys) -> None:
+    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", "0.5,0.75",
+            "--target-retention", "1.5", "-o", str(ws / "best.onnx")]
+    assert main(argv) == 3
+    assert "largest ratio with retention >= 1.5: none" in capsys.readouterr().out
+    assert not (ws / "best.onnx").exists()
