@@ -4,7 +4,7 @@ Each pattern is a small function `pattern(y) -> Activation | None` that starts a
 output tensor `y` and walks parents along explicit op types. Together they cover what exporters
 write:
 
-- one op: ONNX `Relu`, `Gelu` (approximate none/tanh), `HardSwish`, `HardSigmoid`, `Sigmoid`,
+- one op: ONNX `Relu`, `Gelu` (approximate none/tanh), `Swish`, `HardSwish`, `HardSigmoid`, `Sigmoid`,
   `Tanh`, ...; com.microsoft `Gelu`, `FastGelu`, `BiasGelu` (the last two may carry fc1's bias),
   `QuickGelu`.
 - a product `x * gate(x) * c`, in any operand order and any nesting of the `Mul`s, with the
@@ -162,6 +162,8 @@ def single_op(y: gs.Tensor) -> Activation | None:
     if node.op == "Gelu":
         kind = "gelu_tanh" if node.attrs.get("approximate", "none") == "tanh" else "gelu"
         return Activation(kind, node.inputs[0], [node])
+    if node.op == "Swish":  # x * sigmoid(alpha * x), opset 24
+        return Activation("silu" if node.attrs.get("alpha", 1.0) == 1.0 else "swish", node.inputs[0], [node])
     if node.op in ONNX_UNARY:
         return Activation(ONNX_UNARY[node.op], node.inputs[0], [node])
     return None

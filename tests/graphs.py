@@ -31,10 +31,12 @@ ACTIVATIONS = {
     "quick_gelu_decomposed": "quick_gelu",
     "relu": "relu",
     "silu": "silu",
+    "swish_op": "silu",  # the ONNX Swish op (opset 24)
     "hardswish": "hardswish",
     "hardswish_hardsigmoid": "hardswish",
     "hardsigmoid": "hardsigmoid",
 }
+OP_SINCE = {"swish_op": 24}  # activations written with an op newer than build_model's default opset
 FUSED_BIAS = ("ms_fastgelu_bias", "ms_biasgelu")  # fc1's bias lives in the activation op
 
 
@@ -137,6 +139,8 @@ class Builder:
             return self.op("QuickGelu", [x], domain=MS, alpha=1.702)
         if act == "quick_gelu_decomposed":
             return self.op("Mul", [x, self.op("Sigmoid", [self.op("Mul", [x, c(1.702)])])])
+        if act == "swish_op":
+            return self.op("Swish", [x], alpha=1.0)
         if act == "silu":
             return self.op("Mul", [self.op("Sigmoid", [x]), x])
         if act == "hardswish_hardsigmoid":
@@ -216,9 +220,10 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
         g.nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], g.inits,
     )
-    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    newest_op = max((OP_SINCE.get(spec.act, 0) for spec in specs), default=0)
+    opsets = [helper.make_opsetid("", max(opset, newest_op)), helper.make_opsetid(MS, 1)]
     model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 9
+    model.ir_version = 10 if newest_op >= 24 else 9
     return model
 
 
