@@ -30,11 +30,12 @@ _CONSTANT_ATTRS = {
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import `model` into onnx-graphsurgeon with every `Constant` node turned into a constant.
+    """Import `model` into onnx-graphsurgeon with every `Constant` node turned into a constant
+    and every `Identity` bypassed.
 
     Exporters write weights, biases and activation scalars either as initializers or as
-    `Constant` nodes; folding the nodes lets every matcher see one form. The input model is
-    not modified.
+    `Constant` nodes, and leave `Identity` nodes in the data path (dropout, renames); folding
+    both lets every matcher see one form. The input model is not modified.
     """
     graph = gs.import_onnx(model)
     graph_outputs = {t.name for t in graph.outputs}
@@ -49,10 +50,31 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         node.outputs.clear()
         out.to_constant(values)
         folded.append(node)
+    if not any(isinstance(value, gs.Graph) for node in graph.nodes for value in node.attrs.values()):
+        folded += _bypass_identities(graph, graph_outputs)  # subgraphs may read a tensor by name: then keep them
     if folded:
         folded_ids = {id(n) for n in folded}
         graph.nodes = [n for n in graph.nodes if id(n) not in folded_ids]
     return graph
+
+
+def _bypass_identities(graph: gs.Graph, graph_outputs: set[str]) -> list[gs.Node]:
+    """Connect the readers of every Identity (dropout left by an exporter, paddle2onnx's
+    renames, weights aliased for tied layers) to its input; returns the bypassed nodes. Their
+    outputs are no longer read, so an exported graph simply drops them."""
+    bypassed = []
+    for node in graph.nodes:
+        if node.op != "Identity" or not in_default_domain(node) or node.outputs[0].name in graph_outputs:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        for reader in list(out.outputs):
+            for index, tensor in enumerate(reader.inputs):
+                if tensor is out:
+                    reader.inputs[index] = source
+        node.inputs.clear()  # gs keeps readers on tensors: the node must not read `source` any more
+        node.outputs.clear()
+        bypassed.append(node)
+    return bypassed
 
 
 def _constant_node_values(node: gs.Node) -> np.ndarray | None:

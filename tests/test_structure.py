@@ -165,3 +165,27 @@ def test_a_shape_concat_shared_by_blocks_of_different_kept_widths() -> None:
     assert [b.width for b in find_mlp_blocks(pruned)] == [10, 13]
     before, after = run(model, batches[0]), run(pruned, batches[0])  # runs: each Reshape has its own width
     assert after[0].shape == before[0].shape and np.isfinite(after[0]).all()
+
+
+@pytest.mark.parametrize("where", ["input", "fc1", "activation", "fc2-matmul", "fc2", "fc2-weight"])
+def test_identity_nodes_anywhere_in_the_block_are_harmless(where: str) -> None:
+    """Dropout left as Identity, paddle2onnx's renames: the block, its fc2 bias and its residual
+    are found through them, and the pruned model runs."""
+    model = build_model([BlockSpec(hidden=16)], seq=4)
+    fc1, fc2 = readers(model, "MatMul", "fc1"), readers(model, "MatMul", "fc2")
+    fc1_add, fc2_add = (next(n for n in model.graph.node if n.input and n.input[0] == m.output[0]) for m in (fc1, fc2))
+    tensor = {"input": "x", "fc1": fc1_add.output[0], "activation": fc2.input[0], "fc2-matmul": fc2.output[0],
+              "fc2": fc2_add.output[0], "fc2-weight": fc2.input[1]}[where]
+    for node in model.graph.node:
+        node.input[:] = [f"{tensor}_id" if name == tensor else name for name in node.input]
+    position = next((i + 1 for i, n in enumerate(model.graph.node) if tensor in n.output), 0)
+    model.graph.node.insert(position, onnx.helper.make_node("Identity", [tensor], [f"{tensor}_id"], name="dropout"))
+    onnx.checker.check_model(model)
+    (block,) = find_mlp_blocks(model)
+    site = block.sites[0]
+    assert site.residual is not None and site.fc2_bias.input is not None
+    batches = [random_batch(model, 4, seed=s) for s in range(2)]
+    *_, pruned = prune(model, batches, ratio=0.25)
+    assert [b.width for b in find_mlp_blocks(pruned)] == [12]
+    assert "dropout" not in {n.name for n in pruned.graph.node}
+    assert run(pruned, batches[0])[0].shape == run(model, batches[0])[0].shape
