@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_vbp.calibrate import cpu_session
-from onnx_vbp.data import model_inputs
+from onnx_vbp.data import fixed_batch, model_inputs
 from onnx_vbp.modelio import ModelError, load_model
 from onnx_vbp.report import node_macs
 
@@ -81,7 +81,7 @@ def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads:
             start = time.perf_counter()
             session.run(None, feed)
             times[name].append((time.perf_counter() - start) * 1e3)
-    one = {k: v[:1] for k, v in feed.items()}
+    one = {k: v[: fixed_batch(model_inputs(model)) or 1] for k, v in feed.items()}
     macs_before = sum(node_macs(model, one, original.parent if external else None).values())
     macs_after = sum(node_macs(pruned_model, one, pruned.parent if pruned_external else None).values())
     result = {name: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))}

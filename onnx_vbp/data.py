@@ -354,6 +354,14 @@ def conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size the model's inputs fix (their first dim), or None when it is free."""
+    fixed = sorted({s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0})
+    if len(fixed) > 1:
+        raise DataError(f"the model's inputs fix different batch sizes {fixed}: they cannot be fed together")
+    return fixed[0] if fixed else None
+
+
 def iter_batches(
     source: Path | str,
     specs: list[InputSpec],
@@ -370,12 +378,11 @@ def iter_batches(
     that size (a smaller remainder is dropped: the model cannot take it). Arrays other than model
     inputs (`labels`) are kept when they have the batch's leading length.
     """
-    fixed = sorted({s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0})
-    if len(fixed) > 1 or (fixed and batch_size not in (None, fixed[0])):
+    fixed = fixed_batch(specs)
+    if fixed and batch_size not in (None, fixed):
         raise DataError(f"the model's inputs have a fixed batch size of {fixed}; batch size {batch_size} "
                         "cannot feed it")
-    if fixed:
-        batch_size = fixed[0]
+    batch_size = fixed or batch_size
     files = data_files(source)
     kind = _kind(files[0])
     if kind == "tensors":
@@ -407,6 +414,11 @@ def _tensor_batches(files: list[Path], specs: list[InputSpec], batch_size: int |
             if size:
                 yield batch
         else:
+            leftover = pending[0] if pending and len(pending[0][names[0]]) else None
+            if leftover is not None and keep_remainder and any(
+                    leftover[n].shape[1:] != batch[n].shape[1:] for n in names):
+                yield leftover  # samples of another length cannot join it: it goes as a smaller batch
+                pending.clear()
             pending.append(batch)
             yield from _full_batches(pending, batch_size)
         if max_samples is not None and seen >= max_samples:
@@ -416,8 +428,15 @@ def _tensor_batches(files: list[Path], specs: list[InputSpec], batch_size: int |
 
 
 def _full_batches(pending: list[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Concatenate what is pending and yield every full batch, leaving the rest in `pending`."""
+    """Concatenate what is pending and yield every full batch, leaving the rest in `pending`.
+    Samples of different shapes (variable-length files) cannot share a batch: those are refused."""
+    pending[:] = [b for b in pending if len(next(iter(b.values())))] or pending[-1:]  # empty leftovers
     keys = set.intersection(*(set(b) for b in pending))
+    for key in keys:
+        shapes = {b[key].shape[1:] for b in pending}
+        if len(shapes) > 1:
+            raise DataError(f"'{key}' has shapes {sorted(shapes)} in different files: samples of different "
+                            "lengths cannot be re-batched together (pad them to one length, or give batches whole)")
     merged = {k: np.concatenate([b[k] for b in pending]) for k in keys}
     total = len(next(iter(merged.values())))
     start = 0
@@ -429,9 +448,10 @@ def _full_batches(pending: list[dict[str, np.ndarray]], batch_size: int) -> Iter
 
 def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0
                 ) -> dict[str, np.ndarray]:
-    """One batch of inputs: the first batch of `data` (repeated to `batch_size`), else random
-    values (symbolic dims after the batch become `seq`; integer inputs in [0, 100), masks of 1,
-    token types of 0)."""
+    """One batch of inputs: the first batch of `data` (repeated to `batch_size`, or to the batch
+    size the model fixes), else random values (symbolic dims after the batch become `seq`; integer
+    inputs in [0, 100), masks of 1, token types of 0)."""
+    batch_size = fixed_batch(specs) or batch_size
     if data is not None:
         first = next(iter_batches(data, specs))
         return {s.name: np.resize(first[s.name], (batch_size, *first[s.name].shape[1:])) for s in specs}

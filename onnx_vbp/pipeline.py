@@ -41,6 +41,7 @@ from onnx_vbp.data import (
     data_files,
     data_kind,
     external_file,
+    fixed_batch,
     iter_batches,
     make_inputs,
     model_inputs,
@@ -242,8 +243,7 @@ class Prepared:
         """Held-out batches from `source`: all of it, at most EVAL_BATCH_SIZE samples per run
         unless `options` or the model fix the batch size, so memory stays bounded whatever the
         size of a file."""
-        fixed = any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in self.specs)
-        size = options.batch_size or (None if fixed else EVAL_BATCH_SIZE)
+        size = options.batch_size or (None if fixed_batch(self.specs) else EVAL_BATCH_SIZE)
         return iter_batches(source, self.specs, batch_size=size, raw=options.raw)
 
 
@@ -307,7 +307,8 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                 model, blocks, prepared.batches(calib, options), options, prepared.external_dir)
         prepared.source = _data_source(calib, options, specs)
         first = next(prepared.batches(calib, options))
-        prepared.sample_feed = {s.name: first[s.name][:1] for s in specs}
+        size = fixed_batch(specs) or 1  # one sample, unless the model fixes its batch
+        prepared.sample_feed = {s.name: first[s.name][:size] for s in specs}
     else:
         raise DataError("no calibration data: give CALIB or --stats")
     if blocks:
@@ -353,7 +354,7 @@ def _saved_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], path: Path)
     for spec in specs:
         if spec.name not in feed or feed[spec.name].ndim == 0 or len(feed[spec.name]) == 0:
             raise CalibrationError(f"{path}: no sample of model input '{spec.name}' ('feed/{spec.name}')")
-        checked[spec.name] = conform(path, spec, feed[spec.name][:1])
+        checked[spec.name] = conform(path, spec, feed[spec.name][: fixed_batch(specs) or 1])
     return checked
 
 

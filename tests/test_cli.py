@@ -200,3 +200,19 @@ def test_a_quantized_model_without_blocks_is_told_to_prune_before_quantizing(wor
     assert main([str(workspace / "int8.onnx"), str(workspace / "calib"), "--allow-empty", "-o",
                  str(workspace / "o.onnx")]) == 0
     assert "no prunable MLP block: the output is an unchanged copy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_model_with_a_static_batch_prunes_evaluates_and_benches(tmp_path: Path, capsys, batch: int) -> None:
+    model = build_model([BlockSpec(hidden=16), BlockSpec(hidden=16, act="relu")], seq=4, batch=batch)
+    onnx.save(model, tmp_path / "net.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(24, 4, 8)).astype(np.float32))
+    assert main([str(tmp_path / "net.onnx"), str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "calib.npz"),
+                 "--report", str(tmp_path / "r.json"), "-q", "-o", str(tmp_path / "out.onnx")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["eval"]["samples"] == 24 - 24 % batch and report["macs_after"] < report["macs_before"]
+    assert main(["inspect", str(tmp_path / "net.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"] == {"x": [batch, 4, 8]}
+    assert main(["bench", str(tmp_path / "net.onnx"), str(tmp_path / "out.onnx"), "--runs", "2", "--warmup", "0",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mac_bound"] == report["macs_before"] / report["macs_after"]
