@@ -100,6 +100,39 @@ def _check_names(model: onnx.ModelProto, path: Path) -> None:
         raise ModelError(f"{path}: a name in the graph is not valid UTF-8 text (a damaged file?)")
 
 
+def _topological_sort(graph: onnx.GraphProto) -> bool:
+    """Reorder `graph`'s nodes so that each comes after the producers of its inputs (Kahn's
+    algorithm, stable); False, leaving it as it was, if that is impossible (a cycle, an input
+    nothing produces)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            return False
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        ordered += ready
+        available.update(name for n in ready for name in n.output)
+    nodes = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(nodes, ordered, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
+def _check_sorted(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """onnx.checker on a model sorted in memory (with external data, ORT's load checks it later:
+    the checker would look for the data files beside no path)."""
+    if external:
+        return
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"{path}: fails onnx.checker: {first_line(exc)}") from exc
+
+
 def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
     """Load and check `path`; returns (model, whether it uses external data).
 
@@ -131,7 +164,10 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
         # by path: the checker reads the file itself rather than a serialized copy of `model`
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:  # also raised by onnx's own checks of external data
-        raise ModelError(f"{path}: fails onnx.checker: {first_line(exc)}") from exc
+        if "topologically sorted" not in str(exc) or not _topological_sort(model.graph):
+            raise ModelError(f"{path}: fails onnx.checker: {first_line(exc)}") from exc
+        # ORT's fp16 converter appends its input Casts at the end: ORT sorts, so do we, then check again
+        _check_sorted(model, path, external)
     return model, external
 
 

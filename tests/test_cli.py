@@ -216,3 +216,20 @@ def test_a_model_with_a_static_batch_prunes_evaluates_and_benches(tmp_path: Path
     assert main(["bench", str(tmp_path / "net.onnx"), str(tmp_path / "out.onnx"), "--runs", "2", "--warmup", "0",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mac_bound"] == report["macs_before"] / report["macs_after"]
+
+
+def test_a_model_from_orts_fp16_converter_prunes(tmp_path: Path) -> None:
+    """convert_float_to_float16(keep_io_types=True) appends its input Casts after their readers:
+    onnx.checker refuses the order, ORT sorts it, and so does load_model."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = build_model([BlockSpec(hidden=32), BlockSpec(hidden=32, act="relu")], seq=4)
+    onnx.save(convert_float_to_float16(model, keep_io_types=True), tmp_path / "fp16.onnx")
+    np.savez(tmp_path / "calib.npz", **random_batch(model, batch=24))
+    assert main([str(tmp_path / "fp16.onnx"), str(tmp_path / "calib.npz"), "-q", "--report", str(tmp_path / "r.json"),
+                 "-o", str(tmp_path / "out.onnx")]) == 0
+    pruned = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(pruned, full_check=True)  # written sorted, with consistent shapes
+    weights = [t for t in pruned.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert json.loads((tmp_path / "r.json").read_text())["neurons_after"] == 64 - round(0.35 * 64)
