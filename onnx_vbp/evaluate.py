@@ -70,8 +70,8 @@ def evaluate(
                 reference[index] = before
         after = candidate.run(output_names, feed)
         for name, a, b in zip(output_names, before, after, strict=True):
-            if not np.issubdtype(a.dtype, np.floating):
-                continue
+            if not np.issubdtype(a.dtype, np.floating) or a.ndim == 0 or len(a) != size:
+                continue  # not a float output with one row per sample (e.g. an attention map [seq, seq])
             a64, b64 = a.astype(np.float64).reshape(size, -1), b.astype(np.float64).reshape(size, -1)
             norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
             cosine = np.where(norms > 0, (a64 * b64).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
