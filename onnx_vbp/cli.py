@@ -296,14 +296,18 @@ def build_bench_parser() -> argparse.ArgumentParser:
                      description="Latency of ORIGINAL and PRUNED side by side in ONNX Runtime (all graph "
                                  "optimizations, pinned threads, warm-up, interleaved runs): medians, p90, speedup "
                                  "and the MAC ratio it is measured against.")
-    parser.add_argument("original", type=Path)
-    parser.add_argument("pruned", type=Path)
-    parser.add_argument("--batch-size", type=_positive, default=1)
+    parser.add_argument("original", type=Path, help="the model before pruning")
+    parser.add_argument("pruned", type=Path, help="the pruned model (same inputs)")
+    parser.add_argument("--batch-size", type=_positive, default=1, help="samples per run (default 1)")
     parser.add_argument("--seq", type=_positive, default=128, help="length of symbolic non-batch dims (default 128)")
-    parser.add_argument("--data", type=Path, help="take the inputs from this data (first batch) instead of random")
+    parser.add_argument("--data", type=Path,
+                        help="take the inputs from this data (its first samples, any format of CALIB) instead of "
+                             "random values")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json, for --data that is text")
+    parser.add_argument("--max-length", type=_positive, default=128, help="truncate text to N tokens (default 128)")
     parser.add_argument("--threads", type=_positive, default=1, help="ORT intra-op threads (default 1)")
     parser.add_argument("--runs", type=_positive, default=50, help="interleaved timed runs per model (default 50)")
-    parser.add_argument("--warmup", type=_non_negative, default=5)
+    parser.add_argument("--warmup", type=_non_negative, default=5, help="untimed runs per model first (default 5)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--perf-test-data", action="store_true",
                         help="also write test_data_set_0/input_*.pb beside PRUNED for onnxruntime_perf_test")
@@ -314,7 +318,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.perf_test_data:
         perf_test_folder(args.pruned)  # refused before the timing, not after it
     specs = model_inputs(load_model(args.original)[0])
-    feed = make_inputs(specs, args.batch_size, args.seq, args.data)
+    feed = make_inputs(specs, args.batch_size, args.seq, args.data,
+                       raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length))
     result = bench(args.original, args.pruned, feed, threads=args.threads, runs=args.runs, warmup=args.warmup)
     if args.perf_test_data:
         result["perf_test_data"] = str(write_perf_test_data(args.pruned, feed))

@@ -446,14 +446,15 @@ def _full_batches(pending: list[dict[str, np.ndarray]], batch_size: int) -> Iter
     pending[:] = [{k: v[start:] for k, v in merged.items()}]
 
 
-def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0
-                ) -> dict[str, np.ndarray]:
+def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0,
+                raw: RawOptions = RawOptions()) -> dict[str, np.ndarray]:
     """One batch of inputs: the first batch of `data` (repeated to `batch_size`, or to the batch
     size the model fixes), else random values (symbolic dims after the batch become `seq`; integer
-    inputs in [0, 100), masks of 1, token types of 0)."""
+    inputs in [0, 100), masks of 1, token types of 0). `raw`: how photos and text in `data` are
+    encoded."""
     batch_size = fixed_batch(specs) or batch_size
     if data is not None:
-        first = next(iter_batches(data, specs))
+        first = next(iter_batches(data, specs, raw=raw))
         return {s.name: np.resize(first[s.name], (batch_size, *first[s.name].shape[1:])) for s in specs}
     rng = np.random.default_rng(seed)
     feed = {}

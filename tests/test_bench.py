@@ -90,3 +90,21 @@ def test_conv_blocks_keep_nchwc_widths(tmp_path: Path) -> None:
     assert block_multiples(blocks, 6) == dict.fromkeys((b.name for b in blocks), 12)
     matmul = find_mlp_blocks(build_model([BlockSpec(hidden=64)]))
     assert block_multiples(matmul, 6) == {matmul[0].name: 6}
+
+
+def test_bench_inputs_from_text(tmp_path: Path) -> None:
+    tokenizer = Path(__file__).resolve().parents[2] / "shared" / "data" / "minilm-tokenizer" / "tokenizer.json"
+    pytest.importorskip("tokenizers")
+    if not tokenizer.exists():
+        pytest.skip("shared tokenizer absent")
+    from onnx_vbp.data import RawOptions
+
+    (tmp_path / "t.txt").write_text("hello world\nanother sentence\n")
+    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("token_type_ids", np.dtype(np.int64), ("batch", "seq"))]
+    feed = make_inputs(specs, 3, 16, tmp_path / "t.txt", raw=RawOptions(tokenizer=tokenizer))
+    assert feed["input_ids"].shape[0] == 3 and feed["input_ids"][0, 0] == 101  # [CLS]
+    assert not feed["token_type_ids"].any() and feed["attention_mask"][0].sum() == 4  # [CLS] hello world [SEP]
+    random_feed = make_inputs(specs, 2, 8, None)
+    assert not random_feed["token_type_ids"].any()  # a 2-row token-type table takes only 0 and 1
