@@ -139,7 +139,7 @@ def rewrite(
         if keep.size == block.width:
             continue
         pruned = plan.pruned(block.name, block.width)
-        readers = {id(editor.nodes[ref.node]) for site in block.sites for ref in _block_refs(site)}
+        readers = _block_readers(editor, block)
         if compensate != "none":
             _compensate(editor, block, stats[block.name], keep, pruned, readers, compensate, ridge_lambda)
         _slice(editor, block, keep, readers)
@@ -149,6 +149,21 @@ def rewrite(
     del editor
     gc.collect()
     return pruned
+
+
+def _block_readers(editor: _Editor, block: MlpBlock) -> set[int]:
+    """Ids of the nodes that may read the block's constants without forcing a copy: every node
+    that edits one, and the Transpose/Cast chains between a constant and its readers at every
+    site. Tied sites (ALBERT) reading one weight through chains of their own then share one
+    sliced weight, and the full-size original does not stay behind."""
+    readers = set()
+    for site in block.sites:
+        for ref in _block_refs(site):
+            node = editor.nodes[ref.node]
+            readers.add(id(node))
+            traced = trace_param(node.inputs[ref.input]) if ref.input < len(node.inputs) else None
+            readers.update(id(link) for link in (traced.chain if traced else ()))
+    return readers
 
 
 def _block_refs(site: MlpSite) -> list[ParamRef]:

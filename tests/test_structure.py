@@ -189,3 +189,25 @@ def test_identity_nodes_anywhere_in_the_block_are_harmless(where: str) -> None:
     assert [b.width for b in find_mlp_blocks(pruned)] == [12]
     assert "dropout" not in {n.name for n in pruned.graph.node}
     assert run(pruned, batches[0])[0].shape == run(model, batches[0])[0].shape
+
+
+@pytest.mark.parametrize("store", ["init", "transposed", "fp16"])
+def test_tied_layers_read_through_their_own_chains_share_one_sliced_weight(store: str) -> None:
+    """ALBERT-style: two layers reuse one fc1 and one fc2 weight, each through a Transpose or
+    Cast of its own. The pruned model holds each weight once, sliced: never more parameters."""
+    from onnx_vbp.report import count_params
+
+    spec = BlockSpec(hidden=32, store=store)
+    model = build_model([spec, spec], seq=4)
+    fc1_first, fc2_first, fc1_second, fc2_second = (t.name for t in model.graph.initializer if len(t.dims) == 2)
+    share_initializer(model, [fc1_first, fc1_second])
+    share_initializer(model, [fc2_first, fc2_second])
+    (block,) = find_mlp_blocks(model)
+    assert len(block.sites) == 2
+    batches = [random_batch(model, 8, seed=s) for s in range(3)]
+    *_, plan, pruned = prune(model, batches, ratio=0.35)
+    kept = plan.keep[block.name].size
+    weights = sorted(tuple(t.dims) for t in pruned.graph.initializer if len(t.dims) == 2)
+    assert weights == sorted([(8, kept), (kept, 8)])  # one sliced copy of each, no full-size original
+    assert count_params(pruned) < count_params(model)
+    assert run(pruned, batches[0])[0].shape == run(model, batches[0])[0].shape
