@@ -365,9 +365,48 @@ def _leak(match: _Match, graph_outputs: set[str]) -> str | None:
             if tensor.name in graph_outputs:
                 return f"hidden tensor '{tensor.name}' is a graph output"
             for consumer in tensor.outputs:
-                if id(consumer) not in inside:
+                rank = len(tensor.shape) if tensor.shape is not None else None
+                if id(consumer) not in inside and not _reads_other_dims(consumer, match.fc2.feature_axis, rank):
                     return f"hidden tensor '{tensor.name}' also feeds {node_label(consumer)}"
     return None
+
+
+def _ints(tensor: gs.Tensor) -> list[int] | None:
+    traced = trace_param(tensor)
+    return None if traced is None else [int(v) for v in np.asarray(traced.value()).reshape(-1)]
+
+
+def _reads_other_dims(shape: gs.Node, axis: int, rank: int | None) -> bool:
+    """Whether `shape` is a Shape of a hidden tensor (of `rank` dims, if known) whose every reader
+    keeps only dims other than the neuron `axis` (exporters build fc2's output shape as
+    Shape(hidden)[:-1] + [features], or from Gathers of the batch and sequence dims), so slicing
+    neurons changes nothing it reads."""
+    if shape.op != "Shape" or not in_default_domain(shape):
+        return False
+    last = axis == -1 or (rank is not None and axis == rank - 1)
+
+    def not_the_axis(index: int) -> bool:  # an index into the shape vector
+        if rank is not None:
+            return index % rank != axis % rank
+        return last and index < -1  # without the rank, only "before the last" is certain
+
+    if last and shape.attrs.get("end") is not None and int(shape.attrs["end"]) < 0:
+        return True  # Shape(end=-k) stops before the last dim (opset 15)
+    for reader in shape.outputs[0].outputs:
+        if reader.op == "Slice" and 3 <= len(reader.inputs) <= 4:
+            starts, ends = _ints(reader.inputs[1]), _ints(reader.inputs[2])
+            axes = _ints(reader.inputs[3]) if len(reader.inputs) == 4 else [0]
+            if starts is None or ends is None or axes not in ([0], [-1]) or starts[0] < 0:
+                return False
+            if not (last and ends[0] < 0) and not (rank is not None and starts[0] <= ends[0] <= axis % rank):
+                return False
+        elif reader.op == "Gather":
+            indices = _ints(reader.inputs[1])
+            if indices is None or not all(not_the_axis(i) for i in indices):
+                return False
+        else:
+            return False
+    return True
 
 
 def _site(match: _Match, width: int) -> MlpSite | None:

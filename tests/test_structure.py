@@ -211,3 +211,60 @@ def test_tied_layers_read_through_their_own_chains_share_one_sliced_weight(store
     assert weights == sorted([(8, kept), (kept, 8)])  # one sliced copy of each, no full-size original
     assert count_params(pruned) < count_params(model)
     assert run(pruned, batches[0])[0].shape == run(model, batches[0])[0].shape
+
+
+
+def _shape_of_hidden_model(shape_readers: list[onnx.NodeProto], constants: dict[str, list[int]],
+                           infer: bool = False, **shape_attrs) -> onnx.ModelProto:
+    """fc2's output reshaped by a shape built from Shape(hidden), as onnxsim and torch's legacy
+    GPT-2 export write it: `shape_readers` turn Shape's output "dims" into "target"."""
+    model = build_model([BlockSpec(hidden=16)], seq=4)
+    fc2 = readers(model, "MatMul", "fc2")
+    fc2_add = next(n for n in model.graph.node if n.input and n.input[0] == fc2.output[0])
+    for node in model.graph.node:
+        node.input[:] = ["reshaped" if name == fc2_add.output[0] else name for name in node.input]
+    added = [onnx.helper.make_node("Shape", [fc2.input[0]], ["dims"], **shape_attrs), *shape_readers,
+             onnx.helper.make_node("Reshape", [fc2_add.output[0], "target"], ["reshaped"])]
+    position = list(model.graph.node).index(fc2_add) + 1
+    for offset, node in enumerate(added):
+        model.graph.node.insert(position + offset, node)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.array(v, np.int64), k) for k, v in constants.items())
+    model = onnx.shape_inference.infer_shapes(model) if infer else model
+    onnx.checker.check_model(model)
+    return model
+
+
+SLICE_ALL_BUT_LAST = ([onnx.helper.make_node("Slice", ["dims", "zero", "minus_one"], ["lead"]),
+                       onnx.helper.make_node("Concat", ["lead", "features"], ["target"], axis=0)],
+                      {"zero": [0], "minus_one": [-1], "features": [8]})
+GATHER = ([onnx.helper.make_node("Gather", ["dims", "index"], ["dim"], axis=0),
+           onnx.helper.make_node("Concat", ["minus_one", "dim", "features"], ["target"], axis=0)],
+          {"index": [1], "minus_one": [-1], "features": [8]})
+GATHER_LAST = ([onnx.helper.make_node("Gather", ["dims", "index"], ["dim"], axis=0),
+                onnx.helper.make_node("Concat", ["batch_seq", "dim"], ["hidden_width"], axis=0),
+                onnx.helper.make_node("Concat", ["batch_seq", "features"], ["target"], axis=0)],
+               {"index": [-1], "batch_seq": [-1, 4], "features": [8]})
+
+
+@pytest.mark.parametrize(("case", "infer", "found"), [
+    (SLICE_ALL_BUT_LAST, False, True),  # Shape(hidden)[:-1]: the rank need not be known
+    (GATHER, True, True),  # Gather(1) of a hidden tensor known to have rank 3
+    (GATHER, False, False),  # the same without shapes: index 1 could be the last dim
+    (GATHER_LAST, True, False),  # reads the hidden width itself
+], ids=["slice-to-last", "gather-known-rank", "gather-unknown-rank", "gather-last"])
+def test_a_shape_read_of_the_hidden_tensor_is_harmless_unless_it_reads_the_width(case, infer: bool,
+                                                                                  found: bool) -> None:
+    model = _shape_of_hidden_model(*case, infer=infer)
+    blocks = find_mlp_blocks(model)
+    assert len(blocks) == int(found), blocks.skipped
+    if found:
+        batches = [random_batch(model, 4, seed=s) for s in range(2)]
+        *_, pruned = prune(model, batches, ratio=0.25)
+        assert [b.width for b in find_mlp_blocks(pruned)] == [12]
+        assert run(pruned, batches[0])[0].shape == run(model, batches[0])[0].shape
+
+
+def test_shape_with_an_end_before_the_last_dim_is_harmless() -> None:
+    model = _shape_of_hidden_model([onnx.helper.make_node("Concat", ["dims", "features"], ["target"], axis=0)],
+                                   {"features": [8]}, end=-1)
+    assert len(find_mlp_blocks(model)) == 1
