@@ -544,7 +544,8 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
     for row, block in zip(rows, blocks, strict=True):
         del row["width_after"]
         row["width"] = row.pop("width_before")
-        row["macs"] = sum(macs.get(ref.node, 0) for site in block.sites for ref in (*site.fc1_params, site.fc2_weight))
+        nodes = {ref.node for site in block.sites for ref in (*site.fc1_params, site.fc2_weight)}  # Gemm: W and b
+        row["macs"] = sum(macs.get(node, 0) for node in nodes)
     return {"model": str(model_path), "blocks": rows, "skipped": [{"name": s.name, "reason": s.reason}
                                                                    for s in blocks.skipped],
             "neurons": sum(b.width for b in blocks), "macs": sum(macs.values()),

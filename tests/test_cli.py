@@ -233,3 +233,10 @@ def test_a_model_from_orts_fp16_converter_prunes(tmp_path: Path) -> None:
     weights = [t for t in pruned.graph.initializer if len(t.dims) == 2]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     assert json.loads((tmp_path / "r.json").read_text())["neurons_after"] == 64 - round(0.35 * 64)
+
+
+def test_inspect_counts_a_gemm_with_its_bias_once(tmp_path: Path, capsys) -> None:
+    onnx.save(build_model([BlockSpec(hidden=64, fc="gemm")], dim=16), tmp_path / "gemm.onnx")
+    assert main(["inspect", str(tmp_path / "gemm.onnx"), "--json"]) == 0
+    (block,) = json.loads(capsys.readouterr().out)["blocks"]
+    assert block["macs"] == 2 * 16 * 64  # fc1 and fc2 of one row; fc1's weight and bias sit on one Gemm
