@@ -531,7 +531,11 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
     model, external = load_model(model_path)
     blocks = find_mlp_blocks(model)
     feed = make_inputs(model_inputs(model), 1, seq, None if data is None else Path(data))
-    macs = node_macs(model, feed, model_path.parent if external else None)
+    try:
+        macs = node_macs(model, feed, model_path.parent if external else None)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{exc} (random inputs of length {seq}: try a shorter --seq, or --data)"
+                               if data is None else str(exc)) from exc
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
     hints = []
     if quantized:
