@@ -57,20 +57,25 @@ def fusion_differences(original: Counter[str], pruned: Counter[str]) -> dict[str
     return {op: [original[op], pruned[op]] for op in sorted(original | pruned) if original[op] != pruned[op]}
 
 
-def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 50,
-          warmup: int = 5) -> dict:
+def bench(
+    original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads: int = 1, runs: int = 50, warmup: int = 5
+) -> dict:
     """Median and p90 latency (ms) of both models on `feed` (see `data.make_inputs`), interleaved, the
     speedup against the MAC ratio, and whether ORT optimized both graphs into the same ops."""
     model, external = load_model(original)
     pruned_model, pruned_external = load_model(pruned)
-    inputs = {name: [(s.name, s.dtype) for s in model_inputs(m)] for name, m in (("original", model),
-                                                                                ("pruned", pruned_model))}
+    inputs = {
+        name: [(s.name, s.dtype) for s in model_inputs(m)]
+        for name, m in (("original", model), ("pruned", pruned_model))
+    }
     if inputs["original"] != inputs["pruned"]:
         raise ModelError(f"the two models take different inputs: {inputs['original']} and {inputs['pruned']}")
     paths = {"original": original, "pruned": pruned}
     with tempfile.TemporaryDirectory(prefix="onnx_vbp.") as folder:
-        sessions = {name: cpu_session(str(path), threads, optimize=True, save_optimized=Path(folder) / f"{name}.onnx")
-                    for name, path in paths.items()}
+        sessions = {
+            name: cpu_session(str(path), threads, optimize=True, save_optimized=Path(folder) / f"{name}.onnx")
+            for name, path in paths.items()
+        }
         ops = {name: optimized_ops(Path(folder) / f"{name}.onnx") for name in paths}
     for session in sessions.values():
         for _ in range(warmup):
@@ -84,27 +89,43 @@ def bench(original: Path, pruned: Path, feed: dict[str, np.ndarray], *, threads:
     one = {k: v[: fixed_batch(model_inputs(model)) or 1] for k, v in feed.items()}
     macs_before = sum(node_macs(model, one, original.parent if external else None).values())
     macs_after = sum(node_macs(pruned_model, one, pruned.parent if pruned_external else None).values())
-    result = {name: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))}
-              for name, t in times.items()}
+    result = {
+        name: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))} for name, t in times.items()
+    }
     speedup = result["original"]["median_ms"] / result["pruned"]["median_ms"]
     mac_bound = macs_before / max(macs_after, 1)
-    return {**result, "speedup": speedup, "mac_bound": mac_bound, "speedup_over_mac_bound": speedup / mac_bound,
-            "batch_size": len(next(iter(feed.values()))), "threads": threads, "runs": runs,
-            "inputs": {name: list(value.shape) for name, value in feed.items()}, "ort_optimization": "ORT_ENABLE_ALL",
-            "optimized_nodes": {name: sum(counts.values()) for name, counts in ops.items()},
-            "fusion_differences": fusion_differences(ops["original"], ops["pruned"])}
+    return {
+        **result,
+        "speedup": speedup,
+        "mac_bound": mac_bound,
+        "speedup_over_mac_bound": speedup / mac_bound,
+        "batch_size": len(next(iter(feed.values()))),
+        "threads": threads,
+        "runs": runs,
+        "inputs": {name: list(value.shape) for name, value in feed.items()},
+        "ort_optimization": "ORT_ENABLE_ALL",
+        "optimized_nodes": {name: sum(counts.values()) for name, counts in ops.items()},
+        "fusion_differences": fusion_differences(ops["original"], ops["pruned"]),
+    }
 
 
 def format_bench(result: dict) -> str:
     lines = [f"{'':<10} {'median ms':>10} {'p90 ms':>10}"]
     for name in ("original", "pruned"):
         lines.append(f"{name:<10} {result[name]['median_ms']:>10.2f} {result[name]['p90_ms']:>10.2f}")
-    lines.append(f"speedup {result['speedup']:.3f}x; MAC bound {result['mac_bound']:.3f}x; "
-                 f"speedup / MAC bound {result['speedup_over_mac_bound']:.3f} "
-                 f"(batch {result['batch_size']}, {result['threads']} thread(s), {result['runs']} interleaved runs)")
+    lines.append(
+        f"speedup {result['speedup']:.3f}x; MAC bound {result['mac_bound']:.3f}x; "
+        f"speedup / MAC bound {result['speedup_over_mac_bound']:.3f} "
+        f"(batch {result['batch_size']}, {result['threads']} thread(s), {result['runs']} interleaved runs)"
+    )
     differences = result["fusion_differences"]
-    lines.append("ORT-optimized graphs: " + ("same ops" if not differences else "differ: " + ", ".join(
-        f"{op} {before} -> {after}" for op, (before, after) in differences.items()))
-        + f" ({result['optimized_nodes']['original']} / {result['optimized_nodes']['pruned']} nodes)")
+    lines.append(
+        "ORT-optimized graphs: "
+        + (
+            "same ops"
+            if not differences
+            else "differ: " + ", ".join(f"{op} {before} -> {after}" for op, (before, after) in differences.items())
+        )
+        + f" ({result['optimized_nodes']['original']} / {result['optimized_nodes']['pruned']} nodes)"
+    )
     return "\n".join(lines)
-

@@ -26,8 +26,15 @@ from onnx_vbp.find import MlpBlock
 from onnx_vbp.instrument import instrument
 
 # ORT's exceptions derive from Exception only; these are the ones a bad model or input raises.
-ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
-              ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
+ORT_ERRORS = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+)
 
 
 COMOMENT_BUDGET = 8 << 30  # bytes of float64 second moments over all blocks
@@ -65,8 +72,13 @@ class Stats:
 
     @classmethod
     def empty(cls, width: int, comoment: bool = False, stream: bool = False) -> Stats:
-        return cls(0, np.zeros(width), np.zeros(width), np.zeros((width, width)) if comoment else None,
-                   np.zeros(2) if stream else None)
+        return cls(
+            0,
+            np.zeros(width),
+            np.zeros(width),
+            np.zeros((width, width)) if comoment else None,
+            np.zeros(2) if stream else None,
+        )
 
     @classmethod
     def of(cls, samples: np.ndarray, comoment: bool = False) -> Stats:
@@ -108,8 +120,13 @@ class Stats:
         """These statistics plus the residual stream's energy at `positions` [n, features]."""
         values = np.asarray(positions, dtype=np.float64)
         centered = values - values.mean(axis=1, keepdims=True)
-        return Stats(self.count, self.mean, self.m2, self.comoment,
-                     np.array([np.einsum("ij,ij->", centered, centered), values.shape[0]]))
+        return Stats(
+            self.count,
+            self.mean,
+            self.m2,
+            self.comoment,
+            np.array([np.einsum("ij,ij->", centered, centered), values.shape[0]]),
+        )
 
     @property
     def stream_energy(self) -> float | None:
@@ -117,8 +134,7 @@ class Stats:
         return None if self.stream is None or self.stream[1] == 0 else float(self.stream[0] / self.stream[1])
 
     @classmethod
-    def of_parallel(cls, samples: np.ndarray, pool: ThreadPoolExecutor, workers: int, comoment: bool = False
-                    ) -> Stats:
+    def of_parallel(cls, samples: np.ndarray, pool: ThreadPoolExecutor, workers: int, comoment: bool = False) -> Stats:
         """`of` over `workers` row ranges at once, Chan-merged: numpy releases the GIL in the
         casts and sums, so the host reduction uses the cores ORT ran the batch on. The comoment
         is one product over the whole batch (BLAS spreads it over the cores itself)."""
@@ -174,15 +190,21 @@ class SavedStats(NamedTuple):
     model: str | None  # the fingerprint of the weights they were measured with (None: an older file)
 
 
-def save_stats(path: Path, stats: dict[str, Stats], samples: int, feed: Mapping[str, np.ndarray],
-               model: str | None = None) -> None:
+def save_stats(
+    path: Path, stats: dict[str, Stats], samples: int, feed: Mapping[str, np.ndarray], model: str | None = None
+) -> None:
     """Write statistics, one sample of model inputs and the model's fingerprint to an .npz file."""
     arrays: dict[str, np.ndarray] = {"__version__": np.array(STATS_VERSION), "__samples__": np.array(samples)}
     if model is not None:
         arrays["__model__"] = np.array(model)
     for name, block in stats.items():
-        arrays.update({f"stats/{name}/count": np.array(block.count), f"stats/{name}/mean": block.mean,
-                       f"stats/{name}/m2": block.m2})
+        arrays.update(
+            {
+                f"stats/{name}/count": np.array(block.count),
+                f"stats/{name}/mean": block.mean,
+                f"stats/{name}/m2": block.m2,
+            }
+        )
         if block.comoment is not None:
             arrays[f"stats/{name}/comoment"] = block.comoment
         if block.stream is not None:
@@ -205,12 +227,12 @@ def load_stats(path: Path) -> SavedStats:
     version = arrays.get("__version__")
     if version is None or version.shape != () or version.dtype.kind not in "iu" or version != STATS_VERSION:
         raise CalibrationError(f"{path}: not a statistics file written by onnx_vbp (version {STATS_VERSION})")
-    names = sorted({key[len("stats/"):].rsplit("/", 1)[0] for key in arrays if key.startswith("stats/")})
+    names = sorted({key[len("stats/") :].rsplit("/", 1)[0] for key in arrays if key.startswith("stats/")})
     stats = {name: _checked_stats(path, name, arrays) for name in names}
     samples = arrays.get("__samples__")
     if samples is None or samples.shape != () or samples.dtype.kind not in "iu" or samples < 0:
         raise CalibrationError(f"{path}: '__samples__' must be a non-negative integer")
-    feed = {key[len("feed/"):]: value for key, value in arrays.items() if key.startswith("feed/")}
+    feed = {key[len("feed/") :]: value for key, value in arrays.items() if key.startswith("feed/")}
     model = arrays.get("__model__")
     if model is not None and (model.shape != () or model.dtype.kind != "U"):
         raise CalibrationError(f"{path}: '__model__' must be a string")
@@ -228,8 +250,9 @@ def _checked_stats(path: Path, name: str, arrays: Mapping[str, np.ndarray]) -> S
                 raise CalibrationError(f"{path}: '{key}' is missing")
             return None
         if value.dtype.kind not in "fiu" or (shape is not None and value.shape != shape):
-            raise CalibrationError(f"{path}: '{key}' must be a number array of shape {shape}, got {value.dtype} "
-                                   f"{value.shape}")
+            raise CalibrationError(
+                f"{path}: '{key}' must be a number array of shape {shape}, got {value.dtype} {value.shape}"
+            )
         if not np.isfinite(value).all():
             raise CalibrationError(f"{path}: '{key}' holds NaN or infinite values")
         return value.astype(np.float64) if value.dtype.kind == "f" else value
@@ -275,8 +298,13 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: bool = False,
-                external_dir: Path | None = None, save_optimized: Path | None = None) -> ort.InferenceSession:
+def cpu_session(
+    model_bytes: bytes | str,
+    threads: int | None = None,
+    optimize: bool = False,
+    external_dir: Path | None = None,
+    save_optimized: Path | None = None,
+) -> ort.InferenceSession:
     """A CPU ORT session, with all graph optimizations when `optimize`.
 
     ORT never fuses away a graph output, so calibration runs the optimized graph, as the user's
@@ -290,8 +318,9 @@ def cpu_session(model_bytes: bytes | str, threads: int | None = None, optimize: 
     options.log_severity_level = 4  # errors come back as exceptions: ORT's own log lines would only repeat them
     if save_optimized is not None:
         options.optimized_model_filepath = str(save_optimized)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         f"{save_optimized.name}.data")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", f"{save_optimized.name}.data"
+        )
     if external_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     if not optimize:
@@ -350,10 +379,13 @@ def calibrate(
     ridge compensation) and, for blocks whose every site joins a residual stream, its energy.
     """
     if comoments and not comoments_fit(blocks):
-        raise CalibrationError(f"second moments need {comoment_bytes(blocks) / 2**30:.1f} GiB (width^2 x 8 bytes "
-                               f"per block), over the {COMOMENT_BUDGET / 2**30:.0f} GiB budget; use --method vbp")
-    session = cpu_session(instrument(model, blocks, residuals=comoments), threads, optimize=True,
-                          external_dir=external_dir)
+        raise CalibrationError(
+            f"second moments need {comoment_bytes(blocks) / 2**30:.1f} GiB (width^2 x 8 bytes "
+            f"per block), over the {COMOMENT_BUDGET / 2**30:.0f} GiB budget; use --method vbp"
+        )
+    session = cpu_session(
+        instrument(model, blocks, residuals=comoments), threads, optimize=True, external_dir=external_dir
+    )
     input_names = [i.name for i in session.get_inputs()]
     fetch = [(block, site) for block in blocks for site in block.sites]
     streams = [(block, site) for block, site in fetch if comoments and site.residual]
@@ -368,8 +400,9 @@ def calibrate(
             try:
                 hidden = session.run(fetch_names, feed)
             except ORT_ERRORS as exc:
-                raise CalibrationError(f"ONNX Runtime failed on calibration batch {batch_index}: "
-                                       f"{first_line(exc)}") from exc
+                raise CalibrationError(
+                    f"ONNX Runtime failed on calibration batch {batch_index}: {first_line(exc)}"
+                ) from exc
             kept_rows = _token_rows(batch)
             residual = dict(zip([site.residual for _, site in streams], hidden[len(fetch) :], strict=True))
             for (block, site), values in zip(fetch, hidden[: len(fetch)], strict=True):
@@ -377,8 +410,9 @@ def calibrate(
                 with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN are reported just below
                     batch_stats = Stats.of_parallel(per_neuron, pool, workers, comoments)
                     if block.name in with_stream:
-                        batch_stats = batch_stats.with_stream(_positions(residual[site.residual], site.hidden_axis,
-                                                                         kept_rows))
+                        batch_stats = batch_stats.with_stream(
+                            _positions(residual[site.residual], site.hidden_axis, kept_rows)
+                        )
                 if not np.isfinite(batch_stats.m2).all():
                     raise CalibrationError(
                         f"non-finite hidden activation in block '{block.name}' at calibration batch {batch_index}"

@@ -94,62 +94,122 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="input ONNX model (never modified)")
-    parser.add_argument("calib", type=Path, nargs="?",
-                        help="calibration data: a directory or file of the formats listed in `onnx-vbp --help`; "
-                             "not needed with --stats")
+    parser.add_argument(
+        "calib",
+        type=Path,
+        nargs="?",
+        help="calibration data: a directory or file of the formats listed in `onnx-vbp --help`; "
+        "not needed with --stats",
+    )
 
 
 def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
     """The options shared by pruning and sweeping: how to calibrate, rank and compensate."""
-    parser.add_argument("--scope", choices=("global", "per-block"), default="global",
-                        help="rank neurons across all blocks (global, default, as in the paper) or remove the "
-                             "same fraction from each block")
+    parser.add_argument(
+        "--scope",
+        choices=("global", "per-block"),
+        default="global",
+        help="rank neurons across all blocks (global, default, as in the paper) or remove the "
+        "same fraction from each block",
+    )
     parser.add_argument("--min-keep", type=_non_negative, default=1, help="neurons always kept per block (default 1)")
-    parser.add_argument("--round-to", type=_positive, default=1,
-                        help="round each kept width up to a multiple of N, restoring the pruned neurons that "
-                             "cost the most (GEMM-friendly widths; default 1 = no rounding)")
-    parser.add_argument("--method", choices=tuple(METHODS), default="obs",
-                        help="obs (default): rank removals by structured OBS, the output error left after the "
-                             "best refit of fc2 from the kept neurons, and refit fc2 by ridge regression (needs "
-                             "each block's width^2 hidden covariance); vbp: the paper, remove the lowest-variance "
-                             "neurons and fold their mean into fc2's bias")
-    parser.add_argument("--score", choices=SCORES,
-                        help="override the method's ranking: variance (the paper), variance-x-norm (variance "
-                             "times the squared norm of the neuron's fc2 row, FLAP's fluctuation) or obs")
-    parser.add_argument("--compensate", choices=COMPENSATIONS,
-                        help="override the method's compensation: mean (fold the pruned neurons' mean into "
-                             "fc2's bias), ridge (also refit fc2's kept rows by a ridge regression of the pruned "
-                             "neurons on the kept ones) or none (drop them; for ablations)")
-    parser.add_argument("--ridge-lambda", type=_ridge_lambda, default=DEFAULT_RIDGE_LAMBDA,
-                        help="ridge strength of the obs ranking and the ridge refit, relative to the mean "
-                             "neuron variance "
-                             f"(default {DEFAULT_RIDGE_LAMBDA})")
+    parser.add_argument(
+        "--round-to",
+        type=_positive,
+        default=1,
+        help="round each kept width up to a multiple of N, restoring the pruned neurons that "
+        "cost the most (GEMM-friendly widths; default 1 = no rounding)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=tuple(METHODS),
+        default="obs",
+        help="obs (default): rank removals by structured OBS, the output error left after the "
+        "best refit of fc2 from the kept neurons, and refit fc2 by ridge regression (needs "
+        "each block's width^2 hidden covariance); vbp: the paper, remove the lowest-variance "
+        "neurons and fold their mean into fc2's bias",
+    )
+    parser.add_argument(
+        "--score",
+        choices=SCORES,
+        help="override the method's ranking: variance (the paper), variance-x-norm (variance "
+        "times the squared norm of the neuron's fc2 row, FLAP's fluctuation) or obs",
+    )
+    parser.add_argument(
+        "--compensate",
+        choices=COMPENSATIONS,
+        help="override the method's compensation: mean (fold the pruned neurons' mean into "
+        "fc2's bias), ridge (also refit fc2's kept rows by a ridge regression of the pruned "
+        "neurons on the kept ones) or none (drop them; for ablations)",
+    )
+    parser.add_argument(
+        "--ridge-lambda",
+        type=_ridge_lambda,
+        default=DEFAULT_RIDGE_LAMBDA,
+        help="ridge strength of the obs ranking and the ridge refit, relative to the mean "
+        "neuron variance "
+        f"(default {DEFAULT_RIDGE_LAMBDA})",
+    )
     parser.add_argument("--batch-size", type=_positive, help="re-batch the data to this many samples per run")
     parser.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
-    parser.add_argument("--min-samples", type=_positive, default=16,
-                        help="refuse to prune on fewer calibration samples than this (default 16)")
-    parser.add_argument("--save-stats", type=Path, metavar="STATS.npz",
-                        help="also write the calibration statistics, to prune again without recalibrating")
-    parser.add_argument("--stats", type=Path, metavar="STATS.npz",
-                        help="prune from statistics saved by --save-stats (or merged by merge-stats) "
-                             "instead of calibrating")
-    parser.add_argument("--ray", type=_positive, metavar="SHARDS", dest="ray_shards",
-                        help="calibrate on Ray (extra [ray]): split the data files into this many shards, one "
-                             "task each, and merge their statistics")
-    parser.add_argument("--ray-address", metavar="ADDRESS",
-                        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)")
-    parser.add_argument("--report", type=Path, metavar="JSON",
-                        help="write the report as JSON to this file ('-': to stdout, instead of the table)")
+    parser.add_argument(
+        "--min-samples",
+        type=_positive,
+        default=16,
+        help="refuse to prune on fewer calibration samples than this (default 16)",
+    )
+    parser.add_argument(
+        "--save-stats",
+        type=Path,
+        metavar="STATS.npz",
+        help="also write the calibration statistics, to prune again without recalibrating",
+    )
+    parser.add_argument(
+        "--stats",
+        type=Path,
+        metavar="STATS.npz",
+        help="prune from statistics saved by --save-stats (or merged by merge-stats) instead of calibrating",
+    )
+    parser.add_argument(
+        "--ray",
+        type=_positive,
+        metavar="SHARDS",
+        dest="ray_shards",
+        help="calibrate on Ray (extra [ray]): split the data files into this many shards, one "
+        "task each, and merge their statistics",
+    )
+    parser.add_argument(
+        "--ray-address", metavar="ADDRESS", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray instance)"
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="write the report as JSON to this file ('-': to stdout, instead of the table)",
+    )
     parser.add_argument("--threads", type=_positive, help="ORT intra-op threads (default: ORT's choice)")
     raw = parser.add_argument_group("raw images and text")
     raw.add_argument("--tokenizer", type=Path, help="tokenizer.json (Hugging Face tokenizers) for text data")
     raw.add_argument("--max-length", type=_positive, default=128, help="truncate text to N tokens (default 128)")
-    raw.add_argument("--image-size", type=_positive, nargs=2, metavar=("H", "W"),
-                     help="image size when the model's input does not fix it")
-    raw.add_argument("--mean", type=float, nargs="+",
-                     help="per-channel mean subtracted from [0,1] pixels (default: ImageNet's for RGB, 0 for grey)")
-    raw.add_argument("--std", type=float, nargs="+",
-                     help="per-channel std dividing [0,1] pixels (default: ImageNet's for RGB, 1 for grey)")
+    raw.add_argument(
+        "--image-size",
+        type=_positive,
+        nargs=2,
+        metavar=("H", "W"),
+        help="image size when the model's input does not fix it",
+    )
+    raw.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        help="per-channel mean subtracted from [0,1] pixels (default: ImageNet's for RGB, 0 for grey)",
+    )
+    raw.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        help="per-channel std dividing [0,1] pixels (default: ImageNet's for RGB, 1 for grey)",
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -157,34 +217,62 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="onnx-vbp", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _add_inputs(parser)  # what a first run needs comes first; the rest follows in _add_pruning_options
-    parser.add_argument("--ratio", type=_ratio, default=0.35,
-                        help="fraction of all MLP hidden neurons to remove, 0 <= r < 1 (default 0.35)")
+    parser.add_argument(
+        "--ratio",
+        type=_ratio,
+        default=0.35,
+        help="fraction of all MLP hidden neurons to remove, 0 <= r < 1 (default 0.35)",
+    )
     parser.add_argument("-o", "--output", type=Path, help="output model (default: <model stem>.vbp.onnx beside it)")
-    parser.add_argument("--allow-empty", action="store_true",
-                        help="write an unchanged copy instead of failing when the model has no prunable MLP block")
-    parser.add_argument("--eval", type=Path, metavar="HELDOUT",
-                        help="held-out data (same formats) to compare original and pruned outputs; an .npz "
-                             "'labels' array adds top-1 accuracy")
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write an unchanged copy instead of failing when the model has no prunable MLP block",
+    )
+    parser.add_argument(
+        "--eval",
+        type=Path,
+        metavar="HELDOUT",
+        help="held-out data (same formats) to compare original and pruned outputs; an .npz "
+        "'labels' array adds top-1 accuracy",
+    )
     _add_pruning_options(parser)
     return parser
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnx-vbp sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
-                     description="Calibrate once, prune at several ratios, evaluate each on held-out data, and "
-                                 "print retention against MACs removed; optionally plot it and keep the largest "
-                                 "ratio that meets a target. Exit status 3 when no ratio meets --target-retention.")
+    parser = _Parser(
+        prog="onnx-vbp sweep",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Calibrate once, prune at several ratios, evaluate each on held-out data, and "
+        "print retention against MACs removed; optionally plot it and keep the largest "
+        "ratio that meets a target. Exit status 3 when no ratio meets --target-retention.",
+    )
     _add_inputs(parser)
-    parser.add_argument("--ratios", type=lambda text: [_ratio(r) for r in text.split(",")],
-                        default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6], help="comma-separated ratios")
-    parser.add_argument("--eval", type=Path, metavar="HELDOUT", required=True,
-                        help="held-out data; retention is top-1 after/before with .npz labels, else the mean "
-                             "cosine of the first float output")
-    parser.add_argument("--target-retention", type=float, metavar="T",
-                        help="report the largest ratio whose retention is at least T (and write it with -o)")
+    parser.add_argument(
+        "--ratios",
+        type=lambda text: [_ratio(r) for r in text.split(",")],
+        default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6],
+        help="comma-separated ratios",
+    )
+    parser.add_argument(
+        "--eval",
+        type=Path,
+        metavar="HELDOUT",
+        required=True,
+        help="held-out data; retention is top-1 after/before with .npz labels, else the mean "
+        "cosine of the first float output",
+    )
+    parser.add_argument(
+        "--target-retention",
+        type=float,
+        metavar="T",
+        help="report the largest ratio whose retention is at least T (and write it with -o)",
+    )
     parser.add_argument("-o", "--output", type=Path, help="with --target-retention: where to write that model")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="plot retention vs MACs removed (matplotlib)")
     _add_pruning_options(parser)
@@ -193,15 +281,31 @@ def build_sweep_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
     return PruneOptions(
-        ratio=ratio, scope=args.scope, min_keep=args.min_keep, round_to=args.round_to,
-        method=args.method, compensate=args.compensate, ridge_lambda=args.ridge_lambda, score=args.score,
+        ratio=ratio,
+        scope=args.scope,
+        min_keep=args.min_keep,
+        round_to=args.round_to,
+        method=args.method,
+        compensate=args.compensate,
+        ridge_lambda=args.ridge_lambda,
+        score=args.score,
         batch_size=args.batch_size,
-        max_samples=args.max_samples, min_samples=args.min_samples, allow_empty=getattr(args, "allow_empty", False),
-        stats=args.stats, save_stats=args.save_stats, ray_shards=args.ray_shards, ray_address=args.ray_address,
-        threads=args.threads, progress=not args.quiet,
-        raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length,
-                       image_size=tuple(args.image_size) if args.image_size else None,
-                       mean=args.mean and tuple(args.mean), std=args.std and tuple(args.std)),
+        max_samples=args.max_samples,
+        min_samples=args.min_samples,
+        allow_empty=getattr(args, "allow_empty", False),
+        stats=args.stats,
+        save_stats=args.save_stats,
+        ray_shards=args.ray_shards,
+        ray_address=args.ray_address,
+        threads=args.threads,
+        progress=not args.quiet,
+        raw=RawOptions(
+            tokenizer=args.tokenizer,
+            max_length=args.max_length,
+            image_size=tuple(args.image_size) if args.image_size else None,
+            mean=args.mean and tuple(args.mean),
+            std=args.std and tuple(args.std),
+        ),
     )
 
 
@@ -251,8 +355,14 @@ def _to_stdout(args: argparse.Namespace) -> bool:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    report = prune_file(args.model, args.calib, args.output, _options(args, args.ratio), eval_data=args.eval,
-                        report_path=None if _to_stdout(args) else args.report)
+    report = prune_file(
+        args.model,
+        args.calib,
+        args.output,
+        _options(args, args.ratio),
+        eval_data=args.eval,
+        report_path=None if _to_stdout(args) else args.report,
+    )
     if _to_stdout(args):
         print(json.dumps(report, indent=2))
     elif not args.quiet:
@@ -262,15 +372,26 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    rows, best = sweep(args.model, args.calib, args.ratios, args.eval, _options(args), target=args.target_retention,
-                       output=args.output, report_path=None if _to_stdout(args) else args.report, plot=args.plot)
+    rows, best = sweep(
+        args.model,
+        args.calib,
+        args.ratios,
+        args.eval,
+        _options(args),
+        target=args.target_retention,
+        output=args.output,
+        report_path=None if _to_stdout(args) else args.report,
+        plot=args.plot,
+    )
     if _to_stdout(args):
         print(json.dumps(summary(rows, best), indent=2))
     elif not args.quiet:
         print(format_sweep(rows))
         if args.target_retention is not None:
-            print(f"largest ratio with retention >= {args.target_retention}: "
-                  + (f"{best['ratio']:g}" + (f" (wrote {args.output})" if args.output else "") if best else "none"))
+            print(
+                f"largest ratio with retention >= {args.target_retention}: "
+                + (f"{best['ratio']:g}" + (f" (wrote {args.output})" if args.output else "") if best else "none")
+            )
     return 3 if args.target_retention is not None and best is None else 0
 
 
@@ -282,9 +403,11 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def build_merge_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnx-vbp merge-stats",
-                     description="Merge statistics saved with --save-stats on disjoint shards of the calibration "
-                                 "data (same model) into one file, as if calibrated in one pass.")
+    parser = _Parser(
+        prog="onnx-vbp merge-stats",
+        description="Merge statistics saved with --save-stats on disjoint shards of the calibration "
+        "data (same model) into one file, as if calibrated in one pass.",
+    )
     parser.add_argument("parts", type=Path, nargs="+", help="statistics files to merge")
     parser.add_argument("-o", "--output", type=Path, required=True, help="merged statistics file")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -292,25 +415,32 @@ def build_merge_parser() -> argparse.ArgumentParser:
 
 
 def build_bench_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnx-vbp bench",
-                     description="Latency of ORIGINAL and PRUNED side by side in ONNX Runtime (all graph "
-                                 "optimizations, pinned threads, warm-up, interleaved runs): medians, p90, speedup "
-                                 "and the MAC ratio it is measured against.")
+    parser = _Parser(
+        prog="onnx-vbp bench",
+        description="Latency of ORIGINAL and PRUNED side by side in ONNX Runtime (all graph "
+        "optimizations, pinned threads, warm-up, interleaved runs): medians, p90, speedup "
+        "and the MAC ratio it is measured against.",
+    )
     parser.add_argument("original", type=Path, help="the model before pruning")
     parser.add_argument("pruned", type=Path, help="the pruned model (same inputs)")
     parser.add_argument("--batch-size", type=_positive, default=1, help="samples per run (default 1)")
     parser.add_argument("--seq", type=_positive, default=128, help="length of symbolic non-batch dims (default 128)")
-    parser.add_argument("--data", type=Path,
-                        help="take the inputs from this data (its first samples, any format of CALIB) instead of "
-                             "random values")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="take the inputs from this data (its first samples, any format of CALIB) instead of random values",
+    )
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json, for --data that is text")
     parser.add_argument("--max-length", type=_positive, default=128, help="truncate text to N tokens (default 128)")
     parser.add_argument("--threads", type=_positive, default=1, help="ORT intra-op threads (default 1)")
     parser.add_argument("--runs", type=_positive, default=50, help="interleaved timed runs per model (default 50)")
     parser.add_argument("--warmup", type=_non_negative, default=5, help="untimed runs per model first (default 5)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--perf-test-data", action="store_true",
-                        help="also write test_data_set_0/input_*.pb beside PRUNED for onnxruntime_perf_test")
+    parser.add_argument(
+        "--perf-test-data",
+        action="store_true",
+        help="also write test_data_set_0/input_*.pb beside PRUNED for onnxruntime_perf_test",
+    )
     return parser
 
 
@@ -318,8 +448,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.perf_test_data:
         perf_test_folder(args.pruned)  # refused before the timing, not after it
     specs = model_inputs(load_model(args.original)[0])
-    feed = make_inputs(specs, args.batch_size, args.seq, args.data,
-                       raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length))
+    feed = make_inputs(
+        specs,
+        args.batch_size,
+        args.seq,
+        args.data,
+        raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length),
+    )
     result = bench(args.original, args.pruned, feed, threads=args.threads, runs=args.runs, warmup=args.warmup)
     if args.perf_test_data:
         result["perf_test_data"] = str(write_perf_test_data(args.pruned, feed))
@@ -328,13 +463,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_inspect_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnx-vbp inspect",
-                     description="List what pruning would work on, without calibration data: the MLP blocks found "
-                                 "(activation, width, sites, MACs per sample), the ones skipped and why, and "
-                                 "hints (quantized model, no block).")
+    parser = _Parser(
+        prog="onnx-vbp inspect",
+        description="List what pruning would work on, without calibration data: the MLP blocks found "
+        "(activation, width, sites, MACs per sample), the ones skipped and why, and "
+        "hints (quantized model, no block).",
+    )
     parser.add_argument("model", type=Path, help="ONNX model")
-    parser.add_argument("--seq", type=_positive, default=128,
-                        help="length of symbolic non-batch input dims for counting MACs (default 128)")
+    parser.add_argument(
+        "--seq",
+        type=_positive,
+        default=128,
+        help="length of symbolic non-batch input dims for counting MACs (default 128)",
+    )
     parser.add_argument("--data", type=Path, help="count MACs on the first sample of this data instead")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser

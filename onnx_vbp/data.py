@@ -88,8 +88,9 @@ def _read_npz(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
 def _read_npy(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     if len(specs) != 1:
         names = ", ".join(s.name for s in specs)
-        raise DataError(f"{path}: a .npy file can only feed a single-input model; this one has inputs {names} "
-                        "(use .npz)")
+        raise DataError(
+            f"{path}: a .npy file can only feed a single-input model; this one has inputs {names} (use .npz)"
+        )
     return {specs[0].name: np.load(path, allow_pickle=False)}
 
 
@@ -106,8 +107,10 @@ def external_file(tensor: onnx.TensorProto, folder: Path) -> Path:
     location = entries.get("location", "")
     relative = Path(location)
     if not location or relative.is_absolute() or ".." in relative.parts:
-        raise ValueError(f"tensor '{tensor.name}' has its data at {location!r}: external data must lie in the "
-                         "folder of the file that names it")
+        raise ValueError(
+            f"tensor '{tensor.name}' has its data at {location!r}: external data must lie in the "
+            "folder of the file that names it"
+        )
     for key in ("offset", "length"):
         if key in entries and not entries[key].isdigit():
             raise ValueError(f"tensor '{tensor.name}' has external data {key} {entries[key]!r}, not a whole number")
@@ -187,7 +190,7 @@ def _kind(path: Path) -> str:
 
 
 def data_kind(source: Path | str) -> str:
-    """"tensors", "images" or "text": what `source` holds (see `data_files`)."""
+    """ "tensors", "images" or "text": what `source` holds (see `data_files`)."""
     return _kind(data_files(source)[0])
 
 
@@ -206,8 +209,10 @@ def data_files(source: Path | str) -> list[Path]:
     files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in known)
     files += sorted(p for p in source.glob("test_data_set_*") if p.is_dir())
     if not files:
-        raise DataError(f"no data files in {source} (looked for *.npz, *.npy, test_data_set_*/input_*.pb, "
-                        "*.png/*.jpg/*.jpeg, *.txt/*.jsonl)")
+        raise DataError(
+            f"no data files in {source} (looked for *.npz, *.npy, test_data_set_*/input_*.pb, "
+            "*.png/*.jpg/*.jpeg, *.txt/*.jsonl)"
+        )
     kinds = {_kind(p) for p in files}
     if len(kinds) > 1:
         raise DataError(f"{source} mixes data formats ({', '.join(sorted(kinds))}); use one per directory")
@@ -219,8 +224,10 @@ class ImageEncoder:
 
     def __init__(self, specs: list[InputSpec], options: RawOptions) -> None:
         if len(specs) != 1 or len(specs[0].shape) != 4 or specs[0].dtype.kind != "f":
-            raise DataError("image data needs a model with a single 4-D float input; this one has "
-                            + ", ".join(f"'{s.name}' {list(s.shape)}" for s in specs))
+            raise DataError(
+                "image data needs a model with a single 4-D float input; this one has "
+                + ", ".join(f"'{s.name}' {list(s.shape)}" for s in specs)
+            )
         try:
             from PIL import Image
         except ImportError as exc:
@@ -247,8 +254,10 @@ class ImageEncoder:
                 image = self._image.open(path)  # reads the header only
             with image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise DataError(f"{path}: {image.width} x {image.height} pixels is over the limit of "
-                                    f"{MAX_IMAGE_PIXELS // 10**6} Mpx; downscale the photos first")
+                    raise DataError(
+                        f"{path}: {image.width} x {image.height} pixels is over the limit of "
+                        f"{MAX_IMAGE_PIXELS // 10**6} Mpx; downscale the photos first"
+                    )
                 image.draft("L" if self.grey else "RGB", (width, height))  # JPEG: decode at a smaller scale
                 image = image.convert("L" if self.grey else "RGB")
                 scale = max(height / image.height, width / image.width)
@@ -273,8 +282,10 @@ class TextEncoder:
     def __init__(self, specs: list[InputSpec], options: RawOptions) -> None:
         unknown = [s.name for s in specs if s.name not in TEXT_INPUTS]
         if unknown:
-            raise DataError(f"text data needs a model whose inputs are {', '.join(TEXT_INPUTS)}; "
-                            f"this one also takes {', '.join(unknown)}")
+            raise DataError(
+                f"text data needs a model whose inputs are {', '.join(TEXT_INPUTS)}; "
+                f"this one also takes {', '.join(unknown)}"
+            )
         if options.tokenizer is None:
             raise DataError("text data needs a tokenizer: pass --tokenizer tokenizer.json")
         try:
@@ -339,12 +350,15 @@ def read_file(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
 def conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
     """`array` checked against the model input `spec` (rank, fixed dims, dtype kind, finite) and cast to its dtype."""
     if array.ndim != len(spec.shape):
-        raise DataError(f"{path}: input '{spec.name}' has rank {array.ndim}, the model expects {len(spec.shape)} "
-                        f"(shape {list(spec.shape)})")
+        raise DataError(
+            f"{path}: input '{spec.name}' has rank {array.ndim}, the model expects {len(spec.shape)} "
+            f"(shape {list(spec.shape)})"
+        )
     for axis, (dim, expected) in enumerate(zip(array.shape, spec.shape, strict=True)):
         if axis > 0 and isinstance(expected, int) and expected > 0 and dim != expected:
-            raise DataError(f"{path}: input '{spec.name}' has shape {list(array.shape)}, the model expects "
-                            f"{list(spec.shape)}")
+            raise DataError(
+                f"{path}: input '{spec.name}' has shape {list(array.shape)}, the model expects {list(spec.shape)}"
+            )
     if array.dtype != spec.dtype:
         if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
             raise DataError(f"{path}: input '{spec.name}' is {array.dtype}, the model expects {spec.dtype}")
@@ -380,8 +394,9 @@ def iter_batches(
     """
     fixed = fixed_batch(specs)
     if fixed and batch_size not in (None, fixed):
-        raise DataError(f"the model's inputs have a fixed batch size of {fixed}; batch size {batch_size} "
-                        "cannot feed it")
+        raise DataError(
+            f"the model's inputs have a fixed batch size of {fixed}; batch size {batch_size} cannot feed it"
+        )
     batch_size = fixed or batch_size
     files = data_files(source)
     kind = _kind(files[0])
@@ -397,8 +412,9 @@ def iter_batches(
             yield encoder.encode(chunk)
 
 
-def _tensor_batches(files: list[Path], specs: list[InputSpec], batch_size: int | None, max_samples: int | None,
-                    keep_remainder: bool) -> Iterator[dict[str, np.ndarray]]:
+def _tensor_batches(
+    files: list[Path], specs: list[InputSpec], batch_size: int | None, max_samples: int | None, keep_remainder: bool
+) -> Iterator[dict[str, np.ndarray]]:
     names = [s.name for s in specs]
     pending: list[dict[str, np.ndarray]] = []
     seen = 0
@@ -415,8 +431,11 @@ def _tensor_batches(files: list[Path], specs: list[InputSpec], batch_size: int |
                 yield batch
         else:
             leftover = pending[0] if pending and len(pending[0][names[0]]) else None
-            if leftover is not None and keep_remainder and any(
-                    leftover[n].shape[1:] != batch[n].shape[1:] for n in names):
+            if (
+                leftover is not None
+                and keep_remainder
+                and any(leftover[n].shape[1:] != batch[n].shape[1:] for n in names)
+            ):
                 yield leftover  # samples of another length cannot join it: it goes as a smaller batch
                 pending.clear()
             pending.append(batch)
@@ -435,8 +454,10 @@ def _full_batches(pending: list[dict[str, np.ndarray]], batch_size: int) -> Iter
     for key in keys:
         shapes = {b[key].shape[1:] for b in pending}
         if len(shapes) > 1:
-            raise DataError(f"'{key}' has shapes {sorted(shapes)} in different files: samples of different "
-                            "lengths cannot be re-batched together (pad them to one length, or give batches whole)")
+            raise DataError(
+                f"'{key}' has shapes {sorted(shapes)} in different files: samples of different "
+                "lengths cannot be re-batched together (pad them to one length, or give batches whole)"
+            )
     merged = {k: np.concatenate([b[k] for b in pending]) for k in keys}
     total = len(next(iter(merged.values())))
     start = 0
@@ -446,8 +467,9 @@ def _full_batches(pending: list[dict[str, np.ndarray]], batch_size: int) -> Iter
     pending[:] = [{k: v[start:] for k, v in merged.items()}]
 
 
-def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0,
-                raw: RawOptions = RawOptions()) -> dict[str, np.ndarray]:
+def make_inputs(
+    specs: list[InputSpec], batch_size: int, seq: int, data: Path | None, seed: int = 0, raw: RawOptions = RawOptions()
+) -> dict[str, np.ndarray]:
     """One batch of inputs: the first batch of `data` (repeated to `batch_size`, or to the batch
     size the model fixes), else random values (symbolic dims after the batch become `seq`; integer
     inputs in [0, 100), masks of 1, token types of 0). `raw`: how photos and text in `data` are
@@ -462,8 +484,13 @@ def make_inputs(specs: list[InputSpec], batch_size: int, seq: int, data: Path | 
         shape = [batch_size] + [d if isinstance(d, int) and d > 0 else seq for d in spec.shape[1:]]
         if spec.dtype.kind in "iu":
             # token types index a table of 2 rows in BERT: 0 is always valid
-            values = np.ones(shape) if "mask" in spec.name else np.zeros(shape) if "type" in spec.name \
+            values = (
+                np.ones(shape)
+                if "mask" in spec.name
+                else np.zeros(shape)
+                if "type" in spec.name
                 else rng.integers(0, 100, shape)
+            )
             feed[spec.name] = values.astype(spec.dtype)
         else:
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)

@@ -17,8 +17,9 @@ from onnx_vbp.find import find_mlp_blocks
 from onnx_vbp.modelio import load_model
 
 
-def shard_stats(model_path: str, files: list[str], batch_size: int | None, raw: RawOptions,
-                threads: int | None, comoments: bool) -> tuple[dict[str, Stats], int]:
+def shard_stats(
+    model_path: str, files: list[str], batch_size: int | None, raw: RawOptions, threads: int | None, comoments: bool
+) -> tuple[dict[str, Stats], int]:
     """One worker's job: statistics of one shard of the calibration files, and its sample count."""
     path = Path(model_path)
     model, external = load_model(path)
@@ -31,14 +32,29 @@ def shard_stats(model_path: str, files: list[str], batch_size: int | None, raw: 
         samples += size
 
     batches = (batch for file in files for batch in iter_batches(Path(file), specs, batch_size=batch_size, raw=raw))
-    stats = calibrate(model, blocks, batches, threads=threads, on_batch=count,
-                      external_dir=path.parent if external else None, comoments=comoments)
+    stats = calibrate(
+        model,
+        blocks,
+        batches,
+        threads=threads,
+        on_batch=count,
+        external_dir=path.parent if external else None,
+        comoments=comoments,
+    )
     return stats, samples
 
 
-def calibrate_on_ray(model_path: Path, calib: Path, shards: int, *, address: str | None = None,
-                     batch_size: int | None = None, raw: RawOptions = RawOptions(), threads: int | None = None,
-                     comoments: bool = False) -> tuple[dict[str, Stats], int]:
+def calibrate_on_ray(
+    model_path: Path,
+    calib: Path,
+    shards: int,
+    *,
+    address: str | None = None,
+    batch_size: int | None = None,
+    raw: RawOptions = RawOptions(),
+    threads: int | None = None,
+    comoments: bool = False,
+) -> tuple[dict[str, Stats], int]:
     """Statistics of every file under `calib`, computed by up to `shards` Ray tasks and merged."""
     try:
         import ray
@@ -49,6 +65,7 @@ def calibrate_on_ray(model_path: Path, calib: Path, shards: int, *, address: str
     files = [str(f.resolve()) for f in data_files(calib)]
     parts = [files[i::shards] for i in range(min(shards, len(files)))]
     task = ray.remote(shard_stats)
-    results = ray.get([task.remote(str(model_path.resolve()), part, batch_size, raw, threads, comoments)
-                       for part in parts])
+    results = ray.get(
+        [task.remote(str(model_path.resolve()), part, batch_size, raw, threads, comoments) for part in parts]
+    )
     return merge_stats([stats for stats, _ in results]), sum(samples for _, samples in results)

@@ -97,7 +97,9 @@ def evaluate(
     if labels and len(np.concatenate(labels)) == samples and rows:
         truth = np.concatenate(labels)
         a, b = (np.concatenate(r) for r in next(iter(rows.values())))
-        result.update(top1_before=float((a.argmax(axis=1) == truth).mean()),
-                      top1_after=float((b.argmax(axis=1) == truth).mean()),
-                      top1_agreement=float((a.argmax(axis=1) == b.argmax(axis=1)).mean()))
+        result.update(
+            top1_before=float((a.argmax(axis=1) == truth).mean()),
+            top1_after=float((b.argmax(axis=1) == truth).mean()),
+            top1_agreement=float((a.argmax(axis=1) == b.argmax(axis=1)).mean()),
+        )
     return result

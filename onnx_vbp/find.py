@@ -182,8 +182,19 @@ def match_linear(node: gs.Node) -> Linear | None:
         return linear
     if node.op == "Gemm" and rank == 2 and not node.attrs.get("transA", 0):
         in_axis, out_axis = (1, 0) if node.attrs.get("transB", 0) else (0, 1)
-        linear = Linear(node, 1, weight, in_axis, out_axis, -1, None, None, out,
-                        alpha=float(node.attrs.get("alpha", 1.0)), beta=float(node.attrs.get("beta", 1.0)))
+        linear = Linear(
+            node,
+            1,
+            weight,
+            in_axis,
+            out_axis,
+            -1,
+            None,
+            None,
+            out,
+            alpha=float(node.attrs.get("alpha", 1.0)),
+            beta=float(node.attrs.get("beta", 1.0)),
+        )
         return _with_own_bias(linear)
     if node.op == "Conv" and rank >= 3:
         kernel = weight.source.shape[2:]
@@ -505,6 +516,7 @@ def _merge_tied(found: list[tuple[_Match, MlpSite, int]]) -> list[MlpBlock]:
             continue  # one weight used at two widths: not a tied MLP we understand
         name = _block_name(first.fc1[0], first.fc2, index, taken)
         taken.add(name)
-        blocks.append(MlpBlock(name, match.activation.kind, width, tuple(s for _, s, _ in group),
-                               gated=len(match.fc1) == 2))
+        blocks.append(
+            MlpBlock(name, match.activation.kind, width, tuple(s for _, s, _ in group), gated=len(match.fc1) == 2)
+        )
     return blocks

@@ -58,8 +58,9 @@ class Ranking:
         return cls(order, np.asarray(score)[order], score.size)
 
 
-def fc2_rows(model: onnx.ModelProto, blocks: list[MlpBlock], external_dir: Path | None = None, *,
-             to_residual: bool = False) -> dict[str, np.ndarray]:
+def fc2_rows(
+    model: onnx.ModelProto, blocks: list[MlpBlock], external_dir: Path | None = None, *, to_residual: bool = False
+) -> dict[str, np.ndarray]:
     """fc2's weight of every block as a float64 [width, outputs] matrix (first site; tied sites
     share it). `to_residual`: each output column times the layer scale that multiplies it before
     the residual stream (MlpSite.output_scale), so the rows say what a neuron adds to the stream."""
@@ -82,8 +83,9 @@ def fc2_rows(model: onnx.ModelProto, blocks: list[MlpBlock], external_dir: Path 
     return rows
 
 
-def obs_ranking(weight: np.ndarray, covariance: np.ndarray, depth: int,
-                ridge_lambda: float = DEFAULT_RIDGE_LAMBDA) -> Ranking:
+def obs_ranking(
+    weight: np.ndarray, covariance: np.ndarray, depth: int, ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
+) -> Ranking:
     """Greedy structured OBS removal order of the rows of `weight` [width, outputs] (fc2, fed by a
     hidden activation of covariance `covariance`), `depth` steps deep, costs not yet normalized.
 
@@ -158,9 +160,16 @@ ROUND_FRACTION = 64
 POOL_FACTOR = 4
 
 
-def rankings(stats: dict[str, Stats], score: str = "variance", model: onnx.ModelProto | None = None,
-             blocks: list[MlpBlock] | None = None, *, depth: int | None = None, external_dir: Path | None = None,
-             ridge_lambda: float = DEFAULT_RIDGE_LAMBDA) -> dict[str, Ranking]:
+def rankings(
+    stats: dict[str, Stats],
+    score: str = "variance",
+    model: onnx.ModelProto | None = None,
+    blocks: list[MlpBlock] | None = None,
+    *,
+    depth: int | None = None,
+    external_dir: Path | None = None,
+    ridge_lambda: float = DEFAULT_RIDGE_LAMBDA,
+) -> dict[str, Ranking]:
     """Each block's removal order and step costs under criterion `score`.
 
     "variance-x-norm" and "obs" also need `model` and `blocks` (fc2's weights); "obs" needs
@@ -173,8 +182,7 @@ def rankings(stats: dict[str, Stats], score: str = "variance", model: onnx.Model
         return {name: Ranking.by_score(s.variance) for name, s in stats.items()}
     if score == "variance-x-norm":
         weights = fc2_rows(model, blocks, external_dir)
-        return {name: Ranking.by_score(s.variance * np.square(weights[name]).sum(axis=1))
-                for name, s in stats.items()}
+        return {name: Ranking.by_score(s.variance * np.square(weights[name]).sum(axis=1)) for name, s in stats.items()}
     weights = fc2_rows(model, blocks, external_dir, to_residual=True)
     energies = {name: s.stream_energy for name, s in stats.items()}
     streams_known = all(energies.values())

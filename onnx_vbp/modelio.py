@@ -50,20 +50,28 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> No
         entries = _external_entries(tensor)
         end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
         if "length" in entries and data.stat().st_size < end:
-            raise ModelError(f"{path}: external data file {data.name} is truncated ({data.stat().st_size} bytes, "
-                             f"tensor '{tensor.name}' needs {end})")
+            raise ModelError(
+                f"{path}: external data file {data.name} is truncated ({data.stat().st_size} bytes, "
+                f"tensor '{tensor.name}' needs {end})"
+            )
 
 
 _PACKED_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4} | (  # two values per byte
-    {onnx.TensorProto.FLOAT4E2M1} if hasattr(onnx.TensorProto, "FLOAT4E2M1") else set())
+    {onnx.TensorProto.FLOAT4E2M1} if hasattr(onnx.TensorProto, "FLOAT4E2M1") else set()
+)
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
     """Every constant holds as many values as its dims say, in a known type (onnx.checker does
     not look; numpy would fail deep inside a stage)."""
-    tensors = list(model.graph.initializer) + [attr.t for node in model.graph.node if node.op_type == "Constant"
-                                               for attr in node.attribute if attr.name == "value"]
+    tensors = list(model.graph.initializer) + [
+        attr.t
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attr in node.attribute
+        if attr.name == "value"
+    ]
     for tensor in tensors:
         if tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
             continue
@@ -84,8 +92,9 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
             per_value = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
             held = len(typed) // per_value
         if held is not None and held != count:
-            raise ModelError(f"{path}: tensor '{tensor.name}' holds {held} values, its dims {list(tensor.dims)} "
-                             f"say {count}")
+            raise ModelError(
+                f"{path}: tensor '{tensor.name}' holds {held} values, its dims {list(tensor.dims)} say {count}"
+            )
 
 
 def _check_names(model: onnx.ModelProto, path: Path) -> None:
@@ -93,9 +102,14 @@ def _check_names(model: onnx.ModelProto, path: Path) -> None:
     bytes, which no stage expects)."""
     graph = model.graph
     values = [*graph.input, *graph.output, *graph.value_info]
-    names = [graph.name, *(t.name for t in graph.initializer), *(v.name for v in values),
-             *(text for n in graph.node for text in (n.name, n.op_type, n.domain, *n.input, *n.output)),
-             *(a.name for n in graph.node for a in n.attribute), *(o.domain for o in model.opset_import)]
+    names = [
+        graph.name,
+        *(t.name for t in graph.initializer),
+        *(v.name for v in values),
+        *(text for n in graph.node for text in (n.name, n.op_type, n.domain, *n.input, *n.output)),
+        *(a.name for n in graph.node for a in n.attribute),
+        *(o.domain for o in model.opset_import),
+    ]
     if any(not isinstance(name, str) for name in names):
         raise ModelError(f"{path}: a name in the graph is not valid UTF-8 text (a damaged file?)")
 
@@ -254,8 +268,13 @@ def model_files(path: Path) -> list[Path]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # any parse failure is reported by load_model, with its reason
         return [path]
-    locations = {entry.value for tensor in model.graph.initializer if uses_external_data(tensor)
-                 for entry in tensor.external_data if entry.key == "location"}
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        if uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
     return [path, *(path.parent / location for location in sorted(locations))]
 
 
@@ -448,12 +467,16 @@ def verify_model(written: Path, feed: Mapping[str, np.ndarray], expected: Mappin
         if not isinstance(got, np.ndarray) or not isinstance(want, np.ndarray):
             continue  # sequences and maps: ORT checked their types when it ran
         if got.dtype != want.dtype or got.shape != want.shape:
-            raise ModelError(f"output '{name}' of the pruned model is {got.dtype} {list(got.shape)} on a calibration "
-                             f"sample, the original's {want.dtype} {list(want.shape)}")
+            raise ModelError(
+                f"output '{name}' of the pruned model is {got.dtype} {list(got.shape)} on a calibration "
+                f"sample, the original's {want.dtype} {list(want.shape)}"
+            )
         if got.dtype.kind in "fc" and not np.isfinite(got).all() and np.isfinite(want).all():
             culprit = _first_non_finite_constant(written)
-            raise ModelError(f"output '{name}' of the pruned model holds NaN or Inf on a calibration sample where "
-                             "the original's is finite" + (f" (its constant '{culprit}' does)" if culprit else ""))
+            raise ModelError(
+                f"output '{name}' of the pruned model holds NaN or Inf on a calibration sample where "
+                "the original's is finite" + (f" (its constant '{culprit}' does)" if culprit else "")
+            )
 
 
 def _first_non_finite_constant(path: Path) -> str | None:
@@ -467,4 +490,3 @@ def _first_non_finite_constant(path: Path) -> str | None:
             if not np.isfinite(onnx.numpy_helper.to_array(tensor)).all():
                 return tensor.name
     return None
-

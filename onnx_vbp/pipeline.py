@@ -127,21 +127,34 @@ class PruneOptions:
         return dataclasses.replace(self, method="vbp", score=None, compensate=None)
 
 
-def _calibrate(model: onnx.ModelProto, blocks: list[MlpBlock], batches: Iterator[dict], options: PruneOptions,
-               external_dir: Path | None) -> tuple[dict[str, Stats], int, float]:
+def _calibrate(
+    model: onnx.ModelProto,
+    blocks: list[MlpBlock],
+    batches: Iterator[dict],
+    options: PruneOptions,
+    external_dir: Path | None,
+) -> tuple[dict[str, Stats], int, float]:
     """Calibrate with a progress bar (drawn only on a terminal); returns (stats, samples, seconds)."""
     start = time.perf_counter()
     samples = 0
-    with tqdm(desc="calibrating", unit="sample", disable=None if options.progress else True,
-              total=options.max_samples) as bar:
+    with tqdm(
+        desc="calibrating", unit="sample", disable=None if options.progress else True, total=options.max_samples
+    ) as bar:
 
         def on_batch(size: int) -> None:
             nonlocal samples
             samples += size
             bar.update(size)
 
-        stats = calibrate(model, blocks, batches, threads=options.threads, on_batch=on_batch,
-                          external_dir=external_dir, comoments=options.comoments)
+        stats = calibrate(
+            model,
+            blocks,
+            batches,
+            threads=options.threads,
+            on_batch=on_batch,
+            external_dir=external_dir,
+            comoments=options.comoments,
+        )
     return stats, samples, time.perf_counter() - start
 
 
@@ -150,8 +163,10 @@ def _check_stats_fit(stats: dict[str, Stats], blocks: list[MlpBlock], options: P
     found = {b.name: b.width for b in blocks}
     saved = {name: s.mean.size for name, s in stats.items()}
     if found != saved:
-        raise CalibrationError(f"statistics in {options.stats} do not match this model's MLP blocks "
-                               f"({len(saved)} saved, {len(found)} found)")
+        raise CalibrationError(
+            f"statistics in {options.stats} do not match this model's MLP blocks "
+            f"({len(saved)} saved, {len(found)} found)"
+        )
 
 
 def _have_comoments(stats: dict[str, Stats]) -> bool:
@@ -166,8 +181,10 @@ def fitted_options(options: PruneOptions, comoments: bool) -> PruneOptions:
         return options
     if options.method == "obs" and (options.score, options.compensate) == METHODS["obs"]:
         return options.without_comoments()
-    raise CalibrationError(f"--score {options.score} / --compensate {options.compensate} need second moments, and "
-                           "there are none (over the memory budget, or a statistics file saved without them)")
+    raise CalibrationError(
+        f"--score {options.score} / --compensate {options.compensate} need second moments, and "
+        "there are none (over the memory budget, or a statistics file saved without them)"
+    )
 
 
 @dataclass
@@ -196,8 +213,15 @@ class Prepared:
         deeper one."""
         key = (options.score, options.ridge_lambda)
         if key not in self._rankings or self._rankings[key][0] < depth:
-            found = rankings(self.stats, options.score, self.model, self.blocks, depth=depth,
-                             external_dir=self.external_dir, ridge_lambda=options.ridge_lambda)
+            found = rankings(
+                self.stats,
+                options.score,
+                self.model,
+                self.blocks,
+                depth=depth,
+                external_dir=self.external_dir,
+                ridge_lambda=options.ridge_lambda,
+            )
             self._rankings[key] = (depth, found)
         return self._rankings[key][1]
 
@@ -217,11 +241,20 @@ class Prepared:
             if options.scope == "global" and depth < deepest and room < int(options.ratio * sum(widths.values())):
                 depth = min(2 * depth, deepest)
                 continue
-            plan = select(self.stats, options.ratio, scope=options.scope, min_keep=options.min_keep,
-                          round_to=block_multiples(self.blocks, options.round_to), rankings=ranked)
-            saturated = [name for name, r in ranked.items()  # took every ranked removal, and may take more
-                         if plan.keep[name].size <= widths[name] - r.order.size
-                         and r.order.size < widths[name] - options.min_keep]
+            plan = select(
+                self.stats,
+                options.ratio,
+                scope=options.scope,
+                min_keep=options.min_keep,
+                round_to=block_multiples(self.blocks, options.round_to),
+                rankings=ranked,
+            )
+            saturated = [
+                name
+                for name, r in ranked.items()  # took every ranked removal, and may take more
+                if plan.keep[name].size <= widths[name] - r.order.size
+                and r.order.size < widths[name] - options.min_keep
+            ]
             if not saturated:
                 return plan
             depth = min(2 * depth, deepest)
@@ -236,8 +269,9 @@ class Prepared:
 
     def batches(self, source: Path, options: PruneOptions) -> Iterator[dict]:
         """Calibration batches from `source`, as `options` say."""
-        return iter_batches(source, self.specs, batch_size=options.batch_size, max_samples=options.max_samples,
-                            raw=options.raw)
+        return iter_batches(
+            source, self.specs, batch_size=options.batch_size, max_samples=options.max_samples, raw=options.raw
+        )
 
     def eval_batches(self, source: Path, options: PruneOptions) -> Iterator[dict]:
         """Held-out batches from `source`: all of it, at most EVAL_BATCH_SIZE samples per run
@@ -259,19 +293,44 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         why = "; ".join(f"{s.name}: {s.reason}" for s in blocks.skipped)
         quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
         if not options.allow_empty:
-            raise NoBlocksError(f"no prunable MLP block in {model_path}" + (f" (all skipped: {why})" if why else
-                                " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)")
-                                + (f"; the model is quantized ({', '.join(quantized)}): prune the float model, "
-                                   "then quantize it" if quantized else ""))
+            raise NoBlocksError(
+                f"no prunable MLP block in {model_path}"
+                + (
+                    f" (all skipped: {why})"
+                    if why
+                    else " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"
+                )
+                + (
+                    f"; the model is quantized ({', '.join(quantized)}): prune the float model, then quantize it"
+                    if quantized
+                    else ""
+                )
+            )
         log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
-    prepared = Prepared(model_path, model, external, specs, blocks, {}, 0, 0.0, {}, {}, {},
-                        weights_fingerprint(model, blocks, model_path.parent if external else None))
+    prepared = Prepared(
+        model_path,
+        model,
+        external,
+        specs,
+        blocks,
+        {},
+        0,
+        0.0,
+        {},
+        {},
+        {},
+        weights_fingerprint(model, blocks, model_path.parent if external else None),
+    )
 
     if blocks and options.comoments and not comoments_fit(blocks):
         fitted = fitted_options(options, comoments=False)
-        log.warning("second moments of these blocks need %.1f GiB, over the %.0f GiB budget: pruning with "
-                    "--method %s instead", comoment_bytes(blocks) / 2**30, COMOMENT_BUDGET / 2**30, fitted.method)
+        log.warning(
+            "second moments of these blocks need %.1f GiB, over the %.0f GiB budget: pruning with --method %s instead",
+            comoment_bytes(blocks) / 2**30,
+            COMOMENT_BUDGET / 2**30,
+            fitted.method,
+        )
         options = fitted
     if blocks and options.stats is not None:
         if calib is not None:
@@ -281,11 +340,16 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         prepared.sample_feed = _saved_feed(saved.feed, specs, options.stats)
         _check_stats_fit(prepared.stats, blocks, options)
         if saved.model is None:
-            log.warning("statistics in %s carry no model fingerprint (an older file): they cannot be checked "
-                        "against this model", options.stats)
+            log.warning(
+                "statistics in %s carry no model fingerprint (an older file): they cannot be checked "
+                "against this model",
+                options.stats,
+            )
         elif saved.model != prepared.fingerprint:
-            raise CalibrationError(f"statistics in {options.stats} were measured on another model: its MLP "
-                                   "weights differ from this one's (same blocks and widths); calibrate this model")
+            raise CalibrationError(
+                f"statistics in {options.stats} were measured on another model: its MLP "
+                "weights differ from this one's (same blocks and widths); calibrate this model"
+            )
         if fitted_options(options, _have_comoments(prepared.stats)) is not options:
             log.warning("statistics in %s have no second moments: pruning with --method vbp", options.stats)
         log.info("using statistics of %d samples from %s", prepared.samples, options.stats)
@@ -299,12 +363,20 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                 raise DataError("--max-samples cannot cap shards calibrated on Ray; pass a smaller CALIB instead")
             start = time.perf_counter()
             prepared.stats, prepared.samples = calibrate_on_ray(
-                model_path, calib, options.ray_shards, address=options.ray_address, batch_size=options.batch_size,
-                raw=options.raw, threads=options.threads, comoments=options.comoments)
+                model_path,
+                calib,
+                options.ray_shards,
+                address=options.ray_address,
+                batch_size=options.batch_size,
+                raw=options.raw,
+                threads=options.threads,
+                comoments=options.comoments,
+            )
             prepared.seconds = time.perf_counter() - start
         elif blocks:
             prepared.stats, prepared.samples, prepared.seconds = _calibrate(
-                model, blocks, prepared.batches(calib, options), options, prepared.external_dir)
+                model, blocks, prepared.batches(calib, options), options, prepared.external_dir
+            )
         prepared.source = _data_source(calib, options, specs)
         first = next(prepared.batches(calib, options))
         size = fixed_batch(specs) or 1  # one sample, unless the model fixes its batch
@@ -313,15 +385,23 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         raise DataError("no calibration data: give CALIB or --stats")
     if blocks:
         if prepared.samples < options.min_samples:
-            raise DataError(f"only {prepared.samples} calibration samples in {calib or options.stats}; at least "
-                            f"--min-samples {options.min_samples} are needed")
+            raise DataError(
+                f"only {prepared.samples} calibration samples in {calib or options.stats}; at least "
+                f"--min-samples {options.min_samples} are needed"
+            )
         log.info("calibrated on %d samples in %.1f s", prepared.samples, prepared.seconds)
         for name, block_stats in prepared.stats.items():
             width = block_stats.mean.size
             if block_stats.comoment is not None and block_stats.count < POSITIONS_PER_NEURON * width:
-                log.warning("block %s: its %d x %d covariance comes from only %d positions; the obs ranking and "
-                            "the ridge refit will fit noise: give more calibration data (at least %d positions)",
-                            name, width, width, block_stats.count, POSITIONS_PER_NEURON * width)
+                log.warning(
+                    "block %s: its %d x %d covariance comes from only %d positions; the obs ranking and "
+                    "the ridge refit will fit noise: give more calibration data (at least %d positions)",
+                    name,
+                    width,
+                    width,
+                    block_stats.count,
+                    POSITIONS_PER_NEURON * width,
+                )
     prepared.sample_outputs = _sample_outputs(prepared, options.stats)
     prepared.macs = node_macs(model, prepared.sample_feed, prepared.external_dir)
     return prepared
@@ -333,8 +413,11 @@ def _data_source(source: Path, options: PruneOptions, specs: list[InputSpec]) ->
     kind = data_kind(source)
     if kind == "images":
         encoder = ImageEncoder(specs, options.raw)
-        described["images"] = {"mean": encoder.mean.tolist(), "std": encoder.std.tolist(),
-                               "image_size": options.raw.image_size and list(options.raw.image_size)}
+        described["images"] = {
+            "mean": encoder.mean.tolist(),
+            "std": encoder.std.tolist(),
+            "image_size": options.raw.image_size and list(options.raw.image_size),
+        }
     elif kind == "text":
         described["text"] = {"tokenizer": str(options.raw.tokenizer), "max_length": options.raw.max_length}
     return described
@@ -344,8 +427,12 @@ def versions() -> dict[str, str]:
     """The versions that made a result, for reports."""
     from onnx_vbp import __version__  # the package's __init__ imports this module: read it at call time
 
-    return {"onnx_vbp": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "numpy": np.__version__}
+    return {
+        "onnx_vbp": __version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def _saved_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
@@ -363,8 +450,7 @@ def _sample_outputs(prepared: Prepared, stats_path: Path | None) -> dict[str, np
     statistics, where it may no longer fit the model)."""
     session = cpu_session(str(prepared.path))
     try:
-        return dict(zip((o.name for o in session.get_outputs()), session.run(None, prepared.sample_feed),
-                        strict=True))
+        return dict(zip((o.name for o in session.get_outputs()), session.run(None, prepared.sample_feed), strict=True))
     except ORT_ERRORS as exc:
         where = f"the sample saved in {stats_path}" if stats_path else "a calibration sample"
         raise CalibrationError(f"the model fails to run on {where}: {first_line(exc)}") from exc
@@ -425,9 +511,16 @@ def block_multiples(blocks: list[MlpBlock], round_to: int) -> dict[str, int]:
     return {b.name: math.lcm(round_to, NCHWC_CHANNELS) if b.conv else round_to for b in blocks}
 
 
-def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_data: Path | None = None,
-                   reference: dict | None = None, *, release_original: bool = False,
-                   publication: Publication | None = None) -> dict:
+def prune_prepared(
+    prepared: Prepared,
+    options: PruneOptions,
+    out: Path,
+    eval_data: Path | None = None,
+    reference: dict | None = None,
+    *,
+    release_original: bool = False,
+    publication: Publication | None = None,
+) -> dict:
     """Select, rewrite, write, verify and evaluate one pruned model from `prepared`; returns its
     report (`reference`: see `evaluate`).
 
@@ -445,10 +538,22 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
         plan = prepared.plan(options)
         for block in blocks:
             if plan.keep[block.name].size < DUBIOUS_KEEP * block.width:
-                log.warning("block %s keeps only %d of its %d neurons: if quality suffers, try --scope per-block or "
-                            "a --min-keep", block.name, plan.keep[block.name].size, block.width)
-        pruned = rewrite(model, blocks, prepared.stats, plan, compensate=options.compensate,
-                         ridge_lambda=options.ridge_lambda, external_dir=prepared.external_dir)
+                log.warning(
+                    "block %s keeps only %d of its %d neurons: if quality suffers, try --scope per-block or "
+                    "a --min-keep",
+                    block.name,
+                    plan.keep[block.name].size,
+                    block.width,
+                )
+        pruned = rewrite(
+            model,
+            blocks,
+            prepared.stats,
+            plan,
+            compensate=options.compensate,
+            ridge_lambda=options.ridge_lambda,
+            external_dir=prepared.external_dir,
+        )
     else:
         plan, pruned = Plan({}), model
     params_before, params_after = count_params(model), count_params(pruned)
@@ -461,11 +566,15 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
         verify_model(written, prepared.sample_feed, prepared.sample_outputs)
         bytes_before, bytes_after = file_bytes(prepared.path), file_bytes(written)
         if params_after > params_before or bytes_after > bytes_before + GROWTH_SLACK_BYTES:
-            raise ModelError(f"the pruned model would be larger than the original ({params_after} parameters, "
-                             f"{bytes_after} bytes, against {params_before} and {bytes_before}); nothing written")
+            raise ModelError(
+                f"the pruned model would be larger than the original ({params_after} parameters, "
+                f"{bytes_after} bytes, against {params_before} and {bytes_before}); nothing written"
+            )
         report = {
-            **{k: getattr(options, k) for k in ("ratio", "method", "scope", "min_keep", "round_to", "compensate",
-                                                 "ridge_lambda", "score")},
+            **{
+                k: getattr(options, k)
+                for k in ("ratio", "method", "scope", "min_keep", "round_to", "compensate", "ridge_lambda", "score")
+            },
             "model": str(prepared.path),
             "output": str(out),
             "blocks": block_rows(blocks, plan),
@@ -482,8 +591,13 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
             "versions": versions(),
         }
         if eval_data is not None:
-            report["eval"] = evaluate(prepared.path, written, prepared.eval_batches(eval_data, options),
-                                      threads=options.threads, reference=reference)
+            report["eval"] = evaluate(
+                prepared.path,
+                written,
+                prepared.eval_batches(eval_data, options),
+                threads=options.threads,
+                reference=reference,
+            )
             report["eval"]["data"] = _data_source(eval_data, options, prepared.specs)
     return report
 
@@ -493,8 +607,14 @@ def prune_prepared(prepared: Prepared, options: PruneOptions, out: Path, eval_da
 GROWTH_SLACK_BYTES = 4096
 
 
-def prune(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], ratio: float = 0.35, *,
-          options: PruneOptions = PruneOptions(), external_dir: Path | str | None = None) -> onnx.ModelProto:
+def prune(
+    model: onnx.ModelProto,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    ratio: float = 0.35,
+    *,
+    options: PruneOptions = PruneOptions(),
+    external_dir: Path | str | None = None,
+) -> onnx.ModelProto:
     """The whole job in memory, in one call: find the blocks of `model`, calibrate on `batches`,
     rank, select `ratio` of the neurons and rewrite; returns the pruned model (`model` is not
     modified). `options` chooses the method and the rest as on the command line (their file and
@@ -503,23 +623,52 @@ def prune(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], r
     options = dataclasses.replace(options, ratio=ratio)
     blocks = find_mlp_blocks(model)
     if not blocks:
-        raise NoBlocksError("no prunable MLP block in the model"
-                            + "".join(f"; {s.name}: {s.reason}" for s in blocks.skipped))
+        raise NoBlocksError(
+            "no prunable MLP block in the model" + "".join(f"; {s.name}: {s.reason}" for s in blocks.skipped)
+        )
     if options.comoments and not comoments_fit(blocks):
         options = fitted_options(options, comoments=False)
     folder = None if external_dir is None else Path(external_dir)
-    stats = calibrate(model, blocks, batches, threads=options.threads, external_dir=folder,
-                      comoments=options.comoments)
+    stats = calibrate(model, blocks, batches, threads=options.threads, external_dir=folder, comoments=options.comoments)
     options = fitted_options(options, _have_comoments(stats))
-    prepared = Prepared(folder / "model.onnx" if folder else Path(), model, folder is not None, model_inputs(model),
-                        blocks, stats, 0, 0.0, {}, {}, {}, "")
-    return rewrite(model, blocks, stats, prepared.plan(options), compensate=options.compensate,
-                   ridge_lambda=options.ridge_lambda, external_dir=folder)
+    prepared = Prepared(
+        folder / "model.onnx" if folder else Path(),
+        model,
+        folder is not None,
+        model_inputs(model),
+        blocks,
+        stats,
+        0,
+        0.0,
+        {},
+        {},
+        {},
+        "",
+    )
+    return rewrite(
+        model,
+        blocks,
+        stats,
+        prepared.plan(options),
+        compensate=options.compensate,
+        ridge_lambda=options.ridge_lambda,
+        external_dir=folder,
+    )
 
 
 # Ops of ORT's and ONNX's quantized forms: such a model's MLP blocks are not float MatMuls.
-QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeLinear", "QuantizeLinear",
-                 "DequantizeLinear", "QLinearConv", "ConvInteger", "DynamicQuantizeMatMul", "QGemm")
+QUANTIZED_OPS = (
+    "MatMulInteger",
+    "QLinearMatMul",
+    "MatMulNBits",
+    "DynamicQuantizeLinear",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+)
 
 
 def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | None = None) -> dict:
@@ -534,37 +683,52 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
     try:
         macs = node_macs(model, feed, model_path.parent if external else None)
     except CalibrationError as exc:
-        raise CalibrationError(f"{exc} (random inputs of length {seq}: try a shorter --seq, or --data)"
-                               if data is None else str(exc)) from exc
+        raise CalibrationError(
+            f"{exc} (random inputs of length {seq}: try a shorter --seq, or --data)" if data is None else str(exc)
+        ) from exc
     quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
     hints = []
     if quantized:
-        hints.append(f"the model is quantized ({', '.join(quantized)}): prune the float model first, then quantize "
-                     "the pruned one")
+        hints.append(
+            f"the model is quantized ({', '.join(quantized)}): prune the float model first, then quantize "
+            "the pruned one"
+        )
     if not blocks:
-        hints.append("no prunable MLP block: onnx_vbp looks for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv "
-                     "layers (see README, What is recognised)")
+        hints.append(
+            "no prunable MLP block: onnx_vbp looks for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv "
+            "layers (see README, What is recognised)"
+        )
     rows = block_rows(blocks, Plan({b.name: np.arange(b.width) for b in blocks}))
     for row, block in zip(rows, blocks, strict=True):
         del row["width_after"]
         row["width"] = row.pop("width_before")
         nodes = {ref.node for site in block.sites for ref in (*site.fc1_params, site.fc2_weight)}  # Gemm: W and b
         row["macs"] = sum(macs.get(node, 0) for node in nodes)
-    return {"model": str(model_path), "blocks": rows, "skipped": [{"name": s.name, "reason": s.reason}
-                                                                   for s in blocks.skipped],
-            "neurons": sum(b.width for b in blocks), "macs": sum(macs.values()),
-            "macs_in_blocks": sum(row["macs"] for row in rows), "inputs": {k: list(v.shape) for k, v in feed.items()},
-            "quantized_ops": quantized, "hints": hints}
+    return {
+        "model": str(model_path),
+        "blocks": rows,
+        "skipped": [{"name": s.name, "reason": s.reason} for s in blocks.skipped],
+        "neurons": sum(b.width for b in blocks),
+        "macs": sum(macs.values()),
+        "macs_in_blocks": sum(row["macs"] for row in rows),
+        "inputs": {k: list(v.shape) for k, v in feed.items()},
+        "quantized_ops": quantized,
+        "hints": hints,
+    }
 
 
 def warn_dubious(options: PruneOptions, calib: Path | None, eval_data: Path | None) -> None:
     """Warn about runs that are legal but rarely what was meant."""
     if options.ratio >= DUBIOUS_RATIO:
-        log.warning("--ratio %g removes most of the MLP neurons: expect a large loss of quality (sweep shows the "
-                    "trade-off)", options.ratio)
+        log.warning(
+            "--ratio %g removes most of the MLP neurons: expect a large loss of quality (sweep shows the trade-off)",
+            options.ratio,
+        )
     if calib is not None and eval_data is not None and calib.resolve() == eval_data.resolve():
-        log.warning("--eval is the calibration data itself: the evaluation is not held out and will look better "
-                    "than on new data")
+        log.warning(
+            "--eval is the calibration data itself: the evaluation is not held out and will look better "
+            "than on new data"
+        )
 
 
 def input_files(model_path: Path, *sources: Path | None, options: PruneOptions = PruneOptions()) -> list[Path]:
@@ -594,8 +758,9 @@ def prune_file(
     before any work; the input files are never modified, and the outputs appear together at the
     end or not at all.
     """
-    model_path, calib, eval_data, report_path = (None if p is None else Path(p)
-                                                 for p in (model_path, calib, eval_data, report_path))
+    model_path, calib, eval_data, report_path = (
+        None if p is None else Path(p) for p in (model_path, calib, eval_data, report_path)
+    )
     out = Path(out) if out is not None else default_output(model_path)
     if out.is_dir():
         out = out / default_output(model_path).name
@@ -628,5 +793,6 @@ def merge_stats_files(parts: list[Path], out: Path) -> None:
     if len({part.model for part in loaded}) > 1:
         raise CalibrationError("the statistics files were measured on different models (their fingerprints differ)")
     with publishing() as publication:
-        save_stats(publication.stage(out), merged, sum(part.samples for part in loaded), loaded[0].feed,
-                   loaded[0].model)
+        save_stats(
+            publication.stage(out), merged, sum(part.samples for part in loaded), loaded[0].feed, loaded[0].model
+        )

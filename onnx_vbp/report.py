@@ -25,8 +25,9 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
 
 
-def node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_dir: Path | None = None
-              ) -> dict[str, int]:
+def node_macs(
+    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_dir: Path | None = None
+) -> dict[str, int]:
     """Multiply-accumulates per sample of each MatMul/Gemm/Conv (keyed by its first output), from
     the shapes seen running `feed`."""
     known = {t.name: tuple(t.dims) for t in model.graph.initializer}
@@ -83,11 +84,12 @@ def block_rows(blocks: list[MlpBlock], plan: Plan) -> list[dict]:
 
 def format_inspection(found: Mapping) -> str:
     """`inspect_model`'s result as a short table."""
-    lines = [f"{found['model']}: {len(found['blocks'])} MLP blocks, {found['neurons']} hidden neurons; "
-             f"{found['macs'] / 1e6:,.1f} M MACs per sample at inputs "
-             + ", ".join(f"{name} {shape}" for name, shape in found["inputs"].items())
-             + (f", {found['macs_in_blocks'] / max(found['macs'], 1):.0%} of them in the blocks" if found["blocks"]
-                else "")]
+    lines = [
+        f"{found['model']}: {len(found['blocks'])} MLP blocks, {found['neurons']} hidden neurons; "
+        f"{found['macs'] / 1e6:,.1f} M MACs per sample at inputs "
+        + ", ".join(f"{name} {shape}" for name, shape in found["inputs"].items())
+        + (f", {found['macs_in_blocks'] / max(found['macs'], 1):.0%} of them in the blocks" if found["blocks"] else "")
+    ]
     if found["blocks"]:
         lines.append(f"{'block':<36} {'activation':<11} {'width':>6} {'sites':>5} {'MACs/sample':>12}")
         for b in found["blocks"]:
@@ -115,16 +117,26 @@ def format_table(report: Mapping) -> str:
     evaluation = report.get("eval")
     if evaluation:
         if "top1_before" in evaluation:
-            lines.append(f"{'top-1':<14} {evaluation['top1_before']:>14.4f} {evaluation['top1_after']:>14.4f} "
-                         f"{evaluation['top1_after'] - evaluation['top1_before']:>+8.4f}")
+            lines.append(
+                f"{'top-1':<14} {evaluation['top1_before']:>14.4f} {evaluation['top1_after']:>14.4f} "
+                f"{evaluation['top1_after'] - evaluation['top1_before']:>+8.4f}"
+            )
         for name, metrics in evaluation["outputs"].items():
-            extras = "".join(f", {label} {metrics[key]:.4f}" for key, label in
-                             (("top1_agreement", "top-1 agreement"), ("similarity_spearman", "similarity Spearman"))
-                             if key in metrics)
-            lines.append(f"output {name[:30]}: cosine {metrics['cosine']:.5f}, relative L2 {metrics['rel_l2']:.5f}"
-                         + extras)
+            extras = "".join(
+                f", {label} {metrics[key]:.4f}"
+                for key, label in (
+                    ("top1_agreement", "top-1 agreement"),
+                    ("similarity_spearman", "similarity Spearman"),
+                )
+                if key in metrics
+            )
+            lines.append(
+                f"output {name[:30]}: cosine {metrics['cosine']:.5f}, relative L2 {metrics['rel_l2']:.5f}" + extras
+            )
     cal = report["calibration"]
-    lines.append(f"calibrated on {cal['samples']} samples in {cal['seconds']:.1f} s; "
-                 f"pruned {report['neurons_before'] - report['neurons_after']} of {report['neurons_before']} "
-                 f"MLP neurons (--method {report['method']}, {report['scope']}, ratio {report['ratio']})")
+    lines.append(
+        f"calibrated on {cal['samples']} samples in {cal['seconds']:.1f} s; "
+        f"pruned {report['neurons_before'] - report['neurons_after']} of {report['neurons_before']} "
+        f"MLP neurons (--method {report['method']}, {report['scope']}, ratio {report['ratio']})"
+    )
     return "\n".join(lines)

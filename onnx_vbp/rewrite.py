@@ -72,8 +72,9 @@ class _Editor:
         position = self.graph.nodes.index(node)
         for link in reversed(traced.chain):
             out = gs.Variable(self.fresh(link.outputs[0].name), link.outputs[0].dtype, link.outputs[0].shape)
-            clone = gs.Node(link.op, self.fresh(link.name or link.op), dict(link.attrs), [tensor], [out],
-                            domain=link.domain)
+            clone = gs.Node(
+                link.op, self.fresh(link.name or link.op), dict(link.attrs), [tensor], [out], domain=link.domain
+            )
             self.graph.nodes.insert(position, clone)
             position += 1
             tensor = out
@@ -91,8 +92,9 @@ class _Editor:
         if len(mine) == len(consumers) and not any(id(t) in self.graph_outputs for t in node.outputs):
             return node
         outputs = [gs.Variable(self.fresh(t.name), t.dtype, t.shape) for t in node.outputs]
-        clone = gs.Node(node.op, self.fresh(node.name or node.op), dict(node.attrs), list(node.inputs), outputs,
-                        domain=node.domain)
+        clone = gs.Node(
+            node.op, self.fresh(node.name or node.op), dict(node.attrs), list(node.inputs), outputs, domain=node.domain
+        )
         self.graph.nodes.insert(self.graph.nodes.index(node) + 1, clone)
         replacement = {id(old): new for old, new in zip(node.outputs, outputs, strict=True)}
         for consumer in mine:
@@ -174,8 +176,14 @@ def _block_refs(site: MlpSite) -> list[ParamRef]:
     return refs
 
 
-def compensation(weight: np.ndarray, stats: Stats, keep: np.ndarray, pruned: np.ndarray, method: str,
-                 ridge_lambda: float = DEFAULT_RIDGE_LAMBDA) -> tuple[np.ndarray | None, np.ndarray]:
+def compensation(
+    weight: np.ndarray,
+    stats: Stats,
+    keep: np.ndarray,
+    pruned: np.ndarray,
+    method: str,
+    ridge_lambda: float = DEFAULT_RIDGE_LAMBDA,
+) -> tuple[np.ndarray | None, np.ndarray]:
     """How fc2 absorbs the pruned neurons: (new rows for the kept neurons or None, bias change).
 
     `weight` is fc2's [width, out] matrix (float64). "mean" folds the pruned neurons' mean:
@@ -193,13 +201,22 @@ def compensation(weight: np.ndarray, stats: Stats, keep: np.ndarray, pruned: np.
     scale = np.trace(c_kk) / keep.size
     if scale == 0.0:  # every kept neuron is constant: nothing to regress on
         return None, bias_delta
-    update = np.linalg.solve(c_kk + ridge_lambda * scale * np.eye(keep.size),
-                             covariance[np.ix_(keep, pruned)] @ weight[pruned])
+    update = np.linalg.solve(
+        c_kk + ridge_lambda * scale * np.eye(keep.size), covariance[np.ix_(keep, pruned)] @ weight[pruned]
+    )
     return weight[keep] + update, bias_delta - update.T @ mean[keep]
 
 
-def _compensate(editor: _Editor, block: MlpBlock, stats: Stats, keep: np.ndarray, pruned: np.ndarray,
-                readers: set[int], method: str, ridge_lambda: float) -> None:
+def _compensate(
+    editor: _Editor,
+    block: MlpBlock,
+    stats: Stats,
+    keep: np.ndarray,
+    pruned: np.ndarray,
+    readers: set[int],
+    method: str,
+    ridge_lambda: float,
+) -> None:
     new_rows = bias_delta = None
     updated: set[int] = set()
     done: set[int] = set()
@@ -210,8 +227,9 @@ def _compensate(editor: _Editor, block: MlpBlock, stats: Stats, keep: np.ndarray
         effective = traced.value()
         matrix = np.moveaxis(effective.astype(np.float64), axis, 0)  # [width, out, (1, 1)]
         if bias_delta is None:  # tied sites share fc2's weight: one solution serves all
-            new_rows, bias_delta = compensation(matrix.reshape(block.width, -1), stats, keep, pruned, method,
-                                                ridge_lambda)
+            new_rows, bias_delta = compensation(
+                matrix.reshape(block.width, -1), stats, keep, pruned, method, ridge_lambda
+            )
         if new_rows is not None and id(traced.source) not in updated:
             updated.add(id(traced.source))
             matrix[keep] = new_rows.reshape(matrix[keep].shape)
@@ -219,8 +237,9 @@ def _compensate(editor: _Editor, block: MlpBlock, stats: Stats, keep: np.ndarray
         _add_to_bias(editor, site.fc2_bias, bias_delta * site.fc2_bias.scale, effective.dtype, readers, done)
 
 
-def _add_to_bias(editor: _Editor, ref: BiasRef, delta: np.ndarray, dtype: np.dtype, readers: set[int],
-                 done: set[int]) -> None:
+def _add_to_bias(
+    editor: _Editor, ref: BiasRef, delta: np.ndarray, dtype: np.dtype, readers: set[int], done: set[int]
+) -> None:
     node = editor.nodes[ref.node]
     if ref.input is None:
         editor.insert_bias_add(node, delta.astype(dtype))

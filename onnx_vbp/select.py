@@ -63,16 +63,20 @@ def select(
         total = sum(r.width for r in ranked.values())
         room = {name: max(min(r.order.size, r.width - min_keep), 0) for name, r in ranked.items()}
         if int(ratio * total) > sum(room.values()):
-            raise SelectionError(f"ratio {ratio} removes {int(ratio * total)} of {total} neurons, but keeping "
-                                 f"--min-keep {min_keep} per block leaves only {sum(room.values())} removable")
+            raise SelectionError(
+                f"ratio {ratio} removes {int(ratio * total)} of {total} neurons, but keeping "
+                f"--min-keep {min_keep} per block leaves only {sum(room.values())} removable"
+            )
         removed = _allocate(ranked, room, int(ratio * total))
     else:
         removed = {}
         for name, r in ranked.items():
             count = int(ratio * r.width)
             if r.width - count < min_keep:
-                raise SelectionError(f"ratio {ratio} would leave block '{name}' {r.width - count} "
-                                     f"of {r.width} neurons, fewer than --min-keep {min_keep}")
+                raise SelectionError(
+                    f"ratio {ratio} would leave block '{name}' {r.width - count} "
+                    f"of {r.width} neurons, fewer than --min-keep {min_keep}"
+                )
             if count > r.order.size:
                 raise SelectionError(f"block '{name}' was ranked only {r.order.size} removals deep, {count} needed")
             removed[name] = count

@@ -20,9 +20,18 @@ def retention(evaluation: dict) -> float:
     return next(iter(evaluation["outputs"].values()))["cosine"]
 
 
-def sweep(model_path: Path | str, calib: Path | str | None, ratios: list[float], eval_data: Path | str,
-          options: PruneOptions = PruneOptions(), *, target: float | None = None, output: Path | str | None = None,
-          report_path: Path | str | None = None, plot: Path | str | None = None) -> tuple[list[dict], dict | None]:
+def sweep(
+    model_path: Path | str,
+    calib: Path | str | None,
+    ratios: list[float],
+    eval_data: Path | str,
+    options: PruneOptions = PruneOptions(),
+    *,
+    target: float | None = None,
+    output: Path | str | None = None,
+    report_path: Path | str | None = None,
+    plot: Path | str | None = None,
+) -> tuple[list[dict], dict | None]:
     """Calibrate once, prune and evaluate one model per ratio; returns their reports (each with a
     `retention` field, in the order of `ratios`) and the row `pick` chooses for `target`, if any.
 
@@ -32,11 +41,13 @@ def sweep(model_path: Path | str, calib: Path | str | None, ratios: list[float],
     ratios are written to a temporary folder and removed; their rows have no `output`.
     """
     model_path, calib, eval_data, output, report_path, plot = (
-        None if p is None else Path(p) for p in (model_path, calib, eval_data, output, report_path, plot))
+        None if p is None else Path(p) for p in (model_path, calib, eval_data, output, report_path, plot)
+    )
     outputs = {"the report": report_path, "the plot": plot, "the statistics file": options.save_stats}
     if output is not None:
-        outputs.update({"the output model": output, "the output model's data file": output.with_name(
-            f"{output.name}.data")})
+        outputs.update(
+            {"the output model": output, "the output model's data file": output.with_name(f"{output.name}.data")}
+        )
     outputs = {role: Path(path) for role, path in outputs.items() if path is not None}
     if options.stats is not None:
         outputs.pop("the statistics file", None)
@@ -45,16 +56,19 @@ def sweep(model_path: Path | str, calib: Path | str | None, ratios: list[float],
     if plot is not None:
         _pyplot()  # before the work, not after it
     name = output.name if output is not None else f"{model_path.stem}.onnx"
-    with publishing() as publication, tempfile.TemporaryDirectory(
-            prefix=".onnx_vbp.", dir=output.parent if output is not None else None) as folder:
+    with (
+        publishing() as publication,
+        tempfile.TemporaryDirectory(prefix=".onnx_vbp.", dir=output.parent if output is not None else None) as folder,
+    ):
         prepared = prepare(model_path, calib, options)
         reference: dict = {}  # the original's held-out outputs, computed once
         rows = []
         for ratio in ratios:
             candidate = Path(folder) / f"r{ratio:g}" / name  # `name`: its data file keeps its name when published
             candidate.parent.mkdir()
-            report = prune_prepared(prepared, dataclasses.replace(options, ratio=ratio, save_stats=None), candidate,
-                                    eval_data, reference)
+            report = prune_prepared(
+                prepared, dataclasses.replace(options, ratio=ratio, save_stats=None), candidate, eval_data, reference
+            )
             rows.append({**report, "output": None, "retention": retention(report["eval"])})
         best = pick(rows, target) if target is not None else None
         if best is not None and output is not None:
@@ -86,8 +100,10 @@ def format_sweep(rows: list[dict]) -> str:
     for row in rows:
         evaluation = row["eval"]
         metric = "top-1 after/before" if evaluation.get("top1_before") else "cosine"
-        lines.append(f"{row['ratio']:>6g} {row['macs_after'] / row['macs_before'] - 1:>+8.1%} "
-                     f"{row['params_after'] / row['params_before'] - 1:>+8.1%} {row['retention']:>10.4f}  {metric}")
+        lines.append(
+            f"{row['ratio']:>6g} {row['macs_after'] / row['macs_before'] - 1:>+8.1%} "
+            f"{row['params_after'] / row['params_before'] - 1:>+8.1%} {row['retention']:>10.4f}  {metric}"
+        )
     return "\n".join(lines)
 
 

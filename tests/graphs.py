@@ -75,11 +75,9 @@ class Builder:
             self.inits.append(tensor)
         return name
 
-    def op(self, op: str, inputs: list[str], domain: str | None = None, node_name: str | None = None,
-           **attrs) -> str:
+    def op(self, op: str, inputs: list[str], domain: str | None = None, node_name: str | None = None, **attrs) -> str:
         out = self.name(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], name=node_name or self.name(op), domain=domain,
-                                           **attrs))
+        self.nodes.append(helper.make_node(op, inputs, [out], name=node_name or self.name(op), domain=domain, **attrs))
         return out
 
     def weight(self, w: np.ndarray, store: str) -> str:
@@ -114,8 +112,9 @@ class Builder:
         c = self.const
         if act == "gelu_erf_torch":
             erf = self.op("Erf", [self.op("Div", [x, c(math.sqrt(2.0), as_node=True)])])
-            return self.op("Mul", [self.op("Mul", [x, self.op("Add", [erf, c(1.0, as_node=True)])]),
-                                   c(0.5, as_node=True)])
+            return self.op(
+                "Mul", [self.op("Mul", [x, self.op("Add", [erf, c(1.0, as_node=True)])]), c(0.5, as_node=True)]
+            )
         if act == "gelu_erf_reordered":
             erf = self.op("Erf", [self.op("Mul", [c(1 / math.sqrt(2.0)), x])])
             return self.op("Mul", [self.op("Mul", [c(0.5), x]), self.op("Add", [c(1.0), erf])])
@@ -169,8 +168,16 @@ def input_shape(specs: list[BlockSpec], dim: int, batch: int | str = "batch", se
     return shapes[layout]
 
 
-def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 0, opset: int = 20,
-                layernorm: bool = False, residual: bool = True, batch: int | str = "batch") -> onnx.ModelProto:
+def build_model(
+    specs: list[BlockSpec],
+    dim: int = 8,
+    seq: int = 5,
+    seed: int = 0,
+    opset: int = 20,
+    layernorm: bool = False,
+    residual: bool = True,
+    batch: int | str = "batch",
+) -> onnx.ModelProto:
     """A model `x -> [LayerNorm] -> x + mlp_i(x) ...` with one MLP block per spec; the input layout
     follows the first spec, the batch dimension is symbolic or the given number."""
     rng = np.random.default_rng(seed)
@@ -178,8 +185,15 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
     x = "x"
     for i, spec in enumerate(specs):
         prefix = f"/blocks.{i}/mlp"
-        h = g.op("LayerNormalization", [x, g.const(np.ones(dim, np.float32)), g.const(np.zeros(dim, np.float32))],
-                 axis=-1) if layernorm and layout_of(spec) != "nchw" else x
+        h = (
+            g.op(
+                "LayerNormalization",
+                [x, g.const(np.ones(dim, np.float32)), g.const(np.zeros(dim, np.float32))],
+                axis=-1,
+            )
+            if layernorm and layout_of(spec) != "nchw"
+            else x
+        )
         if spec.layout:  # GPT-2 Conv1D: flatten tokens, Gemm, restore [B, S, hidden]
             shape_in = g.op("Shape", [h])
             h = g.op("Reshape", [h, g.const(np.array([-1, dim], np.int64))])
@@ -203,8 +217,11 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
         b2 = rng.normal(0, 0.1, features).astype(np.float32)
         if spec.fc2_bias == "skip_layernorm":
             out = g.linear(hidden, w2, None, spec.fc, spec.store, f"{prefix}/fc2")
-            x = g.op("SkipLayerNormalization", [out, x, g.const(np.ones(dim, np.float32)),
-                                                g.const(np.zeros(dim, np.float32)), g.const(b2)], domain=MS)
+            x = g.op(
+                "SkipLayerNormalization",
+                [out, x, g.const(np.ones(dim, np.float32)), g.const(np.zeros(dim, np.float32)), g.const(b2)],
+                domain=MS,
+            )
             continue
         out = g.linear(hidden, w2, b2 if spec.fc2_bias == "add" else None, spec.fc, spec.store, f"{prefix}/fc2")
         if spec.layout:
@@ -217,8 +234,11 @@ def build_model(specs: list[BlockSpec], dim: int = 8, seq: int = 5, seed: int = 
     g.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
     shape = input_shape(specs, dim, batch=batch, seq=seq)
     graph = helper.make_graph(
-        g.nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], g.inits,
+        g.nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        g.inits,
     )
     newest_op = max((OP_SINCE.get(spec.act, 0) for spec in specs), default=0)
     opsets = [helper.make_opsetid("", max(opset, newest_op)), helper.make_opsetid(MS, 1)]
@@ -253,8 +273,13 @@ def readers(model: onnx.ModelProto, op: str, name_part: str) -> onnx.NodeProto:
 def make_model(builder: Builder, x_shape: list, y: str) -> onnx.ModelProto:
     """A model from `builder`'s nodes, input `x` of `x_shape`, output `y` of the same shape."""
     builder.nodes.append(helper.make_node("Identity", [y], ["y"], name="output"))
-    graph = helper.make_graph(builder.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape)], builder.inits)
+    graph = helper.make_graph(
+        builder.nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape)],
+        builder.inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model

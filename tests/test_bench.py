@@ -23,11 +23,41 @@ def test_bench_reports_both_models_and_the_mac_bound(tmp_path: Path, capsys) -> 
     onnx.save(model, tmp_path / "net.onnx")
     (tmp_path / "calib").mkdir()
     np.savez(tmp_path / "calib" / "b.npz", **random_batch(model, batch=32))
-    assert main([str(tmp_path / "net.onnx"), str(tmp_path / "calib"), "--ratio", "0.5", "-q",
-                 "-o", str(tmp_path / "small.onnx"), "--report", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "net.onnx"),
+                str(tmp_path / "calib"),
+                "--ratio",
+                "0.5",
+                "-q",
+                "-o",
+                str(tmp_path / "small.onnx"),
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["bench", str(tmp_path / "net.onnx"), str(tmp_path / "small.onnx"), "--runs", "3", "--warmup", "1",
-                 "--batch-size", "4", "--json", "--perf-test-data"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(tmp_path / "net.onnx"),
+                str(tmp_path / "small.onnx"),
+                "--runs",
+                "3",
+                "--warmup",
+                "1",
+                "--batch-size",
+                "4",
+                "--json",
+                "--perf-test-data",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     report = json.loads((tmp_path / "r.json").read_text())
     assert result["mac_bound"] == report["macs_before"] / report["macs_after"]
@@ -40,8 +70,10 @@ def test_bench_reports_both_models_and_the_mac_bound(tmp_path: Path, capsys) -> 
 
 
 def test_inputs_random_or_from_data(tmp_path: Path) -> None:
-    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
-             InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq"))]
+    specs = [
+        InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+        InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq")),
+    ]
     feed = make_inputs(specs, 3, 16, None)
     assert feed["input_ids"].shape == (3, 16) and feed["attention_mask"].all()
     np.savez(tmp_path / "d.npz", input_ids=np.arange(10).reshape(2, 5), attention_mask=np.ones((2, 5), np.int64))
@@ -50,8 +82,9 @@ def test_inputs_random_or_from_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("fc", "extra_adds"), [("matmul", 2), ("gemm", 0), ("conv", 0)])
-def test_fc2_without_bias_fuses_as_before_but_for_the_bias_a_matmul_lacks(tmp_path: Path, fc: str,
-                                                                           extra_adds: int) -> None:
+def test_fc2_without_bias_fuses_as_before_but_for_the_bias_a_matmul_lacks(
+    tmp_path: Path, fc: str, extra_adds: int
+) -> None:
     """Gemm and Conv take the folded bias as an input; a 3-D MatMul has none, so each of its blocks
     gains exactly one Add (ORT's CPU optimizer fuses no MatMul + Add here, with or without pruning).
     Pruned through the CLI, whose plan keeps 1x1-Conv widths NCHWc-friendly."""
@@ -59,8 +92,22 @@ def test_fc2_without_bias_fuses_as_before_but_for_the_bias_a_matmul_lacks(tmp_pa
     onnx.save(model, tmp_path / "net.onnx")
     (tmp_path / "calib").mkdir()
     np.savez(tmp_path / "calib" / "b.npz", **random_batch(model, batch=8))
-    assert main([str(tmp_path / "net.onnx"), str(tmp_path / "calib"), "--ratio", "0.5", "-q", "--min-samples", "1",
-                 "-o", str(tmp_path / "small.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "net.onnx"),
+                str(tmp_path / "calib"),
+                "--ratio",
+                "0.5",
+                "-q",
+                "--min-samples",
+                "1",
+                "-o",
+                str(tmp_path / "small.onnx"),
+            ]
+        )
+        == 0
+    )
     result = bench(tmp_path / "net.onnx", tmp_path / "small.onnx", random_batch(model, batch=2), runs=1, warmup=0)
     adds = result["fusion_differences"].get("Add", [])
     assert result["fusion_differences"] == ({"Add": [adds[0], adds[0] + extra_adds]} if extra_adds else {})
@@ -100,9 +147,11 @@ def test_bench_inputs_from_text(tmp_path: Path) -> None:
     from onnx_vbp.data import RawOptions
 
     (tmp_path / "t.txt").write_text("hello world\nanother sentence\n")
-    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
-             InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq")),
-             InputSpec("token_type_ids", np.dtype(np.int64), ("batch", "seq"))]
+    specs = [
+        InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+        InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq")),
+        InputSpec("token_type_ids", np.dtype(np.int64), ("batch", "seq")),
+    ]
     feed = make_inputs(specs, 3, 16, tmp_path / "t.txt", raw=RawOptions(tokenizer=tokenizer))
     assert feed["input_ids"].shape[0] == 3 and feed["input_ids"][0, 0] == 101  # [CLS]
     assert not feed["token_type_ids"].any() and feed["attention_mask"][0].sum() == 4  # [CLS] hello world [SEP]

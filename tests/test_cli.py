@@ -34,15 +34,36 @@ def workspace(tmp_path: Path) -> Path:
 
 def test_prunes_to_default_output_with_json_report(workspace: Path, capsys) -> None:
     before = _digest(workspace / "net.onnx")
-    rc = main([str(workspace / "net.onnx"), str(workspace / "calib"), "--ratio", "0.5",
-               "--report", str(workspace / "r.json"), "--eval", str(workspace / "calib")])
+    rc = main(
+        [
+            str(workspace / "net.onnx"),
+            str(workspace / "calib"),
+            "--ratio",
+            "0.5",
+            "--report",
+            str(workspace / "r.json"),
+            "--eval",
+            str(workspace / "calib"),
+        ]
+    )
     assert rc == 0
     assert _digest(workspace / "net.onnx") == before
     out = workspace / "net.vbp.onnx"
     assert out.exists() and not list(workspace.glob(".net.vbp.onnx.*"))
     report = json.loads((workspace / "r.json").read_text())
-    for key in ("ratio", "scope", "blocks", "params_before", "params_after", "macs_before", "macs_after",
-                "file_bytes_before", "file_bytes_after", "calibration", "eval"):
+    for key in (
+        "ratio",
+        "scope",
+        "blocks",
+        "params_before",
+        "params_after",
+        "macs_before",
+        "macs_after",
+        "file_bytes_before",
+        "file_bytes_after",
+        "calibration",
+        "eval",
+    ):
         assert key in report
     assert report["calibration"]["samples"] == 24
     assert sum(b["width_after"] for b in report["blocks"]) == 32
@@ -58,8 +79,20 @@ def test_prunes_to_default_output_with_json_report(workspace: Path, capsys) -> N
 
 
 def test_ratio_zero_writes_an_equivalent_model(workspace: Path) -> None:
-    assert main([str(workspace / "net.onnx"), str(workspace / "calib"), "--ratio", "0", "-q",
-                 "-o", str(workspace / "same.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(workspace / "net.onnx"),
+                str(workspace / "calib"),
+                "--ratio",
+                "0",
+                "-q",
+                "-o",
+                str(workspace / "same.onnx"),
+            ]
+        )
+        == 0
+    )
     feed = dict(np.load(workspace / "calib" / "b0.npz"))
     a = ort.InferenceSession(str(workspace / "net.onnx")).run(None, feed)[0]
     b = ort.InferenceSession(str(workspace / "same.onnx")).run(None, feed)[0]
@@ -85,7 +118,6 @@ def test_external_data_is_kept_and_travels_with_the_output(workspace: Path) -> N
 def test_module_entry_point_help() -> None:
     result = subprocess.run([sys.executable, "-m", "onnx_vbp", "--help"], capture_output=True, text=True, check=True)
     assert "--ratio" in result.stdout and "Variance-Based Pruning" in result.stdout
-
 
 
 def test_large_external_weights_stay_on_disk_and_prune_like_in_memory(tmp_path: Path) -> None:
@@ -126,8 +158,21 @@ def test_report_dash_prints_the_json_report_on_stdout_with_versions_and_data(tmp
     model = build_model([BlockSpec(hidden=16)], seq=4)
     onnx.save(model, tmp_path / "net.onnx")
     np.savez(tmp_path / "calib.npz", **random_batch(model, batch=24))
-    assert main([str(tmp_path / "net.onnx"), str(tmp_path / "calib.npz"), "--report", "-", "--eval",
-                 str(tmp_path / "calib.npz"), "-o", str(tmp_path / "out.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "net.onnx"),
+                str(tmp_path / "calib.npz"),
+                "--report",
+                "-",
+                "--eval",
+                str(tmp_path / "calib.npz"),
+                "-o",
+                str(tmp_path / "out.onnx"),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)  # stdout is the report and nothing else
     assert report["versions"]["onnx_vbp"] == onnx_vbp.__version__ and "onnxruntime" in report["versions"]
     assert report["calibration"]["data"] == str(tmp_path / "calib.npz")
@@ -154,15 +199,25 @@ def test_inspect_lists_blocks_with_macs_and_hints_for_quantized_models(tmp_path:
     assert "hint: no prunable MLP block" in out
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--ratio", "0.85"], "--ratio 0.85 removes most of the MLP neurons"),
-    (["--eval", "{calib}"], "--eval is the calibration data itself"),
-    (["--ratio", "0.6", "--scope", "per-block", "--min-keep", "0"], None),  # control: no warning
-], ids=["ratio", "eval-is-calib", "control"])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ratio", "0.85"], "--ratio 0.85 removes most of the MLP neurons"),
+        (["--eval", "{calib}"], "--eval is the calibration data itself"),
+        (["--ratio", "0.6", "--scope", "per-block", "--min-keep", "0"], None),  # control: no warning
+    ],
+    ids=["ratio", "eval-is-calib", "control"],
+)
 def test_dubious_runs_warn(workspace: Path, caplog, extra: list[str], message: str | None) -> None:
     calib = workspace / "calib"
-    argv = [str(workspace / "net.onnx"), str(calib), "-q", "-o", str(workspace / "out.onnx"),
-            *[a.format(calib=calib) for a in extra]]
+    argv = [
+        str(workspace / "net.onnx"),
+        str(calib),
+        "-q",
+        "-o",
+        str(workspace / "out.onnx"),
+        *[a.format(calib=calib) for a in extra],
+    ]
     assert main(argv) == 0
     if message is None:
         assert not caplog.records
@@ -176,17 +231,55 @@ def test_a_block_left_with_under_a_fifth_of_its_neurons_warns(workspace: Path, c
     onnx.save(model, workspace / "net.onnx")
     for i, path in enumerate(sorted((workspace / "calib").iterdir())):
         np.savez(path, **random_batch(model, batch=8, seed=i))
-    assert main([str(workspace / "net.onnx"), str(workspace / "calib"), "-q", "--ratio", "0.5", "--method", "vbp",
-                 "-o", str(workspace / "out.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(workspace / "net.onnx"),
+                str(workspace / "calib"),
+                "-q",
+                "--ratio",
+                "0.5",
+                "--method",
+                "vbp",
+                "-o",
+                str(workspace / "out.onnx"),
+            ]
+        )
+        == 0
+    )
     assert "block /blocks.1/mlp keeps only 1 of its 32 neurons" in caplog.text  # --min-keep 1 holds it
 
 
 def test_statistics_with_calibration_data_say_the_data_is_unused(workspace: Path, caplog) -> None:
     stats = workspace / "s.npz"
-    assert main([str(workspace / "net.onnx"), str(workspace / "calib"), "-q", "--save-stats", str(stats),
-                 "-o", str(workspace / "a.onnx")]) == 0
-    assert main([str(workspace / "net.onnx"), str(workspace / "calib"), "--stats", str(stats), "-q",
-                 "-o", str(workspace / "b.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(workspace / "net.onnx"),
+                str(workspace / "calib"),
+                "-q",
+                "--save-stats",
+                str(stats),
+                "-o",
+                str(workspace / "a.onnx"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                str(workspace / "net.onnx"),
+                str(workspace / "calib"),
+                "--stats",
+                str(stats),
+                "-q",
+                "-o",
+                str(workspace / "b.onnx"),
+            ]
+        )
+        == 0
+    )
     assert "is not used: pruning from the statistics in" in caplog.text
 
 
@@ -197,8 +290,10 @@ def test_a_quantized_model_without_blocks_is_told_to_prune_before_quantizing(wor
     assert main([str(workspace / "int8.onnx"), str(workspace / "calib"), "-o", str(workspace / "o.onnx")]) == 1
     err = capsys.readouterr().err
     assert "the model is quantized (DynamicQuantizeLinear, MatMulInteger): prune the float model, then quantize" in err
-    assert main([str(workspace / "int8.onnx"), str(workspace / "calib"), "--allow-empty", "-o",
-                 str(workspace / "o.onnx")]) == 0
+    assert (
+        main([str(workspace / "int8.onnx"), str(workspace / "calib"), "--allow-empty", "-o", str(workspace / "o.onnx")])
+        == 0
+    )
     assert "no prunable MLP block: the output is an unchanged copy" in capsys.readouterr().out
 
 
@@ -207,14 +302,32 @@ def test_a_model_with_a_static_batch_prunes_evaluates_and_benches(tmp_path: Path
     model = build_model([BlockSpec(hidden=16), BlockSpec(hidden=16, act="relu")], seq=4, batch=batch)
     onnx.save(model, tmp_path / "net.onnx")
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(24, 4, 8)).astype(np.float32))
-    assert main([str(tmp_path / "net.onnx"), str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "calib.npz"),
-                 "--report", str(tmp_path / "r.json"), "-q", "-o", str(tmp_path / "out.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "net.onnx"),
+                str(tmp_path / "calib.npz"),
+                "--eval",
+                str(tmp_path / "calib.npz"),
+                "--report",
+                str(tmp_path / "r.json"),
+                "-q",
+                "-o",
+                str(tmp_path / "out.onnx"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["eval"]["samples"] == 24 - 24 % batch and report["macs_after"] < report["macs_before"]
     assert main(["inspect", str(tmp_path / "net.onnx"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["inputs"] == {"x": [batch, 4, 8]}
-    assert main(["bench", str(tmp_path / "net.onnx"), str(tmp_path / "out.onnx"), "--runs", "2", "--warmup", "0",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["bench", str(tmp_path / "net.onnx"), str(tmp_path / "out.onnx"), "--runs", "2", "--warmup", "0", "--json"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["mac_bound"] == report["macs_before"] / report["macs_after"]
 
 
@@ -226,8 +339,20 @@ def test_a_model_from_orts_fp16_converter_prunes(tmp_path: Path) -> None:
     model = build_model([BlockSpec(hidden=32), BlockSpec(hidden=32, act="relu")], seq=4)
     onnx.save(convert_float_to_float16(model, keep_io_types=True), tmp_path / "fp16.onnx")
     np.savez(tmp_path / "calib.npz", **random_batch(model, batch=24))
-    assert main([str(tmp_path / "fp16.onnx"), str(tmp_path / "calib.npz"), "-q", "--report", str(tmp_path / "r.json"),
-                 "-o", str(tmp_path / "out.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "fp16.onnx"),
+                str(tmp_path / "calib.npz"),
+                "-q",
+                "--report",
+                str(tmp_path / "r.json"),
+                "-o",
+                str(tmp_path / "out.onnx"),
+            ]
+        )
+        == 0
+    )
     pruned = onnx.load(tmp_path / "out.onnx")
     onnx.checker.check_model(pruned, full_check=True)  # written sorted, with consistent shapes
     weights = [t for t in pruned.graph.initializer if len(t.dims) == 2]

@@ -26,8 +26,13 @@ def test_demo_is_the_documented_model() -> None:
 
 @pytest.mark.parametrize("method", ["obs", "vbp"])
 def test_pruning_the_demo_at_035_keeps_top1(tmp_path: Path, method: str) -> None:
-    report = prune_file(MODELS / "demo_vit.onnx", MODELS / "calib", tmp_path / "demo.vbp.onnx",
-                        PruneOptions(ratio=0.35, method=method, progress=False), eval_data=MODELS / "eval")
+    report = prune_file(
+        MODELS / "demo_vit.onnx",
+        MODELS / "calib",
+        tmp_path / "demo.vbp.onnx",
+        PruneOptions(ratio=0.35, method=method, progress=False),
+        eval_data=MODELS / "eval",
+    )
     evaluation = report["eval"]
     assert evaluation["samples"] == 2000
     assert abs(evaluation["top1_before"] - FACTS["test_top1_eval_subset"]) < 1e-3
@@ -49,8 +54,17 @@ def test_demo_prunes_from_png_files_through_the_cli(tmp_path: Path) -> None:
         folder.mkdir()
         for i, image in enumerate(np.load(source)["image"][:48]):
             Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
-    argv = [str(MODELS / "demo_vit.onnx"), str(tmp_path / "calib"), "--eval", str(tmp_path / "eval"),
-            "-q", "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]
+    argv = [
+        str(MODELS / "demo_vit.onnx"),
+        str(tmp_path / "calib"),
+        "--eval",
+        str(tmp_path / "eval"),
+        "-q",
+        "-o",
+        str(tmp_path / "out.onnx"),
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
     assert main(argv) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["calibration"]["samples"] == 48

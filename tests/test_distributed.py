@@ -48,7 +48,22 @@ def test_ray_shards_merge_to_the_single_process_statistics(cluster, ws: Path) ->
 
 def test_cli_with_ray_prunes_like_one_process(cluster, ws: Path) -> None:
     for name, extra in (("local", []), ("ray", ["--ray", "2"])):
-        assert main([str(ws / "net.onnx"), str(ws / "calib"), "--ratio", "0.4", "-q", "-o", str(ws / f"{name}.onnx"),
-                     "--report", str(ws / f"{name}.json"), *extra]) == 0
+        assert (
+            main(
+                [
+                    str(ws / "net.onnx"),
+                    str(ws / "calib"),
+                    "--ratio",
+                    "0.4",
+                    "-q",
+                    "-o",
+                    str(ws / f"{name}.onnx"),
+                    "--report",
+                    str(ws / f"{name}.json"),
+                    *extra,
+                ]
+            )
+            == 0
+        )
     local, on_ray = (json.loads((ws / f"{n}.json").read_text()) for n in ("local", "ray"))
     assert on_ray["blocks"] == local["blocks"] and on_ray["calibration"]["samples"] == 30

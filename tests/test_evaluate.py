@@ -13,7 +13,8 @@ from onnx_vbp.evaluate import evaluate, spearman
 
 def _classifier(path: Path, weight: np.ndarray) -> Path:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["logits"])], "c",
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])],
+        "c",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
         [numpy_helper.from_array(weight.astype(np.float32), "w")],
@@ -77,8 +78,9 @@ def test_cached_reference_outputs_give_the_same_result(tmp_path: Path) -> None:
     assert evaluate(a, b, _batches(), reference=cache) == first
 
 
-def test_held_out_data_is_streamed_in_bounded_batches_and_not_capped_by_max_samples(tmp_path: Path,
-                                                                                    monkeypatch) -> None:
+def test_held_out_data_is_streamed_in_bounded_batches_and_not_capped_by_max_samples(
+    tmp_path: Path, monkeypatch
+) -> None:
     """A 300-sample file is evaluated 64 samples at a time (memory bounded by the batch, not the
     file), all of it, even with --max-samples capping calibration."""
     from graphs import BlockSpec, build_model, random_batch
@@ -98,22 +100,37 @@ def test_held_out_data_is_streamed_in_bounded_batches_and_not_capped_by_max_samp
             for batch in batches:
                 sizes.append(len(batch["x"]))
                 yield batch
+
         return real(original, pruned, counted(), **kwargs)
 
     monkeypatch.setattr(pipeline, "evaluate", spy)
-    report = prune_file(str(tmp_path / "net.onnx"), str(tmp_path / "calib.npz"), str(tmp_path / "out.onnx"),
-                        PruneOptions(max_samples=20, progress=False), eval_data=str(tmp_path / "held_out.npz"))
+    report = prune_file(
+        str(tmp_path / "net.onnx"),
+        str(tmp_path / "calib.npz"),
+        str(tmp_path / "out.onnx"),
+        PruneOptions(max_samples=20, progress=False),
+        eval_data=str(tmp_path / "held_out.npz"),
+    )
     assert sizes == [64, 64, 64, 64, 44] and report["eval"]["samples"] == 300
 
 
 def test_an_output_without_a_batch_axis_is_left_out(tmp_path: Path) -> None:
     """An output like an attention map [4, 4] (no row per sample) is not compared, not a crash."""
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Transpose", ["x"], ["xt"]),
-             helper.make_node("MatMul", ["xt", "x"], ["gram"])]  # [4, batch] @ [batch, 4]
-    graph = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
-                               helper.make_tensor_value_info("gram", TensorProto.FLOAT, [4, 4])],
-                              [numpy_helper.from_array(np.eye(4, 3, dtype=np.float32), "w")])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["logits"]),
+        helper.make_node("Transpose", ["x"], ["xt"]),
+        helper.make_node("MatMul", ["xt", "x"], ["gram"]),
+    ]  # [4, batch] @ [batch, 4]
+    graph = helper.make_graph(
+        nodes,
+        "c",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("gram", TensorProto.FLOAT, [4, 4]),
+        ],
+        [numpy_helper.from_array(np.eye(4, 3, dtype=np.float32), "w")],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     result = evaluate(tmp_path / "m.onnx", tmp_path / "m.onnx", _batches())
     assert list(result["outputs"]) == ["logits"] and result["outputs"]["logits"]["cosine"] == 1.0

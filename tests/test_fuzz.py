@@ -17,10 +17,15 @@ from hypothesis import strategies as st
 from onnx_vbp import calibrate, find_mlp_blocks, rewrite, select
 from onnx_vbp.select import Plan, SelectionError
 
-settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "500")), deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "thorough",
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "500")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 FC_BY_LAYOUT = {
@@ -37,13 +42,22 @@ def block_specs(draw, layout: str) -> BlockSpec:
     acts = [a for a in ACTIVATIONS if not (layout == "nchw" and a in FUSED_BIAS)]
     token_mixing = layout == "tokens" and fc.startswith("matmul") and draw(st.booleans())
     gated = not reshaped and draw(st.booleans())
-    biases = ["add", "none"] + (["skip_layernorm"] if layout == "tokens" and fc.startswith("matmul")
-                                and not token_mixing else [])
+    biases = ["add", "none"] + (
+        ["skip_layernorm"] if layout == "tokens" and fc.startswith("matmul") and not token_mixing else []
+    )
     hidden = draw(st.integers(2, 24))
-    return BlockSpec(fc=fc, act=draw(st.sampled_from(acts)), hidden=hidden, gated=gated,
-                     store=draw(st.sampled_from(["init", "constant", "transposed", "fp16"])),
-                     fc2_bias=draw(st.sampled_from(biases)), layout=reshaped, channels_last=layout == "nhwc",
-                     token_mixing=token_mixing, const_neurons=draw(st.integers(0, hidden)))
+    return BlockSpec(
+        fc=fc,
+        act=draw(st.sampled_from(acts)),
+        hidden=hidden,
+        gated=gated,
+        store=draw(st.sampled_from(["init", "constant", "transposed", "fp16"])),
+        fc2_bias=draw(st.sampled_from(biases)),
+        layout=reshaped,
+        channels_last=layout == "nhwc",
+        token_mixing=token_mixing,
+        const_neurons=draw(st.integers(0, hidden)),
+    )
 
 
 @st.composite
@@ -51,8 +65,15 @@ def mlp_models(draw) -> tuple[onnx.ModelProto, list[BlockSpec], int]:
     layout = draw(st.sampled_from(sorted(FC_BY_LAYOUT)))
     specs = draw(st.lists(block_specs(layout), min_size=1, max_size=4))
     batch = draw(st.sampled_from([3, "batch"]))
-    model = build_model(specs, dim=draw(st.integers(2, 8)), seq=draw(st.integers(2, 5)), seed=draw(st.integers(0, 99)),
-                        layernorm=draw(st.booleans()), residual=draw(st.booleans()), batch=batch)
+    model = build_model(
+        specs,
+        dim=draw(st.integers(2, 8)),
+        seq=draw(st.integers(2, 5)),
+        seed=draw(st.integers(0, 99)),
+        layernorm=draw(st.booleans()),
+        residual=draw(st.booleans()),
+        batch=batch,
+    )
     return model, specs, 3
 
 

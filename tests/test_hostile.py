@@ -29,8 +29,12 @@ from onnx_vbp.cli import main
 # Few examples each in CI (every one runs the whole command, ORT sessions included); set
 # HOSTILE_EXAMPLES=1000 to search longer, with fresh random examples.
 EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "0"))
-hostile = settings(max_examples=EXAMPLES or 25, deadline=None, derandomize=not EXAMPLES,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+hostile = settings(
+    max_examples=EXAMPLES or 25,
+    deadline=None,
+    derandomize=not EXAMPLES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 OPS = ["Relu", "Gelu", "Add", "Mul", "MatMul", "Sigmoid", "Identity", "Transpose", "Reshape", "Erf", "Div"]
 DTYPES = [np.float16, np.float64, np.int64, np.int8, np.bool_, np.complex64, np.uint8]
@@ -45,15 +49,29 @@ def clean(tmp_path_factory) -> Path:
     (root / "calib").mkdir()
     for seed in range(2):
         np.savez(root / "calib" / f"b{seed}.npz", **random_batch(model, batch=10, seed=seed))
-    assert main([str(root / "net.onnx"), str(root / "calib"), "-q", "--save-stats", str(root / "stats.npz"),
-                 "-o", str(root / "first.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(root / "net.onnx"),
+                str(root / "calib"),
+                "-q",
+                "--save-stats",
+                str(root / "stats.npz"),
+                "-o",
+                str(root / "first.onnx"),
+            ]
+        )
+        == 0
+    )
     (root / "first.onnx").unlink()
     return root
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _run_hostile(ws: Path, argv: list[str], capsys) -> None:
@@ -64,19 +82,22 @@ def _run_hostile(ws: Path, argv: list[str], capsys) -> None:
     if rc == 0:
         session = ort.InferenceSession(str(out))  # what was written loads and runs on what calibrated it
         with np.load(ws / "calib" / "b0.npz") as batch:  # as many samples as a fixed batch axis asks
-            feed = {i.name: batch[i.name][: i.shape[0] if isinstance(i.shape[0], int) else 2].astype(np.float32)
-                    for i in session.get_inputs() if i.name in batch}
+            feed = {
+                i.name: batch[i.name][: i.shape[0] if isinstance(i.shape[0], int) else 2].astype(np.float32)
+                for i in session.get_inputs()
+                if i.name in batch
+            }
         if len(feed) == len(session.get_inputs()):
             session.run(None, feed)
-        assert sorted(p.name for p in (ws / "out").iterdir()) in (["pruned.onnx"], ["pruned.onnx",
-                                                                                      "pruned.onnx.data"])
+        assert sorted(p.name for p in (ws / "out").iterdir()) in (["pruned.onnx"], ["pruned.onnx", "pruned.onnx.data"])
     else:
         assert rc == 1, err
         assert len(err.splitlines()) == 1 and err.startswith("onnx-vbp: error: "), err
         assert not any((ws / "out").iterdir())
     after = _snapshot(ws)
-    assert {k: v for k, v in after.items() if not k.startswith("out")} == \
-        {k: v for k, v in before.items() if not k.startswith("out")}
+    assert {k: v for k, v in after.items() if not k.startswith("out")} == {
+        k: v for k, v in before.items() if not k.startswith("out")
+    }
 
 
 def _workspace(clean: Path, tmp_path: Path) -> Path:
@@ -87,6 +108,7 @@ def _workspace(clean: Path, tmp_path: Path) -> Path:
 
 
 # --- model damage: each edit takes the model and a seeded generator ------------------------------
+
 
 def _retype_initializer(model: onnx.ModelProto, rng: np.random.Generator) -> None:
     tensor = model.graph.initializer[rng.integers(len(model.graph.initializer))]
@@ -150,13 +172,23 @@ def _opset(model: onnx.ModelProto, rng: np.random.Generator) -> None:
 
 def _bad_attribute(model: onnx.ModelProto, rng: np.random.Generator) -> None:
     node = model.graph.node[rng.integers(len(model.graph.node))]
-    node.attribute.append(onnx.helper.make_attribute(["axis", "transB", "perm", "approximate"][rng.integers(4)],
-                                                     int(rng.integers(-3, 4))))
+    node.attribute.append(
+        onnx.helper.make_attribute(["axis", "transB", "perm", "approximate"][rng.integers(4)], int(rng.integers(-3, 4)))
+    )
 
 
 MODEL_EDITS: list[Callable[[onnx.ModelProto, np.random.Generator], None]] = [
-    _retype_initializer, _poison_initializer, _bad_dims, _swap_op, _drop_node, _rewire, _retype_input,
-    _reshape_input, _opset, _bad_attribute]
+    _retype_initializer,
+    _poison_initializer,
+    _bad_dims,
+    _swap_op,
+    _drop_node,
+    _rewire,
+    _retype_input,
+    _reshape_input,
+    _opset,
+    _bad_attribute,
+]
 
 
 @hostile
@@ -171,14 +203,21 @@ def test_damaged_models(clean: Path, tmp_path: Path, capsys, edits) -> None:
 
 
 @hostile
-@given(data=st.binary(min_size=0, max_size=64), at=st.floats(0, 1), mode=st.sampled_from(["flip", "cut", "insert"]),
-       target=st.sampled_from(["net.onnx", "calib/b0.npz", "stats.npz"]))
+@given(
+    data=st.binary(min_size=0, max_size=64),
+    at=st.floats(0, 1),
+    mode=st.sampled_from(["flip", "cut", "insert"]),
+    target=st.sampled_from(["net.onnx", "calib/b0.npz", "stats.npz"]),
+)
 def test_damaged_bytes(clean: Path, tmp_path: Path, capsys, data: bytes, at: float, mode: str, target: str) -> None:
     ws = _workspace(clean, tmp_path)
     raw = (ws / target).read_bytes()
     cut = int(at * len(raw))
-    changed = {"flip": raw[:cut] + bytes(b ^ 0xFF for b in data) + raw[cut + len(data):],
-               "cut": raw[:cut], "insert": raw[:cut] + data + raw[cut:]}[mode]
+    changed = {
+        "flip": raw[:cut] + bytes(b ^ 0xFF for b in data) + raw[cut + len(data) :],
+        "cut": raw[:cut],
+        "insert": raw[:cut] + data + raw[cut:],
+    }[mode]
     (ws / target).write_bytes(changed)
     calib = ["--stats", str(ws / "stats.npz")] if target == "stats.npz" else [str(ws / "calib")]
     _run_hostile(ws, [str(ws / "net.onnx"), *calib], capsys)
@@ -194,8 +233,11 @@ def _arrays(draw) -> np.ndarray:
 
 @st.composite
 def stats_damage(draw) -> tuple[str, str, np.ndarray | None]:
-    part = draw(st.sampled_from(["count", "mean", "m2", "comoment", "stream", "__samples__", "__version__",
-                                 "__model__", "feed/x"]))
+    part = draw(
+        st.sampled_from(
+            ["count", "mean", "m2", "comoment", "stream", "__samples__", "__version__", "__model__", "feed/x"]
+        )
+    )
     action = draw(st.sampled_from(["replace", "delete"]))
     return part, action, _arrays(draw) if action == "replace" else None
 

@@ -18,9 +18,11 @@ def test_piecewise_serialization_parses_to_the_same_model(tmp_path: Path) -> Non
     model.doc_string, model.producer_name, model.graph.doc_string = "a doc", "tests", "graph doc"
     helper.set_model_props(model, {"author": "onnx_vbp", "licence": "Apache-2.0"})
     model.graph.value_info.append(helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
-    model.functions.append(helper.make_function("local", "Twice", ["a"], ["b"],
-                                                [helper.make_node("Add", ["a", "a"], ["b"])],
-                                                [helper.make_opsetid("", 20)]))
+    model.functions.append(
+        helper.make_function(
+            "local", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])], [helper.make_opsetid("", 20)]
+        )
+    )
     write_proto(model, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").stat().st_size == model.ByteSize()
     assert onnx.load(tmp_path / "m.onnx") == model

@@ -50,8 +50,9 @@ def test_obs_ranking_equals_brute_force_greedy() -> None:
         errors = {j: _refit_error(weight, hessian, [*removed, j]) for j in range(width) if j not in removed}
         best = min(errors, key=errors.get)
         assert ranking.order[step] == best
-        assert ranking.cost[step] == pytest.approx(errors[best] - _refit_error(weight, hessian, removed), rel=1e-6,
-                                                   abs=1e-12)
+        assert ranking.cost[step] == pytest.approx(
+            errors[best] - _refit_error(weight, hessian, removed), rel=1e-6, abs=1e-12
+        )
         removed.append(best)
 
 
@@ -84,10 +85,16 @@ def _scaled_copies_model(x_shape: tuple = ("batch", 5, 8)) -> onnx.ModelProto:
     half = rng.normal(size=(8, 8)).astype(np.float32)
     bias = rng.normal(size=8).astype(np.float32)
     g = Builder()
-    pre = g.op("Add", [g.op("MatMul", ["x", g.const(np.concatenate([half, 0.5 * half], axis=1))],
-                            node_name="/mlp/fc1"), g.const(np.concatenate([bias, 0.5 * bias]))])
-    fc2 = g.op("MatMul", [g.op("Relu", [pre]), g.const(rng.normal(size=(16, 8)).astype(np.float32))],
-               node_name="/mlp/fc2")
+    pre = g.op(
+        "Add",
+        [
+            g.op("MatMul", ["x", g.const(np.concatenate([half, 0.5 * half], axis=1))], node_name="/mlp/fc1"),
+            g.const(np.concatenate([bias, 0.5 * bias])),
+        ],
+    )
+    fc2 = g.op(
+        "MatMul", [g.op("Relu", [pre]), g.const(rng.normal(size=(16, 8)).astype(np.float32))], node_name="/mlp/fc2"
+    )
     return make_model(g, list(x_shape), g.op("Add", [fc2, g.const(np.zeros(8, np.float32))]))
 
 
@@ -134,8 +141,9 @@ def test_allocation_respects_min_keep_and_round_to(min_keep: int, round_to: int)
     assert plan.keep["cheap"].size == math.ceil(min_keep / round_to) * round_to
 
 
-def _select_before_obs(variances: dict[str, np.ndarray], ratio: float, scope: str, min_keep: int,
-                       round_to: int) -> dict[str, np.ndarray]:
+def _select_before_obs(
+    variances: dict[str, np.ndarray], ratio: float, scope: str, min_keep: int, round_to: int
+) -> dict[str, np.ndarray]:
     """select() as it was before rankings (commit 3a18105): the paper's plans, for comparison."""
     if scope == "global":
         names = list(variances)
@@ -166,8 +174,10 @@ def _select_before_obs(variances: dict[str, np.ndarray], ratio: float, scope: st
     return keep
 
 
-@pytest.mark.parametrize(("scope", "min_keep", "round_to", "ratio"),
-                         list(itertools.product(("global", "per-block"), (1, 7), (1, 4), (0.0, 0.3, 0.55))))
+@pytest.mark.parametrize(
+    ("scope", "min_keep", "round_to", "ratio"),
+    list(itertools.product(("global", "per-block"), (1, 7), (1, 4), (0.0, 0.3, 0.55))),
+)
 def test_vbp_plans_are_unchanged(scope: str, min_keep: int, round_to: int, ratio: float) -> None:
     rng = np.random.default_rng(5)
     variances = {"a": rng.random(40), "b": np.round(rng.random(24), 1), "c": np.zeros(16)}  # ties and dead neurons
@@ -188,8 +198,25 @@ def copies(tmp_path: Path) -> Path:
 
 
 def _prune(ws: Path, name: str, *args: str) -> dict:
-    assert main([str(ws / "m.onnx"), str(ws / "calib"), "--ratio", "0.5", "-q", "-o", str(ws / f"{name}.onnx"),
-                 "--eval", str(ws / "calib"), "--report", str(ws / f"{name}.json"), *args]) == 0
+    assert (
+        main(
+            [
+                str(ws / "m.onnx"),
+                str(ws / "calib"),
+                "--ratio",
+                "0.5",
+                "-q",
+                "-o",
+                str(ws / f"{name}.onnx"),
+                "--eval",
+                str(ws / "calib"),
+                "--report",
+                str(ws / f"{name}.json"),
+                *args,
+            ]
+        )
+        == 0
+    )
     return json.loads((ws / f"{name}.json").read_text())
 
 
@@ -201,14 +228,26 @@ def test_default_method_is_obs_and_vbp_stays_selectable(copies: Path) -> None:
     assert obs["eval"]["outputs"]["y"]["rel_l2"] < 1e-3 < vbp["eval"]["outputs"]["y"]["rel_l2"]
 
 
-def test_default_method_degrades_to_vbp_when_second_moments_do_not_fit(copies: Path, monkeypatch, caplog,
-                                                                       capsys) -> None:
+def test_default_method_degrades_to_vbp_when_second_moments_do_not_fit(
+    copies: Path, monkeypatch, caplog, capsys
+) -> None:
     monkeypatch.setattr(importlib.import_module("onnx_vbp.pipeline"), "comoments_fit", lambda blocks: False)
     report = _prune(copies, "degraded")
     assert report["method"] == "vbp" and report["compensate"] == "mean"
     assert "over the" in caplog.text and "--method vbp instead" in caplog.text
-    rc = main([str(copies / "m.onnx"), str(copies / "calib"), "-q", "--method", "vbp", "--compensate", "ridge",
-               "-o", str(copies / "refused.onnx")])
+    rc = main(
+        [
+            str(copies / "m.onnx"),
+            str(copies / "calib"),
+            "-q",
+            "--method",
+            "vbp",
+            "--compensate",
+            "ridge",
+            "-o",
+            str(copies / "refused.onnx"),
+        ]
+    )
     assert rc == 1 and not (copies / "refused.onnx").exists()
     assert "need second moments, and there are none (over the memory budget" in capsys.readouterr().err
 
@@ -227,14 +266,17 @@ def test_padding_positions_are_not_observed() -> None:
     np.testing.assert_allclose(with_mask.m2, expected.m2, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize(("spec", "residual", "scaled"), [
-    (BlockSpec(), True, False),
-    (BlockSpec(fc="gemm"), True, False),
-    (BlockSpec(fc="conv"), True, False),
-    (BlockSpec(layer_scale=0.1), True, True),
-    (BlockSpec(fc2_bias="none", layer_scale=0.1), True, True),
-    (BlockSpec(fc2_bias="skip_layernorm"), False, False),  # the sum is inside the fused op
-])
+@pytest.mark.parametrize(
+    ("spec", "residual", "scaled"),
+    [
+        (BlockSpec(), True, False),
+        (BlockSpec(fc="gemm"), True, False),
+        (BlockSpec(fc="conv"), True, False),
+        (BlockSpec(layer_scale=0.1), True, True),
+        (BlockSpec(fc2_bias="none", layer_scale=0.1), True, True),
+        (BlockSpec(fc2_bias="skip_layernorm"), False, False),  # the sum is inside the fused op
+    ],
+)
 def test_where_the_block_joins_the_residual_stream(spec: BlockSpec, residual: bool, scaled: bool) -> None:
     (block,) = find_mlp_blocks(build_model([spec]))
     assert (block.sites[0].residual is not None, block.sites[0].output_scale is not None) == (residual, scaled)
@@ -290,8 +332,10 @@ def test_rankings_are_deepened_until_no_block_is_cut_short(copies: Path) -> None
 def test_too_few_positions_for_a_covariance_are_warned_about(copies: Path, caplog) -> None:
     (copies / "tiny").mkdir()
     np.savez(copies / "tiny" / "0.npz", **random_batch(_scaled_copies_model(), batch=8, seed=0))  # 40 positions
-    assert main([str(copies / "m.onnx"), str(copies / "tiny"), "--min-samples", "1", "-q", "-o",
-                 str(copies / "o.onnx")]) == 0
+    assert (
+        main([str(copies / "m.onnx"), str(copies / "tiny"), "--min-samples", "1", "-q", "-o", str(copies / "o.onnx")])
+        == 0
+    )
     assert "covariance comes from only 40 positions" in caplog.text
     caplog.clear()
     assert main([str(copies / "m.onnx"), str(copies / "calib"), "-q", "-o", str(copies / "o2.onnx")]) == 0

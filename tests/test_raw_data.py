@@ -15,8 +15,10 @@ tokenizers = pytest.importorskip("tokenizers")
 
 NCHW = InputSpec("input_image", np.dtype(np.float32), ("batch", 3, 10, 10))
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "minilm-tokenizer" / "tokenizer.json"
-TEXT_SPECS = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
-              InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq"))]
+TEXT_SPECS = [
+    InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+    InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq")),
+]
 
 
 def _halves(path: Path, size: tuple[int, int] = (40, 20)) -> None:
@@ -169,10 +171,14 @@ def test_text_is_cut_before_tokenizing_to_what_max_length_can_use(tmp_path: Path
 
 
 @needs_tokenizer
-@pytest.mark.parametrize(("line", "message"), [('{"text": 7}', "'text' is int, not a string"),
-                                               ('{"text": null}', "'text' is NoneType, not a string"),
-                                               ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}",
-                                                "expected a JSON object with a 'text' field")])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"text": 7}', "'text' is int, not a string"),
+        ('{"text": null}', "'text' is NoneType, not a string"),
+        ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "expected a JSON object with a 'text' field"),
+    ],
+)
 def test_jsonl_text_that_is_not_a_string(tmp_path: Path, line: str, message: str) -> None:
     (tmp_path / "a.jsonl").write_text(line + "\n")
     with pytest.raises(DataError, match=message):

@@ -92,8 +92,19 @@ def test_minilm_from_raw_text_through_the_cli(tmp_path: Path) -> None:
     (calib / "news.txt").write_text("\n".join(news[:48]))
     reviews = (SHARED / "text" / "pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines()
     (held_out / "reviews.jsonl").write_text("\n".join(json.dumps({"text": r.split(" ", 1)[1]}) for r in reviews[:40]))
-    report = _cli_report(tmp_path, [str(model), str(calib), "--tokenizer", str(SHARED / "minilm-tokenizer" /
-                                    "tokenizer.json"), "--eval", str(held_out), "--batch-size", "16"])
+    report = _cli_report(
+        tmp_path,
+        [
+            str(model),
+            str(calib),
+            "--tokenizer",
+            str(SHARED / "minilm-tokenizer" / "tokenizer.json"),
+            "--eval",
+            str(held_out),
+            "--batch-size",
+            "16",
+        ],
+    )
     assert report["calibration"]["samples"] == 48 and report["eval"]["samples"] == 40
     sentence = report["eval"]["outputs"]["461"]  # the mean-pooled sentence embedding
     assert sentence["cosine"] > 0.95 and sentence["similarity_spearman"] > 0.9
@@ -108,7 +119,8 @@ def test_vit_s_from_photos_through_the_cli(tmp_path: Path) -> None:
         (calib / name).write_bytes((PHOTOS / name).read_bytes())
     for name in ("astronaut.png", "rocket.jpg"):
         (held_out / name).write_bytes((PHOTOS / name).read_bytes())
-    report = _cli_report(tmp_path, [str(model), str(calib), "--ratio", "0.2", "--eval", str(held_out),
-                                    "--min-samples", "3"])
+    report = _cli_report(
+        tmp_path, [str(model), str(calib), "--ratio", "0.2", "--eval", str(held_out), "--min-samples", "3"]
+    )
     saliency = report["eval"]["outputs"]["output_importance"]
     assert report["macs_after"] < report["macs_before"] and saliency["cosine"] > 0.9

@@ -34,8 +34,10 @@ def ws(tmp_path: Path) -> Path:
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _save_variant(ws: Path, name: str, edit: Callable[[onnx.ModelProto], None], **save) -> Path:
@@ -46,6 +48,7 @@ def _save_variant(ws: Path, name: str, edit: Callable[[onnx.ModelProto], None], 
 
 
 # --- each setup edits the workspace and returns (argv, message expected in the error line) ------
+
 
 def model_missing(ws):
     return [ws / "nope.onnx", ws / "calib"], "model not found"
@@ -74,19 +77,22 @@ def model_truncated(ws):
 def model_fails_checker(ws):
     def dangling(model):
         model.graph.node.insert(0, onnx.helper.make_node("Relu", ["undefined_tensor"], ["r"], name="dangling"))
+
     return [_save_variant(ws, "bad.onnx", dangling), ws / "calib"], "fails onnx.checker"
 
 
 def external_data_missing(ws):
-    path = _save_variant(ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin",
-                         size_threshold=0)
+    path = _save_variant(
+        ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin", size_threshold=0
+    )
     (ws / "ext.bin").unlink()
     return [path, ws / "calib"], "external data file not found"
 
 
 def external_data_truncated(ws):
-    path = _save_variant(ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin",
-                         size_threshold=0)
+    path = _save_variant(
+        ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin", size_threshold=0
+    )
     data = (ws / "ext.bin").read_bytes()
     (ws / "ext.bin").write_bytes(data[: len(data) - 100])
     return [path, ws / "calib"], "is truncated"
@@ -143,8 +149,9 @@ def calib_pb_external_data_outside(ws):
     (ws / "secret").write_bytes(np.ones((16, 6, 8), np.float32).tobytes())
     folder = ws / "pb" / "test_data_set_0"
     folder.mkdir(parents=True)
-    tensor = onnx.TensorProto(name="x", data_type=onnx.TensorProto.FLOAT, dims=[16, 6, 8],
-                              data_location=onnx.TensorProto.EXTERNAL)
+    tensor = onnx.TensorProto(
+        name="x", data_type=onnx.TensorProto.FLOAT, dims=[16, 6, 8], data_location=onnx.TensorProto.EXTERNAL
+    )
     tensor.external_data.add(key="location", value=str(ws / "secret"))
     (folder / "input_0.pb").write_bytes(tensor.SerializeToString())
     return [ws / "net.onnx", ws / "pb"], "external data must lie in the folder of the file that names it"
@@ -156,13 +163,17 @@ def model_ort_cannot_load(ws):
         out = model.graph.output[0].name
         model.graph.node.append(onnx.helper.make_node("Mystery", [out], ["mystery"], domain="com.example"))
         model.graph.output.append(onnx.helper.make_tensor_value_info("mystery", 1, ["b", "s", "d"]))
+
     return [_save_variant(ws, "custom.onnx", custom_op), ws / "calib"], "ONNX Runtime cannot load the model"
 
 
 def no_mlp_block(ws):
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
-                                   [onnx.helper.make_tensor_value_info("x", 1, ["batch", 6, 8])],
-                                   [onnx.helper.make_tensor_value_info("y", 1, ["batch", 6, 8])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", 1, ["batch", 6, 8])],
+        [onnx.helper.make_tensor_value_info("y", 1, ["batch", 6, 8])],
+    )
     onnx.save(onnx.helper.make_model(graph), ws / "relu.onnx")
     return [ws / "relu.onnx", ws / "calib"], "looked for fc1 -> activation -> fc2"
 
@@ -172,6 +183,7 @@ def all_blocks_skipped(ws):
         for node in model.graph.node:
             if node.op_type == "MatMul" and "fc2" in node.name:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], 1, ["b", "s", "h"]))
+
     return [_save_variant(ws, "exposed.onnx", expose_hidden), ws / "calib"], "all skipped: "
 
 
@@ -180,14 +192,15 @@ def model_input_is_a_sequence(ws):
         model.graph.input.append(onnx.helper.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, None))
         model.graph.node.append(onnx.helper.make_node("SequenceLength", ["s"], ["length"]))
         model.graph.output.append(onnx.helper.make_tensor_value_info("length", onnx.TensorProto.INT64, []))
-    return [_save_variant(ws, "seq.onnx", sequence_input), ws / "calib"], \
-        "model input 's' is a sequence, not a tensor"
+
+    return [_save_variant(ws, "seq.onnx", sequence_input), ws / "calib"], "model input 's' is a sequence, not a tensor"
 
 
 def model_without_inputs(ws):
     def constant_input(model):
         model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((1, 6, 8), np.float32), "x"))
         del model.graph.input[:]
+
     return [_save_variant(ws, "noinput.onnx", constant_input), ws / "calib"], "the model has no input to feed"
 
 
@@ -264,8 +277,16 @@ def ratio_infeasible_with_min_keep(ws):
 
 
 def per_block_ratio_below_min_keep(ws):
-    return [ws / "net.onnx", ws / "calib", "--ratio", "0.5", "--min-keep", "20", "--scope", "per-block"], \
-        "fewer than --min-keep 20"
+    return [
+        ws / "net.onnx",
+        ws / "calib",
+        "--ratio",
+        "0.5",
+        "--min-keep",
+        "20",
+        "--scope",
+        "per-block",
+    ], "fewer than --min-keep 20"
 
 
 def ray_with_max_samples(ws):
@@ -286,17 +307,20 @@ def output_dir_not_writable(ws):
 
 # --- outputs that would destroy an input or each other: refused before any work -------------------
 
+
 def output_data_file_over_input_weights(ws):
     """A renamed model keeps its weights in `model.onnx.data`: `-o model.onnx` would rename the new
     data over them."""
-    path = _save_variant(ws, "renamed.onnx", lambda m: None, save_as_external_data=True,
-                         location="model.onnx.data", size_threshold=0)
+    path = _save_variant(
+        ws, "renamed.onnx", lambda m: None, save_as_external_data=True, location="model.onnx.data", size_threshold=0
+    )
     return [path, ws / "calib", "-o", ws / "model.onnx"], "the output model's data file would overwrite an input"
 
 
 def output_over_input_data_file(ws):
-    path = _save_variant(ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin",
-                         size_threshold=0)
+    path = _save_variant(
+        ws, "ext.onnx", lambda m: None, save_as_external_data=True, location="ext.bin", size_threshold=0
+    )
     return [path, ws / "calib", "-o", ws / "ext.bin"], "the output model would overwrite an input file"
 
 
@@ -311,8 +335,12 @@ def output_hard_links_to_input(ws):
 
 
 def save_stats_over_model(ws):
-    return [ws / "net.onnx", ws / "calib", "--save-stats", ws / "net.onnx"], \
-        "the statistics file would overwrite an input file"
+    return [
+        ws / "net.onnx",
+        ws / "calib",
+        "--save-stats",
+        ws / "net.onnx",
+    ], "the statistics file would overwrite an input file"
 
 
 def save_stats_over_calibration_file(ws):
@@ -339,8 +367,12 @@ def output_name_too_long(ws):
 
 def eval_data_unusable(ws):
     """--eval fails after pruning: the pruned model was written only to staging, so nothing remains."""
-    return [ws / "net.onnx", ws / "calib", "--eval", _one_batch(ws, z=np.zeros((16, 6, 8), np.float32))], \
-        "no array for model input 'x'"
+    return [
+        ws / "net.onnx",
+        ws / "calib",
+        "--eval",
+        _one_batch(ws, z=np.zeros((16, 6, 8), np.float32)),
+    ], "no array for model input 'x'"
 
 
 def stats_feed_no_longer_fits(ws):
@@ -353,19 +385,57 @@ def stats_feed_no_longer_fits(ws):
     return [ws / "net.onnx", "--stats", ws / "s.npz"], "s.npz: input 'x' has shape [1, 6, 9], the model expects"
 
 
-ROWS = [model_missing, model_is_directory, model_empty, model_not_onnx, model_truncated, model_fails_checker,
-        external_data_missing, external_data_truncated, external_data_absolute_path, external_data_parent_path,
-        external_data_link_out, external_data_offset_not_a_number, external_data_negative_length,
-        calib_pb_external_data_outside, model_input_is_a_sequence, model_without_inputs,
-        hidden_layers_without_neurons, model_ort_cannot_load, no_mlp_block, all_blocks_skipped,
-        calib_missing, calib_empty, calib_no_known_format, calib_unreadable, calib_input_name_unknown,
-        calib_wrong_dtype, calib_wrong_rank, calib_wrong_fixed_dim, calib_too_few_samples, calib_nan_input,
-        calib_inf_hidden, ratio_infeasible_with_min_keep, per_block_ratio_below_min_keep, ray_with_max_samples,
-        output_is_input,
-        output_dir_missing, output_dir_not_writable, output_data_file_over_input_weights, output_over_input_data_file,
-        output_links_to_input, output_hard_links_to_input, save_stats_over_model, save_stats_over_calibration_file,
-        report_over_model, report_over_output, report_dir_missing, output_name_too_long, eval_data_unusable,
-        stats_feed_no_longer_fits]
+ROWS = [
+    model_missing,
+    model_is_directory,
+    model_empty,
+    model_not_onnx,
+    model_truncated,
+    model_fails_checker,
+    external_data_missing,
+    external_data_truncated,
+    external_data_absolute_path,
+    external_data_parent_path,
+    external_data_link_out,
+    external_data_offset_not_a_number,
+    external_data_negative_length,
+    calib_pb_external_data_outside,
+    model_input_is_a_sequence,
+    model_without_inputs,
+    hidden_layers_without_neurons,
+    model_ort_cannot_load,
+    no_mlp_block,
+    all_blocks_skipped,
+    calib_missing,
+    calib_empty,
+    calib_no_known_format,
+    calib_unreadable,
+    calib_input_name_unknown,
+    calib_wrong_dtype,
+    calib_wrong_rank,
+    calib_wrong_fixed_dim,
+    calib_too_few_samples,
+    calib_nan_input,
+    calib_inf_hidden,
+    ratio_infeasible_with_min_keep,
+    per_block_ratio_below_min_keep,
+    ray_with_max_samples,
+    output_is_input,
+    output_dir_missing,
+    output_dir_not_writable,
+    output_data_file_over_input_weights,
+    output_over_input_data_file,
+    output_links_to_input,
+    output_hard_links_to_input,
+    save_stats_over_model,
+    save_stats_over_calibration_file,
+    report_over_model,
+    report_over_output,
+    report_dir_missing,
+    output_name_too_long,
+    eval_data_unusable,
+    stats_feed_no_longer_fits,
+]
 
 
 def _fails_cleanly(ws: Path, capsys, argv: list, message: str, code: int = 1) -> None:
@@ -387,12 +457,17 @@ def test_bad_input_fails_cleanly(ws: Path, capsys, row) -> None:
     _fails_cleanly(ws, capsys, argv, message)
 
 
-@pytest.mark.parametrize(("args", "message"), [(["--ratio", "1"], "must be in [0, 1)"),
-                                               (["--ratio", "-0.1"], "must be in [0, 1)"),
-                                               (["--round-to", "0"], "must be >= 1"),
-                                               (["--ridge-lambda", "nan"], "must be a finite number >= 0"),
-                                               (["--ridge-lambda", "inf"], "must be a finite number >= 0"),
-                                               (["--ridge-lambda=-1e-3"], "must be a finite number >= 0")])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ratio", "1"], "must be in [0, 1)"),
+        (["--ratio", "-0.1"], "must be in [0, 1)"),
+        (["--round-to", "0"], "must be >= 1"),
+        (["--ridge-lambda", "nan"], "must be a finite number >= 0"),
+        (["--ridge-lambda", "inf"], "must be a finite number >= 0"),
+        (["--ridge-lambda=-1e-3"], "must be a finite number >= 0"),
+    ],
+)
 def test_invalid_options_are_usage_errors(ws: Path, capsys, args: list[str], message: str) -> None:
     before = _snapshot(ws)
     with pytest.raises(SystemExit) as exc:
@@ -432,6 +507,7 @@ def test_allow_empty_writes_an_unchanged_copy(ws: Path, capsys) -> None:
 
 # --- a written model is verified from its files before it is published ---------------------------
 
+
 def _nan_weight(model: onnx.ModelProto) -> None:
     weight = next(t for t in model.graph.initializer if len(t.dims) == 2)
     values = onnx.numpy_helper.to_array(weight).copy()
@@ -453,8 +529,13 @@ def _doubled_width(model: onnx.ModelProto) -> None:
 
 def _fails_at_run_time(model: onnx.ModelProto) -> None:
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, 7], np.int64), "bad_shape"))
-    _rewire_output(model, lambda inner, out: [onnx.helper.make_node("Reshape", [inner, "bad_shape"], ["flat"]),
-                                              onnx.helper.make_node("Reshape", ["flat", "shape_of_out"], [out])])
+    _rewire_output(
+        model,
+        lambda inner, out: [
+            onnx.helper.make_node("Reshape", [inner, "bad_shape"], ["flat"]),
+            onnx.helper.make_node("Reshape", ["flat", "shape_of_out"], [out]),
+        ],
+    )
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 6, 8], np.int64), "shape_of_out"))
 
 
@@ -462,14 +543,24 @@ def _grown(model: onnx.ModelProto) -> None:
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(4096, np.float32), "unused"))
 
 
-@pytest.mark.parametrize(("fault", "message"), [
-    (_nan_weight, "output 'y' of the pruned model holds NaN or Inf on a calibration sample where the original's is "
-                  "finite (its constant '"),
-    (_doubled_width, "output 'y' of the pruned model is float32 [1, 6, 16] on a calibration sample, the original's "
-                     "float32 [1, 6, 8]"),
-    (_fails_at_run_time, "the pruned model fails to run on a calibration sample"),
-    (_grown, "the pruned model would be larger than the original"),
-], ids=["nan", "shape", "run", "grows"])
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (
+            _nan_weight,
+            "output 'y' of the pruned model holds NaN or Inf on a calibration sample where the original's is "
+            "finite (its constant '",
+        ),
+        (
+            _doubled_width,
+            "output 'y' of the pruned model is float32 [1, 6, 16] on a calibration sample, the original's "
+            "float32 [1, 6, 8]",
+        ),
+        (_fails_at_run_time, "the pruned model fails to run on a calibration sample"),
+        (_grown, "the pruned model would be larger than the original"),
+    ],
+    ids=["nan", "shape", "run", "grows"],
+)
 def test_a_faulty_rewrite_is_never_published(ws: Path, capsys, monkeypatch, fault, message) -> None:
     import onnx_vbp.pipeline as pipeline
 
@@ -481,8 +572,12 @@ def test_a_faulty_rewrite_is_never_published(ws: Path, capsys, monkeypatch, faul
         return model
 
     monkeypatch.setattr(pipeline, "rewrite", faulty)
-    _fails_cleanly(ws, capsys, [ws / "net.onnx", ws / "calib", "--report", ws / "out" / "r.json",
-                                "--save-stats", ws / "out" / "s.npz"], message)
+    _fails_cleanly(
+        ws,
+        capsys,
+        [ws / "net.onnx", ws / "calib", "--report", ws / "out" / "r.json", "--save-stats", ws / "out" / "s.npz"],
+        message,
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
@@ -497,18 +592,36 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(ws: Path, capsys, monkeypatch, 
 
     monkeypatch.setattr(pipeline, "write_model", killed_while_writing)
     before = signal.getsignal(signum)
-    _fails_cleanly(ws, capsys, [ws / "net.onnx", ws / "calib"],
-                   f"stopped by {signal.Signals(signum).name}; nothing written", code=128 + signum)
+    _fails_cleanly(
+        ws,
+        capsys,
+        [ws / "net.onnx", ws / "calib"],
+        f"stopped by {signal.Signals(signum).name}; nothing written",
+        code=128 + signum,
+    )
     assert signal.getsignal(signum) == before  # the handler is the CLI's only while it runs
 
 
 def test_merge_stats_refuses_a_part_twice_and_an_output_over_a_part(ws: Path, capsys) -> None:
     for name in ("a", "b"):
-        main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "--save-stats", str(ws / f"{name}.npz"),
-              "-o", str(ws / f"{name}.onnx")])
-    for argv, message in ((["merge-stats", ws / "a.npz", ws / "a.npz", "-o", ws / "out" / "m.npz"], "given twice"),
-                          (["merge-stats", ws / "a.npz", ws / "b.npz", "-o", ws / "b.npz"],
-                           "the merged statistics file would overwrite an input file")):
+        main(
+            [
+                str(ws / "net.onnx"),
+                str(ws / "calib"),
+                "-q",
+                "--save-stats",
+                str(ws / f"{name}.npz"),
+                "-o",
+                str(ws / f"{name}.onnx"),
+            ]
+        )
+    for argv, message in (
+        (["merge-stats", ws / "a.npz", ws / "a.npz", "-o", ws / "out" / "m.npz"], "given twice"),
+        (
+            ["merge-stats", ws / "a.npz", ws / "b.npz", "-o", ws / "b.npz"],
+            "the merged statistics file would overwrite an input file",
+        ),
+    ):
         _fails_cleanly(ws, capsys, argv, message)
     assert main(["merge-stats", str(ws / "a.npz"), str(ws / "b.npz"), "-o", str(ws / "out" / "m.npz")]) == 0
     assert "merged 2 statistics files" in capsys.readouterr().out
@@ -525,8 +638,10 @@ def test_bench_refuses_to_overwrite_perf_test_data_and_models_with_other_inputs(
             node.input[:] = ["pixels" if name == "x" else name for name in node.input]
 
     renamed = _save_variant(ws, "renamed.onnx", rename_input)
-    for argv, message in ((["bench", ws / "net.onnx", ws / "small.onnx", "--perf-test-data"], "already exists"),
-                          (["bench", ws / "net.onnx", renamed], "the two models take different inputs")):
+    for argv, message in (
+        (["bench", ws / "net.onnx", ws / "small.onnx", "--perf-test-data"], "already exists"),
+        (["bench", ws / "net.onnx", renamed], "the two models take different inputs"),
+    ):
         before = _snapshot(ws)
         assert main([str(a) for a in argv]) == 1
         err = capsys.readouterr().err.strip()
@@ -551,8 +666,13 @@ def test_external_data_model_prunes_from_any_working_directory(ws: Path, monkeyp
     is ever resolved against the working directory (every one is "large" here)."""
     monkeypatch.setattr(onnx_vbp.modelio, "SMALL_TENSOR_BYTES", 0)
     (ws / "models").mkdir()
-    onnx.save(onnx.load(ws / "net.onnx"), ws / "models" / "ext.onnx", save_as_external_data=True,
-              location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        onnx.load(ws / "net.onnx"),
+        ws / "models" / "ext.onnx",
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     monkeypatch.chdir(ws / "out")
     assert main([str(ws / "models" / "ext.onnx"), str(ws / "calib"), "-q", "-o", str(ws / "pruned.onnx")]) == 0
     assert onnx.load(ws / "pruned.onnx").graph.node

@@ -46,10 +46,16 @@ def _duplicated_neurons_model() -> onnx.ModelProto:
     half = rng.normal(size=(8, 8)).astype(np.float32)
     bias = rng.normal(size=8).astype(np.float32)
     g = Builder()
-    pre = g.op("Add", [g.op("MatMul", ["x", g.const(np.concatenate([half, half], axis=1))], node_name="/mlp/fc1"),
-                       g.const(np.concatenate([bias, bias]))])
-    fc2 = g.op("MatMul", [g.op("Gelu", [pre]), g.const(rng.normal(size=(16, 8)).astype(np.float32))],
-               node_name="/mlp/fc2")
+    pre = g.op(
+        "Add",
+        [
+            g.op("MatMul", ["x", g.const(np.concatenate([half, half], axis=1))], node_name="/mlp/fc1"),
+            g.const(np.concatenate([bias, bias])),
+        ],
+    )
+    fc2 = g.op(
+        "MatMul", [g.op("Gelu", [pre]), g.const(rng.normal(size=(16, 8)).astype(np.float32))], node_name="/mlp/fc2"
+    )
     model = make_model(g, ["batch", 5, 8], g.op("Add", [fc2, g.const(np.zeros(8, np.float32))]))
     model.opset_import[0].version = 20
     return model
@@ -79,9 +85,26 @@ def test_ridge_through_the_cli_beats_the_mean_fold(tmp_path: Path) -> None:
     cosine = {}
     for method in ("mean", "ridge"):
         report_path = tmp_path / f"{method}.json"
-        assert main([str(tmp_path / "m.onnx"), str(tmp_path / "calib"), "--ratio", "0.5", "--compensate", method,
-                     "-q", "-o", str(tmp_path / f"{method}.onnx"), "--eval", str(tmp_path / "held_out"),
-                     "--report", str(report_path)]) == 0
+        assert (
+            main(
+                [
+                    str(tmp_path / "m.onnx"),
+                    str(tmp_path / "calib"),
+                    "--ratio",
+                    "0.5",
+                    "--compensate",
+                    method,
+                    "-q",
+                    "-o",
+                    str(tmp_path / f"{method}.onnx"),
+                    "--eval",
+                    str(tmp_path / "held_out"),
+                    "--report",
+                    str(report_path),
+                ]
+            )
+            == 0
+        )
         report = json.loads(report_path.read_text())
         assert report["compensate"] == method and report["ridge_lambda"] == 1e-3
         cosine[method] = report["eval"]["outputs"]["y"]["cosine"]

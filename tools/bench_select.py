@@ -57,23 +57,31 @@ def synthetic(folder: Path) -> tuple[Path, Path]:
     x = "x"
     for i in range(BLOCKS):
         names = [f"b{i}.{part}" for part in ("w1", "b1", "w2", "b2")]
-        inits += [numpy_helper.from_array((rng.standard_normal((DIM, HIDDEN)) / DIM**0.5).astype(np.float32), names[0]),
-                  numpy_helper.from_array(np.zeros(HIDDEN, np.float32), names[1]),
-                  numpy_helper.from_array((rng.standard_normal((HIDDEN, DIM)) / HIDDEN**0.5).astype(np.float32),
-                                          names[2]),
-                  numpy_helper.from_array(np.zeros(DIM, np.float32), names[3])]
+        inits += [
+            numpy_helper.from_array((rng.standard_normal((DIM, HIDDEN)) / DIM**0.5).astype(np.float32), names[0]),
+            numpy_helper.from_array(np.zeros(HIDDEN, np.float32), names[1]),
+            numpy_helper.from_array((rng.standard_normal((HIDDEN, DIM)) / HIDDEN**0.5).astype(np.float32), names[2]),
+            numpy_helper.from_array(np.zeros(DIM, np.float32), names[3]),
+        ]
         p = f"/blocks.{i}/mlp"
-        nodes += [helper.make_node("MatMul", [x, names[0]], [f"{p}/h0"], name=f"{p}/fc1/MatMul"),
-                  helper.make_node("Add", [f"{p}/h0", names[1]], [f"{p}/h1"]),
-                  helper.make_node("Relu", [f"{p}/h1"], [f"{p}/h2"]),
-                  helper.make_node("MatMul", [f"{p}/h2", names[2]], [f"{p}/o0"], name=f"{p}/fc2/MatMul"),
-                  helper.make_node("Add", [f"{p}/o0", names[3]], [f"{p}/o1"]),
-                  helper.make_node("Add", [x, f"{p}/o1"], [f"{p}/y"])]
+        nodes += [
+            helper.make_node("MatMul", [x, names[0]], [f"{p}/h0"], name=f"{p}/fc1/MatMul"),
+            helper.make_node("Add", [f"{p}/h0", names[1]], [f"{p}/h1"]),
+            helper.make_node("Relu", [f"{p}/h1"], [f"{p}/h2"]),
+            helper.make_node("MatMul", [f"{p}/h2", names[2]], [f"{p}/o0"], name=f"{p}/fc2/MatMul"),
+            helper.make_node("Add", [f"{p}/o0", names[3]], [f"{p}/o1"]),
+            helper.make_node("Add", [x, f"{p}/o1"], [f"{p}/y"]),
+        ]
         x = f"{p}/y"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     shape = ["batch", 197, DIM]
-    graph = helper.make_graph(nodes, "deit_b_mlps", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "deit_b_mlps",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model_path = folder / "deit_b_mlps.onnx"
     onnx.save(model, model_path)
@@ -83,8 +91,13 @@ def synthetic(folder: Path) -> tuple[Path, Path]:
         spectrum = 1.0 / (1.0 + np.arange(HIDDEN)) ** 1.2
         covariance = (basis * spectrum) @ basis.T
         count = 10_000
-        stats[block.name] = Stats(count, rng.random(HIDDEN), np.diag(covariance) * count, covariance * count,
-                                  np.array([DIM * 1.0 * count, count]))
+        stats[block.name] = Stats(
+            count,
+            rng.random(HIDDEN),
+            np.diag(covariance) * count,
+            covariance * count,
+            np.array([DIM * 1.0 * count, count]),
+        )
     stats_path = folder / "deit_b_mlps.stats.npz"
     save_stats(stats_path, stats, 10_000, {"x": np.zeros((1, 197, DIM), np.float32)})
     return model_path, stats_path
@@ -101,11 +114,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, stats = synthetic(Path(tmp))
         for ratio in args.ratios.split(","):
-            out = subprocess.run([sys.executable, "-c", RUN, str(model), str(stats), ratio], env=env, check=True,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", RUN, str(model), str(stats), ratio],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"| {r['ratio']} | {r['seconds']:.1f} | {r['peak_before_mb']:.0f} | {r['peak_mb']:.0f} | "
-                  f"{r['depth']} | {min(r['widths'])}–{max(r['widths'])} |", flush=True)
+            print(
+                f"| {r['ratio']} | {r['seconds']:.1f} | {r['peak_before_mb']:.0f} | {r['peak_mb']:.0f} | "
+                f"{r['depth']} | {min(r['widths'])}–{max(r['widths'])} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

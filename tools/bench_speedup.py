@@ -46,8 +46,10 @@ def main() -> None:
     mlp_share = sum(m for node, m in prepared.macs.items() if node in mlp_nodes) / sum(prepared.macs.values())
     runs = dict(zip(map(int, args.batches.split(",")), map(int, args.runs.split(",")), strict=True))
     print(f"MLP share of DeiT-B MACs: {mlp_share:.3f}")
-    print("| MAC cut | ratio | round-to | MACs after (G) | batch | original ms | pruned ms | speedup | MAC bound "
-          "| speedup / bound | ORT fusions |")
+    print(
+        "| MAC cut | ratio | round-to | MACs after (G) | batch | original ms | pruned ms | speedup | MAC bound "
+        "| speedup / bound | ORT fusions |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,11 +63,21 @@ def main() -> None:
                     feed = make_inputs(prepared.specs, batch, 0, None)
                     r = bench(model, out, feed, threads=args.threads, runs=count)
                     fusion = "same" if not r["fusion_differences"] else json.dumps(r["fusion_differences"])
-                    print(f"| {cut:.0%} | {ratio} | {round_to} | {report['macs_after'] / 1e9:.2f} | {batch} | "
-                          f"{r['original']['median_ms']:.1f} | {r['pruned']['median_ms']:.1f} | {r['speedup']:.3f} | "
-                          f"{r['mac_bound']:.3f} | **{r['speedup_over_mac_bound']:.3f}** | {fusion} |", flush=True)
-                    rows.append({"cut": cut, "ratio": ratio, "round_to": round_to, "widths":
-                                 [b["width_after"] for b in report["blocks"]], **r})
+                    print(
+                        f"| {cut:.0%} | {ratio} | {round_to} | {report['macs_after'] / 1e9:.2f} | {batch} | "
+                        f"{r['original']['median_ms']:.1f} | {r['pruned']['median_ms']:.1f} | {r['speedup']:.3f} | "
+                        f"{r['mac_bound']:.3f} | **{r['speedup_over_mac_bound']:.3f}** | {fusion} |",
+                        flush=True,
+                    )
+                    rows.append(
+                        {
+                            "cut": cut,
+                            "ratio": ratio,
+                            "round_to": round_to,
+                            "widths": [b["width_after"] for b in report["blocks"]],
+                            **r,
+                        }
+                    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

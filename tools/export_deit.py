@@ -50,9 +50,16 @@ def export(model_name: str, opset: int, cache: Path) -> Path:
     partial = target.with_name(target.name + ".part")
     cache.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(partial), input_names=["pixel_values"],
-                          output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, 224, 224),),
+            str(partial),
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     partial.replace(target)
     return target
 

@@ -58,8 +58,9 @@ def export(cache: Path) -> Path:
             self.bert = bert
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=token_type_ids).last_hidden_state
+            tokens = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return tokens, torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -67,13 +68,20 @@ def export(cache: Path) -> Path:
     ids = torch.ones(2, 16, dtype=torch.int64)
     partial = target.with_suffix(".onnx.part")
     with torch.no_grad():
-        torch.onnx.export(SentenceEncoder().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(partial),
-                          input_names=["input_ids", "attention_mask", "token_type_ids"],
-                          output_names=["last_hidden_state", "sentence_embedding"],
-                          dynamic_axes={name: {0: "batch", 1: "sequence"} for name in
-                                        ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")}
-                          | {"sentence_embedding": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            SentenceEncoder().eval(),
+            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            str(partial),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["last_hidden_state", "sentence_embedding"],
+            dynamic_axes={
+                name: {0: "batch", 1: "sequence"}
+                for name in ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")
+            }
+            | {"sentence_embedding": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     partial.replace(target)
     return target
 

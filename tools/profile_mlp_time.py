@@ -65,8 +65,10 @@ def main() -> None:
     mlp_nodes = {ref.node for b in prepared.blocks for s in b.sites for ref in (*s.fc1_params, s.fc2_weight)}
     mlp_macs = sum(m for node, m in prepared.macs.items() if node in mlp_nodes)
     ratio = round(args.cut * sum(prepared.macs.values()) / mlp_macs, 4)
-    print("| batch | MLP kernels ms: original -> pruned | MLP time ratio (MLP MACs ratio) | other kernels ms: "
-          "original -> pruned | MLP share of time | speedup bound if only MLP time shrinks |")
+    print(
+        "| batch | MLP kernels ms: original -> pruned | MLP time ratio (MLP MACs ratio) | other kernels ms: "
+        "original -> pruned | MLP share of time | speedup bound if only MLP time shrinks |"
+    )
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         pruned = Path(tmp) / "pruned.onnx"
@@ -78,10 +80,12 @@ def main() -> None:
             after = kernel_ms(pruned, feed, args.threads, args.runs, Path(tmp))
             share = before["mlp"] / (before["mlp"] + before["other"])
             mac_bound = report["macs_before"] / report["macs_after"]
-            print(f"| {batch} | {before['mlp']:.1f} -> {after['mlp']:.1f} | {after['mlp'] / before['mlp']:.3f} "
-                  f"({kept:.3f}) | {before['other']:.1f} -> {after['other']:.1f} | {share:.3f} | "
-                  f"{1 / (1 - share * (1 - kept)):.3f} (MAC bound {mac_bound:.3f}) |",
-                  flush=True)
+            print(
+                f"| {batch} | {before['mlp']:.1f} -> {after['mlp']:.1f} | {after['mlp'] / before['mlp']:.3f} "
+                f"({kept:.3f}) | {before['other']:.1f} -> {after['other']:.1f} | {share:.3f} | "
+                f"{1 / (1 - share * (1 - kept)):.3f} (MAC bound {mac_bound:.3f}) |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

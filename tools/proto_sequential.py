@@ -109,8 +109,9 @@ def main() -> None:
     for index, block in enumerate(blocks):
         start = time.perf_counter()
         hidden = block.sites[0].hidden
-        mu_c, mu_o, cov_c, cross = hidden_moments(with_outputs(current, [hidden]),
-                                                  with_outputs(model, [hidden]), hidden, calib)
+        mu_c, mu_o, cov_c, cross = hidden_moments(
+            with_outputs(current, [hidden]), with_outputs(model, [hidden]), hidden, calib
+        )
         width, kept = block.width, plan.keep[block.name].size
         order = obs_ranking(rows[block.name], cov_c, width - kept, LAMBDA).order
         keep = np.setdiff1d(np.arange(width), order[: width - kept])
@@ -122,8 +123,9 @@ def main() -> None:
         b_name = nodes[block.sites[0].fc2_bias.node].input[block.sites[0].fc2_bias.input]
         b2 = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == b_name)
         new_b = b2 + mu_o @ w2 - mu_c[keep] @ new_w
-        current = rewrite(current, [block], {block.name: stats[block.name]}, Plan({block.name: keep}),
-                          compensate="none")
+        current = rewrite(
+            current, [block], {block.name: stats[block.name]}, Plan({block.name: keep}), compensate="none"
+        )
         set_fc2(current, block, new_w, new_b)
         print(f"  block {index}: kept {kept} of {width} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(f"sequential: {score(current):.4f}", flush=True)

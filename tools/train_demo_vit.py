@@ -52,8 +52,9 @@ class Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    def __init__(self, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: int = 4,
-                 patch: int = 4, classes: int = 10) -> None:
+    def __init__(
+        self, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: int = 4, patch: int = 4, classes: int = 10
+    ) -> None:
         super().__init__()
         tokens = (28 // patch) ** 2
         self.patch_embed = nn.Conv2d(1, dim, patch, patch)
@@ -130,16 +131,24 @@ def main() -> None:
             opt.step()
             sched.step()
         top1 = accuracy(model, test_x, test_y)
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.3f}  test top-1 {top1:.4f}  "
-              f"{time.time() - start:.0f}s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.3f}  test top-1 {top1:.4f}  "
+            f"{time.time() - start:.0f}s",
+            flush=True,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.eval()
     onnx_path = args.out / "demo_vit.onnx"
     torch.onnx.export(
-        model, (torch.from_numpy(test_x[:2]),), str(onnx_path), input_names=["image"],
-        output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17, dynamo=False,
+        model,
+        (torch.from_numpy(test_x[:2]),),
+        str(onnx_path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
     )
 
     rng = np.random.default_rng(args.seed)
