@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -246,19 +247,28 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+def _existing_folder(out: Path) -> Path:
+    """The nearest folder above `out` that exists (missing ones are created when it is written)."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ModelError(f"output folder {out.parent} cannot be created: {folder} is not a folder")
+    return folder
+
+
 def check_writable(out: Path) -> None:
     """Fail early, before any long work, if `out` (and its `.data` file) cannot be written."""
     if out.is_dir():
         raise ModelError(f"output is a directory: {out}")
-    if not out.parent.is_dir():
-        raise ModelError(f"output directory does not exist: {out.parent}")
-    if len(os.fsencode(f"{out.name}.data")) > _name_max(out.parent):
+    folder = _existing_folder(out)
+    if len(os.fsencode(f"{out.name}.data")) > _name_max(folder):
         raise ModelError(f"output file name is too long for its file system (with '.data' added): {out.name}")
     try:
-        with tempfile.TemporaryFile(dir=out.parent):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise ModelError(f"output directory is not writable: {out.parent} ({exc.strerror})") from exc
+        raise ModelError(f"output directory is not writable: {folder} ({exc.strerror})") from exc
 
 
 def model_files(path: Path) -> list[Path]:
@@ -380,11 +390,16 @@ class Publication:
 
     def __init__(self) -> None:
         self._folders: dict[Path, Path] = {}  # destination folder -> its hidden staging folder
+        self._created: list[Path] = []  # destination folders made for this publication, outermost first
         self._moves: list[tuple[Path, Path]] = []  # (written, destination)
 
     def stage(self, out: Path) -> Path:
         """Where to write `out` (and, for a model, its `.data` file beside it)."""
         check_writable(out)
+        missing = [f for f in (out.parent, *out.parent.parents) if not f.exists()]
+        for created in reversed(missing):  # `-o new/folder/model.onnx` makes the folders
+            created.mkdir()
+            self._created.append(created)
         folder = self._folders.get(out.parent)
         if folder is None:  # a short name: `out`'s own may already be as long as the file system allows
             folder = Path(tempfile.mkdtemp(prefix=".onnx_vbp.", dir=out.parent))
@@ -411,12 +426,17 @@ class Publication:
         except OSError as exc:
             raise ModelError(f"cannot publish {out}: {exc}") from exc
         self._moves.clear()
+        self._created.clear()  # they hold the outputs now
 
     def discard(self) -> None:
         for folder in self._folders.values():
             shutil.rmtree(folder, ignore_errors=True)
+        for created in reversed(self._created):  # innermost first; only if nothing else was put there
+            with contextlib.suppress(OSError):
+                created.rmdir()
         self._folders.clear()
         self._moves.clear()
+        self._created.clear()
 
 
 @contextmanager

@@ -297,8 +297,14 @@ def output_is_input(ws):
     return [ws / "net.onnx", ws / "calib", "-o", ws / "net.onnx"], "the output model would overwrite an input file"
 
 
-def output_dir_missing(ws):
-    return [ws / "net.onnx", ws / "calib", "-o", ws / "nodir" / "o.onnx"], "output directory does not exist"
+def output_folder_under_a_file(ws):
+    return [ws / "net.onnx", ws / "calib", "-o", ws / "net.onnx" / "o.onnx"], "is not a folder"
+
+
+def output_in_new_folders_then_a_failure(ws):
+    """Folders made for -o are removed again when a later step (here --eval) fails."""
+    return [ws / "net.onnx", ws / "calib", "-o", ws / "new" / "sub" / "o.onnx", "--eval",
+            _one_batch(ws, z=np.zeros((16, 6, 8), np.float32))], "no array for model input 'x'"
 
 
 def output_dir_not_writable(ws):
@@ -356,8 +362,8 @@ def report_over_output(ws):
     return [ws / "net.onnx", ws / "calib", "--report", out, "-o", out], "the report and the output model are the same"
 
 
-def report_dir_missing(ws):
-    return [ws / "net.onnx", ws / "calib", "--report", ws / "nodir" / "r.json"], "output directory does not exist"
+def report_folder_under_a_file(ws):
+    return [ws / "net.onnx", ws / "calib", "--report", ws / "net.onnx" / "r.json"], "is not a folder"
 
 
 def output_name_too_long(ws):
@@ -421,7 +427,8 @@ ROWS = [
     per_block_ratio_below_min_keep,
     ray_with_max_samples,
     output_is_input,
-    output_dir_missing,
+    output_folder_under_a_file,
+    output_in_new_folders_then_a_failure,
     output_dir_not_writable,
     output_data_file_over_input_weights,
     output_over_input_data_file,
@@ -431,7 +438,7 @@ ROWS = [
     save_stats_over_calibration_file,
     report_over_model,
     report_over_output,
-    report_dir_missing,
+    report_folder_under_a_file,
     output_name_too_long,
     eval_data_unusable,
     stats_feed_no_longer_fits,
@@ -652,6 +659,13 @@ def test_bench_refuses_to_overwrite_perf_test_data_and_models_with_other_inputs(
 def test_output_folder_gets_the_default_name_inside(ws: Path) -> None:
     assert main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "-o", str(ws / "out")]) == 0
     assert sorted(p.name for p in (ws / "out").iterdir()) == ["net.vbp.onnx"]
+
+
+def test_missing_output_folders_are_created(ws: Path) -> None:
+    out = ws / "new" / "sub" / "pruned.onnx"
+    assert main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "-o", str(out), "--report",
+                 str(ws / "reports" / "r.json")]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx"] and (ws / "reports" / "r.json").exists()
 
 
 def test_threads_are_clamped_to_the_cores_this_process_may_use(ws: Path) -> None:
