@@ -303,8 +303,14 @@ def output_folder_under_a_file(ws):
 
 def output_in_new_folders_then_a_failure(ws):
     """Folders made for -o are removed again when a later step (here --eval) fails."""
-    return [ws / "net.onnx", ws / "calib", "-o", ws / "new" / "sub" / "o.onnx", "--eval",
-            _one_batch(ws, z=np.zeros((16, 6, 8), np.float32))], "no array for model input 'x'"
+    return [
+        ws / "net.onnx",
+        ws / "calib",
+        "-o",
+        ws / "new" / "sub" / "o.onnx",
+        "--eval",
+        _one_batch(ws, z=np.zeros((16, 6, 8), np.float32)),
+    ], "no array for model input 'x'"
 
 
 def output_dir_not_writable(ws):
@@ -663,8 +669,12 @@ def test_output_folder_gets_the_default_name_inside(ws: Path) -> None:
 
 def test_missing_output_folders_are_created(ws: Path) -> None:
     out = ws / "new" / "sub" / "pruned.onnx"
-    assert main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "-o", str(out), "--report",
-                 str(ws / "reports" / "r.json")]) == 0
+    assert (
+        main(
+            [str(ws / "net.onnx"), str(ws / "calib"), "-q", "-o", str(out), "--report", str(ws / "reports" / "r.json")]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx"] and (ws / "reports" / "r.json").exists()
 
 
