@@ -13,7 +13,18 @@ from onnx_vbp.find import MlpBlock
 from onnx_vbp.instrument import with_outputs
 from onnx_vbp.select import Plan
 
-MAC_OPS = ("MatMul", "Gemm", "Conv")
+# Ops whose work is multiply-accumulates, by domain: the float ones, ORT's fused and quantized
+# forms of a MatMul, and its fused attention (projections and the two attention products).
+MAC_OPS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger")
+MS_MAC_OPS = (
+    "FusedMatMul",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+    "Attention",
+    "MultiHeadAttention",
+    "QGemm",
+)
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -31,10 +42,10 @@ def node_macs(
     """Multiply-accumulates per sample of each MatMul/Gemm/Conv (keyed by its first output), from
     the shapes seen running `feed`."""
     known = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
+    nodes = [n for n in model.graph.node if n.op_type in (MS_MAC_OPS if n.domain == "com.microsoft" else MAC_OPS)]
     if not nodes:
         return {}
-    wanted = sorted({name for n in nodes for name in (n.input[0], n.input[1], n.output[0])} - set(known))
+    wanted = sorted({name for n in nodes for name in (*n.input[:4], n.output[0]) if name} - set(known))
     session = cpu_session(with_outputs(model, wanted), external_dir=external_dir)
     try:
         values = session.run(wanted, dict(feed))
@@ -42,18 +53,40 @@ def node_macs(
         raise CalibrationError(f"ONNX Runtime failed while counting MACs on one sample: {first_line(exc)}") from exc
     shapes = {**known, **{name: v.shape for name, v in zip(wanted, values, strict=True)}}
     batch = max(len(next(iter(feed.values()))), 1)
-    macs = {}
-    for n in nodes:
-        out = int(np.prod(shapes[n.output[0]]))
-        if n.op_type == "Conv":
-            inner = int(np.prod(shapes[n.input[1]][1:]))
-        elif n.op_type == "Gemm":
-            trans_a = any(a.name == "transA" and a.i for a in n.attribute)
-            inner = shapes[n.input[0]][0 if trans_a else -1]
-        else:
-            inner = shapes[n.input[0]][-1]
-        macs[n.output[0]] = out * inner // batch
-    return macs
+    return {n.output[0]: _macs(n, shapes) // batch for n in nodes}
+
+
+def _macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Multiply-accumulates of one MAC op, from the shapes of its inputs and output."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    out = int(np.prod(shapes[node.output[0]]))
+    op = node.op_type
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        return out * int(np.prod(shapes[node.input[3 if op == "QLinearConv" else 1]][1:]))
+    if op in ("Gemm", "QGemm"):
+        return out * shapes[node.input[0]][0 if attrs.get("transA") else -1]
+    if op == "FusedMatMul":
+        return out * shapes[node.input[0]][-2 if attrs.get("transA") else -1]
+    if op == "MatMulNBits":
+        return out * int(attrs["K"])
+    if op in ("Attention", "MultiHeadAttention"):
+        return _attention_macs(node, shapes, attrs)
+    return out * shapes[node.input[0]][-1]  # MatMul and its quantized forms: [..., K] x [K, N]
+
+
+def _attention_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]], attrs: dict) -> int:
+    """com.microsoft Attention: the packed QKV projection of input [B, S, D] by weights [D, 3H],
+    then Q·Kᵀ and the weighted sum of V ([B, S, S, H] each). MultiHeadAttention gets Q, K, V
+    already projected: only the two products."""
+    query = shapes[node.input[0]]
+    batch, length = query[0], query[1]
+    if node.op_type == "Attention":
+        inner, packed = shapes[node.input[1]]
+        width = packed // 3
+        return batch * length * inner * packed + 2 * batch * length * length * width
+    key = shapes.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    key_length = key[1] if key is not None and len(key) == 3 else length
+    return 2 * batch * length * key_length * query[-1]
 
 
 def pruned_macs(macs: dict[str, int], blocks: list[MlpBlock], plan: Plan) -> int:

@@ -157,3 +157,43 @@ def test_bench_inputs_from_text(tmp_path: Path) -> None:
     assert not feed["token_type_ids"].any() and feed["attention_mask"][0].sum() == 4  # [CLS] hello world [SEP]
     random_feed = make_inputs(specs, 2, 8, None)
     assert not random_feed["token_type_ids"].any()  # a 2-row token-type table takes only 0 and 1
+
+
+def test_macs_count_quantized_and_fused_matmuls_like_their_float_form(tmp_path: Path) -> None:
+    """ORT's dynamic int8 form (MatMulInteger) counts as the float model; a fused Attention counts
+    its QKV projection and its two attention products; FusedMatMul honours transA."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import quantize_dynamic
+
+    from onnx_vbp.report import node_macs
+
+    model = build_model([BlockSpec(hidden=64), BlockSpec(hidden=32, act="relu")], dim=16, seq=4)
+    onnx.save(model, tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"))
+    feed = random_batch(model, 1)
+    assert sum(node_macs(onnx.load(tmp_path / "q.onnx"), feed).values()) == sum(node_macs(model, feed).values())
+
+    batch, seq, dim = 2, 5, 8
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.normal(size=(dim, 3 * dim)).astype(np.float32), "qkv"),
+        numpy_helper.from_array(np.zeros(3 * dim, np.float32), "qkv_bias"),
+        numpy_helper.from_array(rng.normal(size=(dim, dim)).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("Attention", ["x", "qkv", "qkv_bias"], ["a"], domain="com.microsoft", num_heads=2),
+        helper.make_node("Transpose", ["w"], ["w_t"]),
+        helper.make_node("FusedMatMul", ["a", "w_t"], ["y"], domain="com.microsoft", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, dim])],
+        weights,
+    )
+    fused = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    macs = node_macs(fused, {"x": rng.normal(size=(batch, seq, dim)).astype(np.float32)})
+    assert macs == {"a": seq * dim * 3 * dim + 2 * seq * seq * dim, "y": seq * dim * dim}  # per sample
