@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from onnx_vbp.calibrate import Stats, calibrate
 from onnx_vbp.data import iter_batches, model_inputs
+from onnx_vbp.errors import VbpError
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import MlpBlock, find_mlp_blocks
 from onnx_vbp.importance import Ranking, rankings
@@ -28,6 +29,7 @@ __all__ = [
     "PruneOptions",
     "Ranking",
     "Stats",
+    "VbpError",
     "calibrate",
     "evaluate",
     "find_mlp_blocks",

@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnx_vbp.data import DataError, read_npz
+from onnx_vbp.errors import VbpError
 from onnx_vbp.find import MlpBlock
 from onnx_vbp.instrument import instrument
 
@@ -41,11 +42,11 @@ COMOMENT_BUDGET = 8 << 30  # bytes of float64 second moments over all blocks
 CHUNK_ELEMENTS = 1 << 18  # float64 values per row chunk of Stats.of: 2 MiB, cache-resident
 
 
-class CalibrationError(ValueError):
+class CalibrationError(VbpError):
     """Calibration data produced unusable activations (NaN/Inf, no samples) or ORT failed on it."""
 
 
-class RuntimeLoadError(ValueError):
+class RuntimeLoadError(VbpError):
     """ONNX Runtime cannot load the model."""
 
 

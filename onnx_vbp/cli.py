@@ -13,14 +13,13 @@ from pathlib import Path
 
 from onnx_vbp import __version__
 from onnx_vbp.bench import bench, format_bench, perf_test_folder, write_perf_test_data
-from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError
-from onnx_vbp.data import DataError, RawOptions, make_inputs, model_inputs
+from onnx_vbp.data import RawOptions, make_inputs, model_inputs
+from onnx_vbp.errors import VbpError
 from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, SCORES
-from onnx_vbp.modelio import ModelError, load_model
-from onnx_vbp.pipeline import METHODS, NoBlocksError, PruneOptions, inspect_model, merge_stats_files, prune_file
+from onnx_vbp.modelio import load_model
+from onnx_vbp.pipeline import METHODS, PruneOptions, inspect_model, merge_stats_files, prune_file
 from onnx_vbp.report import format_inspection, format_table
 from onnx_vbp.rewrite import COMPENSATIONS
-from onnx_vbp.select import SelectionError
 from onnx_vbp.sweep import format_sweep, summary, sweep
 
 DESCRIPTION = """\
@@ -314,7 +313,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="onnx-vbp: %(message)s")
 
 
-USER_ERRORS = (ModelError, DataError, CalibrationError, NoBlocksError, RuntimeLoadError, SelectionError, OSError)
+USER_ERRORS = (VbpError, OSError)  # every error a bad input can cause; anything else is a bug
 
 
 class Terminated(KeyboardInterrupt):

@@ -30,8 +30,10 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
+from onnx_vbp.errors import VbpError
 
-class DataError(ValueError):
+
+class DataError(VbpError):
     """Calibration / evaluation data that cannot be fed to the model."""
 
 

@@ -17,13 +17,14 @@ from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.calibrate import ORT_ERRORS, cpu_session, first_line
 from onnx_vbp.data import external_file
+from onnx_vbp.errors import VbpError
 
 PROTOBUF_LIMIT = 2**31 - 1
 SMALL_TENSOR_BYTES = 1 << 20  # external tensors below this are read at load time
 COPY_CHUNK = 64 << 20
 
 
-class ModelError(ValueError):
+class ModelError(VbpError):
     """A model file that cannot be read, or a result that cannot be written."""
 
 

@@ -46,6 +46,7 @@ from onnx_vbp.data import (
     make_inputs,
     model_inputs,
 )
+from onnx_vbp.errors import VbpError
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import BlockList, MlpBlock, find_mlp_blocks
 from onnx_vbp.graph import import_graph, node_key, trace_param
@@ -69,7 +70,7 @@ from onnx_vbp.select import Plan, select
 log = logging.getLogger("onnx_vbp")
 
 
-class NoBlocksError(ValueError):
+class NoBlocksError(VbpError):
     """The model has no prunable MLP block."""
 
 

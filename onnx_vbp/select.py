@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_vbp.calibrate import Stats
+from onnx_vbp.errors import VbpError
 from onnx_vbp.importance import Ranking
 
 SCOPES = ("global", "per-block")
 
 
-class SelectionError(ValueError):
+class SelectionError(VbpError):
     """Options that no plan can satisfy."""
 
 

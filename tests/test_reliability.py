@@ -700,3 +700,17 @@ def test_external_data_model_prunes_from_any_working_directory(ws: Path, monkeyp
     monkeypatch.chdir(ws / "out")
     assert main([str(ws / "models" / "ext.onnx"), str(ws / "calib"), "-q", "-o", str(ws / "pruned.onnx")]) == 0
     assert onnx.load(ws / "pruned.onnx").graph.node
+
+
+def test_every_library_error_has_one_root_the_cli_catches() -> None:
+    from onnx_vbp import VbpError
+    from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError
+    from onnx_vbp.cli import USER_ERRORS
+    from onnx_vbp.data import DataError
+    from onnx_vbp.modelio import ModelError
+    from onnx_vbp.pipeline import NoBlocksError
+    from onnx_vbp.select import SelectionError
+
+    for error in (CalibrationError, RuntimeLoadError, DataError, ModelError, NoBlocksError, SelectionError):
+        assert issubclass(error, VbpError) and issubclass(error, ValueError)  # ValueError: as before, for the API
+    assert VbpError in USER_ERRORS

@@ -1,0 +1,9 @@
+"""The root of every error a bad input can cause (foundation: imports nothing of onnx_vbp)."""
+
+from __future__ import annotations
+
+
+class VbpError(ValueError):
+    """A model, data, statistics file or option that onnx_vbp cannot work with. The command line
+    prints it as one line `onnx-vbp: error: ...` and exits with status 1; any other exception
+    escaping it is a bug."""
