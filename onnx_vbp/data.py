@@ -21,6 +21,7 @@ import itertools
 import json
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,6 +369,34 @@ def conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise DataError(f"{path}: input '{spec.name}' contains NaN or Inf")
     return array
+
+
+def count_samples(source: Path | str, specs: list[InputSpec]) -> int | None:
+    """How many samples `source` holds, read from headers and line counts without decoding the
+    data (for a progress bar's total); None when that cannot be told cheaply."""
+    try:
+        files = data_files(source)
+        kind = _kind(files[0])
+        if kind == "images":
+            return len(files)
+        if kind == "text":
+            return sum(sum(1 for line in path.open("rb") if line.strip()) for path in files)
+        return sum(_leading_length(path, specs[0].name) for path in files)
+    except Exception:  # a progress total is never worth an error: the real read reports it
+        return None
+
+
+def _leading_length(path: Path, name: str) -> int:
+    if path.is_dir():  # test_data_set_*: one protobuf per input, small enough to parse
+        tensor = onnx.TensorProto()
+        tensor.ParseFromString(sorted(path.glob("input_*.pb"), key=_pb_index)[0].read_bytes())
+        return int(tensor.dims[0])
+    if path.suffix.lower() == ".npy":
+        return len(np.load(path, mmap_mode="r"))
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return int(header(member)[0][0])
 
 
 def fixed_batch(specs: list[InputSpec]) -> int | None:

@@ -38,6 +38,7 @@ from onnx_vbp.data import (
     InputSpec,
     RawOptions,
     conform,
+    count_samples,
     data_files,
     data_kind,
     external_file,
@@ -128,19 +129,31 @@ class PruneOptions:
         return dataclasses.replace(self, method="vbp", score=None, compensate=None)
 
 
+def progress_bar(desc: str, total: int | None, options: PruneOptions) -> tqdm:
+    """A progress bar in samples, with a total (and so an ETA) when it is known; drawn only on a
+    terminal, never with `options.progress` off."""
+    return tqdm(desc=desc, unit="sample", total=total, disable=None if options.progress else True)
+
+
+def _counted(batches: Iterator[dict], bar: tqdm, name: str) -> Iterator[dict]:
+    """`batches`, advancing `bar` by each batch's samples (the length of input `name`)."""
+    for batch in batches:
+        yield batch
+        bar.update(len(batch[name]))
+
+
 def _calibrate(
     model: onnx.ModelProto,
     blocks: list[MlpBlock],
     batches: Iterator[dict],
     options: PruneOptions,
     external_dir: Path | None,
+    total: int | None = None,
 ) -> tuple[dict[str, Stats], int, float]:
     """Calibrate with a progress bar (drawn only on a terminal); returns (stats, samples, seconds)."""
     start = time.perf_counter()
     samples = 0
-    with tqdm(
-        desc="calibrating", unit="sample", disable=None if options.progress else True, total=options.max_samples
-    ) as bar:
+    with progress_bar("calibrating", total, options) as bar:
 
         def on_batch(size: int) -> None:
             nonlocal samples
@@ -375,8 +388,10 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
             )
             prepared.seconds = time.perf_counter() - start
         elif blocks:
+            counted = count_samples(calib, specs)
+            total = min(counted, options.max_samples or counted) if counted is not None else options.max_samples
             prepared.stats, prepared.samples, prepared.seconds = _calibrate(
-                model, blocks, prepared.batches(calib, options), options, prepared.external_dir
+                model, blocks, prepared.batches(calib, options), options, prepared.external_dir, total
             )
         prepared.source = _data_source(calib, options, specs)
         first = next(prepared.batches(calib, options))
@@ -592,13 +607,14 @@ def prune_prepared(
             "versions": versions(),
         }
         if eval_data is not None:
-            report["eval"] = evaluate(
-                prepared.path,
-                written,
-                prepared.eval_batches(eval_data, options),
-                threads=options.threads,
-                reference=reference,
-            )
+            with progress_bar("evaluating", count_samples(eval_data, prepared.specs), options) as bar:
+                report["eval"] = evaluate(
+                    prepared.path,
+                    written,
+                    _counted(prepared.eval_batches(eval_data, options), bar, prepared.specs[0].name),
+                    threads=options.threads,
+                    reference=reference,
+                )
             report["eval"]["data"] = _data_source(eval_data, options, prepared.specs)
     return report
 

@@ -365,3 +365,34 @@ def test_inspect_counts_a_gemm_with_its_bias_once(tmp_path: Path, capsys) -> Non
     assert main(["inspect", str(tmp_path / "gemm.onnx"), "--json"]) == 0
     (block,) = json.loads(capsys.readouterr().out)["blocks"]
     assert block["macs"] == 2 * 16 * 64  # fc1 and fc2 of one row; fc1's weight and bias sit on one Gemm
+
+
+def test_progress_bars_know_their_totals(workspace: Path, monkeypatch) -> None:
+    """Calibration and evaluation show totals (and so an ETA), counted from the files' headers."""
+    from tqdm import tqdm
+
+    import onnx_vbp.pipeline as pipeline
+
+    bars: list[tuple[str, int | None]] = []
+
+    def recorded(desc, total, options):
+        bars.append((desc, total))
+        return tqdm(disable=True)
+
+    monkeypatch.setattr(pipeline, "progress_bar", recorded)
+    assert (
+        main(
+            [
+                str(workspace / "net.onnx"),
+                str(workspace / "calib"),
+                "--eval",
+                str(workspace / "calib"),
+                "--max-samples",
+                "20",
+                "-o",
+                str(workspace / "o.onnx"),
+            ]
+        )
+        == 0
+    )
+    assert bars == [("calibrating", 20), ("evaluating", 24)]  # eval is not capped by --max-samples

@@ -153,3 +153,20 @@ def test_variable_length_files_rebatch_without_mixing_lengths(tmp_path: Path) ->
     two = InputSpec("x", np.dtype(np.float32), (2, "s", 8))  # a leftover of 1 cannot be fed, nor joined
     with pytest.raises(DataError, match=r"'x' has shapes \[\(5, 8\), \(7, 8\)\] in different files"):
         list(iter_batches(tmp_path, [two]))
+
+
+def test_samples_are_counted_from_headers_for_a_progress_total(tmp_path: Path) -> None:
+    from onnx_vbp.data import count_samples
+
+    spec = InputSpec("x", np.dtype(np.float32), ("batch", 3))
+    np.savez(tmp_path / "a.npz", labels=np.arange(7), x=np.zeros((7, 3), np.float32))
+    np.savez_compressed(tmp_path / "b.npz", x=np.zeros((5, 3), np.float32))
+    assert count_samples(tmp_path, [spec]) == 12
+    np.save(tmp_path / "one.npy", np.zeros((4, 3), np.float32))
+    assert count_samples(tmp_path / "one.npy", [spec]) == 4
+    folder = tmp_path / "sets" / "test_data_set_0"
+    folder.mkdir(parents=True)
+    (folder / "input_0.pb").write_bytes(numpy_helper.from_array(np.zeros((6, 3), np.float32), "x").SerializeToString())
+    assert count_samples(tmp_path / "sets", [spec]) == 6
+    (tmp_path / "broken.npz").write_bytes(b"PK not a zip")
+    assert count_samples(tmp_path / "broken.npz", [spec]) is None  # no total, no error: the read reports it

@@ -206,3 +206,15 @@ def test_normalization_defaults_follow_the_channels_and_given_values_are_checked
         RawOptions(mean=(0.5, 0.5)).normalization(3)
     with pytest.raises(DataError, match="--std must be positive"):
         RawOptions(std=(0.0,)).normalization(1)
+
+
+def test_photos_and_text_lines_are_counted_for_a_progress_total(tmp_path: Path) -> None:
+    from onnx_vbp.data import count_samples
+
+    for i in range(3):
+        _halves(tmp_path / f"{i}.png")
+    assert count_samples(tmp_path, [NCHW]) == 3
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("one\n\n  \ntwo\nthree\n")
+    (tmp_path / "text" / "b.jsonl").write_text('{"text": "x"}\n')
+    assert count_samples(tmp_path / "text" / "a.txt", TEXT_SPECS) == 3  # blank lines are not samples
