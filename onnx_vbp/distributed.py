@@ -9,6 +9,7 @@ model and the data must be readable at the same path on every node (a shared fil
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from onnx_vbp.calibrate import Stats, calibrate, merge_stats
@@ -61,7 +62,8 @@ def calibrate_on_ray(
     except ImportError as exc:
         raise DataError("--ray needs Ray: pip install 'onnx_vbp[ray]'") from exc
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+        # Ray's own startup lines would break onnx-vbp's one-line output: errors still come back
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     files = [str(f.resolve()) for f in data_files(calib)]
     parts = [files[i::shards] for i in range(min(shards, len(files)))]
     task = ray.remote(shard_stats)

@@ -616,6 +616,7 @@ def prune_prepared(
                     reference=reference,
                 )
             report["eval"]["data"] = _data_source(eval_data, options, prepared.specs)
+            log.info("evaluated on %d held-out samples from %s", report["eval"]["samples"], eval_data)
     return report
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 from pathlib import Path
 
 from onnx_vbp.data import DataError
 from onnx_vbp.modelio import guard_outputs, publishing
 from onnx_vbp.pipeline import PruneOptions, input_files, prepare, prune_prepared, warn_dubious
+
+log = logging.getLogger("onnx_vbp")
 
 
 def retention(evaluation: dict) -> float:
@@ -70,6 +73,7 @@ def sweep(
                 prepared, dataclasses.replace(options, ratio=ratio, save_stats=None), candidate, eval_data, reference
             )
             rows.append({**report, "output": None, "retention": retention(report["eval"])})
+            log.info("ratio %g (%d of %d): retention %.4f", ratio, len(rows), len(ratios), rows[-1]["retention"])
         best = pick(rows, target) if target is not None else None
         if best is not None and output is not None:
             publication.adopt(Path(folder) / f"r{best['ratio']:g}" / name, output)

@@ -146,3 +146,13 @@ def test_an_unmet_target_exits_3_and_writes_nothing(ws: Path, capsys) -> None:
     assert main(argv) == 3
     assert "largest ratio with retention >= 1.5: none" in capsys.readouterr().out
     assert not (ws / "best.onnx").exists()
+
+
+def test_verbose_sweep_logs_each_ratio_and_its_evaluation(ws: Path, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="onnx_vbp")
+    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", "0.25,0.5"]
+    assert main(argv) == 0
+    assert "ratio 0.25 (1 of 2): retention" in caplog.text and "ratio 0.5 (2 of 2): retention" in caplog.text
+    assert caplog.text.count("evaluated on 8 held-out samples") == 2
