@@ -264,7 +264,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         metavar="HELDOUT",
         required=True,
         help="held-out data; retention is top-1 after/before with .npz labels, else the mean "
-        "cosine of the first float output",
+        "cosine of the --metric output",
     )
     parser.add_argument(
         "--target-retention",
@@ -274,6 +274,12 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-o", "--output", type=Path, help="with --target-retention: where to write that model")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="plot retention vs MACs removed (matplotlib)")
+    parser.add_argument(
+        "--metric",
+        metavar="OUTPUT",
+        help="measure retention as the mean cosine of this output (default: top-1 with labels, "
+        "else the first output with one row per sample, e.g. a sentence embedding)",
+    )
     _add_pruning_options(parser)
     return parser
 
@@ -381,6 +387,7 @@ def _sweep(args: argparse.Namespace) -> int:
         output=args.output,
         report_path=None if _to_stdout(args) else args.report,
         plot=args.plot,
+        metric=args.metric,
     )
     if _to_stdout(args):
         print(json.dumps(summary(rows, best), indent=2))

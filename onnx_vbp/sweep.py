@@ -15,12 +15,28 @@ from onnx_vbp.pipeline import PruneOptions, input_files, prepare, prune_prepared
 log = logging.getLogger("onnx_vbp")
 
 
-def retention(evaluation: dict) -> float:
-    """One number per pruned model: top-1 kept (after / before) when labels exist, else the mean
-    cosine of the first floating-point output against the original."""
+def retention_metric(evaluation: dict, output: str | None = None) -> str:
+    """What `retention` measures: top-1 kept when labels exist, else the mean cosine of `output`,
+    by default the first output with one row of features per sample (logits, a sentence
+    embedding), else the first float output. A transformer encoder's first output is often its
+    token embeddings, not the pooled one users compare."""
+    outputs = evaluation["outputs"]
+    if output is not None:
+        if output not in outputs:
+            raise DataError(f"no float output named '{output}' to measure retention by (outputs: {', '.join(outputs)})")
+        return f"cosine of {output}"
     if evaluation.get("top1_before"):
+        return "top-1 after/before"
+    pooled = [name for name, measured in outputs.items() if "top1_agreement" in measured]  # 2-D outputs
+    return f"cosine of {(pooled or list(outputs))[0]}"
+
+
+def retention(evaluation: dict, output: str | None = None) -> float:
+    """One number per pruned model, as `retention_metric` describes it."""
+    metric = retention_metric(evaluation, output)
+    if metric == "top-1 after/before":
         return evaluation["top1_after"] / evaluation["top1_before"]
-    return next(iter(evaluation["outputs"].values()))["cosine"]
+    return evaluation["outputs"][metric.removeprefix("cosine of ")]["cosine"]
 
 
 def sweep(
@@ -34,9 +50,11 @@ def sweep(
     output: Path | str | None = None,
     report_path: Path | str | None = None,
     plot: Path | str | None = None,
+    metric: str | None = None,
 ) -> tuple[list[dict], dict | None]:
-    """Calibrate once, prune and evaluate one model per ratio; returns their reports (each with a
-    `retention` field, in the order of `ratios`) and the row `pick` chooses for `target`, if any.
+    """Calibrate once, prune and evaluate one model per ratio; returns their reports (each with
+    `retention` and the `metric` it measures, see `retention_metric`; `metric` names the output
+    to measure it on) in the order of `ratios`, and the row `pick` chooses for `target`, if any.
 
     With `output`, that row's model is written there; `report_path` gets the rows as JSON, `plot`
     a retention plot, `options.save_stats` the statistics. Every output is checked against every
@@ -64,6 +82,8 @@ def sweep(
         tempfile.TemporaryDirectory(prefix=".onnx_vbp.", dir=output.parent if output is not None else None) as folder,
     ):
         prepared = prepare(model_path, calib, options)
+        if metric is not None and metric not in prepared.sample_outputs:
+            raise DataError(f"--metric {metric}: the model has no such output ({', '.join(prepared.sample_outputs)})")
         reference: dict = {}  # the original's held-out outputs, computed once
         rows = []
         for ratio in ratios:
@@ -72,7 +92,14 @@ def sweep(
             report = prune_prepared(
                 prepared, dataclasses.replace(options, ratio=ratio, save_stats=None), candidate, eval_data, reference
             )
-            rows.append({**report, "output": None, "retention": retention(report["eval"])})
+            rows.append(
+                {
+                    **report,
+                    "output": None,
+                    "retention": retention(report["eval"], metric),
+                    "metric": retention_metric(report["eval"], metric),
+                }
+            )
             log.info("ratio %g (%d of %d): retention %.4f", ratio, len(rows), len(ratios), rows[-1]["retention"])
         best = pick(rows, target) if target is not None else None
         if best is not None and output is not None:
@@ -102,8 +129,7 @@ def pick(rows: list[dict], target: float) -> dict | None:
 def format_sweep(rows: list[dict]) -> str:
     lines = [f"{'ratio':>6} {'MACs':>8} {'params':>8} {'retention':>10}  metric"]
     for row in rows:
-        evaluation = row["eval"]
-        metric = "top-1 after/before" if evaluation.get("top1_before") else "cosine"
+        metric = row["metric"]
         lines.append(
             f"{row['ratio']:>6g} {row['macs_after'] / row['macs_before'] - 1:>+8.1%} "
             f"{row['params_after'] / row['params_before'] - 1:>+8.1%} {row['retention']:>10.4f}  {metric}"

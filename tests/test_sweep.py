@@ -12,7 +12,8 @@ from graphs import BlockSpec, build_model, random_batch
 
 from onnx_vbp import find_mlp_blocks
 from onnx_vbp.cli import main
-from onnx_vbp.sweep import pick, retention
+from onnx_vbp.data import DataError
+from onnx_vbp.sweep import pick, retention, retention_metric
 
 
 @pytest.fixture
@@ -77,6 +78,12 @@ def test_retention_and_pick() -> None:
     labelled = {"top1_before": 0.8, "top1_after": 0.6, "outputs": {"y": {"cosine": 0.9}}}
     assert retention(labelled) == pytest.approx(0.75)
     assert retention({"outputs": {"logits": {"cosine": 0.97}, "z": {"cosine": 0.5}}}) == 0.97
+    # an encoder: token embeddings first, the pooled sentence embedding (2-D: top1_agreement) second
+    encoder = {"outputs": {"tokens": {"cosine": 0.9}, "sentence": {"cosine": 0.95, "top1_agreement": 1.0}}}
+    assert retention(encoder) == 0.95 and retention_metric(encoder) == "cosine of sentence"
+    assert retention(encoder, "tokens") == 0.9 and retention(labelled, "y") == 0.9  # asked: that output's cosine
+    with pytest.raises(DataError, match="no float output named 'pooled'"):
+        retention(encoder, "pooled")
     rows = [{"ratio": 0.1, "retention": 0.99}, {"ratio": 0.3, "retention": 0.97}, {"ratio": 0.2, "retention": 0.96}]
     assert pick(rows, 0.965)["ratio"] == 0.3
     assert pick(rows, 0.999) is None
@@ -156,3 +163,11 @@ def test_verbose_sweep_logs_each_ratio_and_its_evaluation(ws: Path, caplog) -> N
     assert main(argv) == 0
     assert "ratio 0.25 (1 of 2): retention" in caplog.text and "ratio 0.5 (2 of 2): retention" in caplog.text
     assert caplog.text.count("evaluated on 8 held-out samples") == 2
+
+
+def test_metric_names_the_output_retention_is_measured_on(ws: Path, capsys) -> None:
+    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", "0.25"]
+    assert main([*argv, "--metric", "y"]) == 0
+    assert "cosine of y" in capsys.readouterr().out
+    assert main([*argv, "--metric", "pooled"]) == 1
+    assert "--metric pooled: the model has no such output (y)" in capsys.readouterr().err
