@@ -448,11 +448,9 @@ def publishing(publication: Publication | None = None) -> Iterator[Publication]:
         yield publication
         return
     publication = Publication()
-    try:
+    try:  # an OSError in the block (a read as much as a write) passes unchanged: it says which file
         yield publication
         publication.commit()
-    except OSError as exc:
-        raise ModelError(f"cannot write the output: {exc}") from exc
     finally:
         publication.discard()
 
