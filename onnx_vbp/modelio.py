@@ -258,13 +258,14 @@ def _existing_folder(out: Path) -> Path:
     return folder
 
 
-def check_writable(out: Path) -> None:
-    """Fail early, before any long work, if `out` (and its `.data` file) cannot be written."""
+def check_writable(out: Path, suffix: str = ".data") -> None:
+    """Fail early, before any long work, if `out` (and, with `suffix`, its `.data` file) cannot be
+    written."""
+    folder = _existing_folder(out)
+    if len(os.fsencode(f"{out.name}{suffix}")) > _name_max(folder):  # first: stat() fails on such a name
+        raise ModelError(f"output file name is too long for its file system: {out.name}{suffix}")
     if out.is_dir():
         raise ModelError(f"output is a directory: {out}")
-    folder = _existing_folder(out)
-    if len(os.fsencode(f"{out.name}.data")) > _name_max(folder):
-        raise ModelError(f"output file name is too long for its file system (with '.data' added): {out.name}")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -304,7 +305,7 @@ def guard_outputs(outputs: dict[str, Path], inputs: list[Path]) -> None:
     to, or would be renamed over an input or another output, or that cannot be written."""
     claimed: dict[str, Path] = {}
     for role, out in outputs.items():
-        check_writable(out)
+        check_writable(out, suffix="")  # a model's data file is among `outputs` itself
         for source in inputs:
             if _same_file(out, source):
                 raise ModelError(f"{role} would overwrite an input file: {source}")

@@ -667,6 +667,13 @@ def test_output_folder_gets_the_default_name_inside(ws: Path) -> None:
     assert sorted(p.name for p in (ws / "out").iterdir()) == ["net.vbp.onnx"]
 
 
+def test_the_longest_legal_output_name_works(ws: Path) -> None:
+    """250 bytes: OUT.data is 255, the limit; the staging folder's own name is short."""
+    out = ws / "out" / ("x" * 245 + ".onnx")
+    assert main([str(ws / "net.onnx"), str(ws / "calib"), "-q", "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
 def test_missing_output_folders_are_created(ws: Path) -> None:
     out = ws / "new" / "sub" / "pruned.onnx"
     assert (
