@@ -102,11 +102,16 @@ def _pb_index(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
+def external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    """A tensor's external-data fields (location, offset, length, ...) by key."""
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
 def external_file(tensor: onnx.TensorProto, folder: Path) -> Path:
     """The file holding `tensor`'s external data, after checking that it lies in `folder`: no
     absolute path, no `..`, no link out of it, and a whole-number offset and length. A model or
     a test data set may not make us read, or even look at, a file elsewhere. Raises ValueError."""
-    entries = {entry.key: entry.value for entry in tensor.external_data}
+    entries = external_entries(tensor)
     location = entries.get("location", "")
     relative = Path(location)
     if not location or relative.is_absolute() or ".." in relative.parts:

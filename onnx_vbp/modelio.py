@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.calibrate import ORT_ERRORS, cpu_session, first_line
-from onnx_vbp.data import external_file
+from onnx_vbp.data import external_entries, external_file
 from onnx_vbp.errors import VbpError
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -33,10 +33,6 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.vbp.onnx")
 
 
-def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
 def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> None:
     """Every external tensor's file lies in the model's folder (see `external_file`; checked
     before any file is opened), exists and holds its bytes (onnx would read short silently)."""
@@ -49,7 +45,7 @@ def _check_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> No
             raise ModelError(f"{path}: {exc}") from exc
         if not data.is_file():
             raise ModelError(f"{path}: external data file not found: {data}")
-        entries = _external_entries(tensor)
+        entries = external_entries(tensor)
         end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
         if "length" in entries and data.stat().st_size < end:
             raise ModelError(
@@ -85,7 +81,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
             raise ModelError(f"{path}: tensor '{tensor.name}' has negative dims {list(tensor.dims)}")
         count = int(np.prod(tensor.dims, dtype=np.float64))
         if uses_external_data(tensor):
-            length = _external_entries(tensor).get("length")
+            length = external_entries(tensor).get("length")
             held = None if length is None or not length.isdigit() else int(length) // itemsize
         elif tensor.HasField("raw_data"):
             held = len(tensor.raw_data) // itemsize
@@ -192,17 +188,16 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims)) * itemsize
 
 
+def _data_locations(model: onnx.ModelProto) -> list[str]:
+    """The external data files the model's initializers name, each once, sorted."""
+    locations = {external_entries(t).get("location") for t in model.graph.initializer if uses_external_data(t)}
+    return sorted(locations - {None})
+
+
 def file_bytes(path: Path) -> int:
     """Size of a model file plus the external data files it references."""
     model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in model.graph.initializer
-        if uses_external_data(tensor)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in _data_locations(model))
 
 
 def _write_external_data(model: onnx.ModelProto, data_path: Path, source_dir: Path | None) -> None:
@@ -217,7 +212,7 @@ def _write_external_data(model: onnx.ModelProto, data_path: Path, source_dir: Pa
             if uses_external_data(tensor):
                 if source_dir is None:
                     raise ModelError(f"tensor '{tensor.name}' refers to external data but no source folder is known")
-                entries = _external_entries(tensor)
+                entries = external_entries(tensor)
                 length = int(entries.get("length", _nbytes(tensor)))
                 with open(source_dir / entries["location"], "rb") as source:
                     source.seek(int(entries.get("offset", 0)))
@@ -280,14 +275,7 @@ def model_files(path: Path) -> list[Path]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # any parse failure is reported by load_model, with its reason
         return [path]
-    locations = {
-        entry.value
-        for tensor in model.graph.initializer
-        if uses_external_data(tensor)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return [path, *(path.parent / location for location in sorted(locations))]
+    return [path, *(path.parent / location for location in _data_locations(model))]
 
 
 def _same_file(a: Path, b: Path) -> bool:

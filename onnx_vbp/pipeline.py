@@ -41,6 +41,7 @@ from onnx_vbp.data import (
     count_samples,
     data_files,
     data_kind,
+    external_entries,
     external_file,
     fixed_batch,
     iter_batches,
@@ -305,7 +306,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         log.warning("skipped MLP block %s: %s", skipped.name, skipped.reason)
     if not blocks:
         why = "; ".join(f"{s.name}: {s.reason}" for s in blocks.skipped)
-        quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+        quantized = quantized_ops(model)
         if not options.allow_empty:
             raise NoBlocksError(
                 f"no prunable MLP block in {model_path}"
@@ -454,10 +455,11 @@ def versions() -> dict[str, str]:
 def _saved_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
     """The one-sample feed of a statistics file, checked against the model's inputs."""
     checked = {}
+    size = fixed_batch(specs) or 1
     for spec in specs:
         if spec.name not in feed or feed[spec.name].ndim == 0 or len(feed[spec.name]) == 0:
             raise CalibrationError(f"{path}: no sample of model input '{spec.name}' ('feed/{spec.name}')")
-        checked[spec.name] = conform(path, spec, feed[spec.name][: fixed_batch(specs) or 1])
+        checked[spec.name] = conform(path, spec, feed[spec.name][:size])
     return checked
 
 
@@ -491,7 +493,7 @@ def weights_fingerprint(model: onnx.ModelProto, blocks: list[MlpBlock], external
             source = trace_param(nodes[ref.node].inputs[ref.input]).source
             tensor = initializers.get(source.name)
             if tensor is not None and uses_external_data(tensor):
-                entries = {e.key: e.value for e in tensor.external_data}
+                entries = external_entries(tensor)
                 with open(external_file(tensor, external_dir), "rb") as data:
                     data.seek(int(entries.get("offset", 0)))
                     head = data.read(min(FINGERPRINT_BYTES, int(entries.get("length", FINGERPRINT_BYTES))))
@@ -689,6 +691,11 @@ QUANTIZED_OPS = (
 )
 
 
+def quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """The quantized op types the model uses (QUANTIZED_OPS), sorted."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+
+
 def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | None = None) -> dict:
     """What pruning would work on, without calibration data: the blocks found (activation,
     width, sites, fc1/fc2 nodes, MACs per sample), the ones skipped with the reason, the model's
@@ -704,7 +711,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
         raise CalibrationError(
             f"{exc} (random inputs of length {seq}: try a shorter --seq, or --data)" if data is None else str(exc)
         ) from exc
-    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    quantized = quantized_ops(model)
     hints = []
     if quantized:
         hints.append(
