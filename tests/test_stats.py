@@ -104,3 +104,48 @@ def test_non_finite_activation_names_block_and_batch() -> None:
     bad["x"][0, 0, 0] = np.inf
     with pytest.raises(CalibrationError, match=r"block '/blocks.0/mlp' at calibration batch 1"):
         calibrate(model, blocks, [random_batch(model), bad])
+
+
+def test_strided_comoment_keeps_every_rows_variance_and_the_subsets_correlations() -> None:
+    """With stride 2 the product covers the even rows only: its diagonal is still every row's
+    m2, its correlations are the even rows', it stays positive semi-definite, and a neuron that
+    is a linear combination of others still is (the Hessian keeps the subset's rank)."""
+    rng = np.random.default_rng(5)
+    base = 3.0 + rng.standard_normal((999, 4)) * [1.0, 0.1, 5.0, 2.0]
+    data = np.column_stack([base, base[:, 0] - 2 * base[:, 2], np.full(999, 7.0)])  # + combination, constant
+    data[1::2, 5] = 8.0  # constant on the even rows, not on all
+    stats = Stats.of(data, comoment=True, stride=2)
+    np.testing.assert_allclose(np.diag(stats.comoment), _two_pass(data)[1], rtol=1e-11)
+    covariance = stats.covariance
+    std = np.sqrt(np.diag(covariance))
+    even = data[::2, :5] - data[::2, :5].mean(axis=0)
+    subset_correlation = (even.T @ even) / np.sqrt(np.outer(np.square(even).sum(0), np.square(even).sum(0)))
+    np.testing.assert_allclose(covariance[:5, :5] / np.outer(std[:5], std[:5]), subset_correlation, atol=1e-6)
+    np.testing.assert_array_equal(covariance[5, :5], 0.0)  # no correlation seen: none assumed
+    assert covariance[5, 5] > 0
+    eigenvalues = np.linalg.eigvalsh(covariance / np.outer(std, std))
+    assert eigenvalues[0] > -1e-6
+    assert np.sum(eigenvalues < 1e-6) == 1  # column 4 is still spanned by columns 0 and 2
+    exact = Stats.of(data, comoment=True)
+    assert np.max(np.abs(covariance - exact.covariance) / np.outer(std, std)) > 1e-4  # a subset, truly
+
+
+def test_calibrate_strides_the_comoment_only_past_enough_positions_per_neuron() -> None:
+    """Small calibration sets keep every position in the covariance; past COMOMENT_FULL_POSITIONS
+    per neuron, each further batch contributes its strided estimate."""
+    from onnx_vbp.calibrate import COMOMENT_FULL_POSITIONS, COMOMENT_STRIDE
+
+    model = build_model([BlockSpec(hidden=16)], seq=5)
+    (block,) = find_mlp_blocks(model)
+    per_batch = COMOMENT_FULL_POSITIONS * block.width // 5 // 2 + 1  # samples: two batches pass the mark
+    batches = [random_batch(model, batch=per_batch, seed=s) for s in range(3)]
+    probe = cpu_session(instrument(model, [block]), optimize=True)
+    hidden = [probe.run(None, b)[1].reshape(-1, block.width) for b in batches]
+    first_two = calibrate(model, [block], batches[:2], comoments=True)[block.name]
+    expected = Stats.of(hidden[0], comoment=True).merge(Stats.of(hidden[1], comoment=True))
+    assert_comoment_close(first_two.comoment, expected.comoment)
+    all_three = calibrate(model, [block], batches, comoments=True)[block.name]
+    expected = expected.merge(Stats.of(hidden[2], comoment=True, stride=COMOMENT_STRIDE))
+    assert_comoment_close(all_three.comoment, expected.comoment)
+    exact = Stats.of(np.concatenate(hidden), comoment=True)
+    assert not np.allclose(all_three.comoment, exact.comoment, rtol=1e-3)
