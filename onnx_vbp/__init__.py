@@ -12,16 +12,18 @@ The pipeline, one stage per module, plain records between them::
 
 __version__ = "0.1.0"
 
-from onnx_vbp.calibrate import Stats, calibrate
+from onnx_vbp.calibrate import calibrate
 from onnx_vbp.data import iter_batches, model_inputs
 from onnx_vbp.errors import VbpError
 from onnx_vbp.evaluate import evaluate
-from onnx_vbp.find import MlpBlock, find_mlp_blocks
-from onnx_vbp.importance import Ranking, rankings
+from onnx_vbp.find import find_mlp_blocks
+from onnx_vbp.importance import rankings
 from onnx_vbp.instrument import instrument
 from onnx_vbp.pipeline import PruneOptions, prune, prune_file
+from onnx_vbp.records import MlpBlock, Plan, Ranking
 from onnx_vbp.rewrite import rewrite
-from onnx_vbp.select import Plan, select
+from onnx_vbp.select import select
+from onnx_vbp.stats import Stats
 
 __all__ = [
     "MlpBlock",

@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.data import fixed_batch, model_inputs
 from onnx_vbp.modelio import ModelError, load_model
 from onnx_vbp.report import node_macs
+from onnx_vbp.runtime import cpu_session
 
 
 def perf_test_folder(model_path: Path) -> Path:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -15,11 +17,10 @@ from onnx_vbp import __version__
 from onnx_vbp.bench import bench, format_bench, perf_test_folder, write_perf_test_data
 from onnx_vbp.data import RawOptions, make_inputs, model_inputs
 from onnx_vbp.errors import VbpError
-from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.modelio import load_model
-from onnx_vbp.pipeline import METHODS, PruneOptions, inspect_model, merge_stats_files, prune_file
+from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, SCOPES, SCORES
+from onnx_vbp.pipeline import PruneOptions, inspect_model, merge_stats_files, prune_file
 from onnx_vbp.report import format_inspection, format_table
-from onnx_vbp.rewrite import COMPENSATIONS
 from onnx_vbp.sweep import format_sweep, summary, sweep
 
 DESCRIPTION = """\
@@ -106,7 +107,7 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
     """The options shared by pruning and sweeping: how to calibrate, rank and compensate."""
     parser.add_argument(
         "--scope",
-        choices=("global", "per-block"),
+        choices=SCOPES,
         default="global",
         help="rank neurons across all blocks (global, default, as in the paper) or remove the "
         "same fraction from each block",
@@ -334,6 +335,17 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+def as_flags(message: str) -> str:
+    """A library message in the command line's words: each option named by its API name in
+    backquotes (`min_keep`, see VbpError) becomes its flag (--min-keep)."""
+    options = {f.name for f in dataclasses.fields(PruneOptions)} | {f.name for f in dataclasses.fields(RawOptions)}
+    return re.sub(
+        r"`([a-z][a-z_]*)`",
+        lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in options else m.group(0),
+        message,
+    )
+
+
 def _exit_code(command: Callable[[], int]) -> int:
     """Run a command: bad input is one line on stderr and exit 1; Ctrl-C, SIGTERM and SIGHUP
     remove what was staged and exit 128 + the signal's number."""
@@ -342,7 +354,7 @@ def _exit_code(command: Callable[[], int]) -> int:
     try:
         return command()
     except USER_ERRORS as exc:
-        print(f"onnx-vbp: error: {exc}", file=sys.stderr)
+        print(f"onnx-vbp: error: {as_flags(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT

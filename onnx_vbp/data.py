@@ -176,13 +176,13 @@ class RawOptions:
         channel), else ImageNet's for RGB and none (0, 1) for grey, which ImageNet's would skew."""
         default = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,), (1.0,))
         values = []
-        for given, fallback, flag in ((self.mean, default[0], "--mean"), (self.std, default[1], "--std")):
+        for given, fallback, option in ((self.mean, default[0], "mean"), (self.std, default[1], "std")):
             chosen = np.asarray(fallback if given is None else given, np.float32)
             if chosen.size not in (1, channels):
-                raise DataError(f"{flag} has {chosen.size} values; the image input has {channels} channels")
+                raise DataError(f"`{option}` has {chosen.size} values; the image input has {channels} channels")
             values.append(np.broadcast_to(chosen, (channels,)).copy())
         if not (values[1] > 0).all():
-            raise DataError("--std must be positive")
+            raise DataError("`std` must be positive")
         return values[0], values[1]
 
     def __post_init__(self) -> None:
@@ -251,7 +251,7 @@ class ImageEncoder:
         fixed = all(isinstance(d, int) and d > 0 for d in size)
         self.size = tuple(size) if fixed else options.image_size
         if self.size is None:
-            raise DataError(f"image input '{self.spec.name}' has no fixed height and width; pass --image-size")
+            raise DataError(f"image input '{self.spec.name}' has no fixed height and width; give `image_size`")
         self.mean, self.std = options.normalization(channels)
 
     def samples(self, path: Path) -> Iterator[np.ndarray]:
@@ -295,7 +295,7 @@ class TextEncoder:
                 f"this one also takes {', '.join(unknown)}"
             )
         if options.tokenizer is None:
-            raise DataError("text data needs a tokenizer: pass --tokenizer tokenizer.json")
+            raise DataError("text data needs a tokenizer: give `tokenizer` (a tokenizer.json)")
         try:
             from tokenizers import Tokenizer
         except ImportError as exc:

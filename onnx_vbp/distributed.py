@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from onnx_vbp.calibrate import Stats, calibrate, merge_stats
+from onnx_vbp.calibrate import calibrate
 from onnx_vbp.data import DataError, RawOptions, data_files, iter_batches, model_inputs
 from onnx_vbp.find import find_mlp_blocks
 from onnx_vbp.modelio import load_model
+from onnx_vbp.stats import Stats, merge_stats
 
 
 def shard_stats(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.runtime import cpu_session
 
 SIMILARITY_SAMPLES = 2000  # pairwise similarities grow as N^2: use the first 2,000 samples
 

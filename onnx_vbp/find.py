@@ -39,87 +39,9 @@ from onnx_vbp.graph import (
     producer,
     trace_param,
 )
+from onnx_vbp.records import BiasRef, BlockList, MlpBlock, MlpSite, ParamRef, SkippedBlock
 
 LAYOUT_OPS = ("Reshape", "Flatten")
-
-
-@dataclass(frozen=True)
-class ParamRef:
-    """Input `input` of the node keyed `node`: a constant whose axis `axis` runs over neurons."""
-
-    node: str
-    input: int
-    axis: int
-
-
-@dataclass(frozen=True)
-class BiasRef:
-    """Where fc2's bias lives, or should be created.
-
-    `node` carries (or will carry) the bias at input `input`; `input` None means fc2 is a MatMul
-    with no bias anywhere, so a bias Add must be inserted after `node` (fc2 itself). The output
-    change `delta` of fc2 is absorbed as `bias += delta * scale` (Gemm: alpha / beta).
-    """
-
-    node: str
-    input: int | None
-    scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class MlpSite:
-    """One place in the graph where a block's weights are used."""
-
-    fc1: tuple[str, ...]  # node names; gated blocks: (gate, up)
-    fc2: str
-    hidden: str  # fc2's input tensor: the activation (or gate product) calibration observes
-    hidden_axis: int  # axis of `hidden` that runs over neurons
-    fc1_params: tuple[ParamRef, ...]  # sliced along neurons: fc1 weight(s) and bias(es)
-    fc2_weight: ParamRef  # sliced along neurons (its input axis)
-    fc2_bias: BiasRef
-    width_literals: tuple[ParamRef, ...]  # shape constants holding the width (axis = position)
-    width_tensors: tuple[tuple[str, int], ...]  # (tensor, axis) whose annotated shape has the width
-    # Where fc2's output joins the residual stream (see `_residual`): the sum tensor, None when no
-    # plain Add makes it (fused SkipLayerNormalization, no residual); and the constant that scales
-    # fc2's output on the way (a transformer's layer scale), axis -1 over fc2's output features.
-    residual: str | None = None
-    output_scale: ParamRef | None = None
-
-
-@dataclass(frozen=True)
-class MlpBlock:
-    name: str
-    activation: str
-    width: int
-    sites: tuple[MlpSite, ...]
-    gated: bool = False
-
-    @property
-    def fc1(self) -> str:
-        return ",".join(self.sites[0].fc1)
-
-    @property
-    def fc2(self) -> str:
-        return self.sites[0].fc2
-
-    @property
-    def conv(self) -> bool:
-        """fc1 and fc2 are 1x1 Convs: the neurons are channels (axis 1) of an NCHW tensor."""
-        return self.sites[0].hidden_axis == 1
-
-
-@dataclass(frozen=True)
-class SkippedBlock:
-    name: str
-    reason: str
-
-
-class BlockList(list):
-    """The blocks found, plus `skipped`: structural matches that cannot be pruned, with reasons."""
-
-    def __init__(self, blocks: list[MlpBlock], skipped: list[SkippedBlock]) -> None:
-        super().__init__(blocks)
-        self.skipped = skipped
 
 
 @dataclass

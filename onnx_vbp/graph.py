@@ -14,8 +14,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnx_vbp.gs_internals import data_less, tensor_proto
 
 # Ops that hand a parameter to its consumer unchanged up to layout or dtype: exporters put weights
 # stored [out, in] behind a Transpose and fp16 weights behind a Cast.
@@ -100,9 +100,9 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, edited: set[str]) -> on
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant) or not (tensor.name in edited or tensor.name in originals):
             continue
-        source = OnnxExporter.export_tensor_proto(tensor) if tensor.name in edited else originals[tensor.name]
+        source = tensor_proto(tensor) if tensor.name in edited else originals[tensor.name]
         sources[tensor.name] = source
-        tensor.values = LazyValues(onnx.TensorProto(name=tensor.name, data_type=source.data_type, dims=source.dims))
+        tensor.values = data_less(tensor.name, source.data_type, list(source.dims))
     model = gs.export_onnx(graph, do_type_check=False)
     for initializer in model.graph.initializer:
         source = sources.pop(initializer.name, None)
@@ -221,3 +221,16 @@ class DiskWeights:
             raise ValueError(f"weight '{tensor.name}' is in external data: pass external_dir")
         const.values = numpy_helper.to_array(tensor, base_dir=str(self.folder))
         const.data_location = None  # else gs exports the edited tensor marked external, with no location
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """Serialize `model` with the tensors `names` added to its graph outputs.
+
+    Protobuf merges concatenated serializations of a message (repeated fields append), so the
+    extra outputs are appended to the serialized model without copying its weights into a second
+    ModelProto. The outputs carry no type: ORT takes it from the producing node.
+    """
+    existing = {o.name for o in model.graph.output}
+    extra = [onnx.ValueInfoProto(name=name) for name in names if name not in existing]
+    addition = onnx.ModelProto(graph=onnx.GraphProto(output=extra))
+    return model.SerializeToString() + addition.SerializeToString()

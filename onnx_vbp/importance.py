@@ -23,39 +23,15 @@ cost and cuts at the budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnx_vbp.calibrate import Stats
-from onnx_vbp.find import MlpBlock, ParamRef
 from onnx_vbp.graph import DiskWeights, import_graph, node_key, trace_param
-
-SCORES = ("variance", "variance-x-norm", "obs")
-# λ of the Hessian Σ + λI, relative to the mean neuron variance: obs ranks and rewrite's ridge refits with it
-DEFAULT_RIDGE_LAMBDA = 1e-3
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """One block's neurons in the order the pruner removes them, with the cost of each removal.
-
-    `order[i]` is the neuron removed at step i; `cost[i]` what that step costs, in units that are
-    comparable across blocks. A ranking may stop before the block's width (`depth`): the neurons
-    not in `order` are never removed.
-    """
-
-    order: np.ndarray  # [depth] neuron indices
-    cost: np.ndarray  # [depth]
-    width: int
-
-    @classmethod
-    def by_score(cls, score: np.ndarray) -> Ranking:
-        """Remove the lowest score first; the cost of a step is the removed neuron's score."""
-        order = np.argsort(score, kind="stable")
-        return cls(order, np.asarray(score)[order], score.size)
+from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, SCORES
+from onnx_vbp.records import MlpBlock, ParamRef, Ranking
+from onnx_vbp.stats import Stats
 
 
 def fc2_rows(

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import onnx
 
-from onnx_vbp.find import MlpBlock
+from onnx_vbp.graph import with_outputs
+from onnx_vbp.records import MlpBlock
 
 
 def hidden_outputs(blocks: list[MlpBlock]) -> list[str]:
     """The tensors calibration observes: each site's fc2 input, in block order."""
     return [site.hidden for block in blocks for site in block.sites]
-
-
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
-    """Serialize `model` with the tensors `names` added to its graph outputs.
-
-    Protobuf merges concatenated serializations of a message (repeated fields append), so the
-    extra outputs are appended to the serialized model without copying its weights into a second
-    ModelProto. The outputs carry no type: ORT takes it from the producing node.
-    """
-    existing = {o.name for o in model.graph.output}
-    extra = [onnx.ValueInfoProto(name=name) for name in names if name not in existing]
-    addition = onnx.ModelProto(graph=onnx.GraphProto(output=extra))
-    return model.SerializeToString() + addition.SerializeToString()
 
 
 def residual_outputs(blocks: list[MlpBlock]) -> list[str]:

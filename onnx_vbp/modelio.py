@@ -15,9 +15,9 @@ import onnx
 from google.protobuf.message import DecodeError, Message
 from onnx.external_data_helper import uses_external_data
 
-from onnx_vbp.calibrate import ORT_ERRORS, cpu_session, first_line
 from onnx_vbp.data import external_entries, external_file
 from onnx_vbp.errors import VbpError
+from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
 
 PROTOBUF_LIMIT = 2**31 - 1
 SMALL_TENSOR_BYTES = 1 << 20  # external tensors below this are read at load time

@@ -18,20 +18,7 @@ import onnxruntime
 from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
-from onnx_vbp.calibrate import (
-    COMOMENT_BUDGET,
-    ORT_ERRORS,
-    CalibrationError,
-    Stats,
-    calibrate,
-    comoment_bytes,
-    comoments_fit,
-    cpu_session,
-    first_line,
-    load_stats,
-    merge_stats,
-    save_stats,
-)
+from onnx_vbp.calibrate import COMOMENT_BUDGET, calibrate, comoment_bytes, comoments_fit
 from onnx_vbp.data import (
     DataError,
     ImageEncoder,
@@ -50,9 +37,9 @@ from onnx_vbp.data import (
 )
 from onnx_vbp.errors import VbpError
 from onnx_vbp.evaluate import evaluate
-from onnx_vbp.find import BlockList, MlpBlock, find_mlp_blocks
+from onnx_vbp.find import find_mlp_blocks
 from onnx_vbp.graph import import_graph, node_key, trace_param
-from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA, Ranking, rankings
+from onnx_vbp.importance import rankings
 from onnx_vbp.modelio import (
     ModelError,
     Publication,
@@ -65,22 +52,19 @@ from onnx_vbp.modelio import (
     verify_model,
     write_model,
 )
+from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, METHODS
+from onnx_vbp.records import BlockList, MlpBlock, Plan, Ranking
 from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
 from onnx_vbp.rewrite import rewrite
-from onnx_vbp.select import Plan, select
+from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
+from onnx_vbp.select import select
+from onnx_vbp.stats import CalibrationError, Stats, load_stats, merge_stats, save_stats
 
 log = logging.getLogger("onnx_vbp")
 
 
 class NoBlocksError(VbpError):
     """The model has no prunable MLP block."""
-
-
-# What each method ranks neurons by, and how fc2 absorbs the removed ones.
-METHODS = {
-    "obs": ("obs", "ridge"),  # structured OBS: compensation-aware ranking, ridge refit of fc2 (default)
-    "vbp": ("variance", "mean"),  # the paper: lowest variance first, mean folded into fc2's bias
-}
 
 
 @dataclass(frozen=True)

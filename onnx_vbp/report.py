@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_vbp.calibrate import ORT_ERRORS, CalibrationError, cpu_session, first_line
-from onnx_vbp.find import MlpBlock
-from onnx_vbp.instrument import with_outputs
-from onnx_vbp.select import Plan
+from onnx_vbp.graph import with_outputs
+from onnx_vbp.records import MlpBlock, Plan
+from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
+from onnx_vbp.stats import CalibrationError
 
 # Ops whose work is multiply-accumulates, by domain: the float ones, ORT's fused and quantized
 # forms of a MatMul, and its fused attention (projections and the two attention products).

@@ -19,8 +19,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_vbp.calibrate import Stats
-from onnx_vbp.find import BiasRef, MlpBlock, MlpSite, ParamRef
 from onnx_vbp.graph import (
     DiskWeights,
     TracedParam,
@@ -29,10 +27,9 @@ from onnx_vbp.graph import (
     node_key,
     trace_param,
 )
-from onnx_vbp.importance import DEFAULT_RIDGE_LAMBDA
-from onnx_vbp.select import Plan
-
-COMPENSATIONS = ("mean", "ridge", "none")
+from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA
+from onnx_vbp.records import BiasRef, MlpBlock, MlpSite, ParamRef, Plan
+from onnx_vbp.stats import Stats
 
 
 class _Editor:

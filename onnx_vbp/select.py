@@ -9,29 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_vbp.calibrate import Stats
 from onnx_vbp.errors import VbpError
-from onnx_vbp.importance import Ranking
-
-SCOPES = ("global", "per-block")
+from onnx_vbp.options import SCOPES
+from onnx_vbp.records import Plan, Ranking
+from onnx_vbp.stats import Stats
 
 
 class SelectionError(VbpError):
     """Options that no plan can satisfy."""
-
-
-@dataclass
-class Plan:
-    """Sorted indices of the neurons each block keeps, by block name."""
-
-    keep: dict[str, np.ndarray]
-
-    def pruned(self, name: str, width: int) -> np.ndarray:
-        return np.setdiff1d(np.arange(width), self.keep[name])
 
 
 def select(
@@ -66,7 +54,7 @@ def select(
         if int(ratio * total) > sum(room.values()):
             raise SelectionError(
                 f"ratio {ratio} removes {int(ratio * total)} of {total} neurons, but keeping "
-                f"--min-keep {min_keep} per block leaves only {sum(room.values())} removable"
+                f"`min_keep` {min_keep} per block leaves only {sum(room.values())} removable"
             )
         removed = _allocate(ranked, room, int(ratio * total))
     else:
@@ -76,7 +64,7 @@ def select(
             if r.width - count < min_keep:
                 raise SelectionError(
                     f"ratio {ratio} would leave block '{name}' {r.width - count} "
-                    f"of {r.width} neurons, fewer than --min-keep {min_keep}"
+                    f"of {r.width} neurons, fewer than `min_keep` {min_keep}"
                 )
             if count > r.order.size:
                 raise SelectionError(f"block '{name}' was ranked only {r.order.size} removals deep, {count} needed")

@@ -12,10 +12,10 @@ from graphs import BlockSpec, build_model, random_batch
 
 from onnx_vbp import calibrate, find_mlp_blocks, rewrite, select
 from onnx_vbp.bench import bench, optimized_ops
-from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.cli import main
 from onnx_vbp.data import InputSpec, iter_batches, make_inputs, model_inputs
 from onnx_vbp.pipeline import block_multiples
+from onnx_vbp.runtime import cpu_session
 
 
 def test_bench_reports_both_models_and_the_mac_bound(tmp_path: Path, capsys) -> None:

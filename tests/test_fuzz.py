@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from onnx_vbp import calibrate, find_mlp_blocks, rewrite, select
-from onnx_vbp.select import Plan, SelectionError
+from onnx_vbp.records import Plan
+from onnx_vbp.select import SelectionError
 
 settings.register_profile(
     "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

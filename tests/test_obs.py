@@ -17,8 +17,8 @@ from helpers import relative_change, run
 
 from onnx_vbp import Ranking, Stats, calibrate, find_mlp_blocks, rankings, rewrite, select
 from onnx_vbp.cli import main
+from onnx_vbp.graph import with_outputs
 from onnx_vbp.importance import obs_ranking
-from onnx_vbp.instrument import with_outputs
 
 
 def _covariance(rng: np.random.Generator, width: int) -> np.ndarray:

@@ -55,7 +55,7 @@ def test_grey_channels_last_and_batching(tmp_path: Path) -> None:
 def test_symbolic_image_size_needs_image_size(tmp_path: Path) -> None:
     _halves(tmp_path / "a.png")
     spec = InputSpec("img", np.dtype(np.float32), ("batch", 3, "h", "w"))
-    with pytest.raises(DataError, match="--image-size"):
+    with pytest.raises(DataError, match="`image_size`"):
         list(iter_batches(tmp_path, [spec]))
     (batch,) = iter_batches(tmp_path, [spec], raw=RawOptions(image_size=(8, 16)))
     assert batch["img"].shape == (1, 3, 8, 16)
@@ -117,7 +117,7 @@ def test_empty_text_file_is_an_error(tmp_path: Path) -> None:
 
 def test_missing_or_broken_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("one sample\n")
-    with pytest.raises(DataError, match="needs a tokenizer: pass --tokenizer"):
+    with pytest.raises(DataError, match="needs a tokenizer: give `tokenizer`"):
         list(iter_batches(tmp_path, TEXT_SPECS))
     with pytest.raises(DataError, match="cannot load tokenizer"):
         list(iter_batches(tmp_path, TEXT_SPECS, raw=RawOptions(tokenizer=tmp_path / "nope.json")))
@@ -202,9 +202,9 @@ def test_normalization_defaults_follow_the_channels_and_given_values_are_checked
     np.testing.assert_allclose(std, [0.229, 0.224, 0.225], rtol=1e-6)
     assert [v.tolist() for v in RawOptions().normalization(1)] == [[0.0], [1.0]]  # no ImageNet skew for grey
     assert [v.tolist() for v in RawOptions(mean=(0.5,), std=(0.25,)).normalization(3)] == [[0.5] * 3, [0.25] * 3]
-    with pytest.raises(DataError, match="--mean has 2 values; the image input has 3 channels"):
+    with pytest.raises(DataError, match="`mean` has 2 values; the image input has 3 channels"):
         RawOptions(mean=(0.5, 0.5)).normalization(3)
-    with pytest.raises(DataError, match="--std must be positive"):
+    with pytest.raises(DataError, match="`std` must be positive"):
         RawOptions(std=(0.0,)).normalization(1)
 
 

@@ -686,7 +686,7 @@ def test_missing_output_folders_are_created(ws: Path) -> None:
 
 
 def test_threads_are_clamped_to_the_cores_this_process_may_use(ws: Path) -> None:
-    from onnx_vbp.calibrate import available_cores, cpu_session
+    from onnx_vbp.runtime import available_cores, cpu_session
 
     session = cpu_session(str(ws / "net.onnx"), threads=100_000)
     assert session.get_session_options().intra_op_num_threads == available_cores()
@@ -711,12 +711,13 @@ def test_external_data_model_prunes_from_any_working_directory(ws: Path, monkeyp
 
 def test_every_library_error_has_one_root_the_cli_catches() -> None:
     from onnx_vbp import VbpError
-    from onnx_vbp.calibrate import CalibrationError, RuntimeLoadError
     from onnx_vbp.cli import USER_ERRORS
     from onnx_vbp.data import DataError
     from onnx_vbp.modelio import ModelError
     from onnx_vbp.pipeline import NoBlocksError
+    from onnx_vbp.runtime import RuntimeLoadError
     from onnx_vbp.select import SelectionError
+    from onnx_vbp.stats import CalibrationError
 
     for error in (CalibrationError, RuntimeLoadError, DataError, ModelError, NoBlocksError, SelectionError):
         assert issubclass(error, VbpError) and issubclass(error, ValueError)  # ValueError: as before, for the API

@@ -12,8 +12,8 @@ from helpers import relative_change, run
 
 from onnx_vbp import Stats, calibrate, find_mlp_blocks, rewrite
 from onnx_vbp.cli import main
+from onnx_vbp.records import Plan
 from onnx_vbp.rewrite import compensation
-from onnx_vbp.select import Plan
 
 
 def test_uncorrelated_pruned_neurons_reduce_to_the_mean_fold() -> None:
@@ -116,7 +116,7 @@ def test_second_moments_over_budget_are_refused(monkeypatch) -> None:
 
     import pytest
 
-    from onnx_vbp.calibrate import CalibrationError
+    from onnx_vbp.stats import CalibrationError
 
     # the package exports the function calibrate(), which shadows the module of the same name
     calibrate_module = importlib.import_module("onnx_vbp.calibrate")

@@ -80,3 +80,15 @@ def test_variance_x_norm_weighs_each_neuron_by_its_fc2_row() -> None:
     np.testing.assert_allclose(ranking.cost, expected[ranking.order], rtol=1e-6)
     assert list(select(stats, 0.5, rankings=ranked).keep[blocks[0].name]) == list(range(8))
     assert list(select(stats, 0.5).keep[blocks[0].name]) != list(range(8))  # variance alone ranks otherwise
+
+
+def test_refusals_name_the_api_option_and_the_cli_shows_its_flag() -> None:
+    from onnx_vbp.cli import as_flags
+    from onnx_vbp.select import SelectionError
+
+    with pytest.raises(SelectionError, match="fewer than `min_keep` 3") as refused:
+        select(_stats(a=[1, 2, 3, 4]), 0.5, scope="per-block", min_keep=3)
+    assert "fewer than --min-keep 3" in as_flags(str(refused.value))
+    assert as_flags("use `method` vbp; give `image_size`; `not_an_option`") == (
+        "use --method vbp; give --image-size; `not_an_option`"
+    )

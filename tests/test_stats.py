@@ -7,7 +7,8 @@ import pytest
 from graphs import BlockSpec, build_model, random_batch
 
 from onnx_vbp import Stats, calibrate, find_mlp_blocks, instrument
-from onnx_vbp.calibrate import CalibrationError, cpu_session
+from onnx_vbp.runtime import cpu_session
+from onnx_vbp.stats import CalibrationError
 
 
 def _stream(data: np.ndarray, sizes: list[int]) -> Stats:

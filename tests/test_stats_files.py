@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from graphs import BlockSpec, build_model, random_batch
 
-from onnx_vbp.calibrate import load_stats
 from onnx_vbp.cli import main
+from onnx_vbp.stats import load_stats
 
 
 @pytest.fixture

@@ -161,7 +161,7 @@ def test_a_shape_concat_shared_by_blocks_of_different_kept_widths() -> None:
     output with it (a GPT-2 pruned this way loaded in ORT, then failed in a Reshape). Each block
     must get its own shape."""
     from onnx_vbp import calibrate, rewrite
-    from onnx_vbp.select import Plan
+    from onnx_vbp.records import Plan
 
     spec = BlockSpec(fc="gemm", layout=True, hidden=16)
     model = build_model([spec, spec], seq=5)

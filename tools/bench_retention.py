@@ -47,9 +47,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, rankings, rewrite, select
-from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.data import RawOptions
 from onnx_vbp.report import count_params, node_macs, pruned_macs
+from onnx_vbp.runtime import cpu_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

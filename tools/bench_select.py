@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_vbp import Stats, find_mlp_blocks
-from onnx_vbp.calibrate import save_stats
+from onnx_vbp.stats import save_stats
 
 BLOCKS, DIM, HIDDEN = 12, 768, 3072
 

@@ -27,11 +27,11 @@ from fetch_models import cache_dir
 from scipy.stats import spearmanr
 
 from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, rankings, rewrite, select
-from onnx_vbp.calibrate import cpu_session
 from onnx_vbp.data import RawOptions
+from onnx_vbp.graph import with_outputs
 from onnx_vbp.importance import fc2_rows, obs_ranking
-from onnx_vbp.instrument import with_outputs
-from onnx_vbp.select import Plan
+from onnx_vbp.records import Plan
+from onnx_vbp.runtime import cpu_session
 
 LAMBDA = 1e-3
 

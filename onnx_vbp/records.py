@@ -1,0 +1,120 @@
+"""The records every stage shares: blocks found in a graph, removal rankings, pruning plans.
+
+Plain frozen data, no graph or runtime: `find` makes blocks, `importance` rankings, `select`
+plans; every later stage reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """Input `input` of the node keyed `node`: a constant whose axis `axis` runs over neurons."""
+
+    node: str
+    input: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class BiasRef:
+    """Where fc2's bias lives, or should be created.
+
+    `node` carries (or will carry) the bias at input `input`; `input` None means fc2 is a MatMul
+    with no bias anywhere, so a bias Add must be inserted after `node` (fc2 itself). The output
+    change `delta` of fc2 is absorbed as `bias += delta * scale` (Gemm: alpha / beta).
+    """
+
+    node: str
+    input: int | None
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class MlpSite:
+    """One place in the graph where a block's weights are used."""
+
+    fc1: tuple[str, ...]  # node names; gated blocks: (gate, up)
+    fc2: str
+    hidden: str  # fc2's input tensor: the activation (or gate product) calibration observes
+    hidden_axis: int  # axis of `hidden` that runs over neurons
+    fc1_params: tuple[ParamRef, ...]  # sliced along neurons: fc1 weight(s) and bias(es)
+    fc2_weight: ParamRef  # sliced along neurons (its input axis)
+    fc2_bias: BiasRef
+    width_literals: tuple[ParamRef, ...]  # shape constants holding the width (axis = position)
+    width_tensors: tuple[tuple[str, int], ...]  # (tensor, axis) whose annotated shape has the width
+    # Where fc2's output joins the residual stream (see `_residual`): the sum tensor, None when no
+    # plain Add makes it (fused SkipLayerNormalization, no residual); and the constant that scales
+    # fc2's output on the way (a transformer's layer scale), axis -1 over fc2's output features.
+    residual: str | None = None
+    output_scale: ParamRef | None = None
+
+
+@dataclass(frozen=True)
+class MlpBlock:
+    name: str
+    activation: str
+    width: int
+    sites: tuple[MlpSite, ...]
+    gated: bool = False
+
+    @property
+    def fc1(self) -> str:
+        return ",".join(self.sites[0].fc1)
+
+    @property
+    def fc2(self) -> str:
+        return self.sites[0].fc2
+
+    @property
+    def conv(self) -> bool:
+        """fc1 and fc2 are 1x1 Convs: the neurons are channels (axis 1) of an NCHW tensor."""
+        return self.sites[0].hidden_axis == 1
+
+
+@dataclass(frozen=True)
+class SkippedBlock:
+    name: str
+    reason: str
+
+
+class BlockList(list):
+    """The blocks found, plus `skipped`: structural matches that cannot be pruned, with reasons."""
+
+    def __init__(self, blocks: list[MlpBlock], skipped: list[SkippedBlock]) -> None:
+        super().__init__(blocks)
+        self.skipped = skipped
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One block's neurons in the order the pruner removes them, with the cost of each removal.
+
+    `order[i]` is the neuron removed at step i; `cost[i]` what that step costs, in units that are
+    comparable across blocks. A ranking may stop before the block's width (`depth`): the neurons
+    not in `order` are never removed.
+    """
+
+    order: np.ndarray  # [depth] neuron indices
+    cost: np.ndarray  # [depth]
+    width: int
+
+    @classmethod
+    def by_score(cls, score: np.ndarray) -> Ranking:
+        """Remove the lowest score first; the cost of a step is the removed neuron's score."""
+        order = np.argsort(score, kind="stable")
+        return cls(order, np.asarray(score)[order], score.size)
+
+
+@dataclass
+class Plan:
+    """Sorted indices of the neurons each block keeps, by block name."""
+
+    keep: dict[str, np.ndarray]
+
+    def pruned(self, name: str, width: int) -> np.ndarray:
+        return np.setdiff1d(np.arange(width), self.keep[name])

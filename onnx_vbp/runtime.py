@@ -1,0 +1,79 @@
+"""The ONNX Runtime every stage runs models with: one CPU session factory and the errors it raises."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from onnx_vbp.errors import VbpError
+
+# ORT's exceptions derive from Exception only; these are the ones a bad model or input raises.
+ORT_ERRORS = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+)
+
+
+class RuntimeLoadError(VbpError):
+    """ONNX Runtime cannot load the model."""
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. under taskset or a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_session(
+    model_bytes: bytes | str,
+    threads: int | None = None,
+    optimize: bool = False,
+    external_dir: Path | None = None,
+    save_optimized: Path | None = None,
+) -> ort.InferenceSession:
+    """A CPU ORT session, with all graph optimizations when `optimize`.
+
+    ORT never fuses away a graph output, so calibration runs the optimized graph, as the user's
+    deployment will; off is for sessions run once (shape probing, the load check of a written
+    model), where optimizing would cost more than it saves. `external_dir`: where a serialized
+    model's external data lives (ORT reads it from there, so the weights are not copied through
+    Python). `save_optimized`: also write the graph ORT optimized to this file, its weights to
+    a data file beside it.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # errors come back as exceptions: ORT's own log lines would only repeat them
+    if save_optimized is not None:
+        options.optimized_model_filepath = str(save_optimized)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", f"{save_optimized.name}.data"
+        )
+    if external_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")  # a copy of the weights, for speed
+    if threads:  # more threads than cores only adds contention
+        options.intra_op_num_threads = min(threads, available_cores())
+    try:
+        if isinstance(model_bytes, bytes) and external_dir is None:
+            # ORT's Python session keeps the bytes it was built from as long as it lives (its own
+            # TODO says so): weights serialized inline go to ORT as a file instead, not held twice.
+            with tempfile.TemporaryDirectory(prefix="onnx_vbp.") as folder:
+                path = Path(folder) / "model.onnx"
+                path.write_bytes(model_bytes)
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as exc:
+        raise RuntimeLoadError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
