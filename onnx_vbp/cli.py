@@ -46,7 +46,7 @@ subcommands:
   inspect MODEL [--json]               the blocks pruning would work on, without calibration data
   bench ORIGINAL PRUNED [--batch-size B] [--threads T] [--json] [--perf-test-data]
                                        latency side by side, speedup vs the MAC bound
-  sweep MODEL CALIB --eval HELDOUT [--ratios ...] [--target-retention T -o OUT] [--plot PNG]
+  sweep MODEL CALIB --eval HELDOUT [--ratios ...] [--target-retention T -o OUT | --output-dir DIR] [--plot PNG]
                                        one calibration, several ratios, retention vs MACs
   merge-stats A.npz B.npz -o ALL.npz   merge statistics saved with --save-stats on data shards
 
@@ -256,8 +256,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ratios",
         type=lambda text: [_ratio(r) for r in text.split(",")],
-        default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6],
-        help="comma-separated ratios",
+        default=[0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6],
+        help="comma-separated ratios (default 0,0.1,0.2,0.3,0.35,0.4,0.5,0.6; 0 is the unpruned baseline)",
     )
     parser.add_argument(
         "--eval",
@@ -274,6 +274,12 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         help="report the largest ratio whose retention is at least T (and write it with -o)",
     )
     parser.add_argument("-o", "--output", type=Path, help="with --target-retention: where to write that model")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep every ratio's model in DIR, as MODEL.r<ratio>.onnx (instead of -o)",
+    )
     parser.add_argument("--plot", type=Path, metavar="PNG", help="plot retention vs MACs removed (matplotlib)")
     parser.add_argument(
         "--metric",
@@ -397,6 +403,7 @@ def _sweep(args: argparse.Namespace) -> int:
         _options(args),
         target=args.target_retention,
         output=args.output,
+        output_dir=args.output_dir,
         report_path=None if _to_stdout(args) else args.report,
         plot=args.plot,
         metric=args.metric,
@@ -521,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         if args.output is not None and args.target_retention is None:
             parser.error("-o needs --target-retention")
+        if args.output is not None and args.output_dir is not None:
+            parser.error("give -o (the chosen model) or --output-dir (every model), not both")
         _configure_logging(args)
         return _exit_code(lambda: _sweep(args))
     args = build_parser().parse_args(argv)

@@ -48,6 +48,7 @@ def sweep(
     *,
     target: float | None = None,
     output: Path | str | None = None,
+    output_dir: Path | str | None = None,
     report_path: Path | str | None = None,
     plot: Path | str | None = None,
     metric: str | None = None,
@@ -56,19 +57,26 @@ def sweep(
     `retention` and the `metric` it measures, see `retention_metric`; `metric` names the output
     to measure it on) in the order of `ratios`, and the row `pick` chooses for `target`, if any.
 
-    With `output`, that row's model is written there; `report_path` gets the rows as JSON, `plot`
-    a retention plot, `options.save_stats` the statistics. Every output is checked against every
-    input first, and all of them appear together at the end or not at all. The models of other
-    ratios are written to a temporary folder and removed; their rows have no `output`.
+    With `output`, that row's model is written there; with `output_dir` instead, every ratio's
+    model is kept there, as `<model stem>.r<ratio>.onnx`. `report_path` gets the rows as JSON,
+    `plot` a retention plot, `options.save_stats` the statistics. Every output is checked against
+    every input first, and all of them appear together at the end or not at all. Otherwise the
+    models are written to a temporary folder and removed; their rows have no `output`. A ratio
+    of 0 gives the baseline row (the model rewritten unpruned); `pick` never chooses it.
     """
-    model_path, calib, eval_data, output, report_path, plot = (
-        None if p is None else Path(p) for p in (model_path, calib, eval_data, output, report_path, plot)
+    model_path, calib, eval_data, output, output_dir, report_path, plot = (
+        None if p is None else Path(p) for p in (model_path, calib, eval_data, output, output_dir, report_path, plot)
     )
+    if output is not None and output_dir is not None:
+        raise DataError("give `output` (the chosen model) or `output_dir` (every model), not both")
+    kept = {} if output_dir is None else {ratio: output_dir / f"{model_path.stem}.r{ratio:g}.onnx" for ratio in ratios}
     outputs = {"the report": report_path, "the plot": plot, "the statistics file": options.save_stats}
     if output is not None:
         outputs.update(
             {"the output model": output, "the output model's data file": output.with_name(f"{output.name}.data")}
         )
+    for ratio, path in kept.items():
+        outputs.update({f"the model of ratio {ratio:g}": path, f"its data file {path.name}.data": Path(f"{path}.data")})
     outputs = {role: Path(path) for role, path in outputs.items() if path is not None}
     if options.stats is not None:
         outputs.pop("the statistics file", None)
@@ -87,15 +95,18 @@ def sweep(
         reference: dict = {}  # the original's held-out outputs, computed once
         rows = []
         for ratio in ratios:
-            candidate = Path(folder) / f"r{ratio:g}" / name  # `name`: its data file keeps its name when published
-            candidate.parent.mkdir()
+            if ratio in kept:
+                candidate = publication.stage(kept[ratio])
+            else:
+                candidate = Path(folder) / f"r{ratio:g}" / name  # `name`: its data file keeps its name when published
+                candidate.parent.mkdir()
             report = prune_prepared(
                 prepared, dataclasses.replace(options, ratio=ratio, save_stats=None), candidate, eval_data, reference
             )
             rows.append(
                 {
                     **report,
-                    "output": None,
+                    "output": str(kept[ratio]) if ratio in kept else None,
                     "retention": retention(report["eval"], metric),
                     "metric": retention_metric(report["eval"], metric),
                 }
@@ -108,7 +119,7 @@ def sweep(
         if "the statistics file" in outputs:
             prepared.save_stats(publication.stage(options.save_stats))
         if plot is not None:
-            plot_sweep(rows, publication.stage(plot))
+            plot_sweep(rows, publication.stage(plot), target, best)
         if report_path is not None:
             publication.stage(report_path).write_text(json.dumps(summary(rows, best), indent=2) + "\n")
         publication.commit()  # inside the temporary folder's lifetime: the chosen model is renamed out of it
@@ -121,8 +132,8 @@ def summary(rows: list[dict], best: dict | None) -> dict:
 
 
 def pick(rows: list[dict], target: float) -> dict | None:
-    """The row of the largest ratio whose retention reaches `target`, if any."""
-    meeting = [row for row in rows if row["retention"] >= target]
+    """The row of the largest ratio above 0 whose retention reaches `target`, if any."""
+    meeting = [row for row in rows if row["retention"] >= target and row["ratio"] > 0]
     return max(meeting, key=lambda row: row["ratio"]) if meeting else None
 
 
@@ -148,14 +159,24 @@ def _pyplot():
     return plt
 
 
-def plot_sweep(rows: list[dict], path: Path) -> None:
-    """Retention against MACs removed, one point per ratio (needs matplotlib: onnx_vbp[plot])."""
+def plot_sweep(rows: list[dict], path: Path, target: float | None = None, best: dict | None = None) -> None:
+    """Retention against MACs removed, one point per ratio, with the target as a dashed line and
+    the chosen ratio circled (needs matplotlib: onnx_vbp[plot])."""
     plt = _pyplot()
     removed = [100 * (1 - row["macs_after"] / row["macs_before"]) for row in rows]
     fig, axes = plt.subplots(figsize=(5.5, 4))
     axes.plot(removed, [row["retention"] for row in rows], marker="o")
     for x, row in zip(removed, rows, strict=True):
         axes.annotate(f"{row['ratio']:g}", (x, row["retention"]), textcoords="offset points", xytext=(4, 4))
+    if target is not None:
+        axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+    if best is not None:
+        chosen = 100 * (1 - best["macs_after"] / best["macs_before"])
+        axes.plot(
+            [chosen], [best["retention"]], "o", markersize=14, fillstyle="none", label=f"chosen: {best['ratio']:g}"
+        )
+    if target is not None or best is not None:
+        axes.legend(fontsize=8)
     axes.set(xlabel="MACs removed (%)", ylabel="retention", title=Path(rows[0]["model"]).name)
     axes.grid(alpha=0.3)
     fig.tight_layout()

@@ -87,6 +87,7 @@ def test_retention_and_pick() -> None:
     rows = [{"ratio": 0.1, "retention": 0.99}, {"ratio": 0.3, "retention": 0.97}, {"ratio": 0.2, "retention": 0.96}]
     assert pick(rows, 0.965)["ratio"] == 0.3
     assert pick(rows, 0.999) is None
+    assert pick([{"ratio": 0.0, "retention": 1.0}, *rows], 0.999) is None  # the baseline meets any target
 
 
 def test_the_chosen_model_of_an_external_data_model_loads_from_its_own_name(ws: Path) -> None:
@@ -171,3 +172,36 @@ def test_metric_names_the_output_retention_is_measured_on(ws: Path, capsys) -> N
     assert "cosine of y" in capsys.readouterr().out
     assert main([*argv, "--metric", "pooled"]) == 1
     assert "--metric pooled: the model has no such output (y)" in capsys.readouterr().err
+
+
+def test_output_dir_keeps_every_ratios_model(ws: Path, capsys) -> None:
+    base = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out")]
+    argv = [*base, "--ratios", "0,0.5", "--output-dir", str(ws / "models" / "net"), "--report", str(ws / "s.json")]
+    assert main(argv) == 0
+    rows = json.loads((ws / "s.json").read_text())["rows"]
+    assert sorted(p.name for p in (ws / "models" / "net").iterdir()) == ["net.r0.5.onnx", "net.r0.onnx"]
+    for row in rows:
+        assert row["output"] == str(ws / "models" / "net" / f"net.r{row['ratio']:g}.onnx")
+        widths = [b.width for b in find_mlp_blocks(onnx.load(row["output"]))]
+        assert sum(widths) == row["neurons_after"]
+    assert [r["neurons_after"] for r in rows] == [64, 32]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--target-retention", "0.9", "-o", str(ws / "x.onnx"), "--output-dir", str(ws / "d")])
+    assert exc.value.code == 2
+
+
+def test_plot_marks_the_target_and_the_chosen_ratio(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    import onnx_vbp.sweep as sweep_module
+
+    plt = sweep_module._pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [
+        {"model": "m.onnx", "ratio": r, "macs_after": 100 - 60 * r, "macs_before": 100, "retention": 1 - r}
+        for r in (0, 0.2)
+    ]
+    sweep_module.plot_sweep(rows, tmp_path / "p.png", target=0.75, best=rows[1])
+    (axes,) = figures[0].axes
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["target 0.75", "chosen: 0.2"]
+    assert axes.lines[-1].get_xydata().tolist() == [[12.0, 0.8]]
