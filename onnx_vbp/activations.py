@@ -7,9 +7,9 @@ write:
 - one op: ONNX `Relu`, `Gelu` (approximate none/tanh), `Swish`, `HardSwish`, `HardSigmoid`, `Sigmoid`,
   `Tanh`, ...; com.microsoft `Gelu`, `FastGelu`, `BiasGelu` (the last two may carry fc1's bias),
   `QuickGelu`.
-- a product `x * gate(x) * c`, in any operand order and any nesting of the `Mul`s, with the
+- a product `c * x * gate(x)`, in any operand order and any nesting of the `Mul`s, with the
   constants as initializers or `Constant` nodes (folded on import) and `Div` by a constant seen
-  as a product:
+  as a product; the forms are the table GATES (`match_gate` says why each did not match):
   - GELU, erf form:   `x * 0.5 * (1 + Erf(x / sqrt(2)))`        (torch, tf2onnx, ...)
   - GELU, tanh form:  `x * 0.5 * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`,
                       the cube as `Pow(x, 3)` or `x * x * x`     (GPT-2 "gelu_new")
@@ -47,6 +47,31 @@ ONNX_UNARY = {
 # their second input.
 MS_ACTIVATIONS = {"Gelu": "gelu", "FastGelu": "gelu_tanh", "BiasGelu": "gelu", "QuickGelu": "quick_gelu"}
 MS_WITH_BIAS = ("FastGelu", "BiasGelu")
+TANH_GELU_ARGUMENT = "sqrt(2/pi) * (x + 0.044715 * x^3)"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A product-form activation: `coefficient * x * gate`, where gate is `op(argument * x)`, or
+    `1 + op(...)` when `one_plus`; `argument` None stands for GELU's TANH_GELU_ARGUMENT."""
+
+    kind: str
+    coefficient: float
+    op: str
+    one_plus: bool
+    argument: float | None
+    formula: str
+
+
+# Every product form find recognises (matched in any operand order and Mul nesting, constants as
+# initializers or Constant nodes, Div by a constant as a product), and the test builder writes.
+GATES = (
+    Gate("silu", 1.0, "Sigmoid", False, 1.0, "x * Sigmoid(x)"),
+    Gate("quick_gelu", 1.0, "Sigmoid", False, 1.702, "x * Sigmoid(1.702 * x)"),
+    Gate("hardswish", 1.0, "HardSigmoid", False, 1.0, "x * HardSigmoid(x)"),
+    Gate("gelu", 0.5, "Erf", True, 1.0 / math.sqrt(2.0), "0.5 * x * (1 + Erf(x / sqrt(2)))"),
+    Gate("gelu_tanh", 0.5, "Tanh", True, None, f"0.5 * x * (1 + Tanh({TANH_GELU_ARGUMENT}))"),
+)
 
 
 @dataclass
@@ -121,33 +146,47 @@ def _is_tanh_gelu_arg(u: gs.Tensor, x: gs.Tensor, nodes: list[gs.Node]) -> bool:
     return False
 
 
-def _gate_kind(x: gs.Tensor, gate: gs.Tensor, coeff: float, nodes: list[gs.Node]) -> str | None:
-    """Name the activation `coeff * x * gate`, or None when `gate` is not a known gate of `x`."""
-    gate_node = producer(gate)
-    if gate_node is None:
-        return None
-    if gate_node.op == "Sigmoid" and _close(coeff, 1.0):
-        arg, arg_coeff = _scaled(gate_node.inputs[0], nodes)
-        if arg is x and _close(arg_coeff, 1.0):
-            nodes.append(gate_node)
-            return "silu"
-        if arg is x and _close(arg_coeff, 1.702):
-            nodes.append(gate_node)
-            return "quick_gelu"
-        return None
-    if gate_node.op == "HardSigmoid" and gate_node.inputs[0] is x and _close(coeff, 1.0):
-        nodes.append(gate_node)
-        return "hardswish"
-    if not _close(coeff, 0.5):
-        return None
-    erf_arg = _one_plus(gate, "Erf", nodes)
-    if erf_arg is not None:
-        arg, arg_coeff = _scaled(erf_arg, nodes)
-        return "gelu" if arg is x and _close(arg_coeff, 1.0 / math.sqrt(2.0)) else None
-    tanh_arg = _one_plus(gate, "Tanh", nodes)
-    if tanh_arg is not None and _is_tanh_gelu_arg(tanh_arg, x, nodes):
-        return "gelu_tanh"
-    return None
+def _gate_mismatch(gate: Gate, x: gs.Tensor, value: gs.Tensor, coefficient: float, nodes: list[gs.Node]) -> str | None:
+    """Why `coefficient * x * value` is not `gate`'s formula, or None when it is."""
+    if not _close(coefficient, gate.coefficient):
+        return f"the coefficient is {coefficient:g}, not {gate.coefficient:g}"
+    if gate.one_plus:
+        argument = _one_plus(value, gate.op, nodes)
+        if argument is None:
+            return f"the gate is not 1 + {gate.op}(.)"
+    else:
+        node = producer(value)
+        if node is None or node.op != gate.op:
+            return f"the gate is {node.op if node is not None else 'not computed'}, not {gate.op}"
+        nodes.append(node)
+        argument = node.inputs[0]
+    if gate.argument is None:
+        return None if _is_tanh_gelu_arg(argument, x, nodes) else f"{gate.op}'s argument is not {TANH_GELU_ARGUMENT}"
+    inner, scale = _scaled(argument, nodes)
+    if inner is not x:
+        return f"{gate.op}'s argument is not a multiple of x"
+    return None if _close(scale, gate.argument) else f"{gate.op}'s argument is {scale:g} * x, not {gate.argument:g} * x"
+
+
+@dataclass
+class GateMatch:
+    """What `match_gate` found: the gate and its nodes, or why each gate of GATES did not match."""
+
+    gate: Gate | None
+    nodes: list[gs.Node]
+    reasons: list[str]
+
+
+def match_gate(x: gs.Tensor, value: gs.Tensor, coefficient: float) -> GateMatch:
+    """The entry of GATES that `coefficient * x * value` is, trying each in turn."""
+    reasons = []
+    for gate in GATES:
+        nodes: list[gs.Node] = []
+        why = _gate_mismatch(gate, x, value, coefficient, nodes)
+        if why is None:
+            return GateMatch(gate, nodes, [])
+        reasons.append(f"not {gate.formula}: {why}")
+    return GateMatch(None, [], reasons)
 
 
 def single_op(y: gs.Tensor) -> Activation | None:
@@ -169,17 +208,25 @@ def single_op(y: gs.Tensor) -> Activation | None:
     return None
 
 
-def product_form(y: gs.Tensor) -> Activation | None:
+def match_product(y: gs.Tensor) -> Activation | list[str]:
+    """The product-form activation (GATES) whose output is `y`, or why not: one reason per gate
+    and operand order."""
     nodes: list[gs.Node] = []
     terms, coeff = _product(y, nodes)
     if len(terms) != 2 or not nodes:
-        return None
-    for x, gate in (terms, terms[::-1]):
-        gate_nodes: list[gs.Node] = []
-        kind = _gate_kind(x, gate, coeff, gate_nodes)
-        if kind is not None:
-            return Activation(kind, x, nodes + gate_nodes)
-    return None
+        return [f"not a product of two tensors ({len(terms)} terms)"]
+    reasons = []
+    for x, value in (terms, terms[::-1]):
+        matched = match_gate(x, value, coeff)
+        if matched.gate is not None:
+            return Activation(matched.gate.kind, x, nodes + matched.nodes)
+        reasons += matched.reasons
+    return reasons
+
+
+def product_form(y: gs.Tensor) -> Activation | None:
+    matched = match_product(y)
+    return matched if isinstance(matched, Activation) else None
 
 
 ACTIVATION_PATTERNS = (single_op, product_form)

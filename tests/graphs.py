@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_vbp.activations import GATES
+
 MS = "com.microsoft"
 
 # activation variant -> the kind find_mlp_blocks must report
@@ -35,6 +37,8 @@ ACTIVATIONS = {
     "hardswish": "hardswish",
     "hardswish_hardsigmoid": "hardswish",
     "hardsigmoid": "hardsigmoid",
+    # each product form of onnx_vbp's table, written as its formula (Builder.gate)
+    **{f"gate_{gate.kind}": gate.kind for gate in GATES},
 }
 OP_SINCE = {"swish_op": 24}  # activations written with an op newer than build_model's default opset
 FUSED_BIAS = ("ms_fastgelu_bias", "ms_biasgelu")  # fc1's bias lives in the activation op
@@ -108,8 +112,30 @@ class Builder:
         pair = [bias, out] if fc == "matmul_bias_first" else [out, bias]
         return self.op("Add", pair, node_name=f"{prefix}/Add")
 
+    def gate(self, x: str, kind: str, argument: float | None = None) -> str:
+        """The product form `kind` of onnx_vbp.activations.GATES, as its formula says;
+        `argument` replaces the table's scale of x inside the gate (to write a near miss)."""
+        (gate,) = [g for g in GATES if g.kind == kind]
+        c = self.const
+        scale = gate.argument if argument is None else argument
+        if scale is None:  # GELU's tanh argument: sqrt(2/pi) * (x + 0.044715 * x^3)
+            cube = self.op("Mul", [self.op("Mul", [x, x]), x])
+            inner = self.op(
+                "Mul", [c(math.sqrt(2.0 / math.pi)), self.op("Add", [x, self.op("Mul", [c(0.044715), cube])])]
+            )
+        else:
+            inner = x if scale == 1.0 else self.op("Mul", [x, c(scale)])
+        attrs = {"alpha": 1 / 6, "beta": 0.5} if gate.op == "HardSigmoid" else {}
+        value = self.op(gate.op, [inner], **attrs)
+        if gate.one_plus:
+            value = self.op("Add", [c(1.0), value])
+        product = self.op("Mul", [x, value])
+        return product if gate.coefficient == 1.0 else self.op("Mul", [c(gate.coefficient), product])
+
     def activation(self, x: str, act: str, bias: str | None = None) -> str:
         c = self.const
+        if act.startswith("gate_"):
+            return self.gate(x, act.removeprefix("gate_"))
         if act == "gelu_erf_torch":
             erf = self.op("Erf", [self.op("Div", [x, c(math.sqrt(2.0), as_node=True)])])
             return self.op(

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
-from graphs import ACTIVATIONS, BlockSpec, build_model, random_batch
+from graphs import ACTIVATIONS, BlockSpec, Builder, build_model, random_batch
 from helpers import prune, relative_change, run
+from onnx import TensorProto, helper
 
 from onnx_vbp import find_mlp_blocks
+from onnx_vbp.activations import GATES, TANH_GELU_ARGUMENT, match_product
+from onnx_vbp.graph import import_graph
 
 FAMILIES = {
     **{f"fc-{fc}": BlockSpec(fc=fc) for fc in ("matmul", "matmul_bias_first", "gemm", "gemm_transb", "conv")},
@@ -98,3 +102,33 @@ def test_half_pruned_widths_follow_plan(spec: BlockSpec) -> None:
     onnx.checker.check_model(pruned, full_check=True)
     (before,), (after,) = run(model, feed), run(pruned, feed)
     assert after.shape == before.shape and np.isfinite(after).all()
+
+
+@pytest.mark.parametrize("kind", [gate.kind for gate in GATES])
+def test_each_gate_of_the_table_is_matched_and_a_near_miss_says_why(kind: str) -> None:
+    (gate,) = [g for g in GATES if g.kind == kind]
+
+    def product(argument: float | None) -> gs.Tensor:
+        g = Builder()
+        y = g.gate("x", kind, argument)
+        model = helper.make_model(
+            helper.make_graph(
+                g.nodes,
+                "gate",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 4])],
+                g.inits,
+            )
+        )
+        return import_graph(model).outputs[0]
+
+    assert match_product(product(None)).kind == kind
+    wrong = 2.5 if gate.argument is not None else 1.0  # GELU's tanh form: Tanh(x) instead
+    reasons = match_product(product(wrong))
+    assert isinstance(reasons, list) and len(reasons) == 2 * len(GATES)
+    expected = (
+        f"{gate.op}'s argument is 2.5 * x, not {gate.argument:g} * x"
+        if gate.argument is not None
+        else f"{gate.op}'s argument is not {TANH_GELU_ARGUMENT}"
+    )
+    assert f"not {gate.formula}: {expected}" in reasons
