@@ -21,6 +21,7 @@ from onnx_vbp.importance import rankings
 from onnx_vbp.instrument import instrument
 from onnx_vbp.pipeline import PruneOptions, prune, prune_file
 from onnx_vbp.records import MlpBlock, Plan, Ranking
+from onnx_vbp.report import Report
 from onnx_vbp.rewrite import rewrite
 from onnx_vbp.select import select
 from onnx_vbp.stats import Stats
@@ -30,6 +31,7 @@ __all__ = [
     "Plan",
     "PruneOptions",
     "Ranking",
+    "Report",
     "Stats",
     "VbpError",
     "calibrate",

@@ -387,10 +387,10 @@ def _prune(args: argparse.Namespace) -> int:
         report_path=None if _to_stdout(args) else args.report,
     )
     if _to_stdout(args):
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
     elif not args.quiet:
-        print(format_table(report) if report["blocks"] else "no prunable MLP block: the output is an unchanged copy")
-        print(f"wrote {report['output']}")
+        print(format_table(report) if report.blocks else "no prunable MLP block: the output is an unchanged copy")
+        print(f"wrote {report.output}")
     return 0
 
 

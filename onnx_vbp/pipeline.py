@@ -54,7 +54,7 @@ from onnx_vbp.modelio import (
 )
 from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, METHODS
 from onnx_vbp.records import BlockList, MlpBlock, Plan, Ranking
-from onnx_vbp.report import block_rows, count_params, node_macs, pruned_macs
+from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_macs
 from onnx_vbp.rewrite import rewrite
 from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
 from onnx_vbp.select import select
@@ -522,7 +522,7 @@ def prune_prepared(
     *,
     release_original: bool = False,
     publication: Publication | None = None,
-) -> dict:
+) -> Report:
     """Select, rewrite, write, verify and evaluate one pruned model from `prepared`; returns its
     report (`reference`: see `evaluate`).
 
@@ -572,37 +572,37 @@ def prune_prepared(
                 f"the pruned model would be larger than the original ({params_after} parameters, "
                 f"{bytes_after} bytes, against {params_before} and {bytes_before}); nothing written"
             )
-        report = {
+        report = Report(
             **{
                 k: getattr(options, k)
                 for k in ("ratio", "method", "scope", "min_keep", "round_to", "compensate", "ridge_lambda", "score")
             },
-            "model": str(prepared.path),
-            "output": str(out),
-            "blocks": block_rows(blocks, plan),
-            "skipped": [{"name": s.name, "reason": s.reason} for s in blocks.skipped],
-            "neurons_before": sum(b.width for b in blocks),
-            "neurons_after": int(sum(plan.keep[b.name].size for b in blocks)),
-            "params_before": params_before,
-            "params_after": params_after,
-            "macs_before": sum(prepared.macs.values()),
-            "macs_after": pruned_macs(prepared.macs, blocks, plan),
-            "file_bytes_before": bytes_before,
-            "file_bytes_after": bytes_after,
-            "calibration": {"samples": prepared.samples, "seconds": round(prepared.seconds, 3), **prepared.source},
-            "versions": versions(),
-        }
+            model=str(prepared.path),
+            output=str(out),
+            blocks=block_rows(blocks, plan),
+            skipped=[{"name": s.name, "reason": s.reason} for s in blocks.skipped],
+            neurons_before=sum(b.width for b in blocks),
+            neurons_after=int(sum(plan.keep[b.name].size for b in blocks)),
+            params_before=params_before,
+            params_after=params_after,
+            macs_before=sum(prepared.macs.values()),
+            macs_after=pruned_macs(prepared.macs, blocks, plan),
+            file_bytes_before=bytes_before,
+            file_bytes_after=bytes_after,
+            calibration={"samples": prepared.samples, "seconds": round(prepared.seconds, 3), **prepared.source},
+            versions=versions(),
+        )
         if eval_data is not None:
             with progress_bar("evaluating", count_samples(eval_data, prepared.specs), options) as bar:
-                report["eval"] = evaluate(
+                report.eval = evaluate(
                     prepared.path,
                     written,
                     _counted(prepared.eval_batches(eval_data, options), bar, prepared.specs[0].name),
                     threads=options.threads,
                     reference=reference,
                 )
-            report["eval"]["data"] = _data_source(eval_data, options, prepared.specs)
-            log.info("evaluated on %d held-out samples from %s", report["eval"]["samples"], eval_data)
+            report.eval["data"] = _data_source(eval_data, options, prepared.specs)
+            log.info("evaluated on %d held-out samples from %s", report.eval["samples"], eval_data)
     return report
 
 
@@ -758,12 +758,12 @@ def prune_file(
     options: PruneOptions = PruneOptions(),
     eval_data: Path | str | None = None,
     report_path: Path | str | None = None,
-) -> dict:
+) -> Report:
     """Prune the model at `model_path` with calibration data `calib` (or `options.stats`); write `out`
     (default: `<stem>.vbp.onnx` beside the model, or inside `out` when it is a folder) and, if
     given, the JSON report to `report_path` and the statistics to `options.save_stats`.
 
-    Returns the report (see README for its fields). Every output is checked against every input
+    Returns the `Report` (`to_dict()`: its JSON, see README). Every output is checked against every input
     before any work; the input files are never modified, and the outputs appear together at the
     end or not at all.
     """
@@ -787,7 +787,7 @@ def prune_file(
         if saving_stats:
             prepared.save_stats(publication.stage(options.save_stats))
         if report_path is not None:
-            publication.stage(Path(report_path)).write_text(json.dumps(report, indent=2) + "\n")
+            publication.stage(Path(report_path)).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     log.info("wrote %s", out)
     return report
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +101,43 @@ def pruned_macs(macs: dict[str, int], blocks: list[MlpBlock], plan: Plan) -> int
     return sum(m * kept[k][0] // kept[k][1] if k in kept else m for k, m in macs.items())
 
 
+@dataclass
+class Report:
+    """What one pruning run did: its options, the model before and after, and where the
+    statistics came from; `eval` once the result is evaluated. `to_dict` is its JSON form (the
+    field order is the JSON's; README, "JSON report", lists the fields)."""
+
+    ratio: float
+    method: str
+    scope: str
+    min_keep: int
+    round_to: int
+    compensate: str
+    ridge_lambda: float
+    score: str
+    model: str
+    output: str
+    blocks: list[dict]  # block_rows
+    skipped: list[dict]  # {"name", "reason"} of each structural match that cannot be pruned
+    neurons_before: int
+    neurons_after: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    file_bytes_before: int
+    file_bytes_after: int
+    calibration: dict  # samples, seconds, and the data (or statistics file) they came from
+    versions: dict
+    eval: dict | None = None  # evaluate's result and its data
+
+    def to_dict(self) -> dict:
+        fields = dataclasses.asdict(self)
+        if self.eval is None:
+            del fields["eval"]
+        return fields
+
+
 def block_rows(blocks: list[MlpBlock], plan: Plan) -> list[dict]:
     return [
         {
@@ -137,17 +176,17 @@ def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}" if before else "n/a"
 
 
-def format_table(report: Mapping) -> str:
+def format_table(report: Report) -> str:
     """The report as a short human-readable table."""
     lines = [f"{'block':<36} {'activation':<11} {'width':>13}"]
-    for b in report["blocks"]:
+    for b in report.blocks:
         lines.append(f"{b['name'][-36:]:<36} {b['activation']:<11} {b['width_before']:>6} -> {b['width_after']:<5}")
     lines.append("")
     lines.append(f"{'':<14} {'before':>14} {'after':>14} {'change':>8}")
     for key, label in (("params", "params"), ("macs", "MACs/sample"), ("file_bytes", "file bytes")):
-        before, after = report[f"{key}_before"], report[f"{key}_after"]
+        before, after = getattr(report, f"{key}_before"), getattr(report, f"{key}_after")
         lines.append(f"{label:<14} {before:>14,} {after:>14,} {_change(before, after):>8}")
-    evaluation = report.get("eval")
+    evaluation = report.eval
     if evaluation:
         if "top1_before" in evaluation:
             lines.append(
@@ -166,10 +205,10 @@ def format_table(report: Mapping) -> str:
             lines.append(
                 f"output {name[:30]}: cosine {metrics['cosine']:.5f}, relative L2 {metrics['rel_l2']:.5f}" + extras
             )
-    cal = report["calibration"]
+    cal = report.calibration
     lines.append(
         f"calibrated on {cal['samples']} samples in {cal['seconds']:.1f} s; "
-        f"pruned {report['neurons_before'] - report['neurons_after']} of {report['neurons_before']} "
-        f"MLP neurons (--method {report['method']}, {report['scope']}, ratio {report['ratio']})"
+        f"pruned {report.neurons_before - report.neurons_after} of {report.neurons_before} "
+        f"MLP neurons (--method {report.method}, {report.scope}, ratio {report.ratio})"
     )
     return "\n".join(lines)

@@ -105,10 +105,10 @@ def sweep(
             )
             rows.append(
                 {
-                    **report,
+                    **report.to_dict(),
                     "output": str(kept[ratio]) if ratio in kept else None,
-                    "retention": retention(report["eval"], metric),
-                    "metric": retention_metric(report["eval"], metric),
+                    "retention": retention(report.eval, metric),
+                    "metric": retention_metric(report.eval, metric),
                 }
             )
             log.info("ratio %g (%d of %d): retention %.4f", ratio, len(rows), len(ratios), rows[-1]["retention"])

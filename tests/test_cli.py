@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from graphs import BlockSpec, build_model, random_batch
 
 from onnx_vbp.cli import main
+from onnx_vbp.report import Report
 
 
 def _digest(path: Path) -> str:
@@ -144,7 +146,7 @@ def test_large_external_weights_stay_on_disk_and_prune_like_in_memory(tmp_path: 
     options = PruneOptions(ratio=0.4, progress=False)
     lazy = prune_file(tmp_path / "ext" / "big.onnx", tmp_path / "calib", tmp_path / "lazy.onnx", options)
     eager = prune_file(tmp_path / "inline.onnx", tmp_path / "calib", tmp_path / "eager.onnx", options)
-    assert lazy["blocks"] == eager["blocks"] and lazy["macs_after"] == eager["macs_after"]
+    assert lazy.blocks == eager.blocks and lazy.macs_after == eager.macs_after
     assert _digest(tmp_path / "ext" / "big.bin") == data_digest
     feed = random_batch(model, batch=5, seed=7)
     a = ort.InferenceSession(str(tmp_path / "lazy.onnx")).run(None, feed)[0]
@@ -178,6 +180,7 @@ def test_report_dash_prints_the_json_report_on_stdout_with_versions_and_data(tmp
     assert report["calibration"]["data"] == str(tmp_path / "calib.npz")
     assert report["eval"]["data"] == {"data": str(tmp_path / "calib.npz")}
     assert not (tmp_path / "-").exists() and (tmp_path / "out.onnx").exists()
+    assert list(report) == [f.name for f in dataclasses.fields(Report)]  # the JSON is the typed Report, in order
 
 
 def test_inspect_lists_blocks_with_macs_and_hints_for_quantized_models(tmp_path: Path, capsys) -> None:

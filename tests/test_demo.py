@@ -33,13 +33,13 @@ def test_pruning_the_demo_at_035_keeps_top1(tmp_path: Path, method: str) -> None
         PruneOptions(ratio=0.35, method=method, progress=False),
         eval_data=MODELS / "eval",
     )
-    evaluation = report["eval"]
+    evaluation = report.eval
     assert evaluation["samples"] == 2000
     assert abs(evaluation["top1_before"] - FACTS["test_top1_eval_subset"]) < 1e-3
     assert evaluation["top1_after"] >= MIN_TOP1_AFTER[method]
-    assert report["neurons_after"] == 3072 - int(0.35 * 3072)
-    assert report["macs_after"] < 0.8 * report["macs_before"]
-    assert report["file_bytes_after"] < report["file_bytes_before"]
+    assert report.neurons_after == 3072 - int(0.35 * 3072)
+    assert report.macs_after < 0.8 * report.macs_before
+    assert report.file_bytes_after < report.file_bytes_before
 
 
 def test_demo_prunes_from_png_files_through_the_cli(tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ def test_held_out_data_is_streamed_in_bounded_batches_and_not_capped_by_max_samp
         PruneOptions(max_samples=20, progress=False),
         eval_data=str(tmp_path / "held_out.npz"),
     )
-    assert sizes == [64, 64, 64, 64, 44] and report["eval"]["samples"] == 300
+    assert sizes == [64, 64, 64, 64, 44] and report.eval["samples"] == 300
 
 
 def test_an_output_without_a_batch_axis_is_left_out(tmp_path: Path) -> None:

@@ -30,8 +30,7 @@ work = Path(sys.argv[1])
 start = time.perf_counter()
 report = prune_file(work / "large.onnx", work / "calib", work / "large.vbp.onnx",
                     PruneOptions(ratio=0.35, progress=False, threads=2))
-report["seconds"] = time.perf_counter() - start
-print(json.dumps(report))
+print(json.dumps({**report.to_dict(), "seconds": time.perf_counter() - start}))
 """
 
 

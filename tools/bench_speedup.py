@@ -64,7 +64,7 @@ def main() -> None:
                     r = bench(model, out, feed, threads=args.threads, runs=count)
                     fusion = "same" if not r["fusion_differences"] else json.dumps(r["fusion_differences"])
                     print(
-                        f"| {cut:.0%} | {ratio} | {round_to} | {report['macs_after'] / 1e9:.2f} | {batch} | "
+                        f"| {cut:.0%} | {ratio} | {round_to} | {report.macs_after / 1e9:.2f} | {batch} | "
                         f"{r['original']['median_ms']:.1f} | {r['pruned']['median_ms']:.1f} | {r['speedup']:.3f} | "
                         f"{r['mac_bound']:.3f} | **{r['speedup_over_mac_bound']:.3f}** | {fusion} |",
                         flush=True,
@@ -74,7 +74,7 @@ def main() -> None:
                             "cut": cut,
                             "ratio": ratio,
                             "round_to": round_to,
-                            "widths": [b["width_after"] for b in report["blocks"]],
+                            "widths": [b["width_after"] for b in report.blocks],
                             **r,
                         }
                     )

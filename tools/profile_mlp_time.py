@@ -73,13 +73,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pruned = Path(tmp) / "pruned.onnx"
         report = prune_prepared(prepared, PruneOptions(**{**base.__dict__, "ratio": ratio}), pruned)
-        kept = report["neurons_after"] / report["neurons_before"]
+        kept = report.neurons_after / report.neurons_before
         for batch in map(int, args.batches.split(",")):
             feed = make_inputs(prepared.specs, batch, 0, None)
             before = kernel_ms(model, feed, args.threads, args.runs, Path(tmp))
             after = kernel_ms(pruned, feed, args.threads, args.runs, Path(tmp))
             share = before["mlp"] / (before["mlp"] + before["other"])
-            mac_bound = report["macs_before"] / report["macs_after"]
+            mac_bound = report.macs_before / report.macs_after
             print(
                 f"| {batch} | {before['mlp']:.1f} -> {after['mlp']:.1f} | {after['mlp'] / before['mlp']:.3f} "
                 f"({kept:.3f}) | {before['other']:.1f} -> {after['other']:.1f} | {share:.3f} | "
