@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,38 +225,8 @@ class Prepared:
         return self._rankings[key][1]
 
     def plan(self, options: PruneOptions) -> Plan:
-        """Select by `options`. Sequential rankings (obs) cost more the deeper they go, so they
-        start at 1.5x the average share of a block and are deepened (doubled) only while some
-        block's allocation takes all of its ranked removals and could take more."""
-        widths = {b.name: b.width for b in self.blocks}
-        if options.scope == "global":
-            depth = min(max(widths.values()), math.ceil(1.5 * options.ratio * max(widths.values())) + 1)
-        else:
-            depth = max(int(options.ratio * w) for w in widths.values())
-        deepest = max(widths.values())
-        while True:
-            ranked = self.rankings(options, depth)
-            room = sum(min(r.order.size, widths[name] - options.min_keep) for name, r in ranked.items())
-            if options.scope == "global" and depth < deepest and room < int(options.ratio * sum(widths.values())):
-                depth = min(2 * depth, deepest)
-                continue
-            plan = select(
-                self.stats,
-                options.ratio,
-                scope=options.scope,
-                min_keep=options.min_keep,
-                round_to=block_multiples(self.blocks, options.round_to),
-                rankings=ranked,
-            )
-            saturated = [
-                name
-                for name, r in ranked.items()  # took every ranked removal, and may take more
-                if plan.keep[name].size <= widths[name] - r.order.size
-                and r.order.size < widths[name] - options.min_keep
-            ]
-            if not saturated:
-                return plan
-            depth = min(2 * depth, deepest)
+        """Select by `options`, from this model's (cached) rankings: see `deepening_plan`."""
+        return deepening_plan(self.stats, self.blocks, options, lambda depth: self.rankings(options, depth))
 
     def save_stats(self, path: Path) -> None:
         """Write the calibration statistics to `path` (see `calibrate.save_stats`)."""
@@ -266,18 +236,52 @@ class Prepared:
     def external_dir(self) -> Path | None:
         return self.path.parent if self.external else None  # large weights stay in their files
 
-    def batches(self, source: Path, options: PruneOptions) -> Iterator[dict]:
-        """Calibration batches from `source`, as `options` say."""
-        return iter_batches(
-            source, self.specs, batch_size=options.batch_size, max_samples=options.max_samples, raw=options.raw
-        )
-
     def eval_batches(self, source: Path, options: PruneOptions) -> Iterator[dict]:
         """Held-out batches from `source`: all of it, at most EVAL_BATCH_SIZE samples per run
         unless `options` or the model fix the batch size, so memory stays bounded whatever the
         size of a file."""
         size = options.batch_size or (None if fixed_batch(self.specs) else EVAL_BATCH_SIZE)
         return iter_batches(source, self.specs, batch_size=size, raw=options.raw)
+
+
+def deepening_plan(
+    stats: dict[str, Stats],
+    blocks: list[MlpBlock],
+    options: PruneOptions,
+    ranked_to: Callable[[int], dict[str, Ranking]],
+) -> Plan:
+    """Select by `options`, with `ranked_to(depth)` the blocks' rankings at least `depth` removals
+    deep. Sequential rankings (obs) cost more the deeper they go, so they start at 1.5x the
+    average share of a block and are deepened (doubled) only while some block's allocation takes
+    all of its ranked removals and could take more."""
+    widths = {b.name: b.width for b in blocks}
+    if options.scope == "global":
+        depth = min(max(widths.values()), math.ceil(1.5 * options.ratio * max(widths.values())) + 1)
+    else:
+        depth = max(int(options.ratio * w) for w in widths.values())
+    deepest = max(widths.values())
+    while True:
+        ranked = ranked_to(depth)
+        room = sum(min(r.order.size, widths[name] - options.min_keep) for name, r in ranked.items())
+        if options.scope == "global" and depth < deepest and room < int(options.ratio * sum(widths.values())):
+            depth = min(2 * depth, deepest)
+            continue
+        plan = select(
+            stats,
+            options.ratio,
+            scope=options.scope,
+            min_keep=options.min_keep,
+            round_to=block_multiples(blocks, options.round_to),
+            rankings=ranked,
+        )
+        saturated = [
+            name
+            for name, r in ranked.items()  # took every ranked removal, and may take more
+            if plan.keep[name].size <= widths[name] - r.order.size and r.order.size < widths[name] - options.min_keep
+        ]
+        if not saturated:
+            return plan
+        depth = min(2 * depth, deepest)
 
 
 def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneOptions()) -> Prepared:
@@ -307,21 +311,8 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
             )
         log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
-    prepared = Prepared(
-        model_path,
-        model,
-        external,
-        specs,
-        blocks,
-        {},
-        0,
-        0.0,
-        {},
-        {},
-        {},
-        weights_fingerprint(model, blocks, model_path.parent if external else None),
-    )
-
+    external_dir = model_path.parent if external else None  # large weights stay in their files
+    fingerprint = weights_fingerprint(model, blocks, external_dir)
     if blocks and options.comoments and not comoments_fit(blocks):
         fitted = fitted_options(options, comoments=False)
         log.warning(
@@ -334,78 +325,138 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     if blocks and options.stats is not None:
         if calib is not None:
             log.warning("calibration data %s is not used: pruning from the statistics in %s", calib, options.stats)
-        saved = load_stats(options.stats)
-        prepared.stats, prepared.samples = saved.stats, saved.samples
-        prepared.sample_feed = _saved_feed(saved.feed, specs, options.stats)
-        _check_stats_fit(prepared.stats, blocks, options)
-        if saved.model is None:
-            log.warning(
-                "statistics in %s carry no model fingerprint (an older file): they cannot be checked "
-                "against this model",
-                options.stats,
-            )
-        elif saved.model != prepared.fingerprint:
-            raise CalibrationError(
-                f"statistics in {options.stats} were measured on another model: its MLP "
-                "weights differ from this one's (same blocks and widths); calibrate this model"
-            )
-        if fitted_options(options, _have_comoments(prepared.stats)) is not options:
-            log.warning("statistics in %s have no second moments: pruning with --method vbp", options.stats)
-        log.info("using statistics of %d samples from %s", prepared.samples, options.stats)
-        prepared.source = {"stats": str(options.stats)}
-    elif calib is not None:
-        calib = Path(calib)
-        if blocks and options.ray_shards:
-            from onnx_vbp.distributed import calibrate_on_ray  # Ray is an optional extra
-
-            if options.max_samples is not None:
-                raise DataError("--max-samples cannot cap shards calibrated on Ray; pass a smaller CALIB instead")
-            start = time.perf_counter()
-            prepared.stats, prepared.samples = calibrate_on_ray(
-                model_path,
-                calib,
-                options.ray_shards,
-                address=options.ray_address,
-                batch_size=options.batch_size,
-                raw=options.raw,
-                threads=options.threads,
-                comoments=options.comoments,
-            )
-            prepared.seconds = time.perf_counter() - start
-        elif blocks:
-            counted = count_samples(calib, specs)
-            total = min(counted, options.max_samples or counted) if counted is not None else options.max_samples
-            prepared.stats, prepared.samples, prepared.seconds = _calibrate(
-                model, blocks, prepared.batches(calib, options), options, prepared.external_dir, total
-            )
-        prepared.source = _data_source(calib, options, specs)
-        first = next(prepared.batches(calib, options))
-        size = fixed_batch(specs) or 1  # one sample, unless the model fixes its batch
-        prepared.sample_feed = {s.name: first[s.name][:size] for s in specs}
-    else:
+        measured = _from_stats_file(blocks, specs, fingerprint, options)
+    elif calib is None:
         raise DataError("no calibration data: give CALIB or --stats")
+    elif blocks and options.ray_shards:
+        measured = _from_ray(model_path, Path(calib), specs, options)
+    else:
+        measured = _from_calibration(model, blocks, Path(calib), specs, options, external_dir)
     if blocks:
-        if prepared.samples < options.min_samples:
-            raise DataError(
-                f"only {prepared.samples} calibration samples in {calib or options.stats}; at least "
-                f"--min-samples {options.min_samples} are needed"
+        _check_sample_count(measured, calib or options.stats, options)
+    sample_outputs = _sample_outputs(model_path, measured.sample_feed, options.stats)
+    return Prepared(
+        model_path,
+        model,
+        external,
+        specs,
+        blocks,
+        measured.stats,
+        measured.samples,
+        measured.seconds,
+        node_macs(model, measured.sample_feed, external_dir),
+        measured.sample_feed,
+        sample_outputs,
+        fingerprint,
+        measured.source,
+    )
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What each source of statistics gives `prepare`: the statistics, how many samples they
+    saw and in how long, one sample of inputs (to verify written models on), and where they
+    came from (for the report)."""
+
+    stats: dict[str, Stats]
+    samples: int
+    seconds: float
+    sample_feed: dict[str, np.ndarray]
+    source: dict
+
+
+def _from_stats_file(blocks: BlockList, specs: list[InputSpec], fingerprint: str, options: PruneOptions) -> Measured:
+    """Statistics saved by an earlier run (`options.stats`), checked against this model."""
+    saved = load_stats(options.stats)
+    _check_stats_fit(saved.stats, blocks, options)
+    if saved.model is None:
+        log.warning(
+            "statistics in %s carry no model fingerprint (an older file): they cannot be checked against this model",
+            options.stats,
+        )
+    elif saved.model != fingerprint:
+        raise CalibrationError(
+            f"statistics in {options.stats} were measured on another model: its MLP "
+            "weights differ from this one's (same blocks and widths); calibrate this model"
+        )
+    if fitted_options(options, _have_comoments(saved.stats)) is not options:
+        log.warning("statistics in %s have no second moments: pruning with --method vbp", options.stats)
+    log.info("using statistics of %d samples from %s", saved.samples, options.stats)
+    feed = _saved_feed(saved.feed, specs, options.stats)
+    return Measured(saved.stats, saved.samples, 0.0, feed, {"stats": str(options.stats)})
+
+
+def _from_ray(model_path: Path, calib: Path, specs: list[InputSpec], options: PruneOptions) -> Measured:
+    """Statistics calibrated on a Ray cluster, one shard of the data files per task."""
+    from onnx_vbp.distributed import calibrate_on_ray  # Ray is an optional extra
+
+    if options.max_samples is not None:
+        raise DataError("--max-samples cannot cap shards calibrated on Ray; pass a smaller CALIB instead")
+    start = time.perf_counter()
+    stats, samples = calibrate_on_ray(
+        model_path,
+        calib,
+        options.ray_shards,
+        address=options.ray_address,
+        batch_size=options.batch_size,
+        raw=options.raw,
+        threads=options.threads,
+        comoments=options.comoments,
+    )
+    seconds = time.perf_counter() - start
+    return Measured(stats, samples, seconds, _first_sample(calib, specs, options), _data_source(calib, options, specs))
+
+
+def _from_calibration(
+    model: onnx.ModelProto,
+    blocks: BlockList,
+    calib: Path,
+    specs: list[InputSpec],
+    options: PruneOptions,
+    external_dir: Path | None,
+) -> Measured:
+    """Statistics calibrated here, on `calib` (none for a model without blocks: only its sample)."""
+    stats, samples, seconds = {}, 0, 0.0
+    if blocks:
+        counted = count_samples(calib, specs)
+        total = min(counted, options.max_samples or counted) if counted is not None else options.max_samples
+        batches = calibration_batches(calib, specs, options)
+        stats, samples, seconds = _calibrate(model, blocks, batches, options, external_dir, total)
+    return Measured(stats, samples, seconds, _first_sample(calib, specs, options), _data_source(calib, options, specs))
+
+
+def calibration_batches(source: Path, specs: list[InputSpec], options: PruneOptions) -> Iterator[dict]:
+    """Calibration batches from `source`, as `options` say."""
+    return iter_batches(source, specs, batch_size=options.batch_size, max_samples=options.max_samples, raw=options.raw)
+
+
+def _first_sample(calib: Path, specs: list[InputSpec], options: PruneOptions) -> dict[str, np.ndarray]:
+    """The first calibration sample (the first batch, if the model fixes its batch size)."""
+    first = next(calibration_batches(calib, specs, options))
+    size = fixed_batch(specs) or 1
+    return {s.name: first[s.name][:size] for s in specs}
+
+
+def _check_sample_count(measured: Measured, source: Path, options: PruneOptions) -> None:
+    """Refuse too few calibration samples; warn where a covariance has too few positions."""
+    if measured.samples < options.min_samples:
+        raise DataError(
+            f"only {measured.samples} calibration samples in {source}; at least "
+            f"--min-samples {options.min_samples} are needed"
+        )
+    log.info("calibrated on %d samples in %.1f s", measured.samples, measured.seconds)
+    for name, block_stats in measured.stats.items():
+        width = block_stats.mean.size
+        if block_stats.comoment is not None and block_stats.count < POSITIONS_PER_NEURON * width:
+            log.warning(
+                "block %s: its %d x %d covariance comes from only %d positions; the obs ranking and "
+                "the ridge refit will fit noise: give more calibration data (at least %d positions)",
+                name,
+                width,
+                width,
+                block_stats.count,
+                POSITIONS_PER_NEURON * width,
             )
-        log.info("calibrated on %d samples in %.1f s", prepared.samples, prepared.seconds)
-        for name, block_stats in prepared.stats.items():
-            width = block_stats.mean.size
-            if block_stats.comoment is not None and block_stats.count < POSITIONS_PER_NEURON * width:
-                log.warning(
-                    "block %s: its %d x %d covariance comes from only %d positions; the obs ranking and "
-                    "the ridge refit will fit noise: give more calibration data (at least %d positions)",
-                    name,
-                    width,
-                    width,
-                    block_stats.count,
-                    POSITIONS_PER_NEURON * width,
-                )
-    prepared.sample_outputs = _sample_outputs(prepared, options.stats)
-    prepared.macs = node_macs(model, prepared.sample_feed, prepared.external_dir)
-    return prepared
 
 
 def _data_source(source: Path, options: PruneOptions, specs: list[InputSpec]) -> dict:
@@ -447,12 +498,12 @@ def _saved_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], path: Path)
     return checked
 
 
-def _sample_outputs(prepared: Prepared, stats_path: Path | None) -> dict[str, np.ndarray]:
-    """The original's outputs on the sample feed (from the calibration data, or saved with the
+def _sample_outputs(model_path: Path, feed: dict[str, np.ndarray], stats_path: Path | None) -> dict[str, np.ndarray]:
+    """The original's outputs on the sample `feed` (from the calibration data, or saved with the
     statistics, where it may no longer fit the model)."""
-    session = cpu_session(str(prepared.path))
+    session = cpu_session(str(model_path))
     try:
-        return dict(zip((o.name for o in session.get_outputs()), session.run(None, prepared.sample_feed), strict=True))
+        return dict(zip((o.name for o in session.get_outputs()), session.run(None, feed), strict=True))
     except ORT_ERRORS as exc:
         where = f"the sample saved in {stats_path}" if stats_path else "a calibration sample"
         raise CalibrationError(f"the model fails to run on {where}: {first_line(exc)}") from exc
@@ -635,25 +686,17 @@ def prune(
     folder = None if external_dir is None else Path(external_dir)
     stats = calibrate(model, blocks, batches, threads=options.threads, external_dir=folder, comoments=options.comoments)
     options = fitted_options(options, _have_comoments(stats))
-    prepared = Prepared(
-        folder / "model.onnx" if folder else Path(),
-        model,
-        folder is not None,
-        model_inputs(model),
-        blocks,
-        stats,
-        0,
-        0.0,
-        {},
-        {},
-        {},
-        "",
-    )
+
+    def ranked_to(depth: int) -> dict[str, Ranking]:
+        return rankings(
+            stats, options.score, model, blocks, depth=depth, external_dir=folder, ridge_lambda=options.ridge_lambda
+        )
+
     return rewrite(
         model,
         blocks,
         stats,
-        prepared.plan(options),
+        deepening_plan(stats, blocks, options, ranked_to),
         compensate=options.compensate,
         ridge_lambda=options.ridge_lambda,
         external_dir=folder,
