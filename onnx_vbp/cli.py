@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -343,13 +342,16 @@ def _terminate(signum: int, frame: object) -> None:
 
 def as_flags(message: str) -> str:
     """A library message in the command line's words: each option named by its API name in
-    backquotes (`min_keep`, see VbpError) becomes its flag (--min-keep)."""
-    options = {f.name for f in dataclasses.fields(PruneOptions)} | {f.name for f in dataclasses.fields(RawOptions)}
-    return re.sub(
-        r"`([a-z][a-z_]*)`",
-        lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in options else m.group(0),
-        message,
-    )
+    backquotes (`min_keep`, see VbpError) becomes its flag (--min-keep), or its argument's name
+    (`calib`: CALIB); other backquoted words stay as they are."""
+    flags: dict[str, str] = {}
+    for build in (build_parser, build_sweep_parser, build_bench_parser, build_merge_parser, build_inspect_parser):
+        for action in build()._actions:
+            named = (
+                max(action.option_strings, key=len) if action.option_strings else action.metavar or action.dest.upper()
+            )
+            flags.setdefault(action.dest, named)
+    return re.sub(r"`([a-z][a-z_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 def _exit_code(command: Callable[[], int]) -> int:

@@ -61,7 +61,7 @@ def calibrate_on_ray(
     try:
         import ray
     except ImportError as exc:
-        raise DataError("--ray needs Ray: pip install 'onnx_vbp[ray]'") from exc
+        raise DataError("`ray_shards` needs Ray: pip install 'onnx_vbp[ray]'") from exc
     if not ray.is_initialized():
         # Ray's own startup lines would break onnx-vbp's one-line output: errors still come back
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)

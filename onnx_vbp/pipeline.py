@@ -181,7 +181,7 @@ def fitted_options(options: PruneOptions, comoments: bool) -> PruneOptions:
     if options.method == "obs" and (options.score, options.compensate) == METHODS["obs"]:
         return options.without_comoments()
     raise CalibrationError(
-        f"--score {options.score} / --compensate {options.compensate} need second moments, and "
+        f"`score` {options.score} / `compensate` {options.compensate} need second moments, and "
         "there are none (over the memory budget, or a statistics file saved without them)"
     )
 
@@ -327,7 +327,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
             log.warning("calibration data %s is not used: pruning from the statistics in %s", calib, options.stats)
         measured = _from_stats_file(blocks, specs, fingerprint, options)
     elif calib is None:
-        raise DataError("no calibration data: give CALIB or --stats")
+        raise DataError("no calibration data: give `calib` or `stats`")
     elif blocks and options.ray_shards:
         measured = _from_ray(model_path, Path(calib), specs, options)
     else:
@@ -391,7 +391,7 @@ def _from_ray(model_path: Path, calib: Path, specs: list[InputSpec], options: Pr
     from onnx_vbp.distributed import calibrate_on_ray  # Ray is an optional extra
 
     if options.max_samples is not None:
-        raise DataError("--max-samples cannot cap shards calibrated on Ray; pass a smaller CALIB instead")
+        raise DataError("`max_samples` cannot cap shards calibrated on Ray; pass a smaller `calib` instead")
     start = time.perf_counter()
     stats, samples = calibrate_on_ray(
         model_path,
@@ -442,7 +442,7 @@ def _check_sample_count(measured: Measured, source: Path, options: PruneOptions)
     if measured.samples < options.min_samples:
         raise DataError(
             f"only {measured.samples} calibration samples in {source}; at least "
-            f"--min-samples {options.min_samples} are needed"
+            f"`min_samples` {options.min_samples} are needed"
         )
     log.info("calibrated on %d samples in %.1f s", measured.samples, measured.seconds)
     for name, block_stats in measured.stats.items():

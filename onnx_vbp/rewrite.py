@@ -44,6 +44,16 @@ class _Editor:
         self.graph_outputs = {id(t) for t in self.graph.outputs}
         self._taken = set(self.tensors) | {n.name for n in self.graph.nodes}
         self.edited: set[str] = set()  # constants handed out for editing (export converts only these)
+        self._done: set[tuple[str, int]] = set()  # (edit, id of the constant) already applied
+
+    def once(self, edit: str, constant: gs.Constant) -> bool:
+        """True the first time `edit` is asked for on `constant`: the sites of a tied block reach
+        the same constants, which are sliced, refit or given a bias once."""
+        key = (edit, id(constant))
+        if key in self._done:
+            return False
+        self._done.add(key)
+        return True
 
     def fresh(self, base: str) -> str:
         for i in itertools.count():
@@ -215,8 +225,6 @@ def _compensate(
     ridge_lambda: float,
 ) -> None:
     new_rows = bias_delta = None
-    updated: set[int] = set()
-    done: set[int] = set()
     for site in block.sites:
         fc2 = editor.nodes[site.fc2_weight.node]
         traced = editor.owned(fc2, site.fc2_weight.input, readers)
@@ -227,16 +235,13 @@ def _compensate(
             new_rows, bias_delta = compensation(
                 matrix.reshape(block.width, -1), stats, keep, pruned, method, ridge_lambda
             )
-        if new_rows is not None and id(traced.source) not in updated:
-            updated.add(id(traced.source))
+        if new_rows is not None and editor.once("refit", traced.source):
             matrix[keep] = new_rows.reshape(matrix[keep].shape)
             traced.assign(np.moveaxis(matrix, 0, axis))
-        _add_to_bias(editor, site.fc2_bias, bias_delta * site.fc2_bias.scale, effective.dtype, readers, done)
+        _add_to_bias(editor, site.fc2_bias, bias_delta * site.fc2_bias.scale, effective.dtype, readers)
 
 
-def _add_to_bias(
-    editor: _Editor, ref: BiasRef, delta: np.ndarray, dtype: np.dtype, readers: set[int], done: set[int]
-) -> None:
+def _add_to_bias(editor: _Editor, ref: BiasRef, delta: np.ndarray, dtype: np.dtype, readers: set[int]) -> None:
     node = editor.nodes[ref.node]
     if ref.input is None:
         editor.insert_bias_add(node, delta.astype(dtype))
@@ -251,21 +256,18 @@ def _add_to_bias(
             node.inputs[ref.input] = bias
         return
     source = editor.owned(node, ref.input, readers).source
-    if id(source) in done:  # tied sites reading one bias: fold once
+    if not editor.once("bias", source):  # tied sites reading one bias: fold once
         return
-    done.add(id(source))
     values = np.asarray(source.values)
     source.values = (values.astype(np.float64) + delta.reshape(values.shape)).astype(values.dtype)
 
 
 def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]) -> None:
-    sliced: set[int] = set()
     for site in block.sites:
         for ref in (*site.fc1_params, site.fc2_weight):
             traced = editor.owned(editor.nodes[ref.node], ref.input, readers)
-            if id(traced.source) in sliced:  # tied sites share the constant
+            if not editor.once("slice", traced.source):
                 continue
-            sliced.add(id(traced.source))
             traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=traced.source_axis(ref.axis))
         for ref in site.width_literals:
             holder = editor.nodes[ref.node]

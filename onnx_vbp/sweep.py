@@ -91,7 +91,7 @@ def sweep(
     ):
         prepared = prepare(model_path, calib, options)
         if metric is not None and metric not in prepared.sample_outputs:
-            raise DataError(f"--metric {metric}: the model has no such output ({', '.join(prepared.sample_outputs)})")
+            raise DataError(f"`metric` {metric}: the model has no such output ({', '.join(prepared.sample_outputs)})")
         reference: dict = {}  # the original's held-out outputs, computed once
         rows = []
         for ratio in ratios:
