@@ -45,7 +45,8 @@ subcommands:
   inspect MODEL [--json]               the blocks pruning would work on, without calibration data
   bench ORIGINAL PRUNED [--batch-size B] [--threads T] [--json] [--perf-test-data]
                                        latency side by side, speedup vs the MAC bound
-  sweep MODEL CALIB --eval HELDOUT [--ratios ...] [--target-retention T -o OUT | --output-dir DIR] [--plot PNG]
+  sweep MODEL CALIB --eval HELDOUT [--ratios ...] [--target-retention T] [--target-macs F]
+        [-o OUT | --output-dir DIR] [--plot PNG]
                                        one calibration, several ratios, retention vs MACs
   merge-stats A.npz B.npz -o ALL.npz   merge statistics saved with --save-stats on data shards
 
@@ -249,7 +250,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Calibrate once, prune at several ratios, evaluate each on held-out data, and "
         "print retention against MACs removed; optionally plot it and keep the largest "
-        "ratio that meets a target. Exit status 3 when no ratio meets --target-retention.",
+        "ratio that meets a target. Exit status 3 when no ratio meets the targets given.",
     )
     _add_inputs(parser)
     parser.add_argument(
@@ -272,7 +273,14 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="report the largest ratio whose retention is at least T (and write it with -o)",
     )
-    parser.add_argument("-o", "--output", type=Path, help="with --target-retention: where to write that model")
+    parser.add_argument(
+        "--target-macs",
+        type=float,
+        metavar="F",
+        help="keep at most the fraction F of the MACs (e.g. 0.8): report the smallest ratio that does "
+        "(with --target-retention too: the largest ratio meeting both)",
+    )
+    parser.add_argument("-o", "--output", type=Path, help="with a target: where to write the chosen model")
     parser.add_argument(
         "--output-dir",
         type=Path,
@@ -404,6 +412,7 @@ def _sweep(args: argparse.Namespace) -> int:
         args.eval,
         _options(args),
         target=args.target_retention,
+        max_macs=args.target_macs,
         output=args.output,
         output_dir=args.output_dir,
         report_path=None if _to_stdout(args) else args.report,
@@ -414,12 +423,18 @@ def _sweep(args: argparse.Namespace) -> int:
         print(json.dumps(summary(rows, best), indent=2))
     elif not args.quiet:
         print(format_sweep(rows))
-        if args.target_retention is not None:
+        targets = [
+            *([f"retention >= {args.target_retention}"] if args.target_retention is not None else []),
+            *([f"MACs <= {args.target_macs:g} x original"] if args.target_macs is not None else []),
+        ]
+        if targets:
+            which = "largest" if args.target_retention is not None else "smallest"
             print(
-                f"largest ratio with retention >= {args.target_retention}: "
+                f"{which} ratio with {' and '.join(targets)}: "
                 + (f"{best['ratio']:g}" + (f" (wrote {args.output})" if args.output else "") if best else "none")
             )
-    return 3 if args.target_retention is not None and best is None else 0
+    targeted = args.target_retention is not None or args.target_macs is not None
+    return 3 if targeted and best is None else 0
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -528,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["sweep"]:
         parser = build_sweep_parser()
         args = parser.parse_args(argv[1:])
-        if args.output is not None and args.target_retention is None:
-            parser.error("-o needs --target-retention")
+        if args.output is not None and args.target_retention is None and args.target_macs is None:
+            parser.error("-o needs a target: --target-retention or --target-macs")
         if args.output is not None and args.output_dir is not None:
             parser.error("give -o (the chosen model) or --output-dir (every model), not both")
         _configure_logging(args)

@@ -47,6 +47,7 @@ def sweep(
     options: PruneOptions = PruneOptions(),
     *,
     target: float | None = None,
+    max_macs: float | None = None,
     output: Path | str | None = None,
     output_dir: Path | str | None = None,
     report_path: Path | str | None = None,
@@ -55,7 +56,8 @@ def sweep(
 ) -> tuple[list[dict], dict | None]:
     """Calibrate once, prune and evaluate one model per ratio; returns their reports (each with
     `retention` and the `metric` it measures, see `retention_metric`; `metric` names the output
-    to measure it on) in the order of `ratios`, and the row `pick` chooses for `target`, if any.
+    to measure it on) in the order of `ratios`, and the row `pick` chooses for `target` (retention)
+    and `max_macs` (the fraction of the MACs to keep at most), if either is given.
 
     With `output`, that row's model is written there; with `output_dir` instead, every ratio's
     model is kept there, as `<model stem>.r<ratio>.onnx`. `report_path` gets the rows as JSON,
@@ -112,14 +114,14 @@ def sweep(
                 }
             )
             log.info("ratio %g (%d of %d): retention %.4f", ratio, len(rows), len(ratios), rows[-1]["retention"])
-        best = pick(rows, target) if target is not None else None
+        best = pick(rows, target, max_macs) if target is not None or max_macs is not None else None
         if best is not None and output is not None:
             publication.adopt(Path(folder) / f"r{best['ratio']:g}" / name, output)
             best["output"] = str(output)
         if "the statistics file" in outputs:
             prepared.save_stats(publication.stage(options.save_stats))
         if plot is not None:
-            plot_sweep(rows, publication.stage(plot), target, best)
+            plot_sweep(rows, publication.stage(plot), target, best, max_macs)
         if report_path is not None:
             publication.stage(report_path).write_text(json.dumps(summary(rows, best), indent=2) + "\n")
         publication.commit()  # inside the temporary folder's lifetime: the chosen model is renamed out of it
@@ -131,10 +133,21 @@ def summary(rows: list[dict], best: dict | None) -> dict:
     return {"rows": rows, "best_ratio": best and best["ratio"]}
 
 
-def pick(rows: list[dict], target: float) -> dict | None:
-    """The row of the largest ratio above 0 whose retention reaches `target`, if any."""
-    meeting = [row for row in rows if row["retention"] >= target and row["ratio"] > 0]
-    return max(meeting, key=lambda row: row["ratio"]) if meeting else None
+def pick(rows: list[dict], target: float | None = None, max_macs: float | None = None) -> dict | None:
+    """The row (ratio above 0) that meets every target given: retention at least `target`, and at
+    most `max_macs` of the original's MACs. With a retention target, the largest such ratio (the
+    smallest model that keeps the quality); with a MAC target alone, the smallest (the best
+    quality that meets the budget). None if no row meets them."""
+    meeting = [
+        row
+        for row in rows
+        if row["ratio"] > 0
+        and (target is None or row["retention"] >= target)
+        and (max_macs is None or row["macs_after"] <= max_macs * row["macs_before"])
+    ]
+    if not meeting:
+        return None
+    return max(meeting, key=lambda row: row["ratio"] if target is not None else -row["ratio"])
 
 
 def format_sweep(rows: list[dict]) -> str:
@@ -159,8 +172,14 @@ def _pyplot():
     return plt
 
 
-def plot_sweep(rows: list[dict], path: Path, target: float | None = None, best: dict | None = None) -> None:
-    """Retention against MACs removed, one point per ratio, with the target as a dashed line and
+def plot_sweep(
+    rows: list[dict],
+    path: Path,
+    target: float | None = None,
+    best: dict | None = None,
+    max_macs: float | None = None,
+) -> None:
+    """Retention against MACs removed, one point per ratio, with the targets as dashed lines and
     the chosen ratio circled (needs matplotlib: onnx_vbp[plot])."""
     plt = _pyplot()
     removed = [100 * (1 - row["macs_after"] / row["macs_before"]) for row in rows]
@@ -170,12 +189,14 @@ def plot_sweep(rows: list[dict], path: Path, target: float | None = None, best: 
         axes.annotate(f"{row['ratio']:g}", (x, row["retention"]), textcoords="offset points", xytext=(4, 4))
     if target is not None:
         axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+    if max_macs is not None:
+        axes.axvline(100 * (1 - max_macs), color="grey", linestyle=":", linewidth=1, label=f"MACs <= {max_macs:g}")
     if best is not None:
         chosen = 100 * (1 - best["macs_after"] / best["macs_before"])
         axes.plot(
             [chosen], [best["retention"]], "o", markersize=14, fillstyle="none", label=f"chosen: {best['ratio']:g}"
         )
-    if target is not None or best is not None:
+    if target is not None or best is not None or max_macs is not None:
         axes.legend(fontsize=8)
     axes.set(xlabel="MACs removed (%)", ylabel="retention", title=Path(rows[0]["model"]).name)
     axes.grid(alpha=0.3)

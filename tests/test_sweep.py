@@ -88,6 +88,11 @@ def test_retention_and_pick() -> None:
     assert pick(rows, 0.965)["ratio"] == 0.3
     assert pick(rows, 0.999) is None
     assert pick([{"ratio": 0.0, "retention": 1.0}, *rows], 0.999) is None  # the baseline meets any target
+    for row in rows:
+        row.update(macs_before=100, macs_after=100 - 60 * row["ratio"])  # 94, 82, 88
+    assert pick(rows, max_macs=0.9)["ratio"] == 0.2  # the smallest ratio within the budget
+    assert pick(rows, target=0.96, max_macs=0.9)["ratio"] == 0.3  # the largest meeting both
+    assert pick(rows, target=0.98, max_macs=0.9) is None
 
 
 def test_the_chosen_model_of_an_external_data_model_loads_from_its_own_name(ws: Path) -> None:
@@ -205,3 +210,23 @@ def test_plot_marks_the_target_and_the_chosen_ratio(tmp_path: Path, monkeypatch)
     (axes,) = figures[0].axes
     assert [t.get_text() for t in axes.get_legend().get_texts()] == ["target 0.75", "chosen: 0.2"]
     assert axes.lines[-1].get_xydata().tolist() == [[12.0, 0.8]]
+
+
+def test_target_macs_picks_the_smallest_ratio_within_the_budget(ws: Path, capsys) -> None:
+    base = [
+        "sweep",
+        str(ws / "net.onnx"),
+        str(ws / "calib"),
+        "--eval",
+        str(ws / "held_out"),
+        "--ratios",
+        "0,0.25,0.5,0.75",
+    ]
+    assert main([*base, "--target-macs", "0.9", "-o", str(ws / "fit.onnx"), "--report", str(ws / "s.json")]) == 0
+    summary = json.loads((ws / "s.json").read_text())
+    fitting = [r for r in summary["rows"] if r["ratio"] > 0 and r["macs_after"] <= 0.9 * r["macs_before"]]
+    assert summary["best_ratio"] == min(r["ratio"] for r in fitting)
+    best = next(r for r in summary["rows"] if r["ratio"] == summary["best_ratio"])
+    assert sum(b.width for b in find_mlp_blocks(onnx.load(ws / "fit.onnx"))) == best["neurons_after"]
+    assert f"smallest ratio with MACs <= 0.9 x original: {best['ratio']:g}" in capsys.readouterr().out
+    assert main([*base, "--target-macs", "0.01"]) == 3  # no ratio is that small
