@@ -17,7 +17,7 @@ from onnx_vbp.stats import CalibrationError
 
 # Ops whose work is multiply-accumulates, by domain: the float ones, ORT's fused and quantized
 # forms of a MatMul, and its fused attention (projections and the two attention products).
-MAC_OPS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger")
+MAC_OPS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "Einsum")
 MS_MAC_OPS = (
     "FusedMatMul",
     "MatMulIntegerToFloat",
@@ -73,7 +73,30 @@ def _macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
         return out * int(attrs["K"])
     if op in ("Attention", "MultiHeadAttention"):
         return _attention_macs(node, shapes, attrs)
+    if op == "Einsum":
+        return _einsum_macs(attrs["equation"].decode(), [shapes[name] for name in node.input])
     return out * shapes[node.input[0]][-1]  # MatMul and its quantized forms: [..., K] x [K, N]
+
+
+def _einsum_macs(equation: str, operands: list[tuple[int, ...]]) -> int:
+    """Multiply-accumulates of an Einsum: the product of the sizes of every index (and of the
+    broadcast `...` dims), which is exact for two operands (`bsd,df->bsf` is a MatMul) and the
+    naive, unfactored cost for more. One operand (a transpose or a sum) does none."""
+    terms = equation.replace(" ", "").split("->")[0].split(",")
+    if len(terms) < 2:
+        return 0
+    sizes: dict[str, int] = {}
+    broadcast: tuple[int, ...] = ()
+    for term, shape in zip(terms, operands, strict=True):
+        head, _, tail = term.partition("...")
+        middle = shape[len(head) : len(shape) - len(tail)] if "..." in term else ()
+        labelled = list(zip(head, shape[: len(head)], strict=True)) + list(
+            zip(tail, shape[len(shape) - len(tail) :], strict=True)
+        )
+        for label, size in labelled:
+            sizes[label] = max(sizes.get(label, 1), size)
+        broadcast = tuple(np.broadcast_shapes(broadcast, tuple(middle)))
+    return int(np.prod(list(sizes.values()), dtype=np.int64) * np.prod(broadcast, dtype=np.int64))
 
 
 def _attention_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]], attrs: dict) -> int:

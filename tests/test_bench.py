@@ -197,3 +197,30 @@ def test_macs_count_quantized_and_fused_matmuls_like_their_float_form(tmp_path: 
     )
     macs = node_macs(fused, {"x": rng.normal(size=(batch, seq, dim)).astype(np.float32)})
     assert macs == {"a": seq * dim * 3 * dim + 2 * seq * seq * dim, "y": seq * dim * dim}  # per sample
+
+
+@pytest.mark.parametrize(
+    ("equation", "shapes", "expected"),
+    [
+        ("bsd,df->bsf", [(2, 5, 8), (8, 16)], 2 * 5 * 8 * 16),  # a MatMul
+        ("bhqd,bhkd->bhqk", [(2, 4, 5, 8), (2, 4, 5, 8)], 2 * 4 * 5 * 5 * 8),  # attention scores
+        ("...d,df->...f", [(2, 5, 8), (8, 16)], 2 * 5 * 8 * 16),  # broadcast dims
+        ("bij->bji", [(2, 3, 4)], 0),  # a transpose: no MACs
+    ],
+)
+def test_einsum_macs(equation: str, shapes: list[tuple[int, ...]], expected: int) -> None:
+    from onnx import TensorProto, helper
+
+    from onnx_vbp.report import node_macs
+
+    rng = np.random.default_rng(0)
+    names = [f"x{i}" for i in range(len(shapes))]
+    graph = helper.make_graph(
+        [helper.make_node("Einsum", names, ["y"], equation=equation)],
+        "einsum",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in zip(names, shapes, strict=True)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {n: rng.normal(size=s).astype(np.float32) for n, s in zip(names, shapes, strict=True)}
+    assert node_macs(model, feed) == {"y": expected // shapes[0][0]}  # per sample: the first dim is the batch
