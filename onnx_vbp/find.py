@@ -57,6 +57,7 @@ class Linear:
     output: gs.Tensor  # after the bias
     alpha: float = 1.0
     beta: float = 1.0
+    bias_axis: int = -1  # axis of the bias (as the Add sees it) over output features
 
     @property
     def in_features(self) -> int:
@@ -71,8 +72,12 @@ def _is_present(tensor: gs.Tensor) -> bool:
     return bool(tensor.name)
 
 
-def _match_bias_add(out: gs.Tensor, features: int) -> tuple[gs.Node, int] | None:
-    """`out`'s only consumer is Add(out, b) with b a constant over the last axis."""
+def _match_bias_add(
+    out: gs.Tensor, features: int, feature_axis: int = -1, rank: int = 0
+) -> tuple[gs.Node, int, int] | None:
+    """`out`'s only consumer is Add(out, b) with b a constant that broadcasts over `out`'s
+    `feature_axis` only (of `rank` dims, needed when that axis is not the last): (Add, input of
+    b, b's axis over the features)."""
     if len(out.outputs) != 1 or out.outputs[0].op != "Add":
         return None
     add = out.outputs[0]
@@ -81,8 +86,10 @@ def _match_bias_add(out: gs.Tensor, features: int) -> tuple[gs.Node, int] | None
             continue
         traced = trace_param(other)
         shape = traced.shape if traced else ()
-        if traced and shape and shape[-1] == features and int(np.prod(shape)) == features:
-            return add, i
+        # the axis of b over `out`'s feature axis, the two shapes aligned from the right
+        axis = len(shape) - 1 if feature_axis == -1 else feature_axis - rank + len(shape)
+        if shape and 0 <= axis < len(shape) and shape[axis] == features and int(np.prod(shape)) == features:
+            return add, i, -1 if feature_axis == -1 else axis
     return None
 
 
@@ -93,15 +100,10 @@ def match_linear(node: gs.Node) -> Linear | None:
     weight = trace_param(node.inputs[1])
     if weight is None:
         return None
-    rank = len(weight.source.shape)  # shapes only: finding blocks loads no weight
+    rank = len(weight.shape)  # shapes only: finding blocks loads no weight
     out = node.outputs[0]
     if node.op == "MatMul" and rank == 2:
-        linear = Linear(node, 1, weight, 0, 1, -1, None, None, out)
-        bias = _match_bias_add(out, linear.out_features)
-        if bias is not None:
-            linear.bias_node, linear.bias_input = bias
-            linear.output = bias[0].outputs[0]
-        return linear
+        return _with_bias_add(Linear(node, 1, weight, 0, 1, -1, None, None, out))
     if node.op == "Gemm" and rank == 2 and not node.attrs.get("transA", 0):
         in_axis, out_axis = (1, 0) if node.attrs.get("transB", 0) else (0, 1)
         linear = Linear(
@@ -119,12 +121,24 @@ def match_linear(node: gs.Node) -> Linear | None:
         )
         return _with_own_bias(linear)
     if node.op == "Conv" and rank >= 3:
-        kernel = weight.source.shape[2:]
+        kernel = weight.shape[2:]
         pads = node.attrs.get("pads", [0])
         if any(k != 1 for k in kernel) or node.attrs.get("group", 1) != 1 or any(pads):
             return None
-        return _with_own_bias(Linear(node, 1, weight, 1, 0, 1, None, None, out))
+        linear = _with_own_bias(Linear(node, 1, weight, 1, 0, 1, None, None, out))
+        if linear is not None and linear.bias_node is None:  # Paddle: Add(conv, Reshape(bias, [1, C, 1, 1]))
+            return _with_bias_add(linear, rank)
+        return linear
     return None
+
+
+def _with_bias_add(linear: Linear, rank: int = 0) -> Linear:
+    """`linear`, with the bias of a following Add if there is one (see `_match_bias_add`)."""
+    bias = _match_bias_add(linear.output, linear.out_features, linear.feature_axis, rank)
+    if bias is not None:
+        linear.bias_node, linear.bias_input, linear.bias_axis = bias
+        linear.output = bias[0].outputs[0]
+    return linear
 
 
 def _with_own_bias(linear: Linear) -> Linear | None:
@@ -348,7 +362,7 @@ def _site(match: _Match, width: int) -> MlpSite | None:
     for lin in match.fc1:
         fc1_params.append(ParamRef(node_key(lin.node), lin.weight_input, lin.out_axis))
         if lin.bias_node is not None:
-            fc1_params.append(ParamRef(node_key(lin.bias_node), lin.bias_input, -1))
+            fc1_params.append(ParamRef(node_key(lin.bias_node), lin.bias_input, lin.bias_axis))
     fused_bias = match.activation.bias_node
     if fused_bias is not None:
         traced = trace_param(fused_bias.inputs[1])

@@ -6,6 +6,7 @@ name the same tensors when `rewrite` imports the model again.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from onnx_vbp.gs_internals import data_less, tensor_proto
 
 # Ops that hand a parameter to its consumer unchanged up to layout or dtype: exporters put weights
 # stored [out, in] behind a Transpose and fp16 weights behind a Cast.
-PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity")
+# What may stand between a constant and its consumer. A Reshape only when its shape is a constant
+# and it only adds or drops unit dims (Paddle's Add(conv, Reshape(bias, [1, C, 1, 1]))): the
+# neuron axis then maps one to one.
+PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape")
 
 _CONSTANT_ATTRS = {
     "value_float": np.float32,
@@ -151,23 +155,42 @@ class TracedParam:
 
     def source_axis(self, axis: int) -> int:
         """Map an axis of the value the consumer sees to the matching axis of the source."""
-        rank = len(self.source.shape)
-        axis %= rank
-        for node in self.chain:
+        return self.link_axes(axis)[-1]
+
+    def link_axes(self, axis: int) -> list[int]:
+        """Where `axis` of the value the consumer sees is in the output of each link of the
+        chain (consumer side first), then in the source."""
+        shapes = self._shapes()
+        axis %= len(shapes[-1])
+        axes = []
+        for index, node in enumerate(self.chain):
+            axes.append(axis)
+            out_shape, in_shape = shapes[len(self.chain) - index], shapes[len(self.chain) - index - 1]
             if node.op == "Transpose":
-                perm = node.attrs.get("perm", list(range(rank))[::-1])
+                perm = node.attrs.get("perm", list(range(len(out_shape)))[::-1])
                 axis = perm[axis]
-        return axis
+            elif node.op == "Reshape":  # the same non-unit dim, counted in the input's shape
+                rank_among = sum(1 for d in out_shape[:axis] if d != 1)
+                axis = [i for i, d in enumerate(in_shape) if d != 1][rank_among]
+        return [*axes, axis]
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The parameter's shape as the consumer sees it, read without loading its values (a
         large external weight stays on disk)."""
-        shape = tuple(self.source.shape)
+        return self._shapes()[-1]
+
+    def _shapes(self) -> list[tuple[int, ...]]:
+        """The source's shape, then the shape after each link of the chain (source side first)."""
+        shapes = [tuple(self.source.shape)]
         for node in reversed(self.chain):
+            shape = shapes[-1]
             if node.op == "Transpose":
                 shape = tuple(shape[axis] for axis in node.attrs.get("perm", range(len(shape))[::-1]))
-        return shape
+            elif node.op == "Reshape":
+                shape = _reshaped(shape, np.asarray(node.inputs[1].values).tolist(), node.attrs.get("allowzero", 0))
+            shapes.append(shape)
+        return shapes
 
     def value(self) -> np.ndarray:
         """The parameter as the consumer sees it."""
@@ -177,14 +200,20 @@ class TracedParam:
                 value = np.transpose(value, node.attrs.get("perm"))
             elif node.op == "Cast":
                 value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+            elif node.op == "Reshape":
+                target = np.asarray(node.inputs[1].values).tolist()
+                value = value.reshape(_reshaped(value.shape, target, node.attrs.get("allowzero", 0)))
         return value
 
     def assign(self, value: np.ndarray) -> None:
         """Store `value`, given as the consumer sees it, into the source (undoing the chain)."""
-        for node in self.chain:
+        shapes = self._shapes()
+        for index, node in enumerate(self.chain):
             if node.op == "Transpose":
                 perm = node.attrs.get("perm", list(range(value.ndim))[::-1])
                 value = np.transpose(value, np.argsort(perm))
+            elif node.op == "Reshape":
+                value = value.reshape(shapes[len(self.chain) - index - 1])
         self.source.values = np.ascontiguousarray(value.astype(np.asarray(self.source.values).dtype))
 
     def tensors(self) -> list[gs.Tensor]:
@@ -199,9 +228,34 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
         node = producer(tensor)
         if node is None or node.op not in PARAM_PASS_THROUGH:
             return None
+        if node.op == "Reshape" and (len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant)):
+            return None
         chain.append(node)
         tensor = node.inputs[0]
-    return TracedParam(tensor, chain)
+    traced = TracedParam(tensor, chain)
+    if any(node.op == "Reshape" for node in chain):
+        try:
+            shapes = traced._shapes()
+        except ValueError:  # a shape that does not fit its input
+            return None
+        if any([d for d in a if d != 1] != [d for d in b if d != 1] for a, b in itertools.pairwise(shapes)):
+            return None  # a Reshape that merges or splits dims: no one-to-one neuron axis
+    return traced
+
+
+def _reshaped(shape: tuple[int, ...], target: list[int], allowzero: int) -> tuple[int, ...]:
+    """The output shape of Reshape(shape -> target): 0 copies the input's dim (unless
+    allowzero), -1 takes what is left. ValueError if it does not fit."""
+    dims = [shape[i] if d == 0 and not allowzero and i < len(shape) else d for i, d in enumerate(target)]
+    total = int(np.prod(shape, dtype=np.int64))
+    if dims.count(-1) == 1:
+        known = int(np.prod([d for d in dims if d != -1], dtype=np.int64))
+        if known == 0 or total % known:
+            raise ValueError(f"cannot reshape {shape} to {target}")
+        dims[dims.index(-1)] = total // known
+    if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) != total:
+        raise ValueError(f"cannot reshape {shape} to {target}")
+    return tuple(int(d) for d in dims)
 
 
 class DiskWeights:

@@ -268,7 +268,15 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
             traced = editor.owned(editor.nodes[ref.node], ref.input, readers)
             if not editor.once("slice", traced.source):
                 continue
-            traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=traced.source_axis(ref.axis))
+            axes = traced.link_axes(ref.axis)
+            traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=axes[-1])
+            for link, axis in zip(traced.chain, axes, strict=False):
+                if link.op == "Reshape":  # a unit reshape of a bias ([C] -> [1, C, 1, 1]) names the width
+                    literal = editor.owned(link, 1, readers | {id(link)}).source
+                    target = np.array(literal.values)
+                    if target[axis] > 0:  # 0 and -1 follow the sliced input
+                        target[axis] = keep.size
+                    literal.values = target
         for ref in site.width_literals:
             holder = editor.nodes[ref.node]
             if holder.op != "Reshape":  # a Concat building the Reshape's shape: may serve other blocks

@@ -46,7 +46,7 @@ FUSED_BIAS = ("ms_fastgelu_bias", "ms_biasgelu")  # fc1's bias lives in the acti
 
 @dataclass
 class BlockSpec:
-    fc: str = "matmul"  # matmul | matmul_bias_first | gemm | gemm_transb | conv
+    fc: str = "matmul"  # matmul | matmul_bias_first | gemm | gemm_transb | conv | conv_reshaped_bias
     act: str = "gelu_erf_torch"
     hidden: int = 16
     gated: bool = False
@@ -100,6 +100,14 @@ class Builder:
         if fc == "conv":
             inputs = [x, self.weight(np.ascontiguousarray(w.T)[:, :, None, None], store)]
             return self.op("Conv", inputs + ([self.const(b)] if b is not None else []), node_name=f"{prefix}/Conv")
+        if fc == "conv_reshaped_bias":  # Paddle's static graphs: the bias added after the Conv, reshaped
+            out = self.op(
+                "Conv", [x, self.weight(np.ascontiguousarray(w.T)[:, :, None, None], store)], node_name=f"{prefix}/Conv"
+            )
+            if b is None:
+                return out
+            bias = self.op("Reshape", [self.const(b), self.const(np.array([1, b.size, 1, 1], np.int64))])
+            return self.op("Add", [out, bias], node_name=f"{prefix}/Add")
         if fc in ("gemm", "gemm_transb"):
             transb = fc == "gemm_transb"
             weight = self.weight(np.ascontiguousarray(w.T) if transb else w, store)
@@ -181,7 +189,7 @@ def _fc1_weights(rng: np.random.Generator, dim: int, spec: BlockSpec) -> tuple[n
 
 
 def layout_of(spec: BlockSpec) -> str:
-    if spec.fc == "conv":
+    if spec.fc.startswith("conv"):
         return "nchw"
     if spec.channels_last:
         return "nhwc"

@@ -11,12 +11,15 @@ from graphs import ACTIVATIONS, BlockSpec, Builder, build_model, random_batch
 from helpers import prune, relative_change, run
 from onnx import TensorProto, helper
 
-from onnx_vbp import find_mlp_blocks
+from onnx_vbp import Plan, find_mlp_blocks, rewrite
 from onnx_vbp.activations import GATES, TANH_GELU_ARGUMENT, match_product
 from onnx_vbp.graph import import_graph
 
 FAMILIES = {
-    **{f"fc-{fc}": BlockSpec(fc=fc) for fc in ("matmul", "matmul_bias_first", "gemm", "gemm_transb", "conv")},
+    **{
+        f"fc-{fc}": BlockSpec(fc=fc)
+        for fc in ("matmul", "matmul_bias_first", "gemm", "gemm_transb", "conv", "conv_reshaped_bias")
+    },
     **{f"act-{act}": BlockSpec(act=act) for act in ACTIVATIONS},
     **{f"store-{store}": BlockSpec(store=store) for store in ("constant", "transposed", "fp16")},
     **{f"store-{store}-gemm_transb": BlockSpec(fc="gemm_transb", store=store) for store in ("transposed", "fp16")},
@@ -29,6 +32,7 @@ FAMILIES = {
     "fc2-bias-in-skip-layernorm": BlockSpec(fc2_bias="skip_layernorm"),
     "gpt2-reshape-gemm-reshape": BlockSpec(fc="gemm", layout=True, act="gelu_tanh_pow"),
     "conv-hardswish": BlockSpec(fc="conv", act="hardswish"),
+    "paddle-squeeze-excitation": BlockSpec(fc="conv_reshaped_bias", act="relu", fc2_bias="add"),
     "channels-last-4d": BlockSpec(channels_last=True),
     "token-mixing-transposed": BlockSpec(token_mixing=True, act="gelu_erf_reordered"),
     "token-mixing-gated": BlockSpec(token_mixing=True, gated=True, act="silu", store="transposed"),
@@ -132,3 +136,23 @@ def test_each_gate_of_the_table_is_matched_and_a_near_miss_says_why(kind: str) -
         else f"{gate.op}'s argument is not {TANH_GELU_ARGUMENT}"
     )
     assert f"not {gate.formula}: {expected}" in reasons
+
+
+def test_a_reshaped_bias_shape_shared_by_blocks_is_rewritten_per_block() -> None:
+    """Paddle exports reshape each conv bias to [1, C, 1, 1]; an exporter that merges identical
+    constants hands one shape to every block of that width. Each block keeps its own width."""
+    model = _model(BlockSpec(fc="conv_reshaped_bias"), layernorm=True)
+    shapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+    fc1_shapes = [n for n in shapes if any("fc1" in c.name for c in model.graph.node if n.output[0] in c.input)]
+    assert len(fc1_shapes) == 2
+    for node in fc1_shapes[1:]:
+        node.input[1] = fc1_shapes[0].input[1]  # one shared [1, 16, 1, 1]
+    blocks, stats, _, _ = prune(model, _batches(model), ratio=0.0)
+    width_of = {blocks[0].name: 4, blocks[1].name: 12}  # two widths, one shared literal before
+    plan = Plan({b.name: np.sort(np.argsort(-stats[b.name].variance)[: width_of[b.name]]) for b in blocks})
+    pruned = rewrite(model, blocks, stats, plan, compensate="mean")
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [b.width for b in find_mlp_blocks(pruned)] == [4, 12]
+    feed = random_batch(model, batch=3, seed=1)
+    (after,) = run(pruned, feed)
+    assert np.isfinite(after).all()
