@@ -46,7 +46,7 @@ subcommands:
   bench ORIGINAL PRUNED [--batch-size B] [--threads T] [--json] [--perf-test-data]
                                        latency side by side, speedup vs the MAC bound
   sweep MODEL CALIB --eval HELDOUT [--ratios ...] [--target-retention T] [--target-macs F]
-        [-o OUT | --output-dir DIR] [--plot PNG]
+        [--target-latency MS] [-o OUT | --output-dir DIR] [--plot PNG]
                                        one calibration, several ratios, retention vs MACs
   merge-stats A.npz B.npz -o ALL.npz   merge statistics saved with --save-stats on data shards
 
@@ -280,6 +280,13 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         help="keep at most the fraction F of the MACs (e.g. 0.8): report the smallest ratio that does "
         "(with --target-retention too: the largest ratio meeting both)",
     )
+    parser.add_argument(
+        "--target-latency",
+        type=float,
+        metavar="MS",
+        help="a median latency of at most MS milliseconds on one batch of HELDOUT (--batch-size, "
+        "--threads): every model is timed against the original",
+    )
     parser.add_argument("-o", "--output", type=Path, help="with a target: where to write the chosen model")
     parser.add_argument(
         "--output-dir",
@@ -413,6 +420,7 @@ def _sweep(args: argparse.Namespace) -> int:
         _options(args),
         target=args.target_retention,
         max_macs=args.target_macs,
+        max_latency_ms=args.target_latency,
         output=args.output,
         output_dir=args.output_dir,
         report_path=None if _to_stdout(args) else args.report,
@@ -426,6 +434,7 @@ def _sweep(args: argparse.Namespace) -> int:
         targets = [
             *([f"retention >= {args.target_retention}"] if args.target_retention is not None else []),
             *([f"MACs <= {args.target_macs:g} x original"] if args.target_macs is not None else []),
+            *([f"latency <= {args.target_latency:g} ms"] if args.target_latency is not None else []),
         ]
         if targets:
             which = "largest" if args.target_retention is not None else "smallest"
@@ -433,7 +442,7 @@ def _sweep(args: argparse.Namespace) -> int:
                 f"{which} ratio with {' and '.join(targets)}: "
                 + (f"{best['ratio']:g}" + (f" (wrote {args.output})" if args.output else "") if best else "none")
             )
-    targeted = args.target_retention is not None or args.target_macs is not None
+    targeted = any(t is not None for t in (args.target_retention, args.target_macs, args.target_latency))
     return 3 if targeted and best is None else 0
 
 
@@ -543,8 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["sweep"]:
         parser = build_sweep_parser()
         args = parser.parse_args(argv[1:])
-        if args.output is not None and args.target_retention is None and args.target_macs is None:
-            parser.error("-o needs a target: --target-retention or --target-macs")
+        if args.output is not None and all(
+            t is None for t in (args.target_retention, args.target_macs, args.target_latency)
+        ):
+            parser.error("-o needs a target: --target-retention, --target-macs or --target-latency")
         if args.output is not None and args.output_dir is not None:
             parser.error("give -o (the chosen model) or --output-dir (every model), not both")
         _configure_logging(args)

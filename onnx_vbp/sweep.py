@@ -8,6 +8,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from onnx_vbp.bench import bench
 from onnx_vbp.data import DataError
 from onnx_vbp.modelio import guard_outputs, publishing
 from onnx_vbp.pipeline import PruneOptions, input_files, prepare, prune_prepared, warn_dubious
@@ -48,6 +49,8 @@ def sweep(
     *,
     target: float | None = None,
     max_macs: float | None = None,
+    max_latency_ms: float | None = None,
+    latency_runs: int = 30,
     output: Path | str | None = None,
     output_dir: Path | str | None = None,
     report_path: Path | str | None = None,
@@ -56,8 +59,10 @@ def sweep(
 ) -> tuple[list[dict], dict | None]:
     """Calibrate once, prune and evaluate one model per ratio; returns their reports (each with
     `retention` and the `metric` it measures, see `retention_metric`; `metric` names the output
-    to measure it on) in the order of `ratios`, and the row `pick` chooses for `target` (retention)
-    and `max_macs` (the fraction of the MACs to keep at most), if either is given.
+    to measure it on) in the order of `ratios`, and the row `pick` chooses for `target` (retention),
+    `max_macs` (the fraction of the MACs to keep at most) and `max_latency_ms`, if any is given.
+    With `max_latency_ms`, every model is timed against the original on the first batch of
+    `eval_data` (`options.batch_size`, `options.threads`; median of `latency_runs` runs).
 
     With `output`, that row's model is written there; with `output_dir` instead, every ratio's
     model is kept there, as `<model stem>.r<ratio>.onnx`. `report_path` gets the rows as JSON,
@@ -95,6 +100,7 @@ def sweep(
         if metric is not None and metric not in prepared.sample_outputs:
             raise DataError(f"`metric` {metric}: the model has no such output ({', '.join(prepared.sample_outputs)})")
         reference: dict = {}  # the original's held-out outputs, computed once
+        timing_feed = next(prepared.eval_batches(eval_data, options)) if max_latency_ms is not None else None
         rows = []
         for ratio in ratios:
             if ratio in kept:
@@ -113,8 +119,14 @@ def sweep(
                     "metric": retention_metric(report.eval, metric),
                 }
             )
+            if timing_feed is not None:
+                timed = bench(prepared.path, candidate, timing_feed, threads=options.threads or 1, runs=latency_runs)
+                rows[-1].update(
+                    latency_ms=timed["pruned"]["median_ms"], original_latency_ms=timed["original"]["median_ms"]
+                )
             log.info("ratio %g (%d of %d): retention %.4f", ratio, len(rows), len(ratios), rows[-1]["retention"])
-        best = pick(rows, target, max_macs) if target is not None or max_macs is not None else None
+        targeted = target is not None or max_macs is not None or max_latency_ms is not None
+        best = pick(rows, target, max_macs, max_latency_ms) if targeted else None
         if best is not None and output is not None:
             publication.adopt(Path(folder) / f"r{best['ratio']:g}" / name, output)
             best["output"] = str(output)
@@ -133,17 +145,20 @@ def summary(rows: list[dict], best: dict | None) -> dict:
     return {"rows": rows, "best_ratio": best and best["ratio"]}
 
 
-def pick(rows: list[dict], target: float | None = None, max_macs: float | None = None) -> dict | None:
-    """The row (ratio above 0) that meets every target given: retention at least `target`, and at
-    most `max_macs` of the original's MACs. With a retention target, the largest such ratio (the
-    smallest model that keeps the quality); with a MAC target alone, the smallest (the best
-    quality that meets the budget). None if no row meets them."""
+def pick(
+    rows: list[dict], target: float | None = None, max_macs: float | None = None, max_latency_ms: float | None = None
+) -> dict | None:
+    """The row (ratio above 0) that meets every target given: retention at least `target`, at
+    most `max_macs` of the original's MACs, a median latency of at most `max_latency_ms`. With a
+    retention target, the largest such ratio (the smallest model that keeps the quality); with
+    budgets alone, the smallest (the best quality within them). None if no row meets them."""
     meeting = [
         row
         for row in rows
         if row["ratio"] > 0
         and (target is None or row["retention"] >= target)
         and (max_macs is None or row["macs_after"] <= max_macs * row["macs_before"])
+        and (max_latency_ms is None or row["latency_ms"] <= max_latency_ms)
     ]
     if not meeting:
         return None
@@ -151,12 +166,15 @@ def pick(rows: list[dict], target: float | None = None, max_macs: float | None =
 
 
 def format_sweep(rows: list[dict]) -> str:
-    lines = [f"{'ratio':>6} {'MACs':>8} {'params':>8} {'retention':>10}  metric"]
+    timed = all("latency_ms" in row for row in rows)
+    latency = f" {'ms':>8}" if timed else ""
+    lines = [f"{'ratio':>6} {'MACs':>8} {'params':>8}{latency} {'retention':>10}  metric"]
     for row in rows:
         metric = row["metric"]
+        latency = f" {row['latency_ms']:>8.2f}" if timed else ""
         lines.append(
             f"{row['ratio']:>6g} {row['macs_after'] / row['macs_before'] - 1:>+8.1%} "
-            f"{row['params_after'] / row['params_before'] - 1:>+8.1%} {row['retention']:>10.4f}  {metric}"
+            f"{row['params_after'] / row['params_before'] - 1:>+8.1%}{latency} {row['retention']:>10.4f}  {metric}"
         )
     return "\n".join(lines)
 

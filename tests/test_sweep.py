@@ -230,3 +230,14 @@ def test_target_macs_picks_the_smallest_ratio_within_the_budget(ws: Path, capsys
     assert sum(b.width for b in find_mlp_blocks(onnx.load(ws / "fit.onnx"))) == best["neurons_after"]
     assert f"smallest ratio with MACs <= 0.9 x original: {best['ratio']:g}" in capsys.readouterr().out
     assert main([*base, "--target-macs", "0.01"]) == 3  # no ratio is that small
+
+
+def test_target_latency_times_every_model_and_picks_within_the_budget(ws: Path, capsys) -> None:
+    base = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", "0,0.5"]
+    assert main([*base, "--target-latency", "1e6", "--report", str(ws / "s.json")]) == 0
+    summary = json.loads((ws / "s.json").read_text())
+    assert all(r["latency_ms"] > 0 and r["original_latency_ms"] > 0 for r in summary["rows"])
+    assert summary["best_ratio"] == 0.5  # the only ratio above 0: any latency meets 1e6 ms
+    out = capsys.readouterr().out
+    assert "smallest ratio with latency <= 1e+06 ms: 0.5" in out and " ms " in out.splitlines()[0] + " "
+    assert main([*base, "--target-latency", "1e-9"]) == 3  # nothing runs in a picosecond
