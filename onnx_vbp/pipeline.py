@@ -229,7 +229,7 @@ class Prepared:
         return deepening_plan(self.stats, self.blocks, options, lambda depth: self.rankings(options, depth))
 
     def save_stats(self, path: Path) -> None:
-        """Write the calibration statistics to `path` (see `calibrate.save_stats`)."""
+        """Write the calibration statistics to `path` (see `stats.save_stats`)."""
         save_stats(path, self.stats, self.samples, self.sample_feed, self.fingerprint)
 
     @property

@@ -27,15 +27,14 @@ def ws(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _sweep(ws: Path, ratios: str) -> list[str]:
+    """The sweep command line on the workspace's model and data, at `ratios`."""
+    return ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", ratios]
+
+
 def test_sweep_table_report_target_and_plot(ws: Path, capsys) -> None:
     argv = [
-        "sweep",
-        str(ws / "net.onnx"),
-        str(ws / "calib"),
-        "--eval",
-        str(ws / "held_out"),
-        "--ratios",
-        "0,0.25,0.5,0.75",
+        *_sweep(ws, "0,0.25,0.5,0.75"),
         "--target-retention",
         "0.95",
         "-o",
@@ -180,8 +179,8 @@ def test_metric_names_the_output_retention_is_measured_on(ws: Path, capsys) -> N
 
 
 def test_output_dir_keeps_every_ratios_model(ws: Path, capsys) -> None:
-    base = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out")]
-    argv = [*base, "--ratios", "0,0.5", "--output-dir", str(ws / "models" / "net"), "--report", str(ws / "s.json")]
+    base = _sweep(ws, "0,0.5")
+    argv = [*base, "--output-dir", str(ws / "models" / "net"), "--report", str(ws / "s.json")]
     assert main(argv) == 0
     rows = json.loads((ws / "s.json").read_text())["rows"]
     assert sorted(p.name for p in (ws / "models" / "net").iterdir()) == ["net.r0.5.onnx", "net.r0.onnx"]
@@ -213,15 +212,7 @@ def test_plot_marks_the_target_and_the_chosen_ratio(tmp_path: Path, monkeypatch)
 
 
 def test_target_macs_picks_the_smallest_ratio_within_the_budget(ws: Path, capsys) -> None:
-    base = [
-        "sweep",
-        str(ws / "net.onnx"),
-        str(ws / "calib"),
-        "--eval",
-        str(ws / "held_out"),
-        "--ratios",
-        "0,0.25,0.5,0.75",
-    ]
+    base = _sweep(ws, "0,0.25,0.5,0.75")
     assert main([*base, "--target-macs", "0.9", "-o", str(ws / "fit.onnx"), "--report", str(ws / "s.json")]) == 0
     summary = json.loads((ws / "s.json").read_text())
     fitting = [r for r in summary["rows"] if r["ratio"] > 0 and r["macs_after"] <= 0.9 * r["macs_before"]]
@@ -233,7 +224,7 @@ def test_target_macs_picks_the_smallest_ratio_within_the_budget(ws: Path, capsys
 
 
 def test_target_latency_times_every_model_and_picks_within_the_budget(ws: Path, capsys) -> None:
-    base = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", "0,0.5"]
+    base = _sweep(ws, "0,0.5")
     assert main([*base, "--target-latency", "1e6", "--report", str(ws / "s.json")]) == 0
     summary = json.loads((ws / "s.json").read_text())
     assert all(r["latency_ms"] > 0 and r["original_latency_ms"] > 0 for r in summary["rows"])

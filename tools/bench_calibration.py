@@ -40,7 +40,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np, onnx
 from onnx_vbp import calibrate, find_mlp_blocks
-from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.runtime import cpu_session
 path, threads, comoments, batch, *counts = sys.argv[1], *map(int, sys.argv[2:])
 def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
     status = Path("/proc/self/status").read_text()

@@ -29,7 +29,7 @@ from pathlib import Path
 import onnx_vbp
 from onnx_vbp import find_mlp_blocks, rewrite, select
 from onnx_vbp.calibrate import load_stats
-from onnx_vbp.calibrate import cpu_session
+from onnx_vbp.runtime import cpu_session
 from onnx_vbp.modelio import load_model, publishing, verify_model, write_model
 def peak_mb():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
     status = Path("/proc/self/status").read_text()
