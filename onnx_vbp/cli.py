@@ -187,6 +187,7 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="write the report as JSON to this file ('-': to stdout, instead of the table)",
     )
+    parser.add_argument("--json", action="store_true", help="print the JSON report on stdout (same as --report -)")
     parser.add_argument("--threads", type=_positive, help="ORT intra-op threads (default: ORT's choice)")
     raw = parser.add_argument_group("raw images and text")
     raw.add_argument("--tokenizer", type=Path, help="tokenizer.json (Hugging Face tokenizers) for text data")
@@ -390,8 +391,8 @@ def _exit_code(command: Callable[[], int]) -> int:
 
 
 def _to_stdout(args: argparse.Namespace) -> bool:
-    """`--report -`: the JSON report is the output on stdout (for scripts), not a file."""
-    return args.report == Path("-")
+    """`--json` or `--report -`: the JSON report is the output on stdout (for scripts), not a file."""
+    return args.json or args.report == Path("-")
 
 
 def _prune(args: argparse.Namespace) -> int:

@@ -229,6 +229,9 @@ def format_table(report: Report) -> str:
                 f"output {name[:30]}: cosine {metrics['cosine']:.5f}, relative L2 {metrics['rel_l2']:.5f}" + extras
             )
     cal = report.calibration
+    if "images" in cal:
+        images = cal["images"]
+        lines.append(f"photos scaled to [0, 1], then normalized with mean {images['mean']} and std {images['std']}")
     lines.append(
         f"calibrated on {cal['samples']} samples in {cal['seconds']:.1f} s; "
         f"pruned {report.neurons_before - report.neurons_after} of {report.neurons_before} "

@@ -48,6 +48,7 @@ def test_demo_prunes_from_png_files_through_the_cli(tmp_path: Path) -> None:
     from PIL import Image
 
     from onnx_vbp.cli import main
+    from onnx_vbp.report import Report, format_table
 
     for split, source in (("calib", MODELS / "calib" / "train_00.npz"), ("eval", MODELS / "eval" / "test_subset.npz")):
         folder = tmp_path / split
@@ -70,4 +71,5 @@ def test_demo_prunes_from_png_files_through_the_cli(tmp_path: Path) -> None:
     assert report["calibration"]["samples"] == 48
     # a grey input gets no ImageNet statistics unless asked, and the report says what was used
     assert report["calibration"]["images"] == {"mean": [0.0], "std": [1.0], "image_size": None}
+    assert "normalized with mean [0.0] and std [1.0]" in format_table(Report(**report))  # and the table says so
     assert report["eval"]["outputs"]["logits"]["top1_agreement"] >= 0.9
