@@ -114,10 +114,10 @@ class PruneOptions:
         return dataclasses.replace(self, method="vbp", score=None, compensate=None)
 
 
-def progress_bar(desc: str, total: int | None, options: PruneOptions) -> tqdm:
-    """A progress bar in samples, with a total (and so an ETA) when it is known; drawn only on a
-    terminal, never with `options.progress` off."""
-    return tqdm(desc=desc, unit="sample", total=total, disable=None if options.progress else True)
+def progress_bar(desc: str, total: int | None, options: PruneOptions, unit: str = "sample") -> tqdm:
+    """A progress bar (in samples), with a total (and so an ETA) when it is known; drawn only on
+    a terminal, never with `options.progress` off."""
+    return tqdm(desc=desc, unit=unit, total=total, disable=None if options.progress else True)
 
 
 def _counted(batches: Iterator[dict], bar: tqdm, name: str) -> Iterator[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from onnx_vbp.bench import bench
 from onnx_vbp.data import DataError
 from onnx_vbp.modelio import guard_outputs, publishing
-from onnx_vbp.pipeline import PruneOptions, input_files, prepare, prune_prepared, warn_dubious
+from onnx_vbp.pipeline import PruneOptions, input_files, prepare, progress_bar, prune_prepared, warn_dubious
 
 log = logging.getLogger("onnx_vbp")
 
@@ -102,29 +102,37 @@ def sweep(
         reference: dict = {}  # the original's held-out outputs, computed once
         timing_feed = next(prepared.eval_batches(eval_data, options)) if max_latency_ms is not None else None
         rows = []
-        for ratio in ratios:
-            if ratio in kept:
-                candidate = publication.stage(kept[ratio])
-            else:
-                candidate = Path(folder) / f"r{ratio:g}" / name  # `name`: its data file keeps its name when published
-                candidate.parent.mkdir()
-            report = prune_prepared(
-                prepared, dataclasses.replace(options, ratio=ratio, save_stats=None), candidate, eval_data, reference
-            )
-            rows.append(
-                {
-                    **report.to_dict(),
-                    "output": str(kept[ratio]) if ratio in kept else None,
-                    "retention": retention(report.eval, metric),
-                    "metric": retention_metric(report.eval, metric),
-                }
-            )
-            if timing_feed is not None:
-                timed = bench(prepared.path, candidate, timing_feed, threads=options.threads or 1, runs=latency_runs)
-                rows[-1].update(
-                    latency_ms=timed["pruned"]["median_ms"], original_latency_ms=timed["original"]["median_ms"]
+        with progress_bar("sweep", len(ratios), options, unit="ratio") as ratios_done:
+            for ratio in ratios:
+                if ratio in kept:
+                    candidate = publication.stage(kept[ratio])
+                else:  # named `name`: its data file keeps its name when published
+                    candidate = Path(folder) / f"r{ratio:g}" / name
+                    candidate.parent.mkdir()
+                report = prune_prepared(
+                    prepared,
+                    dataclasses.replace(options, ratio=ratio, save_stats=None),
+                    candidate,
+                    eval_data,
+                    reference,
                 )
-            log.info("ratio %g (%d of %d): retention %.4f", ratio, len(rows), len(ratios), rows[-1]["retention"])
+                rows.append(
+                    {
+                        **report.to_dict(),
+                        "output": str(kept[ratio]) if ratio in kept else None,
+                        "retention": retention(report.eval, metric),
+                        "metric": retention_metric(report.eval, metric),
+                    }
+                )
+                if timing_feed is not None:
+                    timed = bench(
+                        prepared.path, candidate, timing_feed, threads=options.threads or 1, runs=latency_runs
+                    )
+                    rows[-1].update(
+                        latency_ms=timed["pruned"]["median_ms"], original_latency_ms=timed["original"]["median_ms"]
+                    )
+                log.info("ratio %g (%d of %d): retention %.4f", ratio, len(rows), len(ratios), rows[-1]["retention"])
+                ratios_done.update(1)
         targeted = target is not None or max_macs is not None or max_latency_ms is not None
         best = pick(rows, target, max_macs, max_latency_ms) if targeted else None
         if best is not None and output is not None:

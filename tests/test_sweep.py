@@ -232,3 +232,20 @@ def test_target_latency_times_every_model_and_picks_within_the_budget(ws: Path, 
     out = capsys.readouterr().out
     assert "smallest ratio with latency <= 1e+06 ms: 0.5" in out and " ms " in out.splitlines()[0] + " "
     assert main([*base, "--target-latency", "1e-9"]) == 3  # nothing runs in a picosecond
+
+
+def test_sweep_progress_counts_ratios_with_a_total(ws: Path, monkeypatch) -> None:
+    import onnx_vbp.sweep as sweep_module
+
+    bars, steps = [], []
+    real = sweep_module.progress_bar
+
+    def recording(desc, total, options, unit="sample"):
+        bar = real(desc, total, options, unit)
+        bar.update = steps.append  # a bar off the terminal is disabled: count its steps here
+        bars.append((desc, total, unit))
+        return bar
+
+    monkeypatch.setattr(sweep_module, "progress_bar", recording)
+    assert main([*_sweep(ws, "0,0.25,0.5"), "-q"]) == 0
+    assert bars == [("sweep", 3, "ratio")] and steps == [1, 1, 1]
