@@ -100,7 +100,10 @@ def sweep(
         if metric is not None and metric not in prepared.sample_outputs:
             raise DataError(f"`metric` {metric}: the model has no such output ({', '.join(prepared.sample_outputs)})")
         reference: dict = {}  # the original's held-out outputs, computed once
-        timing_feed = next(prepared.eval_batches(eval_data, options)) if max_latency_ms is not None else None
+        timing_feed = None
+        if max_latency_ms is not None:  # the model's inputs of the first held-out batch (not its labels)
+            first = next(prepared.eval_batches(eval_data, options))
+            timing_feed = {spec.name: first[spec.name] for spec in prepared.specs}
         rows = []
         with progress_bar("sweep", len(ratios), options, unit="ratio") as ratios_done:
             for ratio in ratios:

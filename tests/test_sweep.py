@@ -224,6 +224,8 @@ def test_target_macs_picks_the_smallest_ratio_within_the_budget(ws: Path, capsys
 
 
 def test_target_latency_times_every_model_and_picks_within_the_budget(ws: Path, capsys) -> None:
+    held_out = dict(np.load(ws / "held_out" / "5.npz"))
+    np.savez(ws / "held_out" / "5.npz", **held_out, labels=np.arange(len(held_out["x"])) % 3)  # timed without them
     base = _sweep(ws, "0,0.5")
     assert main([*base, "--target-latency", "1e6", "--report", str(ws / "s.json")]) == 0
     summary = json.loads((ws / "s.json").read_text())
