@@ -76,6 +76,7 @@ def sweep(
     )
     if output is not None and output_dir is not None:
         raise DataError("give `output` (the chosen model) or `output_dir` (every model), not both")
+    ratios = list(dict.fromkeys(ratios))  # a ratio given twice is swept once
     kept = {} if output_dir is None else {ratio: output_dir / f"{model_path.stem}.r{ratio:g}.onnx" for ratio in ratios}
     outputs = {"the report": report_path, "the plot": plot, "the statistics file": options.save_stats}
     if output is not None:

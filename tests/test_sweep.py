@@ -251,3 +251,8 @@ def test_sweep_progress_counts_ratios_with_a_total(ws: Path, monkeypatch) -> Non
     monkeypatch.setattr(sweep_module, "progress_bar", recording)
     assert main([*_sweep(ws, "0,0.25,0.5"), "-q"]) == 0
     assert bars == [("sweep", 3, "ratio")] and steps == [1, 1, 1]
+
+
+def test_a_ratio_given_twice_is_swept_once(ws: Path) -> None:
+    assert main([*_sweep(ws, "0.5,0.25,0.5"), "-q", "--report", str(ws / "s.json")]) == 0
+    assert [r["ratio"] for r in json.loads((ws / "s.json").read_text())["rows"]] == [0.5, 0.25]
