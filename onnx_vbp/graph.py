@@ -19,10 +19,9 @@ from onnx.external_data_helper import uses_external_data
 from onnx_vbp.gs_internals import data_less, tensor_proto
 
 # Ops that hand a parameter to its consumer unchanged up to layout or dtype: exporters put weights
-# stored [out, in] behind a Transpose and fp16 weights behind a Cast.
-# What may stand between a constant and its consumer. A Reshape only when its shape is a constant
-# and it only adds or drops unit dims (Paddle's Add(conv, Reshape(bias, [1, C, 1, 1]))): the
-# neuron axis then maps one to one.
+# stored [out, in] behind a Transpose and fp16 weights behind a Cast. A Reshape passes only when
+# its shape is a constant and it only adds or drops unit dims (Paddle's Add(conv, Reshape(bias,
+# [1, C, 1, 1]))), so that the neuron axis maps one to one.
 PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape")
 
 _CONSTANT_ATTRS = {
@@ -228,7 +227,7 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
         node = producer(tensor)
         if node is None or node.op not in PARAM_PASS_THROUGH:
             return None
-        if node.op == "Reshape" and (len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant)):
+        if node.op == "Reshape" and not _constant_shape(node):
             return None
         chain.append(node)
         tensor = node.inputs[0]
@@ -241,6 +240,14 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
         if any([d for d in a if d != 1] != [d for d in b if d != 1] for a, b in itertools.pairwise(shapes)):
             return None  # a Reshape that merges or splits dims: no one-to-one neuron axis
     return traced
+
+
+def _constant_shape(reshape: gs.Node) -> bool:
+    """The Reshape's target shape is a constant 1-D integer tensor."""
+    if len(reshape.inputs) < 2 or not isinstance(reshape.inputs[1], gs.Constant):
+        return False
+    target = np.asarray(reshape.inputs[1].values)
+    return target.ndim == 1 and target.dtype.kind in "iu"
 
 
 def _reshaped(shape: tuple[int, ...], target: list[int], allowzero: int) -> tuple[int, ...]:

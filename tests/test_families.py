@@ -156,3 +156,29 @@ def test_a_reshaped_bias_shape_shared_by_blocks_is_rewritten_per_block() -> None
     feed = random_batch(model, batch=3, seed=1)
     (after,) = run(pruned, feed)
     assert np.isfinite(after).all()
+
+
+@pytest.mark.parametrize(
+    ("target", "traced_shape"),
+    [
+        ([1, 4, 1, 1], (1, 4, 1, 1)),  # adds unit dims: traced, the neuron axis maps 1 -> 0
+        ([1, -1, 1, 1], (1, 4, 1, 1)),
+        ([2, 2], None),  # splits the dim: no one-to-one neuron axis
+        ([[1, 4]], None),  # not a 1-D shape
+    ],
+)
+def test_trace_param_follows_only_reshapes_that_add_or_drop_unit_dims(target: list, traced_shape) -> None:
+    from onnx_vbp.graph import trace_param
+
+    bias = gs.Constant("b", np.arange(4, dtype=np.float32))
+    shaped = gs.Variable("shaped", np.float32)
+    reshape = gs.Node("Reshape", inputs=[bias, gs.Constant("shape", np.array(target, np.int64))], outputs=[shaped])
+    gs.Graph(nodes=[reshape])
+    traced = trace_param(shaped)
+    if traced_shape is None:
+        assert traced is None
+        return
+    assert traced.shape == traced_shape and traced.source_axis(1) == 0
+    np.testing.assert_array_equal(traced.value(), np.arange(4, dtype=np.float32).reshape(traced_shape))
+    traced.assign(traced.value() * 2)  # undone back into the source's own shape
+    np.testing.assert_array_equal(bias.values, 2 * np.arange(4, dtype=np.float32))
