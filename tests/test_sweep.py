@@ -27,9 +27,10 @@ def ws(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _sweep(ws: Path, ratios: str) -> list[str]:
-    """The sweep command line on the workspace's model and data, at `ratios`."""
-    return ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", ratios]
+def _sweep(ws: Path, ratios: str | None = None) -> list[str]:
+    """The sweep command line on the workspace's model and data, at `ratios` (else the default ones)."""
+    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out")]
+    return argv if ratios is None else [*argv, "--ratios", ratios]
 
 
 def test_sweep_table_report_target_and_plot(ws: Path, capsys) -> None:
@@ -67,9 +68,7 @@ def test_sweep_table_report_target_and_plot(ws: Path, capsys) -> None:
 
 def test_output_needs_a_target(ws: Path) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(
-            ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "-o", str(ws / "x.onnx")]
-        )
+        main([*_sweep(ws), "-o", str(ws / "x.onnx")])
     assert exc.value.code == 2
 
 
@@ -128,28 +127,14 @@ def test_plot_without_matplotlib_fails_before_the_sweep(ws: Path, capsys, monkey
 
     monkeypatch.setattr(sweep_module, "_pyplot", no_matplotlib)
     monkeypatch.setattr(sweep_module, "prepare", lambda *a, **k: pytest.fail("calibrated before failing"))
-    argv = [
-        "sweep",
-        str(ws / "net.onnx"),
-        str(ws / "calib"),
-        "--eval",
-        str(ws / "held_out"),
-        "--plot",
-        str(ws / "p.png"),
-    ]
+    argv = [*_sweep(ws), "--plot", str(ws / "p.png")]
     assert main(argv) == 1
     assert "plotting needs matplotlib" in capsys.readouterr().err
 
 
 def test_an_unmet_target_exits_3_and_writes_nothing(ws: Path, capsys) -> None:
     argv = [
-        "sweep",
-        str(ws / "net.onnx"),
-        str(ws / "calib"),
-        "--eval",
-        str(ws / "held_out"),
-        "--ratios",
-        "0.5,0.75",
+        *_sweep(ws, "0.5,0.75"),
         "--target-retention",
         "1.5",
         "-o",
@@ -164,14 +149,14 @@ def test_verbose_sweep_logs_each_ratio_and_its_evaluation(ws: Path, caplog) -> N
     import logging
 
     caplog.set_level(logging.INFO, logger="onnx_vbp")
-    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", "0.25,0.5"]
+    argv = _sweep(ws, "0.25,0.5")
     assert main(argv) == 0
     assert "ratio 0.25 (1 of 2): retention" in caplog.text and "ratio 0.5 (2 of 2): retention" in caplog.text
     assert caplog.text.count("evaluated on 8 held-out samples") == 2
 
 
 def test_metric_names_the_output_retention_is_measured_on(ws: Path, capsys) -> None:
-    argv = ["sweep", str(ws / "net.onnx"), str(ws / "calib"), "--eval", str(ws / "held_out"), "--ratios", "0.25"]
+    argv = _sweep(ws, "0.25")
     assert main([*argv, "--metric", "y"]) == 0
     assert "cosine of y" in capsys.readouterr().out
     assert main([*argv, "--metric", "pooled"]) == 1
