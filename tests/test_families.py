@@ -7,9 +7,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from graphs import ACTIVATIONS, BlockSpec, Builder, build_model, random_batch
+from graphs import ACTIVATIONS, BlockSpec, Builder, build_model, make_model, random_batch, share_initializer
 from helpers import prune, relative_change, run
-from onnx import TensorProto, helper
 
 from onnx_vbp import Plan, find_mlp_blocks, rewrite
 from onnx_vbp.activations import GATES, TANH_GELU_ARGUMENT, match_product
@@ -115,16 +114,7 @@ def test_each_gate_of_the_table_is_matched_and_a_near_miss_says_why(kind: str) -
     def product(argument: float | None) -> gs.Tensor:
         g = Builder()
         y = g.gate("x", kind, argument)
-        model = helper.make_model(
-            helper.make_graph(
-                g.nodes,
-                "gate",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 4])],
-                g.inits,
-            )
-        )
-        return import_graph(model).outputs[0]
+        return import_graph(make_model(g, [2, 4], y)).tensors()[y]
 
     assert match_product(product(None)).kind == kind
     wrong = 2.5 if gate.argument is not None else 1.0  # GELU's tanh form: Tanh(x) instead
@@ -145,8 +135,7 @@ def test_a_reshaped_bias_shape_shared_by_blocks_is_rewritten_per_block() -> None
     shapes = [n for n in model.graph.node if n.op_type == "Reshape"]
     fc1_shapes = [n for n in shapes if any("fc1" in c.name for c in model.graph.node if n.output[0] in c.input)]
     assert len(fc1_shapes) == 2
-    for node in fc1_shapes[1:]:
-        node.input[1] = fc1_shapes[0].input[1]  # one shared [1, 16, 1, 1]
+    share_initializer(model, [n.input[1] for n in fc1_shapes])  # one shared [1, 16, 1, 1]
     blocks, stats, _, _ = prune(model, _batches(model), ratio=0.0)
     width_of = {blocks[0].name: 4, blocks[1].name: 12}  # two widths, one shared literal before
     plan = Plan({b.name: np.sort(np.argsort(-stats[b.name].variance)[: width_of[b.name]]) for b in blocks})
