@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_vbp.data import fixed_batch, model_inputs
+from onnx_vbp.data import model_inputs, one_sample
 from onnx_vbp.modelio import ModelError, load_model
 from onnx_vbp.report import node_macs
 from onnx_vbp.runtime import cpu_session
@@ -86,7 +86,7 @@ def bench(
             start = time.perf_counter()
             session.run(None, feed)
             times[name].append((time.perf_counter() - start) * 1e3)
-    one = {k: v[: fixed_batch(model_inputs(model)) or 1] for k, v in feed.items()}
+    one = one_sample(model_inputs(model), feed)
     macs_before = sum(node_macs(model, one, original.parent if external else None).values())
     macs_after = sum(node_macs(pruned_model, one, pruned.parent if pruned_external else None).values())
     result = {

@@ -22,7 +22,7 @@ import json
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -410,6 +410,13 @@ def fixed_batch(specs: list[InputSpec]) -> int | None:
     if len(fixed) > 1:
         raise DataError(f"the model's inputs fix different batch sizes {fixed}: they cannot be fed together")
     return fixed[0] if fixed else None
+
+
+def one_sample(specs: list[InputSpec], batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's inputs of the first sample of `batch`: its first rows, as many as the model
+    fixes its batch to (one when it is free)."""
+    size = fixed_batch(specs) or 1
+    return {s.name: batch[s.name][:size] for s in specs}
 
 
 def iter_batches(

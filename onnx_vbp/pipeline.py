@@ -34,6 +34,7 @@ from onnx_vbp.data import (
     iter_batches,
     make_inputs,
     model_inputs,
+    one_sample,
 )
 from onnx_vbp.errors import VbpError
 from onnx_vbp.evaluate import evaluate
@@ -432,9 +433,7 @@ def calibration_batches(source: Path, specs: list[InputSpec], options: PruneOpti
 
 def _first_sample(calib: Path, specs: list[InputSpec], options: PruneOptions) -> dict[str, np.ndarray]:
     """The first calibration sample (the first batch, if the model fixes its batch size)."""
-    first = next(calibration_batches(calib, specs, options))
-    size = fixed_batch(specs) or 1
-    return {s.name: first[s.name][:size] for s in specs}
+    return one_sample(specs, next(calibration_batches(calib, specs, options)))
 
 
 def _check_sample_count(measured: Measured, source: Path, options: PruneOptions) -> None:
@@ -489,13 +488,11 @@ def versions() -> dict[str, str]:
 
 def _saved_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
     """The one-sample feed of a statistics file, checked against the model's inputs."""
-    checked = {}
-    size = fixed_batch(specs) or 1
     for spec in specs:
         if spec.name not in feed or feed[spec.name].ndim == 0 or len(feed[spec.name]) == 0:
             raise CalibrationError(f"{path}: no sample of model input '{spec.name}' ('feed/{spec.name}')")
-        checked[spec.name] = conform(path, spec, feed[spec.name][:size])
-    return checked
+    sample = one_sample(specs, feed)
+    return {spec.name: conform(path, spec, sample[spec.name]) for spec in specs}
 
 
 def _sample_outputs(model_path: Path, feed: dict[str, np.ndarray], stats_path: Path | None) -> dict[str, np.ndarray]:
