@@ -55,7 +55,7 @@ from onnx_vbp.modelio import (
 )
 from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, METHODS
 from onnx_vbp.records import BlockList, MlpBlock, Plan, Ranking
-from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_macs
+from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_macs, skipped_rows
 from onnx_vbp.rewrite import rewrite
 from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
 from onnx_vbp.select import select
@@ -628,7 +628,7 @@ def prune_prepared(
             model=str(prepared.path),
             output=str(out),
             blocks=block_rows(blocks, plan),
-            skipped=[{"name": s.name, "reason": s.reason} for s in blocks.skipped],
+            skipped=skipped_rows(blocks),
             neurons_before=sum(b.width for b in blocks),
             neurons_after=int(sum(plan.keep[b.name].size for b in blocks)),
             params_before=params_before,
@@ -756,7 +756,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
     return {
         "model": str(model_path),
         "blocks": rows,
-        "skipped": [{"name": s.name, "reason": s.reason} for s in blocks.skipped],
+        "skipped": skipped_rows(blocks),
         "neurons": sum(b.width for b in blocks),
         "macs": sum(macs.values()),
         "macs_in_blocks": sum(row["macs"] for row in rows),

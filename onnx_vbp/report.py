@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_vbp.graph import with_outputs
-from onnx_vbp.records import MlpBlock, Plan
+from onnx_vbp.records import BlockList, MlpBlock, Plan
 from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
 from onnx_vbp.stats import CalibrationError
 
@@ -159,6 +159,11 @@ class Report:
         if self.eval is None:
             del fields["eval"]
         return fields
+
+
+def skipped_rows(blocks: BlockList) -> list[dict]:
+    """Each structural match that cannot be pruned, with the reason, as the report lists it."""
+    return [{"name": s.name, "reason": s.reason} for s in blocks.skipped]
 
 
 def block_rows(blocks: list[MlpBlock], plan: Plan) -> list[dict]:
