@@ -92,7 +92,7 @@ def obs_ranking(
         # the round's size and candidates depend only on what is left, so a shallower ranking is a prefix
         round_size = max(1, left.size // ROUND_FRACTION)
         count = min(depth - done, round_size)
-        cost = np.einsum("ij,ij->i", rows[left], rows[left]) / diagonal[left]
+        cost = np.einsum("ij,ij->i", rows, rows)[left] / diagonal[left]
         pool = left[np.argsort(cost, kind="stable")[: POOL_FACTOR * round_size]]
         g_pool = factors[pool, :done]
         sub_inverse = inverse[np.ix_(pool, pool)] - g_pool @ g_pool.T
@@ -110,7 +110,8 @@ def obs_ranking(
             sub_rows -= np.outer(column, sub_rows[j])
             sub_inverse -= np.outer(column, sub_inverse[j])
         removed = pool[picked]
-        columns = inverse[:, removed] - factors[:, :done] @ factors[removed, :done].T  # S[:, P]
+        # S[:, P], from S's rows (S is symmetric): a row gather reads memory in order, a column gather does not
+        columns = inverse[removed].T - factors[:, :done] @ factors[removed, :done].T
         # S[P,P]⁻¹ = half halfᵀ, from its eigenvectors: rounding can leave it barely indefinite
         values, vectors = np.linalg.eigh(columns[removed])
         usable = values > max(values[-1], 0.0) * 1e-12
