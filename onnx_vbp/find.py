@@ -163,32 +163,53 @@ def _fc2_bias(fc2: Linear) -> BiasRef:
     return BiasRef(node_key(fc2.node), None)
 
 
-def _residual(fc2: Linear) -> tuple[str | None, ParamRef | None]:
+def _residual(fc2: Linear, taken: set[str]) -> tuple[str | None, str | None, ParamRef | None]:
     """Where fc2's output (after its bias) is added to the residual stream:
 
-        fc2 [-> Add(bias)] [-> Mul(scale)] -> Add(·, stream) -> sum      (sum: the tensor returned)
+        fc2 [-> Add(bias)] [-> Reshape]* [-> Mul(scale)] [-> Reshape]* -> Add(·, stream) -> sum
+        ... -> SkipLayerNormalization(·, stream, γ, β[, bias])        -> its output 3, the sum
 
-    `scale` is a constant of one value per output feature or one in all (layer scale, ViT-S and
-    ConvNeXt); the other operand of the final Add must not be constant. (None, None) otherwise.
+    Returns (sum, SkipLayerNormalization key or None, scale). The fused op writes the sum only
+    when asked (optional output 3): if the model leaves it out, the sum gets a name not in
+    `taken` and instrument adds it. `scale` is a constant of one value per output feature or one
+    in all (layer scale, ViT-S and ConvNeXt); the other operand of a final Add must not be
+    constant. A Reshape (onnxsim's Gemm on [batch * positions, features], reshaped back) keeps
+    the features on the last axis, which the stream's energy is measured over. (None, None, None)
+    otherwise.
     """
     out, scale = fc2.output, None
     for _ in range(2):
+        while len(out.outputs) == 1 and out.outputs[0].op in LAYOUT_OPS and fc2.feature_axis == -1:
+            out = out.outputs[0].outputs[0]
         if len(out.outputs) != 1:
-            return None, None
+            return None, None, None
         node = out.outputs[0]
+        if node.op == "SkipLayerNormalization" and any(node.inputs[i] is out for i in (0, 1)):
+            return _sum_output(node, taken), node_key(node), scale
         others = [i for i, t in enumerate(node.inputs) if t is not out]
         if len(node.inputs) != 2 or len(others) != 1:
-            return None, None
+            return None, None, None
         other = trace_param(node.inputs[others[0]])
         if node.op == "Add" and other is None and node.outputs:
-            return node.outputs[0].name, scale
+            return node.outputs[0].name, None, scale
         if node.op != "Mul" or scale is not None or other is None:
-            return None, None
+            return None, None, None
         size = int(np.prod(other.source.shape))
         if size not in (1, fc2.out_features):
-            return None, None
+            return None, None, None
         scale, out = ParamRef(node_key(node), others[0], -1), node.outputs[0]
-    return None, None
+    return None, None, None
+
+
+def _sum_output(skip_layernorm: gs.Node, taken: set[str]) -> str:
+    """The name of a SkipLayerNormalization's output 3 (input + skip + bias), given or to give."""
+    outputs = skip_layernorm.outputs
+    if len(outputs) > 3 and outputs[3].name:
+        return outputs[3].name
+    base = f"{node_key(skip_layernorm)}_input_skip_bias_sum"
+    name = next(f"{base}{i or ''}" for i in itertools.count() if f"{base}{i or ''}" not in taken)
+    taken.add(name)
+    return name
 
 
 def _linear_producing(t: gs.Tensor) -> Linear | None:
@@ -356,7 +377,7 @@ def _reads_other_dims(shape: gs.Node, axis: int, rank: int | None) -> bool:
     return True
 
 
-def _site(match: _Match, width: int) -> MlpSite | None:
+def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
     fc2 = match.fc2
     fc1_params = []
     for lin in match.fc1:
@@ -378,7 +399,7 @@ def _site(match: _Match, width: int) -> MlpSite | None:
             literals.append(literal)
     axis = fc2.feature_axis
     width_tensors = tuple((t.name, axis) for n in _region_nodes(match) for t in n.outputs)
-    residual, output_scale = _residual(fc2)
+    residual, residual_node, output_scale = _residual(fc2, taken)
     return MlpSite(
         fc1=tuple(node_label(lin.node) for lin in match.fc1),
         fc2=node_label(fc2.node),
@@ -390,6 +411,7 @@ def _site(match: _Match, width: int) -> MlpSite | None:
         width_literals=tuple(literals),
         width_tensors=width_tensors,
         residual=residual,
+        residual_node=residual_node,
         output_scale=output_scale,
     )
 
@@ -409,8 +431,10 @@ def find_mlp_blocks(model: onnx.ModelProto) -> BlockList:
     Returns a list of `MlpBlock`; its `skipped` attribute lists structural matches that cannot be
     pruned, with the reason. The model is not modified.
     """
-    graph = import_graph(model)
+    graph = import_graph(model, through_qdq=True)
     graph_outputs = {t.name for t in graph.outputs}
+    taken = {name for n in model.graph.node for name in n.output} | {t.name for t in model.graph.initializer}
+    taken |= {t.name for t in model.graph.input}
     found: list[tuple[_Match, MlpSite, int]] = []
     skipped: list[SkippedBlock] = []
     for node in graph.nodes:
@@ -419,7 +443,7 @@ def find_mlp_blocks(model: onnx.ModelProto) -> BlockList:
         width = _width(match) if match is not None else None
         if width is None:
             continue
-        site = _site(match, width)
+        site = _site(match, width, taken)
         if site is None:
             continue
         reason = "its hidden layer has no neurons" if width == 0 else _leak(match, graph_outputs)

@@ -18,11 +18,16 @@ from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.gs_internals import data_less, tensor_proto
 
-# Ops that hand a parameter to its consumer unchanged up to layout or dtype: exporters put weights
-# stored [out, in] behind a Transpose and fp16 weights behind a Cast. A Reshape passes only when
-# its shape is a constant and it only adds or drops unit dims (Paddle's Add(conv, Reshape(bias,
-# [1, C, 1, 1]))), so that the neuron axis maps one to one.
-PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape")
+# Ops that hand a parameter to its consumer unchanged up to layout, dtype or quantization:
+# exporters put weights stored [out, in] behind a Transpose and fp16 weights behind a Cast, and
+# quantizers put int8 weights and biases behind a DequantizeLinear (per tensor, or per channel
+# along one axis; not blocked). A Reshape passes only when its shape is a constant and it only
+# adds or drops unit dims (Paddle's Add(conv, Reshape(bias, [1, C, 1, 1]))), so that the neuron
+# axis maps one to one.
+PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear")
+# Integer types a DequantizeLinear of a parameter may hold (int4 and float8 are packed or lossy to
+# requantize: not followed).
+QUANTIZED_DTYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
 
 _CONSTANT_ATTRS = {
     "value_float": np.float32,
@@ -32,13 +37,16 @@ _CONSTANT_ATTRS = {
 }
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
+def import_graph(model: onnx.ModelProto, *, through_qdq: bool = False) -> gs.Graph:
     """Import `model` into onnx-graphsurgeon with every `Constant` node turned into a constant
     and every `Identity` bypassed.
 
     Exporters write weights, biases and activation scalars either as initializers or as
     `Constant` nodes, and leave `Identity` nodes in the data path (dropout, renames); folding
-    both lets every matcher see one form. The input model is not modified.
+    both lets every matcher see one form. `through_qdq` (find's view of a statically quantized
+    model) also bypasses every per-tensor QuantizeLinear -> DequantizeLinear pair, which rounds a
+    tensor but keeps its shape and meaning, or reads it as the ReLU it stands for: a graph to
+    read, not to export. The input model is not modified.
     """
     graph = gs.import_onnx(model)
     graph_outputs = {t.name for t in graph.outputs}
@@ -55,6 +63,8 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         folded.append(node)
     if not any(isinstance(value, gs.Graph) for node in graph.nodes for value in node.attrs.values()):
         folded += _bypass_identities(graph, graph_outputs)  # subgraphs may read a tensor by name: then keep them
+        if through_qdq:
+            folded += _bypass_qdq_pairs(graph, graph_outputs)
     if folded:
         folded_ids = {id(n) for n in folded}
         graph.nodes = [n for n in graph.nodes if id(n) not in folded_ids]
@@ -78,6 +88,69 @@ def _bypass_identities(graph: gs.Graph, graph_outputs: set[str]) -> list[gs.Node
         node.outputs.clear()
         bypassed.append(node)
     return bypassed
+
+
+def _bypass_qdq_pairs(graph: gs.Graph, graph_outputs: set[str]) -> list[gs.Node]:
+    """Connect the readers of every DequantizeLinear(QuantizeLinear(x)) with one scale and zero
+    point (ORT's static QDQ wraps every activation so) to x; returns the pairs' nodes once no
+    reader is left on them.
+
+        x -> QuantizeLinear -> DequantizeLinear -> readers    becomes    x -> readers
+        linear -> QuantizeLinear(zero point at the type's minimum) -> DequantizeLinear
+                                                              becomes    linear -> Relu
+
+    ORT drops a ReLU after a MatMul/Add/Gemm/Conv and lets the quantizer clamp at 0 instead: such
+    a pair is the ReLU.
+    """
+    bypassed = []
+    for dq in graph.nodes:
+        if dq.op != "DequantizeLinear" or not in_default_domain(dq) or dq.outputs[0].name in graph_outputs:
+            continue
+        q = producer(dq.inputs[0])
+        if q is None or q.op != "QuantizeLinear" or not all(_is_scalar(t) for t in (*q.inputs[1:], *dq.inputs[1:])):
+            continue
+        source, out = q.inputs[0], dq.outputs[0]
+        if _clamps_at_zero(q) and _is_linear_output(source):
+            dq.op, dq.attrs, dq.domain = "Relu", {}, None
+            dq.inputs.clear()
+            dq.inputs.append(source)
+        else:
+            for reader in list(out.outputs):
+                for index, tensor in enumerate(reader.inputs):
+                    if tensor is out:
+                        reader.inputs[index] = source
+            dq.inputs.clear()
+            dq.outputs.clear()
+            bypassed.append(dq)
+        if not q.outputs[0].outputs and q.outputs[0].name not in graph_outputs:
+            q.inputs.clear()
+            q.outputs.clear()
+            bypassed.append(q)
+    return bypassed
+
+
+LINEAR_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def _is_linear_output(tensor: gs.Tensor) -> bool:
+    """`tensor` comes from a MatMul/Gemm/Conv, or from the Add of its bias (ORT's static
+    quantization folds a ReLU after these into the next QuantizeLinear)."""
+    node = producer(tensor)
+    if node is not None and node.op == "Add":
+        return any(_is_linear_output(t) for t in node.inputs if not isinstance(t, gs.Constant))
+    return node is not None and node.op in LINEAR_OPS
+
+
+def _clamps_at_zero(quantize: gs.Node) -> bool:
+    """A QuantizeLinear whose zero point is its type's minimum: every negative input becomes 0."""
+    if len(quantize.inputs) < 3 or not isinstance(quantize.inputs[2], gs.Constant):
+        return False  # no zero point: uint8 with 0, which clamps too, but ORT always writes one
+    zero_point = np.asarray(quantize.inputs[2].values)
+    return zero_point.dtype.kind in "iu" and int(zero_point.reshape(-1)[0]) == np.iinfo(zero_point.dtype).min
+
+
+def _is_scalar(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) == 1
 
 
 def _constant_node_values(node: gs.Node) -> np.ndarray | None:
@@ -202,10 +275,15 @@ class TracedParam:
             elif node.op == "Reshape":
                 target = np.asarray(node.inputs[1].values).tolist()
                 value = value.reshape(_reshaped(value.shape, target, node.attrs.get("allowzero", 0)))
+            elif node.op == "DequantizeLinear":
+                scale, zero_point = dequantizer(node, value.ndim)
+                value = ((value.astype(np.float64) - zero_point) * scale).astype(scale.dtype)
         return value
 
     def assign(self, value: np.ndarray) -> None:
-        """Store `value`, given as the consumer sees it, into the source (undoing the chain)."""
+        """Store `value`, given as the consumer sees it, into the source (undoing the chain). Behind
+        a DequantizeLinear it is quantized again: its scale is kept where the values fit in the
+        integer range, else widened (in place: `rewrite` owns the scale first)."""
         shapes = self._shapes()
         for index, node in enumerate(self.chain):
             if node.op == "Transpose":
@@ -213,11 +291,49 @@ class TracedParam:
                 value = np.transpose(value, np.argsort(perm))
             elif node.op == "Reshape":
                 value = value.reshape(shapes[len(self.chain) - index - 1])
+            elif node.op == "DequantizeLinear":
+                value = _requantize(node, value, np.asarray(node.inputs[0].values).dtype)
         self.source.values = np.ascontiguousarray(value.astype(np.asarray(self.source.values).dtype))
 
     def tensors(self) -> list[gs.Tensor]:
         """Every tensor of the chain, source included."""
         return [self.source] + [n.outputs[0] for n in self.chain]
+
+
+def dequantizer(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A DequantizeLinear's scale and zero point, shaped to broadcast over its input of `rank`
+    dims (one value, or one per index of the node's `axis`)."""
+    scale = np.asarray(node.inputs[1].values)
+    present = len(node.inputs) > 2 and node.inputs[2].name
+    zero_point = np.asarray(node.inputs[2].values, dtype=np.float64) if present else np.zeros(())
+    if scale.size == 1:
+        return scale.reshape(()), zero_point.reshape(())
+    shape = [1] * rank
+    shape[node.attrs.get("axis", 1) % rank] = scale.size
+    return scale.reshape(shape), zero_point.reshape(shape) if zero_point.size > 1 else zero_point.reshape(())
+
+
+def per_channel_axis(node: gs.Node, rank: int) -> int | None:
+    """The axis (of its input, `rank` dims) a DequantizeLinear has one scale per index of, or None
+    for one scale in all."""
+    return node.attrs.get("axis", 1) % rank if np.asarray(node.inputs[1].values).size > 1 else None
+
+
+def _requantize(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`value` quantized for the DequantizeLinear `node` (into `dtype`): by its scale where the
+    values fit the integer range around the zero point, else by the smallest scale that fits
+    them, written into the node's scale constant."""
+    scale, zero_point = dequantizer(node, value.ndim)
+    limits = np.iinfo(dtype)
+    axis = per_channel_axis(node, value.ndim)
+    others = tuple(i for i in range(value.ndim) if i != axis)
+    high = np.maximum(value.max(axis=others, keepdims=True), 0.0) / (limits.max - zero_point)
+    low = np.minimum(value.min(axis=others, keepdims=True), 0.0) / (limits.min - zero_point)
+    needed = np.maximum(high, low).reshape(scale.shape) if value.size else np.zeros(scale.shape)
+    wider = np.maximum(scale, needed.astype(scale.dtype))
+    if np.any(wider != scale):
+        node.inputs[1].values = wider.reshape(np.asarray(node.inputs[1].values).shape)
+    return np.clip(np.rint(value / wider.astype(np.float64)) + zero_point, limits.min, limits.max).astype(dtype)
 
 
 def trace_param(tensor: gs.Tensor) -> TracedParam | None:
@@ -228,6 +344,8 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
         if node is None or node.op not in PARAM_PASS_THROUGH:
             return None
         if node.op == "Reshape" and not _constant_shape(node):
+            return None
+        if node.op == "DequantizeLinear" and not _dequantizes_param(node):
             return None
         chain.append(node)
         tensor = node.inputs[0]
@@ -240,6 +358,17 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
         if any([d for d in a if d != 1] != [d for d in b if d != 1] for a, b in itertools.pairwise(shapes)):
             return None  # a Reshape that merges or splits dims: no one-to-one neuron axis
     return traced
+
+
+def _dequantizes_param(node: gs.Node) -> bool:
+    """A DequantizeLinear of a constant integer tensor, by a constant scale and zero point given
+    per tensor or per channel (not in blocks): one that `assign` can quantize back."""
+    if not in_default_domain(node) or node.attrs.get("block_size", 0) or not isinstance(node.inputs[1], gs.Constant):
+        return False
+    if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+        return False
+    data = node.inputs[0]
+    return isinstance(data, gs.Constant) and data.dtype in QUANTIZED_DTYPES
 
 
 def _constant_shape(reshape: gs.Node) -> bool:

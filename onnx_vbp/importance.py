@@ -17,8 +17,9 @@ cost and cuts at the budget.
   costs are divided by the energy of the residual stream its output joins (per position, the
   sum of squared deviations from the position's mean: what the next LayerNorm divides by). The
   global budget thus goes where the error relative to the stream is smallest: the same units in
-  every block, pre-LN or post-LN. Where a block's stream is unknown (e.g. a fused
-  SkipLayerNormalization), every block's costs are divided by its output variance tr(W2ᵀΣW2).
+  every block, pre-LN or post-LN (a fused SkipLayerNormalization's sum included). Where a
+  block's stream is unknown (no residual Add after it), every block's costs are divided by its
+  output variance tr(W2ᵀΣW2).
 """
 
 from __future__ import annotations

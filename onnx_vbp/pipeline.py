@@ -700,23 +700,25 @@ def prune(
     )
 
 
-# Ops of ORT's and ONNX's quantized forms: such a model's MLP blocks are not float MatMuls.
+# Ops of ORT's and ONNX's quantized forms that onnx_vbp does not prune through: an MLP block
+# written with them has no float MatMul. (The QDQ form, float MatMuls reading DequantizeLinear
+# weights, is pruned in place.)
 QUANTIZED_OPS = (
     "MatMulInteger",
     "QLinearMatMul",
     "MatMulNBits",
     "DynamicQuantizeLinear",
-    "QuantizeLinear",
-    "DequantizeLinear",
     "QLinearConv",
     "ConvInteger",
     "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
     "QGemm",
 )
 
 
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
-    """The quantized op types the model uses (QUANTIZED_OPS), sorted."""
+    """The quantized op types the model uses that onnx_vbp cannot prune through (QUANTIZED_OPS),
+    sorted."""
     return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
 
 

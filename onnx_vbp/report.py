@@ -30,12 +30,14 @@ MS_MAC_OPS = (
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of every floating-point constant (initializers and Constant nodes)."""
+    """Elements of every floating-point constant (initializers and Constant nodes), and of every
+    integer one a DequantizeLinear reads as its data (a quantized weight)."""
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input}
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats or t.name in quantized)
 
 
 def node_macs(

@@ -25,6 +25,7 @@ from onnx_vbp.graph import (
     export_model,
     import_graph,
     node_key,
+    per_channel_axis,
     trace_param,
 )
 from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA
@@ -72,23 +73,36 @@ class _Editor:
         shared = any(
             id(t) in self.graph_outputs or any(id(c) not in allowed for c in t.outputs) for t in traced.tensors()
         )
-        if not shared:
-            self.edited.add(traced.source.name)
-            return traced
-        tensor: gs.Tensor = gs.Constant(self.fresh(traced.source.name), np.array(traced.source.values))
-        position = self.graph.nodes.index(node)
-        for link in reversed(traced.chain):
-            out = gs.Variable(self.fresh(link.outputs[0].name), link.outputs[0].dtype, link.outputs[0].shape)
-            clone = gs.Node(
-                link.op, self.fresh(link.name or link.op), dict(link.attrs), [tensor], [out], domain=link.domain
-            )
-            self.graph.nodes.insert(position, clone)
-            position += 1
-            tensor = out
-        node.inputs[index] = tensor
-        copied = trace_param(tensor)
-        self.edited.add(copied.source.name)
-        return copied
+        if shared:
+            tensor: gs.Tensor = gs.Constant(self.fresh(traced.source.name), np.array(traced.source.values))
+            position = self.graph.nodes.index(node)
+            for link in reversed(traced.chain):
+                out = gs.Variable(self.fresh(link.outputs[0].name), link.outputs[0].dtype, link.outputs[0].shape)
+                inputs = [tensor, *link.inputs[1:]]
+                name = self.fresh(link.name or link.op)
+                clone = gs.Node(link.op, name, dict(link.attrs), inputs, [out], domain=link.domain)
+                self.graph.nodes.insert(position, clone)
+                position += 1
+                tensor = out
+            node.inputs[index] = tensor
+            traced = trace_param(tensor)
+        self.edited.add(traced.source.name)
+        for link in traced.chain:
+            if link.op == "DequantizeLinear":  # its scale and zero point are sliced or widened with the weight
+                self._own_inputs(link)
+        return traced
+
+    def _own_inputs(self, link: gs.Node) -> None:
+        """Give `link` its own copy of every constant it reads besides its data (input 0) that
+        another node reads too, and mark them edited."""
+        for index in range(1, len(link.inputs)):
+            constant = link.inputs[index]
+            if not isinstance(constant, gs.Constant):
+                continue
+            if any(reader is not link for reader in constant.outputs):
+                constant = gs.Constant(self.fresh(constant.name), np.array(constant.values))
+                link.inputs[index] = constant
+            self.edited.add(constant.name)
 
     def own_node(self, node: gs.Node, region: set[str]) -> gs.Node:
         """`node`, or a copy of it for this block's nodes (those writing a tensor named in
@@ -255,11 +269,11 @@ def _add_to_bias(editor: _Editor, ref: BiasRef, delta: np.ndarray, dtype: np.dty
         else:
             node.inputs[ref.input] = bias
         return
-    source = editor.owned(node, ref.input, readers).source
-    if not editor.once("bias", source):  # tied sites reading one bias: fold once
+    traced = editor.owned(node, ref.input, readers)
+    if not editor.once("bias", traced.source):  # tied sites reading one bias: fold once
         return
-    values = np.asarray(source.values)
-    source.values = (values.astype(np.float64) + delta.reshape(values.shape)).astype(values.dtype)
+    value = traced.value()
+    traced.assign(value.astype(np.float64) + delta.reshape(value.shape))
 
 
 def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]) -> None:
@@ -270,13 +284,17 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
                 continue
             axes = traced.link_axes(ref.axis)
             traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=axes[-1])
-            for link, axis in zip(traced.chain, axes, strict=False):
+            for position, link in enumerate(traced.chain):  # the width at link's output is axes[position]
                 if link.op == "Reshape":  # a unit reshape of a bias ([C] -> [1, C, 1, 1]) names the width
                     literal = editor.owned(link, 1, readers | {id(link)}).source
                     target = np.array(literal.values)
-                    if target[axis] > 0:  # 0 and -1 follow the sliced input
-                        target[axis] = keep.size
+                    if target[axes[position]] > 0:  # 0 and -1 follow the sliced input
+                        target[axes[position]] = keep.size
                     literal.values = target
+                elif link.op == "DequantizeLinear" and per_channel_axis(link, len(link.inputs[0].shape)) == axes[-1]:
+                    for quantizer in link.inputs[1:]:  # per-channel scale and zero point: one per neuron
+                        if isinstance(quantizer, gs.Constant):
+                            quantizer.values = np.take(np.asarray(quantizer.values), keep)
         for ref in site.width_literals:
             holder = editor.nodes[ref.node]
             if holder.op != "Reshape":  # a Concat building the Reshape's shape: may serve other blocks

@@ -274,14 +274,40 @@ def test_padding_positions_are_not_observed() -> None:
         (BlockSpec(fc="conv"), True, False),
         (BlockSpec(layer_scale=0.1), True, True),
         (BlockSpec(fc2_bias="none", layer_scale=0.1), True, True),
-        (BlockSpec(fc2_bias="skip_layernorm"), False, False),  # the sum is inside the fused op
+        (BlockSpec(fc="gemm", layout=True), True, False),  # fc2's output reshaped back first
+        (BlockSpec(fc2_bias="skip_layernorm"), True, False),  # the sum is the fused op's output 3
     ],
 )
 def test_where_the_block_joins_the_residual_stream(spec: BlockSpec, residual: bool, scaled: bool) -> None:
     (block,) = find_mlp_blocks(build_model([spec]))
     assert (block.sites[0].residual is not None, block.sites[0].output_scale is not None) == (residual, scaled)
-    (alone,) = find_mlp_blocks(build_model([spec], residual=False))
-    assert alone.sites[0].residual is None
+    assert (block.sites[0].residual_node is not None) == (spec.fc2_bias == "skip_layernorm")
+    if spec.fc2_bias != "skip_layernorm":  # the fused op normalizes whatever it is given: always a stream
+        (alone,) = find_mlp_blocks(build_model([spec], residual=False))
+        assert alone.sites[0].residual is None
+
+
+def test_the_stream_inside_a_skip_layernorm_is_its_sum_output() -> None:
+    """ORT's optimizer fuses the residual Add into SkipLayerNormalization, which writes the sum
+    (input + skip + bias) only as its optional output 3: calibration asks for it, on a copy."""
+    model = build_model([BlockSpec(hidden=16, fc2_bias="skip_layernorm")] * 2, dim=8)
+    original = model.SerializeToString()
+    blocks = find_mlp_blocks(model)
+    batches = [random_batch(model, batch=8, seed=s) for s in range(2)]
+    stats = calibrate(model, blocks, batches, comoments=True)
+    assert model.SerializeToString() == original
+    for block in blocks:
+        site = block.sites[0]
+        fused = next(n for n in model.graph.node if n.output[0] == site.residual_node)
+        fc2 = next(n for n in model.graph.node if n.name == site.fc2)
+        bias = next(t for t in model.graph.initializer if t.name == fused.input[4])
+        names = [fc2.output[0], fused.input[1]]
+        session = ort.InferenceSession(with_outputs(model, names), providers=["CPUExecutionProvider"])
+        parts = [session.run(names, b) for b in batches]
+        z = np.concatenate([(out + skip + onnx.numpy_helper.to_array(bias)).reshape(-1, 8) for out, skip in parts])
+        z = z.astype(np.float64)
+        expected = np.mean(np.sum((z - z.mean(axis=1, keepdims=True)) ** 2, axis=1))
+        assert stats[block.name].stream_energy == pytest.approx(expected, rel=1e-5)
 
 
 def test_stream_energy_is_what_a_layernorm_divides_by() -> None:

@@ -1,0 +1,137 @@
+"""Statically quantized models (ORT's QDQ form) pruned in place.
+
+ORT's `quantize_static(..., QuantFormat.QDQ)` stores every weight and bias as int8 behind a
+DequantizeLinear (weights per output channel) and wraps every activation in a per-tensor
+QuantizeLinear -> DequantizeLinear pair. onnx_vbp finds the blocks through the pairs, measures the
+float hidden activation, slices the int8 weights with their per-channel scales and zero points,
+and quantizes what compensation changes (fc2's rows, its bias) back into int8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from graphs import BlockSpec, build_model, random_batch
+from helpers import relative_change
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+from onnx_vbp import PruneOptions, find_mlp_blocks, prune_file
+from onnx_vbp.graph import import_graph, trace_param
+from onnx_vbp.report import count_params
+
+SPECS = [BlockSpec(hidden=64), BlockSpec(hidden=64, act="relu")]
+
+
+class _Feed(CalibrationDataReader):
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.batches = iter([random_batch(model, batch=16, seed=s) for s in range(4)])
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """net.onnx (float) and net.qdq.onnx (ORT static QDQ, per-channel weights), with calib.npz."""
+    folder = tmp_path_factory.mktemp("qdq")
+    model = build_model(SPECS, dim=32, seq=6, layernorm=True)
+    onnx.save(model, folder / "net.onnx")
+    quantize_static(
+        str(folder / "net.onnx"),
+        str(folder / "net.qdq.onnx"),
+        _Feed(model),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+    )
+    np.savez(folder / "calib.npz", **random_batch(model, batch=64, seed=0))
+    return folder
+
+
+def _dequantized(model: onnx.ModelProto, node_name_part: str) -> tuple[np.ndarray, gs.Node]:
+    """The weight a MatMul whose name contains `node_name_part` reads, dequantized, and its
+    DequantizeLinear."""
+    graph = import_graph(model)
+    matmul = next(n for n in graph.nodes if n.op == "MatMul" and node_name_part in n.name)
+    traced = trace_param(matmul.inputs[1])
+    assert traced is not None and traced.chain[-1].op == "DequantizeLinear"
+    return traced.value(), traced.chain[-1]
+
+
+def test_qdq_blocks_are_found_through_the_activation_quantizers(models: Path) -> None:
+    qdq = onnx.load(models / "net.qdq.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) > 4  # the form under test
+    blocks = find_mlp_blocks(qdq)
+    assert [(b.activation, b.width) for b in blocks] == [
+        (b.activation, b.width) for b in find_mlp_blocks(onnx.load(models / "net.onnx"))
+    ]
+    assert blocks.skipped == []
+
+
+def test_a_qdq_model_is_pruned_in_place_and_stays_quantized(models: Path) -> None:
+    for name in ("net", "net.qdq"):
+        prune_file(
+            models / f"{name}.onnx",
+            models / "calib.npz",
+            models / f"{name}.pruned.onnx",
+            PruneOptions(ratio=0.5, progress=False),
+        )
+    qdq, pruned = onnx.load(models / "net.qdq.onnx"), onnx.load(models / "net.qdq.pruned.onnx")
+    ops = [n.op_type for n in qdq.graph.node]
+    assert [n.op_type for n in pruned.graph.node].count("QuantizeLinear") == ops.count("QuantizeLinear")
+    assert count_params(pruned) < count_params(qdq) - 2 * 64 * 32 * 0.5 * 0.9  # half of fc1 and fc2, as int8
+
+    for block in ("blocks.0", "blocks.1"):
+        fc1, fc1_dq = _dequantized(pruned, f"{block}/mlp/fc1")
+        fc2, fc2_dq = _dequantized(pruned, f"{block}/mlp/fc2")
+        assert fc1.shape[1] == fc2.shape[0] < 64  # the block was pruned, in int8
+        assert np.asarray(fc1_dq.inputs[0].values).dtype == np.int8
+        # fc1's scales are per neuron: sliced with it; fc2's are per output: kept
+        assert np.asarray(fc1_dq.inputs[1].values).shape == (fc1.shape[1],)
+        assert np.asarray(fc2_dq.inputs[1].values).shape == (32,)
+
+    feed = random_batch(qdq, batch=16, seed=9)
+    out = {
+        name: ort.InferenceSession(str(models / f"{name}.onnx")).run(None, feed)[0]
+        for name in ("net", "net.pruned", "net.qdq", "net.qdq.pruned")
+    }
+    float_loss = relative_change(out["net"], out["net.pruned"])
+    # pruning the int8 model costs what pruning the float one does, give or take int8 rounding
+    assert relative_change(out["net.qdq"], out["net.qdq.pruned"]) < 1.5 * float_loss + 0.05
+
+
+def test_unchanged_int8_values_round_trip_exactly(models: Path) -> None:
+    graph = import_graph(onnx.load(models / "net.qdq.onnx"))
+    matmul = next(n for n in graph.nodes if n.op == "MatMul" and "fc2" in n.name)
+    traced = trace_param(matmul.inputs[1])
+    dq = traced.chain[-1]
+    ints, scale = np.array(traced.source.values), np.array(dq.inputs[1].values)
+    traced.assign(traced.value())
+    np.testing.assert_array_equal(traced.source.values, ints)
+    np.testing.assert_array_equal(dq.inputs[1].values, scale)
+
+
+def test_values_beyond_the_int8_range_widen_only_their_channels_scale(models: Path) -> None:
+    graph = import_graph(onnx.load(models / "net.qdq.onnx"))
+    matmul = next(n for n in graph.nodes if n.op == "MatMul" and "fc2" in n.name)
+    traced = trace_param(matmul.inputs[1])
+    dq = traced.chain[-1]
+    scale = np.array(dq.inputs[1].values)
+    value = traced.value().astype(np.float64)
+    value[3, 5] = 300 * scale[5]  # output channel 5 (the per-channel axis is 1) now needs a wider scale
+    traced.assign(value)
+    widened = np.asarray(dq.inputs[1].values)
+    assert widened[5] > scale[5] and np.array_equal(np.delete(widened, 5), np.delete(scale, 5))
+    np.testing.assert_allclose(traced.value(), value, atol=float(widened.max()) / 2 + 1e-7)
+
+
+def test_a_blocked_dequantize_is_not_followed() -> None:
+    weight = gs.Constant("w", np.ones((64, 8), np.int8))
+    scale = gs.Constant("s", np.ones((2, 8), np.float32))
+    out = gs.Variable("wf", np.float32, (64, 8))
+    gs.Node("DequantizeLinear", inputs=[weight, scale], outputs=[out], attrs={"axis": 0, "block_size": 32})
+    assert trace_param(out) is None

@@ -1,0 +1,186 @@
+"""Every deployment form of the two MiniLM encoders: what onnx_vbp finds, prunes and keeps.
+
+For paraphrase-MiniLM-L3-v2 and all-MiniLM-L6-v2, each form below is made from the float torch
+export by the tool users run for it. For each form:
+- blocks: the MLP blocks onnx_vbp finds (of 3 / 6);
+- in place: the form pruned as it is by onnx_vbp's defaults at ratio 0.35 (calibrated on the 300
+  news documents of lee_background.cor, 128 tokens), when every block is found;
+- float first: the float export pruned the same way, then converted by the same tool;
+each compared with the unpruned model of the same form on the 200 held-out pang_lee_polarity
+sentences (sentence embedding: mean cosine, Spearman correlation of the 19,900 pairwise
+similarities), with its file size and its speedup over that unpruned model (`onnx_vbp.bench`,
+batch 8 x 128 tokens of news text, 2 threads, medians of interleaved runs).
+
+Forms: fp32 torch export; ORT transformers optimizer (fused BiasGelu/SkipLayerNormalization);
+onnxsim 0.8.1's simplifier; fp16 by ORT's `convert_float_to_float16(keep_io_types=True)`; int8
+static QDQ by `quantize_static` (per-channel weights, MinMax calibration on 64 news documents);
+int8 dynamic by `quantize_dynamic`; int4 `MatMulNBits` by ORT's `MatMulNBitsQuantizer` (block 32).
+
+Usage:  python tools/fetch_models.py && python tools/export_minilm_l6.py &&
+        python tools/bench_forms.py [--runs 20] [--models L3,L6]
+Needs (tools only): onnxsim==0.8.1, scipy, tokenizers, torch + transformers (L6 export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from bench_peers import optimized, text_folder
+from bench_retention import SHARED, TOKENIZER, _cosines, _unit, run_all
+from export_minilm_l6 import export as export_l6
+from export_minilm_l6 import fetch_weights as l6_weights
+from fetch_models import cache_dir, fetch
+from scipy.stats import spearmanr
+
+from onnx_vbp import PruneOptions, find_mlp_blocks, iter_batches, model_inputs, prune_file
+from onnx_vbp.bench import bench
+from onnx_vbp.data import RawOptions
+from onnx_vbp.errors import VbpError
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO = 0.35
+QDQ_BATCHES = 8  # of 8 documents: quantize_static's MinMax calibration
+
+
+def _read(name: str) -> list[str]:
+    return (SHARED / "text" / name).read_text(encoding="latin-1").splitlines()
+
+
+def converters(calib: list[dict]) -> dict[str, Callable[[Path, Path], None] | None]:
+    """Each form's conversion from the float export (None: the export itself)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_static as static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    class Feed(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calib)
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    def simplified(src: Path, dst: Path) -> None:
+        import onnxsim
+
+        onnx.save(onnxsim.simplify(onnx.load(src))[0], dst)
+
+    def nbits(src: Path, dst: Path) -> None:
+        quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=32, is_symmetric=True)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst))
+
+    return {
+        "fp32 torch export": None,
+        "ORT optimizer": lambda src, dst: optimized(src, 384, 12, dst),
+        "onnxsim": simplified,
+        "fp16 (ORT converter)": lambda src, dst: onnx.save(
+            convert_float_to_float16(onnx.load(src), keep_io_types=True), dst
+        ),
+        "int8 static QDQ": lambda src, dst: static(
+            str(src), str(dst), Feed(), quant_format=QuantFormat.QDQ, per_channel=True
+        ),
+        "int8 dynamic": lambda src, dst: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8),
+        "int4 MatMulNBits": nbits,
+    }
+
+
+def measure(label: str, path: Path, tokenizer: Path, output: int, expected: int, runs: int, tmp: Path) -> list[dict]:
+    raw = RawOptions(tokenizer=tokenizer, max_length=128)
+    specs = model_inputs(onnx.load(path))
+    calib_dir = text_folder(tmp / "calib", _read("lee_background.cor"))
+    held_dir = text_folder(
+        tmp / "held", [line.split(" ", 1)[1] for line in _read("pang_lee_polarity.cor") if line.strip()]
+    )
+    held = list(iter_batches(held_dir, specs, batch_size=32, raw=raw))
+    small = list(iter_batches(calib_dir, specs, batch_size=8, raw=raw))
+    timing = small[0]
+    options = PruneOptions(ratio=RATIO, raw=raw, progress=False, threads=2)
+    float_pruned = tmp / "float.pruned.onnx"
+    prune_file(path, calib_dir, float_pruned, options)
+    upper = np.triu_indices(sum(len(b["input_ids"]) for b in held), k=1)
+
+    def compare(base: Path, pruned: Path) -> dict:
+        a = run_all(base.read_bytes(), held, output, 2)
+        b = run_all(pruned.read_bytes(), held, output, 2)
+        return {
+            "cosine": float(np.mean(np.sum(_unit(a) * _unit(b), axis=1))),
+            "similarity_spearman": float(spearmanr(_cosines(a)[upper], _cosines(b)[upper])[0]),
+            "mb": pruned.stat().st_size / 2**20,
+            "speedup": float(bench(base, pruned, timing, threads=2, runs=runs)["speedup"]),
+        }
+
+    rows = []
+    for form, convert in converters(small[:QDQ_BATCHES]).items():
+        base, converted = (path, float_pruned) if convert is None else (tmp / f"{form}.onnx", tmp / f"{form}.fp.onnx")
+        if convert is not None:
+            convert(path, base)
+            convert(float_pruned, converted)
+        row = {"model": label, "form": form, "mb": base.stat().st_size / 2**20}
+        row["blocks"] = len(find_mlp_blocks(onnx.load(base)))
+        if row["blocks"] == expected:
+            in_place = tmp / f"{form}.pruned.onnx"
+            try:
+                prune_file(base, calib_dir, in_place, options)
+                row["in_place"] = compare(base, in_place)
+            except VbpError as exc:
+                row["in_place"] = {"error": str(exc)}
+        row["float_first"] = compare(base, converted)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _cell(result: dict | None) -> str:
+    if result is None:
+        return "—"
+    if "error" in result:
+        return f"error: {result['error'][:60]}"
+    return (
+        f"{result['similarity_spearman']:.4f} / {result['cosine']:.4f}, {result['mb']:.1f} MB, {result['speedup']:.2f}×"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | form | MB | blocks | in place: Spearman / cosine, MB, speedup | "
+        "float first, then converted: Spearman / cosine, MB, speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['form']} | {r['mb']:.1f} | {r['blocks']} | {_cell(r.get('in_place'))} | "
+            f"{_cell(r['float_first'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--models", default="L3,L6")
+    parser.add_argument("--json", type=Path, default=ROOT / "tools" / "results" / "forms.json")
+    args = parser.parse_args()
+    cache = cache_dir()
+    models = {
+        "L3": ("paraphrase-MiniLM-L3-v2", lambda: fetch("paraphrase-MiniLM-L3-v2.onnx", cache), TOKENIZER, 3, 3),
+        "L6": ("all-MiniLM-L6-v2", lambda: export_l6(cache), l6_weights(cache) / "tokenizer.json", 1, 6),
+    }
+    rows = []
+    for key in args.models.split(","):
+        label, make, tokenizer, output, expected = models[key]
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += measure(label, make(), tokenizer, output, expected, args.runs, Path(tmp))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
