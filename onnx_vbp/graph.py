@@ -21,10 +21,11 @@ from onnx_vbp.gs_internals import data_less, tensor_proto
 # Ops that hand a parameter to its consumer unchanged up to layout, dtype or quantization:
 # exporters put weights stored [out, in] behind a Transpose and fp16 weights behind a Cast, and
 # quantizers put int8 weights and biases behind a DequantizeLinear (per tensor, or per channel
-# along one axis; not blocked). A Reshape passes only when its shape is a constant and it only
-# adds or drops unit dims (Paddle's Add(conv, Reshape(bias, [1, C, 1, 1]))), so that the neuron
-# axis maps one to one.
-PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear")
+# along one axis; not blocked) or, weight-only, behind Mul(Cast(int8 W), scale). A Reshape passes
+# only when its shape is a constant and it only adds or drops unit dims (Paddle's Add(conv,
+# Reshape(bias, [1, C, 1, 1]))), so that the neuron axis maps one to one.
+PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear", "Mul")
+DEQUANTIZERS = ("DequantizeLinear", "Mul")
 # Integer types a DequantizeLinear of a parameter may hold (int4 and float8 are packed or lossy to
 # requantize: not followed).
 QUANTIZED_DTYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
@@ -275,15 +276,16 @@ class TracedParam:
             elif node.op == "Reshape":
                 target = np.asarray(node.inputs[1].values).tolist()
                 value = value.reshape(_reshaped(value.shape, target, node.attrs.get("allowzero", 0)))
-            elif node.op == "DequantizeLinear":
+            elif node.op in DEQUANTIZERS:
                 scale, zero_point = dequantizer(node, value.ndim)
                 value = ((value.astype(np.float64) - zero_point) * scale).astype(scale.dtype)
         return value
 
     def assign(self, value: np.ndarray) -> None:
         """Store `value`, given as the consumer sees it, into the source (undoing the chain). Behind
-        a DequantizeLinear it is quantized again: its scale is kept where the values fit in the
-        integer range, else widened (in place: `rewrite` owns the scale first)."""
+        a DequantizeLinear (or a weight-only scale) it is quantized again: its scale is kept where
+        the values fit in the integer range, else widened (in place: `rewrite` owns the scale
+        first)."""
         shapes = self._shapes()
         for index, node in enumerate(self.chain):
             if node.op == "Transpose":
@@ -291,8 +293,8 @@ class TracedParam:
                 value = np.transpose(value, np.argsort(perm))
             elif node.op == "Reshape":
                 value = value.reshape(shapes[len(self.chain) - index - 1])
-            elif node.op == "DequantizeLinear":
-                value = _requantize(node, value, np.asarray(node.inputs[0].values).dtype)
+            elif node.op in DEQUANTIZERS:
+                value = _requantize(node, value, np.asarray(self.source.values).dtype)
         self.source.values = np.ascontiguousarray(value.astype(np.asarray(self.source.values).dtype))
 
     def tensors(self) -> list[gs.Tensor]:
@@ -300,10 +302,33 @@ class TracedParam:
         return [self.source] + [n.outputs[0] for n in self.chain]
 
 
+def param_input(node: gs.Node) -> int:
+    """Which input of a pass-through op carries the parameter (the others hold its shape, scale
+    or zero point): the one a weight-only scale's Mul does not take as a constant."""
+    if node.op == "Mul":
+        return next(i for i, t in enumerate(node.inputs) if not isinstance(t, gs.Constant))
+    return 0
+
+
+def scale_input(node: gs.Node) -> int:
+    """Which input of a dequantizer (DEQUANTIZERS) holds its scale."""
+    return 1 - param_input(node) if node.op == "Mul" else 1
+
+
+def quantizer_inputs(node: gs.Node) -> list[int]:
+    """The inputs of a dequantizer that hold its scale and zero point (given as constants)."""
+    if node.op == "Mul":
+        return [scale_input(node)]
+    return [i for i in (1, 2) if i < len(node.inputs) and isinstance(node.inputs[i], gs.Constant)]
+
+
 def dequantizer(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """A DequantizeLinear's scale and zero point, shaped to broadcast over its input of `rank`
-    dims (one value, or one per index of the node's `axis`)."""
-    scale = np.asarray(node.inputs[1].values)
+    """A dequantizer's scale and zero point, shaped to broadcast over its input of `rank` dims:
+    one value, or one per index of its channel axis (a DequantizeLinear's `axis`; for a
+    weight-only Mul, the scale's one dim longer than 1, its shape aligned from the right)."""
+    scale = np.asarray(node.inputs[scale_input(node)].values)
+    if node.op == "Mul":
+        return scale.reshape((1,) * (rank - scale.ndim) + scale.shape), np.zeros(())
     present = len(node.inputs) > 2 and node.inputs[2].name
     zero_point = np.asarray(node.inputs[2].values, dtype=np.float64) if present else np.zeros(())
     if scale.size == 1:
@@ -314,15 +339,16 @@ def dequantizer(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def per_channel_axis(node: gs.Node, rank: int) -> int | None:
-    """The axis (of its input, `rank` dims) a DequantizeLinear has one scale per index of, or None
-    for one scale in all."""
-    return node.attrs.get("axis", 1) % rank if np.asarray(node.inputs[1].values).size > 1 else None
+    """The axis (of its input, `rank` dims) a dequantizer has one scale per index of, or None for
+    one scale in all."""
+    shape = dequantizer(node, rank)[0].shape
+    return next((axis for axis, size in enumerate(shape) if size > 1), None)
 
 
 def _requantize(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`value` quantized for the DequantizeLinear `node` (into `dtype`): by its scale where the
-    values fit the integer range around the zero point, else by the smallest scale that fits
-    them, written into the node's scale constant."""
+    """`value` quantized for the dequantizer `node` (into `dtype`): by its scale where the values
+    fit the integer range around the zero point, else by the smallest scale that fits them,
+    written into the node's scale constant."""
     scale, zero_point = dequantizer(node, value.ndim)
     limits = np.iinfo(dtype)
     axis = per_channel_axis(node, value.ndim)
@@ -332,7 +358,8 @@ def _requantize(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray
     needed = np.maximum(high, low).reshape(scale.shape) if value.size else np.zeros(scale.shape)
     wider = np.maximum(scale, needed.astype(scale.dtype))
     if np.any(wider != scale):
-        node.inputs[1].values = wider.reshape(np.asarray(node.inputs[1].values).shape)
+        constant = node.inputs[scale_input(node)]
+        constant.values = wider.reshape(np.asarray(constant.values).shape)
     return np.clip(np.rint(value / wider.astype(np.float64)) + zero_point, limits.min, limits.max).astype(dtype)
 
 
@@ -347,9 +374,19 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
             return None
         if node.op == "DequantizeLinear" and not _dequantizes_param(node):
             return None
+        if node.op == "Mul" and not _scales_a_param(node):
+            return None
         chain.append(node)
-        tensor = node.inputs[0]
+        tensor = node.inputs[param_input(node)]
     traced = TracedParam(tensor, chain)
+    for index, node in enumerate(chain):  # a weight-only scale: Mul(Cast(integer constant), scale)
+        if node.op != "Mul":
+            continue
+        if chain[index + 1 :] != chain[-1:] or chain[-1].op != "Cast" or not _quantized(tensor):
+            return None
+        shape, scale_shape = tuple(tensor.shape), tuple(node.inputs[scale_input(node)].shape)
+        if len(scale_shape) > len(shape) or np.broadcast_shapes(shape, scale_shape) != shape:
+            return None
     if any(node.op == "Reshape" for node in chain):
         try:
             shapes = traced._shapes()
@@ -367,8 +404,20 @@ def _dequantizes_param(node: gs.Node) -> bool:
         return False
     if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
         return False
-    data = node.inputs[0]
-    return isinstance(data, gs.Constant) and data.dtype in QUANTIZED_DTYPES
+    return _quantized(node.inputs[0])
+
+
+def _quantized(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and tensor.dtype in QUANTIZED_DTYPES
+
+
+def _scales_a_param(mul: gs.Node) -> bool:
+    """Mul(x, scale) with one constant floating-point scale of at most one dim longer than 1."""
+    constants = [t for t in mul.inputs if isinstance(t, gs.Constant)]
+    if len(mul.inputs) != 2 or len(constants) != 1:
+        return False
+    shape = constants[0].shape
+    return constants[0].dtype.kind == "f" and sum(1 for d in shape if d != 1) <= 1
 
 
 def _constant_shape(reshape: gs.Node) -> bool:

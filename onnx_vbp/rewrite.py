@@ -20,12 +20,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_vbp.graph import (
+    DEQUANTIZERS,
     DiskWeights,
     TracedParam,
     export_model,
     import_graph,
     node_key,
+    param_input,
     per_channel_axis,
+    quantizer_inputs,
     trace_param,
 )
 from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA
@@ -78,7 +81,8 @@ class _Editor:
             position = self.graph.nodes.index(node)
             for link in reversed(traced.chain):
                 out = gs.Variable(self.fresh(link.outputs[0].name), link.outputs[0].dtype, link.outputs[0].shape)
-                inputs = [tensor, *link.inputs[1:]]
+                inputs = list(link.inputs)
+                inputs[param_input(link)] = tensor
                 name = self.fresh(link.name or link.op)
                 clone = gs.Node(link.op, name, dict(link.attrs), inputs, [out], domain=link.domain)
                 self.graph.nodes.insert(position, clone)
@@ -88,17 +92,15 @@ class _Editor:
             traced = trace_param(tensor)
         self.edited.add(traced.source.name)
         for link in traced.chain:
-            if link.op == "DequantizeLinear":  # its scale and zero point are sliced or widened with the weight
+            if link.op in DEQUANTIZERS:  # its scale and zero point are sliced or widened with the weight
                 self._own_inputs(link)
         return traced
 
     def _own_inputs(self, link: gs.Node) -> None:
-        """Give `link` its own copy of every constant it reads besides its data (input 0) that
-        another node reads too, and mark them edited."""
-        for index in range(1, len(link.inputs)):
+        """Give the dequantizer `link` its own copy of its scale and zero point where another node
+        reads them too, and mark them edited."""
+        for index in quantizer_inputs(link):
             constant = link.inputs[index]
-            if not isinstance(constant, gs.Constant):
-                continue
             if any(reader is not link for reader in constant.outputs):
                 constant = gs.Constant(self.fresh(constant.name), np.array(constant.values))
                 link.inputs[index] = constant
@@ -284,6 +286,7 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
                 continue
             axes = traced.link_axes(ref.axis)
             traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=axes[-1])
+            rank = len(traced.source.shape)  # of every dequantizer's input: it reads the source (through a Cast)
             for position, link in enumerate(traced.chain):  # the width at link's output is axes[position]
                 if link.op == "Reshape":  # a unit reshape of a bias ([C] -> [1, C, 1, 1]) names the width
                     literal = editor.owned(link, 1, readers | {id(link)}).source
@@ -291,10 +294,11 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
                     if target[axes[position]] > 0:  # 0 and -1 follow the sliced input
                         target[axes[position]] = keep.size
                     literal.values = target
-                elif link.op == "DequantizeLinear" and per_channel_axis(link, len(link.inputs[0].shape)) == axes[-1]:
-                    for quantizer in link.inputs[1:]:  # per-channel scale and zero point: one per neuron
-                        if isinstance(quantizer, gs.Constant):
-                            quantizer.values = np.take(np.asarray(quantizer.values), keep)
+                elif link.op in DEQUANTIZERS and per_channel_axis(link, rank) == axes[-1]:
+                    for index in quantizer_inputs(link):  # per-channel scale and zero point: one per neuron
+                        quantizer = link.inputs[index]
+                        values = np.asarray(quantizer.values)  # its shape aligned with the weight's from the right
+                        quantizer.values = np.take(values, keep, axis=axes[-1] - (rank - values.ndim))
         for ref in site.width_literals:
             holder = editor.nodes[ref.node]
             if holder.op != "Reshape":  # a Concat building the Reshape's shape: may serve other blocks

@@ -1,10 +1,11 @@
-"""Statically quantized models (ORT's QDQ form) pruned in place.
+"""Models with int8 weights pruned in place: ORT's static QDQ form, and weight-only int8.
 
 ORT's `quantize_static(..., QuantFormat.QDQ)` stores every weight and bias as int8 behind a
 DequantizeLinear (weights per output channel) and wraps every activation in a per-tensor
 QuantizeLinear -> DequantizeLinear pair. onnx_vbp finds the blocks through the pairs, measures the
 float hidden activation, slices the int8 weights with their per-channel scales and zero points,
-and quantizes what compensation changes (fc2's rows, its bias) back into int8.
+and quantizes what compensation changes (fc2's rows, its bias) back into int8. Weight-only int8
+(`Mul(Cast(int8 W), scale)`, activations in float) is the same with the scale in a Mul.
 """
 
 from __future__ import annotations
@@ -52,14 +53,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _dequantized(model: onnx.ModelProto, node_name_part: str) -> tuple[np.ndarray, gs.Node]:
-    """The weight a MatMul whose name contains `node_name_part` reads, dequantized, and its
-    DequantizeLinear."""
+def _dequantized_through(model: onnx.ModelProto, node_name_part: str) -> tuple[np.ndarray, gs.Node]:
+    """The weight a MatMul whose name contains `node_name_part` reads, dequantized, and the node
+    that dequantizes it."""
     graph = import_graph(model)
     matmul = next(n for n in graph.nodes if n.op == "MatMul" and node_name_part in n.name)
     traced = trace_param(matmul.inputs[1])
-    assert traced is not None and traced.chain[-1].op == "DequantizeLinear"
-    return traced.value(), traced.chain[-1]
+    assert traced is not None and np.asarray(traced.source.values).dtype == np.int8
+    return traced.value(), next(n for n in traced.chain if n.op in ("DequantizeLinear", "Mul"))
 
 
 def test_qdq_blocks_are_found_through_the_activation_quantizers(models: Path) -> None:
@@ -86,8 +87,8 @@ def test_a_qdq_model_is_pruned_in_place_and_stays_quantized(models: Path) -> Non
     assert count_params(pruned) < count_params(qdq) - 2 * 64 * 32 * 0.5 * 0.9  # half of fc1 and fc2, as int8
 
     for block in ("blocks.0", "blocks.1"):
-        fc1, fc1_dq = _dequantized(pruned, f"{block}/mlp/fc1")
-        fc2, fc2_dq = _dequantized(pruned, f"{block}/mlp/fc2")
+        fc1, fc1_dq = _dequantized_through(pruned, f"{block}/mlp/fc1")
+        fc2, fc2_dq = _dequantized_through(pruned, f"{block}/mlp/fc2")
         assert fc1.shape[1] == fc2.shape[0] < 64  # the block was pruned, in int8
         assert np.asarray(fc1_dq.inputs[0].values).dtype == np.int8
         # fc1's scales are per neuron: sliced with it; fc2's are per output: kept
@@ -135,3 +136,86 @@ def test_a_blocked_dequantize_is_not_followed() -> None:
     out = gs.Variable("wf", np.float32, (64, 8))
     gs.Node("DequantizeLinear", inputs=[weight, scale], outputs=[out], attrs={"axis": 0, "block_size": 32})
     assert trace_param(out) is None
+
+
+def _weight_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """`model` with every 2-D MatMul weight stored weight-only int8, Mul(Cast(int8 W), scale)
+    with one scale per output column; and the float model of exactly the dequantized weights."""
+    quantized, dequantized = onnx.ModelProto(), onnx.ModelProto()
+    quantized.CopyFrom(model)
+    dequantized.CopyFrom(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    for name in weights:
+        w = onnx.numpy_helper.to_array(inits[name])
+        scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+        ints = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        for target in (quantized, dequantized):
+            kept = [t for t in target.graph.initializer if t.name != name]
+            del target.graph.initializer[:]
+            target.graph.initializer.extend(kept)
+        dequantized.graph.initializer.append(onnx.numpy_helper.from_array(ints.astype(np.float32) * scale, name))
+        quantized.graph.initializer.extend(
+            [onnx.numpy_helper.from_array(ints, f"{name}.int8"), onnx.numpy_helper.from_array(scale, f"{name}.scale")]
+        )
+        quantized.graph.node.insert(
+            0, onnx.helper.make_node("Mul", [f"{name}.float", f"{name}.scale"], [name], name=f"{name}/dequantize")
+        )
+        quantized.graph.node.insert(
+            0, onnx.helper.make_node("Cast", [f"{name}.int8"], [f"{name}.float"], to=onnx.TensorProto.FLOAT)
+        )
+    return quantized, dequantized
+
+
+def test_weight_only_int8_is_pruned_in_place_like_its_float_model(tmp_path: Path) -> None:
+    quantized, dequantized = _weight_only(build_model(SPECS, dim=32, seq=6, layernorm=True))
+    onnx.save(quantized, tmp_path / "int8.onnx")
+    onnx.save(dequantized, tmp_path / "float.onnx")
+    np.savez(tmp_path / "calib.npz", **random_batch(quantized, batch=64, seed=0))
+    for name in ("int8", "float"):
+        prune_file(
+            tmp_path / f"{name}.onnx",
+            tmp_path / "calib.npz",
+            tmp_path / f"{name}.pruned.onnx",
+            PruneOptions(ratio=0.5, progress=False),
+        )
+    pruned = onnx.load(tmp_path / "int8.pruned.onnx")
+    assert all(t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2 for t in pruned.graph.initializer)
+    fc1, fc1_mul = _dequantized_through(pruned, "blocks.0/mlp/fc1")
+    assert fc1_mul.op == "Mul" and np.asarray(fc1_mul.inputs[1].values).shape == (fc1.shape[1],) and fc1.shape[1] < 64
+
+    feed = random_batch(quantized, batch=16, seed=9)
+    out = {
+        name: ort.InferenceSession(str(tmp_path / f"{name}.onnx")).run(None, feed)[0]
+        for name in ("float", "float.pruned", "int8.pruned")
+    }
+    # the same plan and compensation; only fc2's refit rows are rounded back to int8
+    assert relative_change(out["float.pruned"], out["int8.pruned"]) < 0.1 * relative_change(
+        out["float"], out["float.pruned"]
+    )
+
+
+def test_a_qdq_model_with_external_data_prunes_as_inline(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int8 weights left on disk (as a large model's are; its scales and zero points, under
+    1 MiB, are read at load time) are read when they are sliced or dequantized."""
+    monkeypatch.setattr("onnx_vbp.modelio.SMALL_TENSOR_BYTES", 1024)  # the 32 x 64 int8 weights stay on disk
+    qdq = onnx.load(models / "net.qdq.onnx")
+    for tensor in qdq.graph.initializer:  # as raw data, which onnx writes externally (not typed fields)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+    onnx.save(
+        qdq,
+        tmp_path / "ext.onnx",
+        save_as_external_data=True,
+        location="ext.data",
+        size_threshold=0,
+    )
+    options = PruneOptions(ratio=0.5, progress=False)
+    prune_file(tmp_path / "ext.onnx", models / "calib.npz", tmp_path / "ext.pruned.onnx", options)
+    prune_file(models / "net.qdq.onnx", models / "calib.npz", tmp_path / "inline.pruned.onnx", options)
+    feed = random_batch(onnx.load(models / "net.onnx"), batch=8, seed=3)
+    ext, inline = (
+        ort.InferenceSession(str(tmp_path / f"{name}.pruned.onnx")).run(None, feed)[0] for name in ("ext", "inline")
+    )
+    np.testing.assert_allclose(ext, inline, rtol=1e-6, atol=1e-6)

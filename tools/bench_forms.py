@@ -14,7 +14,9 @@ batch 8 x 128 tokens of news text, 2 threads, medians of interleaved runs).
 Forms: fp32 torch export; ORT transformers optimizer (fused BiasGelu/SkipLayerNormalization);
 onnxsim 0.8.1's simplifier; fp16 by ORT's `convert_float_to_float16(keep_io_types=True)`; int8
 static QDQ by `quantize_static` (per-channel weights, MinMax calibration on 64 news documents);
-int8 dynamic by `quantize_dynamic`; int4 `MatMulNBits` by ORT's `MatMulNBitsQuantizer` (block 32).
+int8 weight-only, `Mul(Cast(int8 W), scale)` with one scale per output column (written here: ORT
+has no tool for it); int8 dynamic by `quantize_dynamic`; int4 `MatMulNBits` by ORT's
+`MatMulNBitsQuantizer` (block 32).
 
 Usage:  python tools/fetch_models.py && python tools/export_minilm_l6.py &&
         python tools/bench_forms.py [--runs 20] [--models L3,L6]
@@ -71,6 +73,30 @@ def converters(calib: list[dict]) -> dict[str, Callable[[Path, Path], None] | No
 
         onnx.save(onnxsim.simplify(onnx.load(src))[0], dst)
 
+    def weight_only(src: Path, dst: Path) -> None:
+        """Every 2-D MatMul weight as Mul(Cast(int8 W), scale), one symmetric scale per output
+        column (the form of weight-only int8 exports); activations stay float."""
+        model = onnx.load(src)
+        inits = {t.name: t for t in model.graph.initializer}
+        weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+        kept = [t for t in model.graph.initializer if t.name not in weights]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        for name in sorted(weights):
+            w = onnx.numpy_helper.to_array(inits[name])
+            scale = np.maximum(np.abs(w).max(axis=0) / 127, np.finfo(np.float32).tiny).astype(np.float32)
+            model.graph.initializer.extend(
+                [
+                    onnx.numpy_helper.from_array(np.rint(w / scale).astype(np.int8), f"{name}_int8"),
+                    onnx.numpy_helper.from_array(scale, f"{name}_scale"),
+                ]
+            )
+            model.graph.node.insert(0, onnx.helper.make_node("Mul", [f"{name}_float", f"{name}_scale"], [name]))
+            model.graph.node.insert(
+                0, onnx.helper.make_node("Cast", [f"{name}_int8"], [f"{name}_float"], to=onnx.TensorProto.FLOAT)
+            )
+        onnx.save(model, dst)
+
     def nbits(src: Path, dst: Path) -> None:
         quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=32, is_symmetric=True)
         quantizer.process()
@@ -86,6 +112,7 @@ def converters(calib: list[dict]) -> dict[str, Callable[[Path, Path], None] | No
         "int8 static QDQ": lambda src, dst: static(
             str(src), str(dst), Feed(), quant_format=QuantFormat.QDQ, per_channel=True
         ),
+        "int8 weight-only": weight_only,
         "int8 dynamic": lambda src, dst: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8),
         "int4 MatMulNBits": nbits,
     }
