@@ -42,6 +42,8 @@ from onnx_vbp.graph import (
 from onnx_vbp.records import BiasRef, BlockList, MlpBlock, MlpSite, ParamRef, SkippedBlock
 
 LAYOUT_OPS = ("Reshape", "Flatten")
+# Between the activation and fc2: layouts, and an integer fc2's quantization of its input.
+HIDDEN_PATH_OPS = (*LAYOUT_OPS, "DynamicQuantizeLinear")
 
 
 @dataclass
@@ -58,6 +60,14 @@ class Linear:
     alpha: float = 1.0
     beta: float = 1.0
     bias_axis: int = -1  # axis of the bias (as the Add sees it) over output features
+    # an integer linear (ORT dynamic quantization): the nodes from its MatMulInteger to `output`
+    # before the bias (Cast, Mul by the scales), the node multiplying the input's scale by the
+    # weight's, and the weight's scale and zero point (per tensor, or per output feature)
+    steps: tuple[gs.Node, ...] = ()
+    scales_node: gs.Node | None = None
+    scale: ParamRef | None = None
+    zero_point: ParamRef | None = None
+    per_channel: tuple[ParamRef, ...] = ()  # those of the two with one value per output feature
 
     @property
     def in_features(self) -> int:
@@ -120,6 +130,8 @@ def match_linear(node: gs.Node) -> Linear | None:
             beta=float(node.attrs.get("beta", 1.0)),
         )
         return _with_own_bias(linear)
+    if node.op == "MatMulInteger" and rank == 2:
+        return _integer_linear(node, weight)
     if node.op == "Conv" and rank >= 3:
         kernel = weight.shape[2:]
         pads = node.attrs.get("pads", [0])
@@ -130,6 +142,45 @@ def match_linear(node: gs.Node) -> Linear | None:
             return _with_bias_add(linear, rank)
         return linear
     return None
+
+
+def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
+    """ORT's dynamic quantization of x @ W, with W = (Wq - w_zero) * w_scale:
+
+    xq, x_scale, x_zero = DynamicQuantizeLinear(x)
+    MatMulInteger(xq, Wq, x_zero, w_zero) -> Cast(float) -> Mul(·, Mul(x_scale, w_scale)) [+ Add(b)]
+    """
+    out_features = weight.shape[1]
+    zero_point = None
+    if len(node.inputs) > 3 and _is_present(node.inputs[3]):
+        traced = trace_param(node.inputs[3])
+        if traced is None or int(np.prod(traced.shape)) not in (1, out_features):
+            return None
+        zero_point = ParamRef(node_key(node), 3, -1)
+    cast = _only_reader(node.outputs[0], "Cast")
+    mul = _only_reader(cast.outputs[0], "Mul") if cast is not None else None
+    if mul is None or len(mul.inputs) != 2:
+        return None
+    scales = producer(next(t for t in mul.inputs if t is not cast.outputs[0]))
+    if scales is None or scales.op != "Mul":
+        return None
+    constant = [i for i, t in enumerate(scales.inputs) if trace_param(t) is not None]
+    if len(constant) != 1 or int(np.prod(trace_param(scales.inputs[constant[0]]).shape)) not in (1, out_features):
+        return None
+    linear = Linear(node, 1, weight, 0, 1, -1, None, None, mul.outputs[0])
+    linear.steps, linear.scales_node = (cast, mul), scales
+    linear.scale, linear.zero_point = ParamRef(node_key(scales), constant[0], -1), zero_point
+    sizes = [int(np.prod(trace_param(scales.inputs[constant[0]]).shape))]
+    if zero_point is not None:
+        sizes.append(int(np.prod(trace_param(node.inputs[3]).shape)))
+    refs = (linear.scale, linear.zero_point)
+    linear.per_channel = tuple(ref for ref, size in zip(refs, sizes, strict=False) if size == out_features > 1)
+    return _with_bias_add(linear)
+
+
+def _only_reader(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    readers = tensor.outputs
+    return readers[0] if len(readers) == 1 and readers[0].op == op else None
 
 
 def _with_bias_add(linear: Linear, rank: int = 0) -> Linear:
@@ -220,6 +271,10 @@ def _linear_producing(t: gs.Tensor) -> Linear | None:
     candidates = [node]
     if node.op == "Add":
         candidates = [producer(i) for i in node.inputs if producer(i) is not None]
+    for candidate in list(candidates):  # an integer linear ends in Mul(Cast(MatMulInteger), scales)
+        if candidate.op == "Mul":
+            casts = [producer(i) for i in candidate.inputs if producer(i) is not None and producer(i).op == "Cast"]
+            candidates += [producer(c.inputs[0]) for c in casts if producer(c.inputs[0]) is not None]
     for candidate in candidates:
         linear = match_linear(candidate)
         if linear is not None and linear.output is t:
@@ -249,7 +304,7 @@ def _shape_literal(reshape: gs.Node, width: int) -> tuple[ParamRef | None, bool]
 
 def _skip_layout(t: gs.Tensor, layout: list[gs.Node]) -> gs.Tensor:
     node = producer(t)
-    while node is not None and node.op in LAYOUT_OPS:
+    while node is not None and node.op in HIDDEN_PATH_OPS:
         layout.append(node)
         t = node.inputs[0]
         node = producer(t)
@@ -257,6 +312,8 @@ def _skip_layout(t: gs.Tensor, layout: list[gs.Node]) -> gs.Tensor:
 
 
 def _layout_keeps_last_axis(node: gs.Node, width: int) -> tuple[ParamRef | None, bool]:
+    if node.op == "DynamicQuantizeLinear":  # the integer fc2's input: the same tensor, rounded
+        return None, True
     if node.op == "Reshape":
         return _shape_literal(node, width)
     shape = node.inputs[0].shape
@@ -318,7 +375,7 @@ def _width(match: _Match) -> int | None:
 def _region_nodes(match: _Match) -> list[gs.Node]:
     nodes = list(match.region) + match.activation.nodes + match.layout
     for lin in match.fc1:
-        nodes.append(lin.node)
+        nodes += [lin.node, *lin.steps]
         if lin.bias_node is not None and lin.bias_node is not lin.node:
             nodes.append(lin.bias_node)
     return nodes
@@ -327,7 +384,8 @@ def _region_nodes(match: _Match) -> list[gs.Node]:
 def _leak(match: _Match, graph_outputs: set[str]) -> str | None:
     """Why the block's intermediate tensors cannot be sliced, or None if they are private."""
     region = _region_nodes(match)
-    inside = {id(n) for n in region} | {id(match.fc2.node)}
+    fc2 = match.fc2  # an integer fc2 also reads its input's (scalar) scale in its scales Mul
+    inside = {id(n) for n in region} | {id(fc2.node)} | {id(n) for n in (*fc2.steps, fc2.scales_node) if n}
     for node in region:
         for tensor in node.outputs:
             if tensor.name in graph_outputs:
@@ -384,6 +442,7 @@ def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
         fc1_params.append(ParamRef(node_key(lin.node), lin.weight_input, lin.out_axis))
         if lin.bias_node is not None:
             fc1_params.append(ParamRef(node_key(lin.bias_node), lin.bias_input, lin.bias_axis))
+        fc1_params += lin.per_channel  # an integer fc1's scale and zero point, one per neuron
     fused_bias = match.activation.bias_node
     if fused_bias is not None:
         traced = trace_param(fused_bias.inputs[1])
@@ -400,10 +459,13 @@ def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
     axis = fc2.feature_axis
     width_tensors = tuple((t.name, axis) for n in _region_nodes(match) for t in n.outputs)
     residual, residual_node, output_scale = _residual(fc2, taken)
+    hidden = fc2.node.inputs[0]
+    if fc2.node.op == "MatMulInteger":  # calibration observes the float activation, not its int8 rounding
+        hidden = producer(hidden).inputs[0]
     return MlpSite(
         fc1=tuple(node_label(lin.node) for lin in match.fc1),
         fc2=node_label(fc2.node),
-        hidden=fc2.node.inputs[0].name,
+        hidden=hidden.name,
         hidden_axis=axis,
         fc1_params=tuple(fc1_params),
         fc2_weight=ParamRef(node_key(fc2.node), fc2.weight_input, fc2.in_axis),
@@ -413,6 +475,7 @@ def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
         residual=residual,
         residual_node=residual_node,
         output_scale=output_scale,
+        fc2_dequantize=None if fc2.scale is None else (fc2.scale, fc2.zero_point),
     )
 
 

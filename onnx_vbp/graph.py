@@ -346,21 +346,39 @@ def per_channel_axis(node: gs.Node, rank: int) -> int | None:
 
 
 def _requantize(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`value` quantized for the dequantizer `node` (into `dtype`): by its scale where the values
-    fit the integer range around the zero point, else by the smallest scale that fits them,
-    written into the node's scale constant."""
+    """`value` quantized for the dequantizer `node` (see `quantize`), its scale constant widened
+    where needed."""
     scale, zero_point = dequantizer(node, value.ndim)
+    ints, wider = quantize(value, scale, zero_point, dtype)
+    if np.any(wider != scale):
+        constant = node.inputs[scale_input(node)]
+        constant.values = wider.reshape(np.asarray(constant.values).shape)
+    return ints
+
+
+def dequantized_rows(rows: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None) -> np.ndarray:
+    """An integer weight [rows, outputs] as float64, (rows - zero_point) * scale, the two given as
+    one value or one per output."""
+    shift = 0.0 if zero_point is None else np.asarray(zero_point, np.float64).reshape(1, -1)
+    return (rows.astype(np.float64) - shift) * np.asarray(scale, np.float64).reshape(1, -1)
+
+
+def quantize(
+    value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """`value` as integers of `dtype` for (q - zero_point) * scale, with `scale` and `zero_point`
+    shaped to broadcast over it (one value, or one per index of one axis): (integers, scale). The
+    scale is kept where the values fit the integer range around the zero point, else widened to
+    the smallest that fits them, channel by channel."""
     limits = np.iinfo(dtype)
-    axis = per_channel_axis(node, value.ndim)
+    axis = next((i for i, size in enumerate(scale.shape) if size > 1), None)
     others = tuple(i for i in range(value.ndim) if i != axis)
     high = np.maximum(value.max(axis=others, keepdims=True), 0.0) / (limits.max - zero_point)
     low = np.minimum(value.min(axis=others, keepdims=True), 0.0) / (limits.min - zero_point)
     needed = np.maximum(high, low).reshape(scale.shape) if value.size else np.zeros(scale.shape)
     wider = np.maximum(scale, needed.astype(scale.dtype))
-    if np.any(wider != scale):
-        constant = node.inputs[scale_input(node)]
-        constant.values = wider.reshape(np.asarray(constant.values).shape)
-    return np.clip(np.rint(value / wider.astype(np.float64)) + zero_point, limits.min, limits.max).astype(dtype)
+    ints = np.clip(np.rint(value / wider.astype(np.float64)) + zero_point, limits.min, limits.max)
+    return ints.astype(dtype), wider
 
 
 def trace_param(tensor: gs.Tensor) -> TracedParam | None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_vbp.graph import DiskWeights, import_graph, node_key, trace_param
+from onnx_vbp.graph import DiskWeights, dequantized_rows, import_graph, node_key, trace_param
 from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.records import MlpBlock, ParamRef, Ranking
 from onnx_vbp.stats import Stats
@@ -54,6 +54,9 @@ def fc2_rows(
     for block in blocks:
         site = block.sites[0]
         weight = np.moveaxis(constant(site.fc2_weight), site.fc2_weight.axis, 0).reshape(block.width, -1)
+        if site.fc2_dequantize is not None:
+            scale, zero_point = site.fc2_dequantize
+            weight = dequantized_rows(weight, constant(scale), None if zero_point is None else constant(zero_point))
         if to_residual and site.output_scale is not None:
             weight = weight * constant(site.output_scale).reshape(1, -1)
         rows[block.name] = weight

@@ -700,14 +700,12 @@ def prune(
     )
 
 
-# Ops of ORT's and ONNX's quantized forms that onnx_vbp does not prune through: an MLP block
-# written with them has no float MatMul. (The QDQ form, float MatMuls reading DequantizeLinear
-# weights, is pruned in place.)
+# Ops of ORT's and ONNX's quantized forms that onnx_vbp does not prune through. (The QDQ and
+# weight-only forms, float MatMuls reading dequantized weights, and ORT's dynamic MatMulInteger
+# form are pruned in place.)
 QUANTIZED_OPS = (
-    "MatMulInteger",
     "QLinearMatMul",
     "MatMulNBits",
-    "DynamicQuantizeLinear",
     "QLinearConv",
     "ConvInteger",
     "DynamicQuantizeMatMul",

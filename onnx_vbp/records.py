@@ -55,6 +55,10 @@ class MlpSite:
     residual: str | None = None
     residual_node: str | None = None
     output_scale: ParamRef | None = None
+    # fc2 as an integer MatMul (ORT dynamic quantization): the constants its weight is
+    # dequantized by, W = (Wq - zero point) * scale, each one value or one per output feature
+    # (axis -1); None for a float fc2.
+    fc2_dequantize: tuple[ParamRef, ParamRef | None] | None = None
 
 
 @dataclass(frozen=True)

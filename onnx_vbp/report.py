@@ -31,12 +31,17 @@ MS_MAC_OPS = (
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of every floating-point constant (initializers and Constant nodes), and of every
-    integer one a DequantizeLinear reads as its data (a quantized weight)."""
+    8-bit one a DequantizeLinear, a Cast (weight-only int8) or a MatMulInteger reads as its data
+    (a quantized weight)."""
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input}
+    data_input = {"DequantizeLinear": 0, "Cast": 0, "MatMulInteger": 1}
+    read = {n.input[data_input[n.op_type]] for n in model.graph.node if len(n.input) > data_input.get(n.op_type, 99)}
+    quantized = {
+        t.name for t in tensors if t.name in read and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    }
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats or t.name in quantized)
 
 

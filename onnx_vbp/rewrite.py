@@ -23,11 +23,13 @@ from onnx_vbp.graph import (
     DEQUANTIZERS,
     DiskWeights,
     TracedParam,
+    dequantized_rows,
     export_model,
     import_graph,
     node_key,
     param_input,
     per_channel_axis,
+    quantize,
     quantizer_inputs,
     trace_param,
 )
@@ -194,6 +196,7 @@ def _block_readers(editor: _Editor, block: MlpBlock) -> set[int]:
 def _block_refs(site: MlpSite) -> list[ParamRef]:
     """Every constant the block edits at this site: they may only be shared within the block."""
     refs = [*site.fc1_params, site.fc2_weight, *site.width_literals]
+    refs += [ref for ref in site.fc2_dequantize or () if ref is not None]
     if site.fc2_bias.input is not None:
         refs.append(ParamRef(site.fc2_bias.node, site.fc2_bias.input, -1))
     return refs
@@ -247,14 +250,31 @@ def _compensate(
         axis = site.fc2_weight.axis
         effective = traced.value()
         matrix = np.moveaxis(effective.astype(np.float64), axis, 0)  # [width, out, (1, 1)]
+        dtype = effective.dtype
+        if site.fc2_dequantize is not None:  # an integer fc2 (2-D): its float weight
+            scale_ref, zero_ref = site.fc2_dequantize
+            scale = editor.owned(editor.nodes[scale_ref.node], scale_ref.input, readers)
+            zero_point = (
+                None if zero_ref is None else editor.owned(editor.nodes[zero_ref.node], zero_ref.input, readers)
+            )
+            dtype = scale.value().dtype
+            matrix = dequantized_rows(matrix, scale.value(), None if zero_point is None else zero_point.value())
         if bias_delta is None:  # tied sites share fc2's weight: one solution serves all
             new_rows, bias_delta = compensation(
                 matrix.reshape(block.width, -1), stats, keep, pruned, method, ridge_lambda
             )
         if new_rows is not None and editor.once("refit", traced.source):
             matrix[keep] = new_rows.reshape(matrix[keep].shape)
+            if site.fc2_dequantize is not None:  # back to integers, widening an output's scale where needed
+                matrix, wider = quantize(
+                    matrix,
+                    scale.value().reshape(1, -1),
+                    np.zeros((1, 1)) if zero_point is None else zero_point.value().astype(np.float64).reshape(1, -1),
+                    effective.dtype,
+                )
+                scale.assign(wider.reshape(scale.shape))
             traced.assign(np.moveaxis(matrix, 0, axis))
-        _add_to_bias(editor, site.fc2_bias, bias_delta * site.fc2_bias.scale, effective.dtype, readers)
+        _add_to_bias(editor, site.fc2_bias, bias_delta * site.fc2_bias.scale, dtype, readers)
 
 
 def _add_to_bias(editor: _Editor, ref: BiasRef, delta: np.ndarray, dtype: np.dtype, readers: set[int]) -> None:

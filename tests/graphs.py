@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -317,3 +318,18 @@ def make_model(builder: Builder, x_shape: list, y: str) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model
+
+
+def quantize_static_int8(src: Path, dst: Path, model: onnx.ModelProto, quant_format: str = "QDQ") -> None:
+    """ORT's static int8 quantization of `src` (per-channel weights), calibrated on 4 random
+    batches of `model`'s input: QDQ, or QOperator (QLinearMatMul)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Feed(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([random_batch(model, batch=16, seed=s) for s in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    quantize_static(str(src), str(dst), Feed(), quant_format=QuantFormat[quant_format], per_channel=True)

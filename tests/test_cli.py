@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphs import BlockSpec, build_model, random_batch
+from graphs import BlockSpec, build_model, quantize_static_int8, random_batch
 
 from onnx_vbp.cli import main
 from onnx_vbp.report import Report
@@ -198,11 +198,15 @@ def test_inspect_lists_blocks_with_macs_and_hints_for_quantized_models(tmp_path:
     assert [b["macs"] for b in found["blocks"]] == [2 * 4 * 16 * 64, 2 * 4 * 16 * 32]
     assert found["macs"] == found["macs_in_blocks"] and found["hints"] == []
 
-    quantize_dynamic(str(tmp_path / "net.onnx"), str(tmp_path / "int8.onnx"))
+    quantize_static_int8(tmp_path / "net.onnx", tmp_path / "int8.onnx", model, "QOperator")  # QLinearMatMul
     assert main(["inspect", str(tmp_path / "int8.onnx")]) == 0
     out = capsys.readouterr().out
-    assert "0 MLP blocks" in out and "hint: the model is quantized (DynamicQuantizeLinear, MatMulInteger)" in out
+    assert "0 MLP blocks" in out and "hint: the model is quantized (QLinearMatMul)" in out
     assert "hint: no prunable MLP block" in out
+    quantize_dynamic(str(tmp_path / "net.onnx"), str(tmp_path / "dynamic.onnx"))  # pruned in place: no hint
+    assert main(["inspect", str(tmp_path / "dynamic.onnx"), "--json"]) == 0
+    dynamic = json.loads(capsys.readouterr().out)
+    assert [b["width"] for b in dynamic["blocks"]] == [64, 32] and dynamic["hints"] == []
 
 
 @pytest.mark.parametrize(
@@ -290,12 +294,11 @@ def test_statistics_with_calibration_data_say_the_data_is_unused(workspace: Path
 
 
 def test_a_quantized_model_without_blocks_is_told_to_prune_before_quantizing(workspace: Path, capsys) -> None:
-    from onnxruntime.quantization import quantize_dynamic
-
-    quantize_dynamic(str(workspace / "net.onnx"), str(workspace / "int8.onnx"))
+    net = workspace / "net.onnx"
+    quantize_static_int8(net, workspace / "int8.onnx", onnx.load(net), "QOperator")
     assert main([str(workspace / "int8.onnx"), str(workspace / "calib"), "-o", str(workspace / "o.onnx")]) == 1
     err = capsys.readouterr().err
-    assert "the model is quantized (DynamicQuantizeLinear, MatMulInteger): prune the float model, then quantize" in err
+    assert "the model is quantized (QLinearMatMul): prune the float model, then quantize" in err
     assert (
         main([str(workspace / "int8.onnx"), str(workspace / "calib"), "--allow-empty", "-o", str(workspace / "o.onnx")])
         == 0

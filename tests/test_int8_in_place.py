@@ -1,11 +1,14 @@
-"""Models with int8 weights pruned in place: ORT's static QDQ form, and weight-only int8.
+"""Models with int8 weights pruned in place: ORT's static QDQ and dynamic forms, and weight-only int8.
 
 ORT's `quantize_static(..., QuantFormat.QDQ)` stores every weight and bias as int8 behind a
 DequantizeLinear (weights per output channel) and wraps every activation in a per-tensor
 QuantizeLinear -> DequantizeLinear pair. onnx_vbp finds the blocks through the pairs, measures the
 float hidden activation, slices the int8 weights with their per-channel scales and zero points,
 and quantizes what compensation changes (fc2's rows, its bias) back into int8. Weight-only int8
-(`Mul(Cast(int8 W), scale)`, activations in float) is the same with the scale in a Mul.
+(`Mul(Cast(int8 W), scale)`, activations in float) is the same with the scale in a Mul. ORT's
+`quantize_dynamic` writes `MatMulInteger` on activations quantized at run time, the weight's
+scale multiplied in after it: the blocks are found through that chain, fc1's per-channel scale
+and zero point are sliced with it, and fc2's refit rows are quantized back against its scale.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from graphs import BlockSpec, build_model, random_batch
+from graphs import BlockSpec, build_model, quantize_static_int8, random_batch
 from helpers import relative_change
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnx_vbp import PruneOptions, find_mlp_blocks, prune_file
 from onnx_vbp.graph import import_graph, trace_param
@@ -28,27 +31,13 @@ from onnx_vbp.report import count_params
 SPECS = [BlockSpec(hidden=64), BlockSpec(hidden=64, act="relu")]
 
 
-class _Feed(CalibrationDataReader):
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.batches = iter([random_batch(model, batch=16, seed=s) for s in range(4)])
-
-    def get_next(self) -> dict | None:
-        return next(self.batches, None)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """net.onnx (float) and net.qdq.onnx (ORT static QDQ, per-channel weights), with calib.npz."""
     folder = tmp_path_factory.mktemp("qdq")
     model = build_model(SPECS, dim=32, seq=6, layernorm=True)
     onnx.save(model, folder / "net.onnx")
-    quantize_static(
-        str(folder / "net.onnx"),
-        str(folder / "net.qdq.onnx"),
-        _Feed(model),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-    )
+    quantize_static_int8(folder / "net.onnx", folder / "net.qdq.onnx", model)
     np.savez(folder / "calib.npz", **random_batch(model, batch=64, seed=0))
     return folder
 
@@ -219,3 +208,39 @@ def test_a_qdq_model_with_external_data_prunes_as_inline(
         ort.InferenceSession(str(tmp_path / f"{name}.pruned.onnx")).run(None, feed)[0] for name in ("ext", "inline")
     )
     np.testing.assert_allclose(ext, inline, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_channel: bool) -> None:
+    quantize_dynamic(
+        str(models / "net.onnx"), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8, per_channel=per_channel
+    )
+    dynamic = onnx.load(tmp_path / "dyn.onnx")
+    assert sum(n.op_type == "MatMulInteger" for n in dynamic.graph.node) == 4  # the form under test
+    blocks = find_mlp_blocks(dynamic)
+    assert [b.width for b in blocks] == [64, 64] and blocks.skipped == []
+    assert all(b.sites[0].fc2_dequantize is not None for b in blocks)
+
+    prune_file(tmp_path / "dyn.onnx", models / "calib.npz", tmp_path / "dyn.pruned.onnx", PruneOptions(ratio=0.5))
+    pruned = onnx.load(tmp_path / "dyn.pruned.onnx")
+    assert [n.op_type for n in pruned.graph.node].count("MatMulInteger") == 4
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    weights = [inits[n.input[1]] for n in pruned.graph.node if n.op_type == "MatMulInteger"]
+    assert all(w.dtype == np.int8 for w in weights) and sum(w.size for w in weights) == 2 * 32 * 64  # half
+    if per_channel:  # one zero point per output: fc1's sliced with its neurons
+        zero_points = [inits[n.input[3]] for n in pruned.graph.node if n.op_type == "MatMulInteger"]
+        assert [z.shape for z in zero_points] == [(w.shape[1],) for w in weights]
+    assert count_params(pruned) < count_params(dynamic) - 4 * 32 * 64 // 2 * 0.9
+
+    feed = random_batch(dynamic, batch=16, seed=9)
+    out = {
+        name: ort.InferenceSession(str(path)).run(None, feed)[0]
+        for name, path in (
+            ("net", models / "net.onnx"),
+            ("net.pruned", models / "net.pruned.onnx"),
+            ("dyn", tmp_path / "dyn.onnx"),
+            ("dyn.pruned", tmp_path / "dyn.pruned.onnx"),
+        )
+    }
+    float_loss = relative_change(out["net"], out["net.pruned"])
+    assert relative_change(out["dyn"], out["dyn.pruned"]) < 1.5 * float_loss + 0.05
