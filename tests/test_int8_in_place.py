@@ -33,13 +33,22 @@ SPECS = [BlockSpec(hidden=64), BlockSpec(hidden=64, act="relu")]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """net.onnx (float) and net.qdq.onnx (ORT static QDQ, per-channel weights), with calib.npz."""
+    """net.onnx (float), its pruned net.pruned.onnx, and net.qdq.onnx (ORT static QDQ,
+    per-channel weights), with calib.npz."""
     folder = tmp_path_factory.mktemp("qdq")
     model = build_model(SPECS, dim=32, seq=6, layernorm=True)
     onnx.save(model, folder / "net.onnx")
     quantize_static_int8(folder / "net.onnx", folder / "net.qdq.onnx", model)
     np.savez(folder / "calib.npz", **random_batch(model, batch=64, seed=0))
+    _prune(folder / "net.onnx", folder / "calib.npz")
     return folder
+
+
+def _prune(model: Path, calib: Path, output: Path | None = None) -> Path:
+    """`model` pruned at ratio 0.5 into `output` (default: beside it, as NAME.pruned.onnx)."""
+    output = output or model.with_suffix(".pruned.onnx")
+    prune_file(model, calib, output, PruneOptions(ratio=0.5, progress=False))
+    return output
 
 
 def _dequantized_through(model: onnx.ModelProto, node_name_part: str) -> tuple[np.ndarray, gs.Node]:
@@ -63,13 +72,7 @@ def test_qdq_blocks_are_found_through_the_activation_quantizers(models: Path) ->
 
 
 def test_a_qdq_model_is_pruned_in_place_and_stays_quantized(models: Path) -> None:
-    for name in ("net", "net.qdq"):
-        prune_file(
-            models / f"{name}.onnx",
-            models / "calib.npz",
-            models / f"{name}.pruned.onnx",
-            PruneOptions(ratio=0.5, progress=False),
-        )
+    _prune(models / "net.qdq.onnx", models / "calib.npz")
     qdq, pruned = onnx.load(models / "net.qdq.onnx"), onnx.load(models / "net.qdq.pruned.onnx")
     ops = [n.op_type for n in qdq.graph.node]
     assert [n.op_type for n in pruned.graph.node].count("QuantizeLinear") == ops.count("QuantizeLinear")
@@ -162,12 +165,7 @@ def test_weight_only_int8_is_pruned_in_place_like_its_float_model(tmp_path: Path
     onnx.save(dequantized, tmp_path / "float.onnx")
     np.savez(tmp_path / "calib.npz", **random_batch(quantized, batch=64, seed=0))
     for name in ("int8", "float"):
-        prune_file(
-            tmp_path / f"{name}.onnx",
-            tmp_path / "calib.npz",
-            tmp_path / f"{name}.pruned.onnx",
-            PruneOptions(ratio=0.5, progress=False),
-        )
+        _prune(tmp_path / f"{name}.onnx", tmp_path / "calib.npz")
     pruned = onnx.load(tmp_path / "int8.pruned.onnx")
     assert all(t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2 for t in pruned.graph.initializer)
     fc1, fc1_mul = _dequantized_through(pruned, "blocks.0/mlp/fc1")
@@ -200,9 +198,8 @@ def test_a_qdq_model_with_external_data_prunes_as_inline(
         location="ext.data",
         size_threshold=0,
     )
-    options = PruneOptions(ratio=0.5, progress=False)
-    prune_file(tmp_path / "ext.onnx", models / "calib.npz", tmp_path / "ext.pruned.onnx", options)
-    prune_file(models / "net.qdq.onnx", models / "calib.npz", tmp_path / "inline.pruned.onnx", options)
+    _prune(tmp_path / "ext.onnx", models / "calib.npz")
+    _prune(models / "net.qdq.onnx", models / "calib.npz", tmp_path / "inline.pruned.onnx")
     feed = random_batch(onnx.load(models / "net.onnx"), batch=8, seed=3)
     ext, inline = (
         ort.InferenceSession(str(tmp_path / f"{name}.pruned.onnx")).run(None, feed)[0] for name in ("ext", "inline")
@@ -221,7 +218,7 @@ def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_c
     assert [b.width for b in blocks] == [64, 64] and blocks.skipped == []
     assert all(b.sites[0].fc2_dequantize is not None for b in blocks)
 
-    prune_file(tmp_path / "dyn.onnx", models / "calib.npz", tmp_path / "dyn.pruned.onnx", PruneOptions(ratio=0.5))
+    _prune(tmp_path / "dyn.onnx", models / "calib.npz")
     pruned = onnx.load(tmp_path / "dyn.pruned.onnx")
     assert [n.op_type for n in pruned.graph.node].count("MatMulInteger") == 4
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}

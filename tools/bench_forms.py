@@ -15,11 +15,11 @@ Forms: fp32 torch export; ORT transformers optimizer (fused BiasGelu/SkipLayerNo
 onnxsim 0.8.1's simplifier; fp16 by ORT's `convert_float_to_float16(keep_io_types=True)`; int8
 static QDQ by `quantize_static` (per-channel weights, MinMax calibration on 64 news documents);
 int8 weight-only, `Mul(Cast(int8 W), scale)` with one scale per output column (written here: ORT
-has no tool for it); int8 dynamic by `quantize_dynamic`; int4 `MatMulNBits` by ORT's
-`MatMulNBitsQuantizer` (block 32).
+has no tool for it); int8 dynamic by `quantize_dynamic`, of the export and of the optimizer's
+output; int4 `MatMulNBits` by ORT's `MatMulNBitsQuantizer` (block 32).
 
 Usage:  python tools/fetch_models.py && python tools/export_minilm_l6.py &&
-        python tools/bench_forms.py [--runs 20] [--models L3,L6]
+        python tools/bench_forms.py [--runs 20] [--models L3,L6] [--forms "int8 dynamic,onnxsim"]
 Needs (tools only): onnxsim==0.8.1, scipy, tokenizers, torch + transformers (L6 export).
 """
 
@@ -97,6 +97,18 @@ def converters(calib: list[dict]) -> dict[str, Callable[[Path, Path], None] | No
             )
         onnx.save(model, dst)
 
+    def optimized_dynamic(src: Path, dst: Path) -> None:
+        """ORT's transformers optimizer, then quantize_dynamic (its fused ops carry no shape
+        information: DefaultTensorType, as ORT's error message advises)."""
+        fused = dst.with_suffix(".fused.onnx")
+        optimized(src, 384, 12, fused)
+        quantize_dynamic(
+            str(fused),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
     def nbits(src: Path, dst: Path) -> None:
         quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=32, is_symmetric=True)
         quantizer.process()
@@ -114,11 +126,14 @@ def converters(calib: list[dict]) -> dict[str, Callable[[Path, Path], None] | No
         ),
         "int8 weight-only": weight_only,
         "int8 dynamic": lambda src, dst: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8),
+        "int8 dynamic of ORT-optimized": optimized_dynamic,
         "int4 MatMulNBits": nbits,
     }
 
 
-def measure(label: str, path: Path, tokenizer: Path, output: int, expected: int, runs: int, tmp: Path) -> list[dict]:
+def measure(
+    label: str, path: Path, tokenizer: Path, output: int, expected: int, runs: int, tmp: Path, forms: list[str]
+) -> list[dict]:
     raw = RawOptions(tokenizer=tokenizer, max_length=128)
     specs = model_inputs(onnx.load(path))
     calib_dir = text_folder(tmp / "calib", _read("lee_background.cor"))
@@ -145,6 +160,8 @@ def measure(label: str, path: Path, tokenizer: Path, output: int, expected: int,
 
     rows = []
     for form, convert in converters(small[:QDQ_BATCHES]).items():
+        if forms and form not in forms:
+            continue
         base, converted = (path, float_pruned) if convert is None else (tmp / f"{form}.onnx", tmp / f"{form}.fp.onnx")
         if convert is not None:
             convert(path, base)
@@ -192,6 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--models", default="L3,L6")
+    parser.add_argument("--forms", default="", help="comma-separated form names (default: all)")
     parser.add_argument("--json", type=Path, default=ROOT / "tools" / "results" / "forms.json")
     args = parser.parse_args()
     cache = cache_dir()
@@ -203,7 +221,8 @@ def main() -> None:
     for key in args.models.split(","):
         label, make, tokenizer, output, expected = models[key]
         with tempfile.TemporaryDirectory() as tmp:
-            rows += measure(label, make(), tokenizer, output, expected, args.runs, Path(tmp))
+            forms = [f for f in args.forms.split(",") if f]
+            rows += measure(label, make(), tokenizer, output, expected, args.runs, Path(tmp), forms)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
