@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from graphs import BlockSpec, build_model, quantize_static_int8, random_batch
+from graphs import BlockSpec, build_model, quantize_static_int8, random_batch, share_initializer
 from helpers import relative_change
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -241,3 +241,22 @@ def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_c
     }
     float_loss = relative_change(out["net"], out["net.pruned"])
     assert relative_change(out["dyn"], out["dyn.pruned"]) < 1.5 * float_loss + 0.05
+
+
+def test_a_zero_point_shared_by_two_blocks_is_sliced_for_each(models: Path, tmp_path: Path) -> None:
+    """Tools that merge identical initializers leave one all-zero per-channel zero point read by
+    the fc1 of both blocks: each block slices its own copy, to its own width."""
+    qdq = onnx.load(models / "net.qdq.onnx")
+    fc1 = [n for n in qdq.graph.node if n.op_type == "MatMul" and "fc1" in n.name]
+    dequantize = {n.output[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    zero_points = [dequantize[n.input[1]].input[2] for n in fc1]
+    assert len(set(zero_points)) == 2  # one per block, as ORT writes them
+    share_initializer(qdq, zero_points)
+    onnx.save(qdq, tmp_path / "shared.onnx")
+    pruned = onnx.load(_prune(tmp_path / "shared.onnx", models / "calib.npz"))
+    widths = [_dequantized_through(pruned, f"blocks.{i}/mlp/fc1")[0].shape[1] for i in (0, 1)]
+    assert widths[0] != widths[1] and sum(widths) == 64  # global allocation: the two differ
+    feed = random_batch(qdq, batch=8, seed=4)
+    plain = _prune(models / "net.qdq.onnx", models / "calib.npz", tmp_path / "plain.pruned.onnx")
+    reference = ort.InferenceSession(str(plain)).run(None, feed)[0]
+    np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "shared.pruned.onnx")).run(None, feed)[0], reference)
