@@ -235,7 +235,7 @@ def _residual(fc2: Linear, taken: set[str]) -> tuple[str | None, str | None, Par
         if len(out.outputs) != 1:
             return None, None, None
         node = out.outputs[0]
-        if node.op == "SkipLayerNormalization" and any(node.inputs[i] is out for i in (0, 1)):
+        if node.op == "SkipLayerNormalization" and any(t is out for t in node.inputs[:2]):
             return _sum_output(node, taken), node_key(node), scale
         others = [i for i, t in enumerate(node.inputs) if t is not out]
         if len(node.inputs) != 2 or len(others) != 1:
@@ -461,7 +461,10 @@ def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
     residual, residual_node, output_scale = _residual(fc2, taken)
     hidden = fc2.node.inputs[0]
     if fc2.node.op == "MatMulInteger":  # calibration observes the float activation, not its int8 rounding
-        hidden = producer(hidden).inputs[0]
+        quantizer = producer(hidden)
+        if quantizer is None or quantizer.op != "DynamicQuantizeLinear":
+            return None
+        hidden = quantizer.inputs[0]
     return MlpSite(
         fc1=tuple(node_label(lin.node) for lin in match.fc1),
         fc2=node_label(fc2.node),
