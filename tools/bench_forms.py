@@ -11,7 +11,8 @@ sentences (sentence embedding: mean cosine, Spearman correlation of the 19,900 p
 similarities), with its file size and its speedup over that unpruned model (`onnx_vbp.bench`,
 batch 8 x 128 tokens of news text, 2 threads, medians of interleaved runs).
 
-Forms: fp32 torch export; ORT transformers optimizer (fused BiasGelu/SkipLayerNormalization);
+Forms: fp32 torch export (TorchScript exporter; for L6 also the dynamo exporter, pruned in place
+only); ORT transformers optimizer (fused BiasGelu/SkipLayerNormalization);
 onnxsim 0.8.1's simplifier; fp16 by ORT's `convert_float_to_float16(keep_io_types=True)`; int8
 static QDQ by `quantize_static` (per-channel weights, MinMax calibration on 64 news documents);
 int8 weight-only, `Mul(Cast(int8 W), scale)` with one scale per output column (written here: ORT
@@ -132,8 +133,18 @@ def converters(calib: list[dict]) -> dict[str, Callable[[Path, Path], None] | No
 
 
 def measure(
-    label: str, path: Path, tokenizer: Path, output: int, expected: int, runs: int, tmp: Path, forms: list[str]
+    label: str,
+    path: Path,
+    tokenizer: Path,
+    output: int,
+    expected: int,
+    runs: int,
+    tmp: Path,
+    forms: list[str],
+    exports: dict[str, Path],
 ) -> list[dict]:
+    """The rows of one network: its converted forms, and `exports` (other exports of the same
+    network, pruned in place only: no conversion of the float export makes them)."""
     raw = RawOptions(tokenizer=tokenizer, max_length=128)
     specs = model_inputs(onnx.load(path))
     calib_dir = text_folder(tmp / "calib", _read("lee_background.cor"))
@@ -159,11 +170,14 @@ def measure(
         }
 
     rows = []
-    for form, convert in converters(small[:QDQ_BATCHES]).items():
+    jobs = [(form, convert, None) for form, convert in converters(small[:QDQ_BATCHES]).items()]
+    for form, convert, export in jobs + [(form, None, export) for form, export in exports.items()]:
         if forms and form not in forms:
             continue
         base, converted = (path, float_pruned) if convert is None else (tmp / f"{form}.onnx", tmp / f"{form}.fp.onnx")
-        if convert is not None:
+        if export is not None:
+            base, converted = export, None
+        elif convert is not None:
             convert(path, base)
             convert(float_pruned, converted)
         row = {"model": label, "form": form, "mb": base.stat().st_size / 2**20}
@@ -175,7 +189,7 @@ def measure(
                 row["in_place"] = compare(base, in_place)
             except VbpError as exc:
                 row["in_place"] = {"error": str(exc)}
-        row["float_first"] = compare(base, converted)
+        row["float_first"] = None if converted is None else compare(base, converted)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -214,15 +228,23 @@ def main() -> None:
     args = parser.parse_args()
     cache = cache_dir()
     models = {
-        "L3": ("paraphrase-MiniLM-L3-v2", lambda: fetch("paraphrase-MiniLM-L3-v2.onnx", cache), TOKENIZER, 3, 3),
-        "L6": ("all-MiniLM-L6-v2", lambda: export_l6(cache), l6_weights(cache) / "tokenizer.json", 1, 6),
+        "L3": ("paraphrase-MiniLM-L3-v2", lambda: fetch("paraphrase-MiniLM-L3-v2.onnx", cache), TOKENIZER, 3, 3, {}),
+        "L6": (
+            "all-MiniLM-L6-v2",
+            lambda: export_l6(cache),
+            l6_weights(cache) / "tokenizer.json",
+            1,
+            6,
+            {"fp32 torch dynamo export": lambda: export_l6(cache, dynamo=True)},
+        ),
     }
     rows = []
     for key in args.models.split(","):
-        label, make, tokenizer, output, expected = models[key]
+        label, make, tokenizer, output, expected, exports = models[key]
         with tempfile.TemporaryDirectory() as tmp:
             forms = [f for f in args.forms.split(",") if f]
-            rows += measure(label, make(), tokenizer, output, expected, args.runs, Path(tmp), forms)
+            chosen = {form: export() for form, export in exports.items() if not forms or form in forms}
+            rows += measure(label, make(), tokenizer, output, expected, args.runs, Path(tmp), forms, chosen)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))

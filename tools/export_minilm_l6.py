@@ -41,9 +41,10 @@ def fetch_weights(cache: Path) -> Path:
     return folder
 
 
-def export(cache: Path) -> Path:
-    """The cached ONNX export, made first if needed."""
-    target = cache / f"{NAME}.onnx"
+def export(cache: Path, dynamo: bool = False) -> Path:
+    """The cached ONNX export, made first if needed: by torch's TorchScript exporter (opset 17),
+    or with `dynamo` by its torch.export-based one (ONNX `Gelu`, weights in one inline file)."""
+    target = cache / f"{NAME}{'.dynamo' if dynamo else ''}.onnx"
     if target.exists():
         return target
     import torch
@@ -67,21 +68,27 @@ def export(cache: Path) -> Path:
 
     ids = torch.ones(2, 16, dtype=torch.int64)
     partial = target.with_suffix(".onnx.part")
+    inputs = ("input_ids", "attention_mask", "token_type_ids")
+    if dynamo:
+        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+        options = {"dynamic_shapes": dict.fromkeys(inputs, dims), "dynamo": True}
+    else:
+        axes = {name: {0: "batch", 1: "sequence"} for name in (*inputs, "last_hidden_state")}
+        options = {"dynamic_axes": axes | {"sentence_embedding": {0: "batch"}}, "opset_version": 17, "dynamo": False}
     with torch.no_grad():
         torch.onnx.export(
             SentenceEncoder().eval(),
             (ids, torch.ones_like(ids), torch.zeros_like(ids)),
             str(partial),
-            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            input_names=list(inputs),
             output_names=["last_hidden_state", "sentence_embedding"],
-            dynamic_axes={
-                name: {0: "batch", 1: "sequence"}
-                for name in ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")
-            }
-            | {"sentence_embedding": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
+            **options,
         )
+    if dynamo:  # the dynamo exporter writes the weights beside the model: fold them in (90 MB)
+        import onnx
+
+        onnx.save(onnx.load(str(partial)), str(partial))
+        partial.with_name(partial.name + ".data").unlink(missing_ok=True)
     partial.replace(target)
     return target
 
