@@ -96,9 +96,10 @@ def export(cache: Path, dynamo: bool = False) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=cache_dir())
+    parser.add_argument("--dynamo", action="store_true", help="torch's dynamo exporter instead of TorchScript")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
-    print(export(args.cache))
+    print(export(args.cache, dynamo=args.dynamo))
     print(fetch_weights(args.cache) / "tokenizer.json")
 
 
