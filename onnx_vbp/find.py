@@ -235,7 +235,7 @@ def _residual(fc2: Linear, taken: set[str]) -> tuple[str | None, str | None, Par
         if len(out.outputs) != 1:
             return None, None, None
         node = out.outputs[0]
-        if node.op == "SkipLayerNormalization" and any(t is out for t in node.inputs[:2]):
+        if node.op == "SkipLayerNormalization" and len(node.inputs) >= 3 and any(t is out for t in node.inputs[:2]):
             return _sum_output(node, taken), node_key(node), scale
         others = [i for i, t in enumerate(node.inputs) if t is not out]
         if len(node.inputs) != 2 or len(others) != 1:

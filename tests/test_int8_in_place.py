@@ -260,3 +260,16 @@ def test_a_zero_point_shared_by_two_blocks_is_sliced_for_each(models: Path, tmp_
     plain = _prune(models / "net.qdq.onnx", models / "calib.npz", tmp_path / "plain.pruned.onnx")
     reference = ort.InferenceSession(str(plain)).run(None, feed)[0]
     np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "shared.pruned.onnx")).run(None, feed)[0], reference)
+
+
+def test_an_integer_fc2_not_fed_by_a_dynamic_quantizer_is_not_a_block(models: Path) -> None:
+    """fc2's float input is what calibration observes: an int8 input made some other way (here a
+    plain Cast) has none, so that block is left alone."""
+    quantize_dynamic(str(models / "net.onnx"), str(models / "dyn.onnx"), weight_type=QuantType.QInt8)
+    dynamic = onnx.load(models / "dyn.onnx")
+    (fc2,) = [n for n in dynamic.graph.node if n.op_type == "MatMulInteger" and "blocks.0/mlp/fc2" in n.name]
+    quantizer = next(n for n in dynamic.graph.node if fc2.input[0] in n.output)
+    cast = onnx.helper.make_node("Cast", [quantizer.input[0]], ["hidden_uint8"], to=onnx.TensorProto.UINT8)
+    dynamic.graph.node.insert(list(dynamic.graph.node).index(quantizer), cast)
+    fc2.input[0] = "hidden_uint8"
+    assert [b.name for b in find_mlp_blocks(dynamic)] == ["/blocks.1/mlp"]

@@ -366,3 +366,12 @@ def test_too_few_positions_for_a_covariance_are_warned_about(copies: Path, caplo
     caplog.clear()
     assert main([str(copies / "m.onnx"), str(copies / "calib"), "-q", "-o", str(copies / "o2.onnx")]) == 0
     assert "covariance comes from only" not in caplog.text  # 240 positions for 16 neurons
+
+
+def test_a_skip_layernorm_without_a_skip_input_is_no_stream() -> None:
+    """A damaged fused op (one input) reads as no residual stream, not as an error."""
+    model = build_model([BlockSpec(hidden=16, fc2_bias="skip_layernorm")])
+    fused = next(n for n in model.graph.node if n.op_type == "SkipLayerNormalization")
+    del fused.input[1:]
+    (block,) = find_mlp_blocks(model)
+    assert block.sites[0].residual is None and block.sites[0].residual_node is None
