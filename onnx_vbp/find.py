@@ -151,12 +151,12 @@ def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
     MatMulInteger(xq, Wq, x_zero, w_zero) -> Cast(float) -> Mul(·, Mul(x_scale, w_scale)) [+ Add(b)]
     """
     out_features = weight.shape[1]
-    zero_point = None
+    zero_point, zero_size = None, None
     if len(node.inputs) > 3 and _is_present(node.inputs[3]):
         traced = trace_param(node.inputs[3])
         if traced is None or int(np.prod(traced.shape)) not in (1, out_features):
             return None
-        zero_point = ParamRef(node_key(node), 3, -1)
+        zero_point, zero_size = ParamRef(node_key(node), 3, -1), int(np.prod(traced.shape))
     cast = _only_reader(node.outputs[0], "Cast")
     mul = _only_reader(cast.outputs[0], "Mul") if cast is not None else None
     if mul is None or len(mul.inputs) != 2:
@@ -164,17 +164,14 @@ def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
     scales = producer(next(t for t in mul.inputs if t is not cast.outputs[0]))
     if scales is None or scales.op != "Mul":
         return None
-    constant = [i for i, t in enumerate(scales.inputs) if trace_param(t) is not None]
-    if len(constant) != 1 or int(np.prod(trace_param(scales.inputs[constant[0]]).shape)) not in (1, out_features):
+    constants = [(i, traced) for i, t in enumerate(scales.inputs) if (traced := trace_param(t)) is not None]
+    if len(constants) != 1 or int(np.prod(constants[0][1].shape)) not in (1, out_features):
         return None
+    scale, scale_size = ParamRef(node_key(scales), constants[0][0], -1), int(np.prod(constants[0][1].shape))
     linear = Linear(node, 1, weight, 0, 1, -1, None, None, mul.outputs[0])
-    linear.steps, linear.scales_node = (cast, mul), scales
-    linear.scale, linear.zero_point = ParamRef(node_key(scales), constant[0], -1), zero_point
-    sizes = [int(np.prod(trace_param(scales.inputs[constant[0]]).shape))]
-    if zero_point is not None:
-        sizes.append(int(np.prod(trace_param(node.inputs[3]).shape)))
-    refs = (linear.scale, linear.zero_point)
-    linear.per_channel = tuple(ref for ref, size in zip(refs, sizes, strict=False) if size == out_features > 1)
+    linear.steps, linear.scales_node, linear.scale, linear.zero_point = (cast, mul), scales, scale, zero_point
+    sized = ((scale, scale_size), (zero_point, zero_size))
+    linear.per_channel = tuple(ref for ref, size in sized if ref is not None and size == out_features > 1)
     return _with_bias_add(linear)
 
 

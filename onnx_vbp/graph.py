@@ -137,8 +137,8 @@ def _is_linear_output(tensor: gs.Tensor) -> bool:
     """`tensor` comes from a MatMul/Gemm/Conv, or from the Add of its bias (ORT's static
     quantization folds a ReLU after these into the next QuantizeLinear)."""
     node = producer(tensor)
-    if node is not None and node.op == "Add":
-        return any(_is_linear_output(t) for t in node.inputs if not isinstance(t, gs.Constant))
+    if node is not None and node.op == "Add":  # one level only: a residual chain of Adds is not a bias
+        return any(producer(t) is not None and producer(t).op in LINEAR_OPS for t in node.inputs)
     return node is not None and node.op in LINEAR_OPS
 
 
@@ -341,8 +341,12 @@ def dequantizer(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
 def per_channel_axis(node: gs.Node, rank: int) -> int | None:
     """The axis (of its input, `rank` dims) a dequantizer has one scale per index of, or None for
     one scale in all."""
-    shape = dequantizer(node, rank)[0].shape
-    return next((axis for axis, size in enumerate(shape) if size > 1), None)
+    return _channel_axis(dequantizer(node, rank)[0])
+
+
+def _channel_axis(scale: np.ndarray) -> int | None:
+    """The axis of a broadcastable scale longer than 1, or None for one scale in all."""
+    return next((axis for axis, size in enumerate(scale.shape) if size > 1), None)
 
 
 def _requantize(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -371,7 +375,7 @@ def quantize(
     scale is kept where the values fit the integer range around the zero point, else widened to
     the smallest that fits them, channel by channel."""
     limits = np.iinfo(dtype)
-    axis = next((i for i, size in enumerate(scale.shape) if size > 1), None)
+    axis = _channel_axis(scale)
     others = tuple(i for i in range(value.ndim) if i != axis)
     high = np.maximum(value.max(axis=others, keepdims=True), 0.0) / (limits.max - zero_point)
     low = np.minimum(value.min(axis=others, keepdims=True), 0.0) / (limits.min - zero_point)
@@ -400,7 +404,7 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
     for index, node in enumerate(chain):  # a weight-only scale: Mul(Cast(integer constant), scale)
         if node.op != "Mul":
             continue
-        if chain[index + 1 :] != chain[-1:] or chain[-1].op != "Cast" or not _quantized(tensor):
+        if index != len(chain) - 2 or chain[-1].op != "Cast" or not _quantized(tensor):
             return None
         shape, scale_shape = tuple(tensor.shape), tuple(node.inputs[scale_input(node)].shape)
         if len(scale_shape) > len(shape) or np.broadcast_shapes(shape, scale_shape) != shape:

@@ -38,7 +38,11 @@ def count_params(model: onnx.ModelProto) -> int:
     ]
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     data_input = {"DequantizeLinear": 0, "Cast": 0, "MatMulInteger": 1}
-    read = {n.input[data_input[n.op_type]] for n in model.graph.node if len(n.input) > data_input.get(n.op_type, 99)}
+    read = {
+        n.input[data_input[n.op_type]]
+        for n in model.graph.node
+        if n.op_type in data_input and len(n.input) > data_input[n.op_type]
+    }
     quantized = {
         t.name for t in tensors if t.name in read and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
     }

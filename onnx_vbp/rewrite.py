@@ -251,14 +251,14 @@ def _compensate(
         effective = traced.value()
         matrix = np.moveaxis(effective.astype(np.float64), axis, 0)  # [width, out, (1, 1)]
         dtype = effective.dtype
-        if site.fc2_dequantize is not None:  # an integer fc2 (2-D): its float weight
+        if site.fc2_dequantize is not None:  # an integer fc2 (2-D): its float weight, by output
             scale_ref, zero_ref = site.fc2_dequantize
             scale = editor.owned(editor.nodes[scale_ref.node], scale_ref.input, readers)
-            zero_point = (
-                None if zero_ref is None else editor.owned(editor.nodes[zero_ref.node], zero_ref.input, readers)
-            )
-            dtype = scale.value().dtype
-            matrix = dequantized_rows(matrix, scale.value(), None if zero_point is None else zero_point.value())
+            scale_row = scale.value().reshape(1, -1)
+            zero = None if zero_ref is None else editor.owned(editor.nodes[zero_ref.node], zero_ref.input, readers)
+            zero_row = np.zeros((1, 1)) if zero is None else zero.value().astype(np.float64).reshape(1, -1)
+            dtype = scale_row.dtype
+            matrix = dequantized_rows(matrix, scale_row, zero_row)
         if bias_delta is None:  # tied sites share fc2's weight: one solution serves all
             new_rows, bias_delta = compensation(
                 matrix.reshape(block.width, -1), stats, keep, pruned, method, ridge_lambda
@@ -266,12 +266,7 @@ def _compensate(
         if new_rows is not None and editor.once("refit", traced.source):
             matrix[keep] = new_rows.reshape(matrix[keep].shape)
             if site.fc2_dequantize is not None:  # back to integers, widening an output's scale where needed
-                matrix, wider = quantize(
-                    matrix,
-                    scale.value().reshape(1, -1),
-                    np.zeros((1, 1)) if zero_point is None else zero_point.value().astype(np.float64).reshape(1, -1),
-                    effective.dtype,
-                )
+                matrix, wider = quantize(matrix, scale_row, zero_row, effective.dtype)
                 scale.assign(wider.reshape(scale.shape))
             traced.assign(np.moveaxis(matrix, 0, axis))
         _add_to_bias(editor, site.fc2_bias, bias_delta * site.fc2_bias.scale, dtype, readers)
