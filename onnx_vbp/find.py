@@ -10,7 +10,10 @@ fc1 / fc2 (`Linear` below) are one of
     MatMul(x, W) [+ Add(b, .) either operand order]     W [in, out]
     Gemm(x, W, C), transA = 0, any transB                W [in, out] or [out, in]
     Conv(x, W, B), 1x1 kernel (any rank), group 1, no padding   features on axis 1
-where W and the biases are constants, possibly behind Transpose / Cast / Identity. fc2's bias
+    MatMulInteger of ORT's dynamic quantization (see `_integer_linear`)
+    com.microsoft MatMulNBits(x, B, scales, ...) [+ Add]  W [in, out] packed in blocks (nbits.py)
+where W and the biases are constants, possibly behind Transpose / Cast / Identity /
+DequantizeLinear (or a weight-only scale's Mul). fc2's bias
 may also be input 4 of a following com.microsoft SkipLayerNormalization.
 
 Not MLPs: fc2 that is not a linear (1x1 -> ReLU -> 3x3 conv), grouped convolutions, non-constant
@@ -39,6 +42,7 @@ from onnx_vbp.graph import (
     producer,
     trace_param,
 )
+from onnx_vbp.nbits import PackedWeight, is_nbits
 from onnx_vbp.records import BiasRef, BlockList, MlpBlock, MlpSite, ParamRef, SkippedBlock
 
 LAYOUT_OPS = ("Reshape", "Flatten")
@@ -50,7 +54,7 @@ HIDDEN_PATH_OPS = (*LAYOUT_OPS, "DynamicQuantizeLinear")
 class Linear:
     node: gs.Node
     weight_input: int
-    weight: TracedParam
+    weight: TracedParam | PackedWeight
     in_axis: int  # weight axis (as the node sees it) over input features
     out_axis: int  # weight axis over output features
     feature_axis: int  # axis of the data tensors over features
@@ -71,11 +75,11 @@ class Linear:
 
     @property
     def in_features(self) -> int:
-        return self.weight.source.shape[self.weight.source_axis(self.in_axis)]
+        return self.weight.shape[self.in_axis]
 
     @property
     def out_features(self) -> int:
-        return self.weight.source.shape[self.weight.source_axis(self.out_axis)]
+        return self.weight.shape[self.out_axis]
 
 
 def _is_present(tensor: gs.Tensor) -> bool:
@@ -104,7 +108,9 @@ def _match_bias_add(
 
 
 def match_linear(node: gs.Node) -> Linear | None:
-    """Recognise MatMul[+Add] / Gemm / 1x1 Conv with constant weights, else None."""
+    """Recognise MatMul[+Add] / Gemm / 1x1 Conv / MatMulNBits with constant weights, else None."""
+    if is_nbits(node):
+        return _nbits_linear(node)
     if not in_default_domain(node) or len(node.inputs) < 2:
         return None
     weight = trace_param(node.inputs[1])
@@ -172,6 +178,22 @@ def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
     linear.steps, linear.scales_node, linear.scale, linear.zero_point = (cast, mul), scales, scale, zero_point
     sized = ((scale, scale_size), (zero_point, zero_size))
     linear.per_channel = tuple(ref for ref, size in sized if ref is not None and size == out_features > 1)
+    return _with_bias_add(linear)
+
+
+def _nbits_linear(node: gs.Node) -> Linear | None:
+    """MatMulNBits(x, B, scales[, zero_points, , bias]) [+ Add(b)]: x @ W [+ bias], W [K, N] in
+    4-bit (or 2, 8) blocks along K (see `nbits.py`)."""
+    weight = PackedWeight.of(node)
+    if weight is None:
+        return None
+    linear = Linear(node, 1, weight, 0, 1, -1, None, None, node.outputs[0])
+    if len(node.inputs) > 5 and _is_present(node.inputs[5]):
+        bias = trace_param(node.inputs[5])
+        if bias is None or int(np.prod(bias.shape)) != linear.out_features:
+            return None
+        linear.bias_node, linear.bias_input = node, 5
+        return linear
     return _with_bias_add(linear)
 
 

@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.gs_internals import data_less, tensor_proto
+from onnx_vbp.nbits import PackedWeight, is_nbits
 
 # Ops that hand a parameter to its consumer unchanged up to layout, dtype or quantization:
 # exporters put weights stored [out, in] behind a Transpose and fp16 weights behind a Cast, and
@@ -385,6 +386,14 @@ def quantize(
     return ints.astype(dtype), wider
 
 
+def trace_input(node: gs.Node, index: int) -> TracedParam | PackedWeight | None:
+    """The constant behind input `index` of `node` (see `trace_param`); for a MatMulNBits' packed
+    weight, the float matrix it stands for."""
+    if is_nbits(node) and index == 1:
+        return PackedWeight.of(node)
+    return trace_param(node.inputs[index])
+
+
 def trace_param(tensor: gs.Tensor) -> TracedParam | None:
     """Follow `tensor` up through pass-through ops to a constant; None if it is not constant."""
     chain = []
@@ -472,6 +481,12 @@ class DiskWeights:
     def __init__(self, model: onnx.ModelProto, folder: Path | None) -> None:
         self.folder = folder
         self.tensors = {t.name: t for t in model.graph.initializer if uses_external_data(t)}
+
+    def load_param(self, param: TracedParam | PackedWeight) -> None:
+        """Give every constant of a traced parameter its values."""
+        for tensor in param.tensors():
+            if isinstance(tensor, gs.Constant):
+                self.load(tensor)
 
     def load(self, const: gs.Constant) -> None:
         """Give `const` its values if they are still on disk (a no-op otherwise)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_vbp.graph import DiskWeights, dequantized_rows, import_graph, node_key, trace_param
+from onnx_vbp.graph import DiskWeights, dequantized_rows, import_graph, node_key, trace_input
 from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.records import MlpBlock, ParamRef, Ranking
 from onnx_vbp.stats import Stats
@@ -46,8 +46,8 @@ def fc2_rows(
     disk = DiskWeights(model, external_dir)
 
     def constant(ref: ParamRef) -> np.ndarray:
-        traced = trace_param(nodes[ref.node].inputs[ref.input])
-        disk.load(traced.source)
+        traced = trace_input(nodes[ref.node], ref.input)
+        disk.load_param(traced)
         return traced.value().astype(np.float64)
 
     rows = {}

@@ -701,11 +701,10 @@ def prune(
 
 
 # Ops of ORT's and ONNX's quantized forms that onnx_vbp does not prune through. (The QDQ and
-# weight-only forms, float MatMuls reading dequantized weights, and ORT's dynamic MatMulInteger
-# form are pruned in place.)
+# weight-only forms, float MatMuls reading dequantized weights, ORT's dynamic MatMulInteger form
+# and its int4 MatMulNBits are pruned in place.)
 QUANTIZED_OPS = (
     "QLinearMatMul",
-    "MatMulNBits",
     "QLinearConv",
     "ConvInteger",
     "DynamicQuantizeMatMul",

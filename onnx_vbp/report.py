@@ -30,9 +30,9 @@ MS_MAC_OPS = (
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of every floating-point constant (initializers and Constant nodes), and of every
+    """Elements of every floating-point constant (initializers and Constant nodes), of every
     8-bit one a DequantizeLinear, a Cast (weight-only int8) or a MatMulInteger reads as its data
-    (a quantized weight)."""
+    (a quantized weight), and the K x N weights packed in each MatMulNBits' B."""
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
@@ -46,7 +46,13 @@ def count_params(model: onnx.ModelProto) -> int:
     quantized = {
         t.name for t in tensors if t.name in read and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
     }
-    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats or t.name in quantized)
+    packed = {
+        n.input[1]: int(np.prod([onnx.helper.get_attribute_value(a) for a in n.attribute if a.name in ("K", "N")]))
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    counted = (t for t in tensors if t.data_type in floats or t.name in quantized)
+    return sum(int(np.prod(t.dims)) for t in counted) + sum(packed.values())
 
 
 def node_macs(

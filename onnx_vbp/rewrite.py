@@ -31,8 +31,10 @@ from onnx_vbp.graph import (
     per_channel_axis,
     quantize,
     quantizer_inputs,
+    trace_input,
     trace_param,
 )
+from onnx_vbp.nbits import PackedWeight, is_nbits
 from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA
 from onnx_vbp.records import BiasRef, MlpBlock, MlpSite, ParamRef, Plan
 from onnx_vbp.stats import Stats
@@ -51,6 +53,7 @@ class _Editor:
         self._taken = set(self.tensors) | {n.name for n in self.graph.nodes}
         self.edited: set[str] = set()  # constants handed out for editing (export converts only these)
         self._done: set[tuple[str, int]] = set()  # (edit, id of the constant) already applied
+        self.packed: dict[int, PackedWeight] = {}  # MatMulNBits weights handed out, by id of B
 
     def once(self, edit: str, constant: gs.Constant) -> bool:
         """True the first time `edit` is asked for on `constant`: the sites of a tied block reach
@@ -69,9 +72,11 @@ class _Editor:
                 return name
         raise AssertionError("unreachable")
 
-    def owned(self, node: gs.Node, index: int, readers: set[int]) -> TracedParam:
+    def owned(self, node: gs.Node, index: int, readers: set[int]) -> TracedParam | PackedWeight:
         """The constant feeding `node.inputs[index]`, copied first if anything outside `readers`
         (ids of the block's nodes) reads it or the pass-through chain in between."""
+        if is_nbits(node) and index == 1:
+            return self._owned_packed(node, readers)
         traced = trace_param(node.inputs[index])
         self.disk.load(traced.source)
         allowed = readers | {id(n) for n in traced.chain}
@@ -97,6 +102,24 @@ class _Editor:
             if link.op in DEQUANTIZERS:  # its scale and zero point are sliced or widened with the weight
                 self._own_inputs(link)
         return traced
+
+    def _owned_packed(self, node: gs.Node, readers: set[int]) -> PackedWeight:
+        """A MatMulNBits' weight, its B, scales and zero points copied first where a node outside
+        `readers` reads them; one record per B, edited until `pack_all`."""
+        for index, tensor in enumerate(node.inputs[1:4], start=1):
+            if not tensor.name:
+                continue
+            self.disk.load(tensor)
+            if any(id(reader) not in readers for reader in tensor.outputs):
+                tensor = gs.Constant(self.fresh(tensor.name), np.array(tensor.values))
+                node.inputs[index] = tensor
+            self.edited.add(tensor.name)
+        return self.packed.setdefault(id(node.inputs[1]), PackedWeight.of(node))
+
+    def pack_all(self) -> None:
+        """Quantize every edited MatMulNBits weight back into its blocks."""
+        for packed in self.packed.values():
+            packed.pack()
 
     def _own_inputs(self, link: gs.Node) -> None:
         """Give the dequantizer `link` its own copy of its scale and zero point where another node
@@ -170,6 +193,7 @@ def rewrite(
         if compensate != "none":
             _compensate(editor, block, stats[block.name], keep, pruned, readers, compensate, ridge_lambda)
         _slice(editor, block, keep, readers)
+    editor.pack_all()
     pruned = export_model(editor.graph, model, editor.edited)
     # A gs graph is a web of reference cycles (nodes <-> tensors): collect it now, or a large
     # model's sliced weights linger beside their exported copy until the next GC pass.
@@ -188,7 +212,7 @@ def _block_readers(editor: _Editor, block: MlpBlock) -> set[int]:
         for ref in _block_refs(site):
             node = editor.nodes[ref.node]
             readers.add(id(node))
-            traced = trace_param(node.inputs[ref.input]) if ref.input < len(node.inputs) else None
+            traced = trace_input(node, ref.input) if ref.input < len(node.inputs) else None
             readers.update(id(link) for link in (traced.chain if traced else ()))
     return readers
 
@@ -298,6 +322,9 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
         for ref in (*site.fc1_params, site.fc2_weight):
             traced = editor.owned(editor.nodes[ref.node], ref.input, readers)
             if not editor.once("slice", traced.source):
+                continue
+            if isinstance(traced, PackedWeight):
+                traced.take(keep, ref.axis)
                 continue
             axes = traced.link_axes(ref.axis)
             traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=axes[-1])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnx_vbp"
-FOUNDATION = {"errors", "options", "records", "stats", "runtime", "data", "graph", "gs_internals", "modelio"}
+FOUNDATION = {"errors", "options", "records", "stats", "runtime", "data", "graph", "nbits", "gs_internals", "modelio"}
 # the pipeline's stages, and the one other stage each may call
 STAGES = {
     "activations": set(),

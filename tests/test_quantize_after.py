@@ -1,6 +1,6 @@
 """The supported order for int8 deployments: prune the float model, then quantize it with ORT.
 
-A model in a form onnx_vbp does not prune (MatMulNBits, QOperator) is refused with that hint
+A model in a form onnx_vbp does not prune (QOperator) is refused with that hint
 (tests/test_cli.py); here that order is shown to work: the pruned float model quantizes like any
 other, keeps its narrower MLPs, and its int8 outputs stay as close to the pruned float model's as
 quantization keeps the unpruned one.
