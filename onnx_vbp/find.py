@@ -187,14 +187,10 @@ def _nbits_linear(node: gs.Node) -> Linear | None:
     weight = PackedWeight.of(node)
     if weight is None:
         return None
-    linear = Linear(node, 1, weight, 0, 1, -1, None, None, node.outputs[0])
-    if len(node.inputs) > 5 and _is_present(node.inputs[5]):
-        bias = trace_param(node.inputs[5])
-        if bias is None or int(np.prod(bias.shape)) != linear.out_features:
-            return None
-        linear.bias_node, linear.bias_input = node, 5
-        return linear
-    return _with_bias_add(linear)
+    linear = _with_own_bias(Linear(node, 1, weight, 0, 1, -1, None, None, node.outputs[0]), 5)
+    if linear is not None and linear.bias_node is None:
+        return _with_bias_add(linear)
+    return linear
 
 
 def _only_reader(tensor: gs.Tensor, op: str) -> gs.Node | None:
@@ -211,14 +207,15 @@ def _with_bias_add(linear: Linear, rank: int = 0) -> Linear:
     return linear
 
 
-def _with_own_bias(linear: Linear) -> Linear | None:
-    """Gemm / Conv carry the bias as input 2; it must be a per-feature constant if present."""
+def _with_own_bias(linear: Linear, index: int = 2) -> Linear | None:
+    """Gemm / Conv carry the bias as input 2 (MatMulNBits as input 5); it must be a per-feature
+    constant if present."""
     node = linear.node
-    if len(node.inputs) > 2 and _is_present(node.inputs[2]):
-        bias = trace_param(node.inputs[2])
+    if len(node.inputs) > index and _is_present(node.inputs[index]):
+        bias = trace_param(node.inputs[index])
         if bias is None or int(np.prod(bias.shape)) != linear.out_features:
             return None
-        linear.bias_node, linear.bias_input = node, 2
+        linear.bias_node, linear.bias_input = node, index
     return linear
 
 
