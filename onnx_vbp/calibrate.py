@@ -2,7 +2,9 @@
 
 Statistics are accumulated per batch in float64 and merged with Chan's parallel formula, so the
 memory held is one batch of hidden activations plus O(width) per block, whatever the number of
-samples, and a large mean does not swamp a small variance.
+samples, and a large mean does not swamp a small variance. Second moments, when asked for, are
+pooled by the law of total covariance (`stats.PooledComoment`): each batch's product is added in
+place, O(width²) per block.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import onnx
 from onnx_vbp.instrument import instrument
 from onnx_vbp.records import MlpBlock
 from onnx_vbp.runtime import ORT_ERRORS, available_cores, cpu_session, first_line
-from onnx_vbp.stats import CalibrationError, Stats
+from onnx_vbp.stats import CalibrationError, PooledComoment, Stats
 
 COMOMENT_BUDGET = 8 << 30  # bytes of float64 second moments over all blocks
 # Once a block has seen COMOMENT_FULL_POSITIONS x its width positions, its second moments take
@@ -90,7 +92,8 @@ def calibrate(
     streams = [(block, site) for block, site in fetch if comoments and site.residual]
     fetch_names = [site.hidden for _, site in fetch] + [site.residual for _, site in streams]
     with_stream = {b.name for b in blocks if comoments and all(site.residual for site in b.sites)}
-    stats = {block.name: Stats.empty(block.width, comoments, block.name in with_stream) for block in blocks}
+    stats = {block.name: Stats.empty(block.width, stream=block.name in with_stream) for block in blocks}
+    pooled = {block.name: PooledComoment(block.width) for block in blocks if comoments}
     # the host reduces each batch while ORT's threads wait for the next: it may use as many cores
     workers = min(threads or available_cores(), available_cores())
     with ThreadPoolExecutor(workers) as pool:
@@ -109,7 +112,7 @@ def calibrate(
                 with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN are reported just below
                     seen = stats[block.name].count
                     stride = COMOMENT_STRIDE if seen >= COMOMENT_FULL_POSITIONS * block.width else 1
-                    batch_stats = Stats.of_parallel(per_neuron, pool, workers, comoments, stride)
+                    batch_stats = Stats.of_parallel(per_neuron, pool, workers)
                     if block.name in with_stream:
                         batch_stats = batch_stats.with_stream(
                             _positions(residual[site.residual], site.hidden_axis, kept_rows)
@@ -118,10 +121,12 @@ def calibrate(
                     raise CalibrationError(
                         f"non-finite hidden activation in block '{block.name}' at calibration batch {batch_index}"
                     )
+                if comoments:
+                    pooled[block.name].add(per_neuron, batch_stats, stride)
                 stats[block.name] = stats[block.name].merge(batch_stats)
             del hidden  # one batch of activations at a time
             if on_batch is not None:
                 on_batch(len(next(iter(feed.values()))))
     if any(s.count == 0 for s in stats.values()):
         raise CalibrationError("calibration saw no samples")
-    return stats
+    return {name: pooled[name].of(s) if comoments else s for name, s in stats.items()}

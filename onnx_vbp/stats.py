@@ -90,6 +90,13 @@ class Stats:
         every row. A congruence by a
         positive diagonal, so the result stays positive semi-definite, of the subset's rank: a
         neuron that is an exact linear combination of others still is one."""
+        comoment = self.comoment_product(samples, stride).astype(np.float64)
+        np.fill_diagonal(comoment, self.m2)
+        return Stats(self.count, self.mean, self.m2, comoment, self.stream)
+
+    def comoment_product(self, samples: np.ndarray, stride: int = 1) -> np.ndarray:
+        """The float32 product behind `with_comoment` (its diagonal not yet replaced by m2), of
+        the `samples` these statistics describe."""
         rows = np.asarray(samples)[::stride]
         center = self.mean if stride == 1 else rows.mean(axis=0, dtype=np.float64)
         deviations = np.asarray(rows, dtype=np.float32) - center.astype(np.float32)
@@ -99,9 +106,7 @@ class Stats:
             seen = subset_m2 > 0  # a neuron constant on the subset keeps its variance, no correlation
             scale[seen] = np.sqrt(self.m2[seen] / subset_m2[seen])
             deviations *= scale.astype(np.float32)
-        comoment = (deviations.T @ deviations).astype(np.float64)
-        np.fill_diagonal(comoment, self.m2)
-        return Stats(self.count, self.mean, self.m2, comoment, self.stream)
+        return deviations.T @ deviations
 
     def with_stream(self, positions: np.ndarray) -> Stats:
         """These statistics plus the residual stream's energy at `positions` [n, features]."""
@@ -164,6 +169,45 @@ class Stats:
             comoment = self.comoment + other.comoment + np.outer(delta, delta) * weight
         stream = self.stream + other.stream if self.stream is not None and other.stream is not None else None
         return Stats(count, mean, m2, comoment, stream)
+
+
+class PooledComoment:
+    """A block's comoment pooled over calibration batches by the law of total covariance: the
+    sum of every batch's own product (`Stats.comoment_product`), added in place in float64, plus
+    the scatter of the batch means about their pooled mean. The same comoment as Chan-merging each
+    batch's (`Stats.merge`), without three [width, width] temporaries per batch: the scatter is
+    one product per FOLD_BATCHES batches (folding them into one group of their pooled mean)."""
+
+    FOLD_BATCHES = 64
+
+    def __init__(self, width: int) -> None:
+        self.within = np.zeros((width, width))
+        self.means: list[np.ndarray] = []
+        self.counts: list[float] = []
+
+    def add(self, samples: np.ndarray, batch: Stats, stride: int = 1) -> None:
+        """Add one batch: its `samples` [n, width] and their statistics `batch` (`Stats.of`)."""
+        np.add(self.within, batch.comoment_product(samples, stride), out=self.within)
+        self.means.append(batch.mean)
+        self.counts.append(float(batch.count))
+        if len(self.means) >= self.FOLD_BATCHES:
+            self._fold()
+
+    def _fold(self) -> None:
+        counts, means = np.array(self.counts), np.array(self.means)
+        mean = counts @ means / counts.sum()
+        offsets = means - mean
+        self.within += (offsets * counts[:, None]).T @ offsets
+        self.means, self.counts = [mean], [float(counts.sum())]
+
+    def of(self, pooled: Stats) -> Stats:
+        """`pooled`, the merge of every added batch's statistics, with their comoment (its
+        diagonal the exact m2)."""
+        if self.means:
+            self._fold()
+        comoment = self.within.copy()
+        np.fill_diagonal(comoment, pooled.m2)
+        return Stats(pooled.count, pooled.mean, pooled.m2, comoment, pooled.stream)
 
 
 STATS_VERSION = 1

@@ -8,7 +8,7 @@ from graphs import BlockSpec, build_model, random_batch
 
 from onnx_vbp import Stats, calibrate, find_mlp_blocks, instrument
 from onnx_vbp.runtime import cpu_session
-from onnx_vbp.stats import CalibrationError
+from onnx_vbp.stats import CalibrationError, PooledComoment
 
 
 def _stream(data: np.ndarray, sizes: list[int]) -> Stats:
@@ -70,6 +70,31 @@ def assert_comoment_close(comoment: np.ndarray, exact: np.ndarray) -> None:
     np.testing.assert_allclose(np.diag(comoment), np.diag(exact), rtol=1e-11)
     scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
     assert np.max(np.abs(comoment - exact) / scale) < 1e-5
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_pooled_comoment_equals_chan_merges_across_folds(stride: int) -> None:
+    """Batches pooled by total covariance (PooledComoment, folding every FOLD_BATCHES) give the
+    comoment of Chan-merging each batch's, with a large offset and batch means that drift."""
+    rng = np.random.default_rng(4)
+    batches = [
+        (1e3 + 0.05 * i + rng.standard_normal((int(rng.integers(3, 40)), 6)) @ rng.standard_normal((6, 6))).astype(
+            np.float32
+        )
+        for i in range(PooledComoment.FOLD_BATCHES * 2 + 5)
+    ]
+    merged, pooled = Stats.empty(6, comoment=True), PooledComoment(6)
+    plain = Stats.empty(6)
+    for batch in batches:
+        stats = Stats.of(batch)
+        merged = merged.merge(stats.with_comoment(batch, stride))
+        pooled.add(batch, stats, stride)
+        plain = plain.merge(stats)
+    result = pooled.of(plain)
+    np.testing.assert_array_equal(result.m2, plain.m2)
+    np.testing.assert_allclose(result.comoment, merged.comoment, rtol=1e-9)
+    if stride == 1:
+        assert_comoment_close(result.comoment, _two_pass(np.concatenate(batches))[2])
 
 
 def test_merge_with_empty_is_neutral_and_order_free() -> None:
