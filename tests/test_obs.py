@@ -18,7 +18,7 @@ from helpers import relative_change, run
 from onnx_vbp import Ranking, Stats, calibrate, find_mlp_blocks, rankings, rewrite, select
 from onnx_vbp.cli import main
 from onnx_vbp.graph import with_outputs
-from onnx_vbp.importance import obs_ranking
+from onnx_vbp.importance import SYMMETRIZE_ROWS, obs_ranking, spd_inverse
 
 
 def _covariance(rng: np.random.Generator, width: int) -> np.ndarray:
@@ -375,3 +375,15 @@ def test_a_skip_layernorm_without_a_skip_input_is_no_stream() -> None:
     del fused.input[1:]
     (block,) = find_mlp_blocks(model)
     assert block.sites[0].residual is None and block.sites[0].residual_node is None
+
+
+def test_the_cholesky_inverse_is_the_inverse_and_exactly_symmetric() -> None:
+    rng = np.random.default_rng(5)
+    width = 2 * SYMMETRIZE_ROWS + 37  # three row blocks, the last one short
+    factor = rng.standard_normal((width, width)) * np.geomspace(1, 1e-3, width)
+    spd = factor @ factor.T + 1e-6 * np.eye(width)
+    inverse = spd_inverse(spd)
+    np.testing.assert_array_equal(inverse, inverse.T)
+    assert np.abs(inverse @ spd - np.eye(width)).max() < 1e-6
+    indefinite = np.diag([2.0, -1.0, 4.0]) + 0.1  # not positive definite: the LU inverse
+    np.testing.assert_allclose(spd_inverse(indefinite), np.linalg.inv(indefinite))
