@@ -101,18 +101,22 @@ def obs_ranking(
         pool = left[np.argsort(cost, kind="stable")[: POOL_FACTOR * round_size]]
         g_pool = factors[pool, :done]
         sub_inverse = inverse[np.ix_(pool, pool)] - g_pool @ g_pool.T
-        sub_rows = rows[pool]
+        # the candidates' rows only matter through their inner products: their Gram matrix,
+        # downdated with them, is pool² per pick instead of pool x outputs
+        gram = rows[pool] @ rows[pool].T
         alive = np.ones(pool.size, dtype=bool)
         picked = np.empty(count, dtype=np.int64)
         for step in range(count):
             with np.errstate(divide="ignore", invalid="ignore"):
-                pool_cost = np.einsum("ij,ij->i", sub_rows, sub_rows) / np.diag(sub_inverse)
+                pool_cost = np.diag(gram) / np.diag(sub_inverse)
             pool_cost[~alive] = np.inf
             j = int(np.argmin(pool_cost))
             picked[step], costs[done + step] = j, pool_cost[j]
             alive[j] = False
             column = sub_inverse[:, j] / sub_inverse[j, j]
-            sub_rows -= np.outer(column, sub_rows[j])
+            # rows -= column rowⱼᵀ, so gram -= column gⱼᵀ + gⱼ columnᵀ - gram_jj column columnᵀ
+            mixed = np.outer(column, gram[j] - 0.5 * gram[j, j] * column)
+            gram -= mixed + mixed.T
             sub_inverse -= np.outer(column, sub_inverse[j])
         removed = pool[picked]
         # S[:, P], from S's rows (S is symmetric): a row gather reads memory in order, a column gather does not
