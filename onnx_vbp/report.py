@@ -31,8 +31,8 @@ MS_MAC_OPS = (
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of every floating-point constant (initializers and Constant nodes), of every
-    8-bit one a DequantizeLinear, a Cast (weight-only int8) or a MatMulInteger reads as its data
-    (a quantized weight), and the K x N weights packed in each MatMulNBits' B."""
+    integer one a DequantizeLinear, a Cast (weight-only int8) or a MatMulInteger reads as its data
+    (a quantized weight or bias), and the K x N weights packed in each MatMulNBits' B."""
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
@@ -43,9 +43,14 @@ def count_params(model: onnx.ModelProto) -> int:
         for n in model.graph.node
         if n.op_type in data_input and len(n.input) > data_input[n.op_type]
     }
-    quantized = {
-        t.name for t in tensors if t.name in read and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    integers = {
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.INT32,
     }
+    quantized = {t.name for t in tensors if t.name in read and t.data_type in integers}
     packed = {
         n.input[1]: int(np.prod([onnx.helper.get_attribute_value(a) for a in n.attribute if a.name in ("K", "N")]))
         for n in model.graph.node

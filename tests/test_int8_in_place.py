@@ -71,6 +71,15 @@ def test_qdq_blocks_are_found_through_the_activation_quantizers(models: Path) ->
     assert blocks.skipped == []
 
 
+def test_a_qdq_model_counts_the_float_models_parameters_plus_its_scales(models: Path) -> None:
+    """Every weight and bias of the float model is in the QDQ model, as int8 or int32 (biases)
+    read by a DequantizeLinear; the quantizers' float scales come on top."""
+    qdq = onnx.load(models / "net.qdq.onnx")
+    scale_names = {n.input[1] for n in qdq.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    scales = sum(int(np.prod(t.dims)) for t in qdq.graph.initializer if t.name in scale_names)
+    assert count_params(qdq) - scales == count_params(onnx.load(models / "net.onnx"))
+
+
 def test_a_qdq_model_is_pruned_in_place_and_stays_quantized(models: Path) -> None:
     _prune(models / "net.qdq.onnx", models / "calib.npz")
     qdq, pruned = onnx.load(models / "net.qdq.onnx"), onnx.load(models / "net.qdq.pruned.onnx")
