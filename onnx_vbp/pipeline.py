@@ -713,10 +713,19 @@ QUANTIZED_OPS = (
 )
 
 
+BLOCKED_DEQUANTIZE = "DequantizeLinear with block_size"
+
+
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
-    """The quantized op types the model uses that onnx_vbp cannot prune through (QUANTIZED_OPS),
-    sorted."""
-    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    """The quantized op types the model uses that onnx_vbp cannot prune through (QUANTIZED_OPS,
+    and BLOCKED_DEQUANTIZE: the int4 QDQ form of MatMulNBitsQuantizer), sorted."""
+    found = {n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS}
+    if any(
+        n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i for a in n.attribute)
+        for n in model.graph.node
+    ):
+        found.add(BLOCKED_DEQUANTIZE)
+    return sorted(found)
 
 
 def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | None = None) -> dict:

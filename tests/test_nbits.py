@@ -23,6 +23,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnx_vbp import PruneOptions, find_mlp_blocks, prune_file
 from onnx_vbp.graph import import_graph
 from onnx_vbp.nbits import PackedWeight
+from onnx_vbp.pipeline import inspect_model, quantized_ops
 from onnx_vbp.report import count_params
 
 SPECS = [BlockSpec(hidden=64), BlockSpec(hidden=64, act="relu")]
@@ -206,3 +207,17 @@ def test_a_weight_with_a_column_order_is_not_a_block(models: Path) -> None:
             )
             node.input.extend(["", node.name + ".g"][len(node.input) - 3 :])
     assert find_mlp_blocks(model) == []
+
+
+def test_the_int4_qdq_form_is_named_in_the_quantized_hint(models: Path, tmp_path: Path) -> None:
+    """MatMulNBitsQuantizer's QDQ format (int4 blocks behind a DequantizeLinear with block_size)
+    is not followed: `inspect` says which op, so the user can prune first or use MatMulNBits."""
+    from onnxruntime.quantization import QuantFormat
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    quantizer = MatMulNBitsQuantizer(onnx.load(models / "net.onnx"), block_size=16, quant_format=QuantFormat.QDQ)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(tmp_path / "int4qdq.onnx"))
+    report = inspect_model(tmp_path / "int4qdq.onnx", seq=6)
+    assert report["blocks"] == [] and report["quantized_ops"] == ["DequantizeLinear with block_size"]
+    assert quantized_ops(onnx.load(models / "sym.onnx")) == []  # MatMulNBits itself is pruned: no hint
