@@ -2,7 +2,8 @@
 
 fc1's neurons are rows of the packed weight (N): they are sliced with their scales and zero points
 exactly. fc2's neurons run along K, across the blocks: fc2 is read as its float matrix, sliced
-(and refit), and quantized once into new blocks; K and N follow.
+(and refit), and quantized once into new blocks; K and N follow. The forms are written by ORT's
+own `MatMulNBitsQuantizer` (which needs `onnx-ir`, in the test extras).
 """
 
 from __future__ import annotations
