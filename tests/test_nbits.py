@@ -140,6 +140,30 @@ def test_an_int4_model_is_pruned_in_place_and_stays_int4(models: Path, form: str
     assert relative_change(out["net"], out[f"{form}.pruned"]) < float_loss + 2 * quantization_loss
 
 
+def test_an_fp16_int4_model_is_pruned_in_place(models: Path, tmp_path: Path) -> None:
+    """fp16 activations and scales (ORT's fp16 converter, then the quantizer): the new scales stay fp16."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(models / "net.onnx"), keep_io_types=True), tmp_path / "f16.onnx")
+    _quantize(tmp_path / "f16.onnx", tmp_path / "f16.int4.onnx")
+    np.savez(tmp_path / "calib.npz", **np.load(models / "calib.npz"))
+    pruned = onnx.load(_prune(tmp_path / "f16.int4.onnx", tmp_path))
+    weights = _packed(pruned)
+    assert len(weights) == 4 and all(w.node.inputs[2].dtype == np.float16 for w in weights.values())
+    assert sum(w.shape[1] for name, w in weights.items() if "fc1" in name) == 64
+    (tmp_path / "net.onnx").write_bytes((models / "net.onnx").read_bytes())
+    (tmp_path / "net.pruned.onnx").write_bytes((models / "net.pruned.onnx").read_bytes())
+    out = _outputs(
+        tmp_path,
+        ["net", "net.pruned", "f16.int4", "f16.int4.pruned"],
+        random_batch(onnx.load(models / "net.onnx"), batch=16, seed=9),
+    )
+    float_loss = relative_change(out["net"], out["net.pruned"])
+    assert relative_change(out["net"], out["f16.int4.pruned"]) < float_loss + 2 * relative_change(
+        out["net"], out["f16.int4"]
+    )
+
+
 def test_fc1_rows_are_sliced_exactly(models: Path, tmp_path: Path) -> None:
     pruned = onnx.load(_prune(models / "asym.onnx", models, tmp_path / "none.onnx", compensate="none"))
     before, after = _packed(onnx.load(models / "asym.onnx")), _packed(pruned)
