@@ -138,8 +138,9 @@ def obs_ranking(
 
 def spd_inverse(matrix: np.ndarray) -> np.ndarray:
     """The inverse of a symmetric positive definite matrix, by its Cholesky factor (LAPACK potrf
-    and potri: a third of the arithmetic of numpy's LU inverse, 2.4x faster at 3072 x 3072 on 2
-    cores). A matrix that is not positive definite in floating point falls back to the LU inverse."""
+    and potri: n³ multiply-adds against about 2.7 n³ for numpy's LU inverse; 0.8 to 1.0 s against
+    1.7 s at 3072 x 3072 on 2 cores). A matrix that is not positive definite in floating point
+    falls back to the LU inverse."""
     factor, info = lapack.dpotrf(matrix, lower=True)
     if info == 0:
         inverse, info = lapack.dpotri(factor, lower=True)
