@@ -103,7 +103,8 @@ def obs_ranking(
         sub_inverse = inverse[np.ix_(pool, pool)] - g_pool @ g_pool.T
         # the candidates' rows only matter through their inner products: their Gram matrix,
         # downdated with them, is pool² per pick instead of pool x outputs
-        gram = rows[pool] @ rows[pool].T
+        pool_rows = rows[pool]
+        gram = pool_rows @ pool_rows.T
         alive = np.ones(pool.size, dtype=bool)
         picked = np.empty(count, dtype=np.int64)
         for step in range(count):

@@ -134,12 +134,11 @@ class PackedWeight:
         if zero is None:  # symmetric, zero point 2^(bits-1): each block's extreme maps to code 0
             extreme = np.take_along_axis(padded, np.abs(padded).argmax(axis=-1)[..., None], axis=-1)[..., 0]
             scales = extreme / -(1 << (bits - 1))
-            zeros = np.full((n, blocks), 1 << (bits - 1))
         else:
             low, high = np.minimum(padded.min(axis=-1), 0.0), np.maximum(padded.max(axis=-1), 0.0)
             scales = (high - low) / top
-            zeros = np.clip(np.rint(-low / np.where(scales == 0, 1.0, scales)), 0, top)
         scales[scales == 0] = 1.0  # an all-zero block: any scale reads it back as zeros
+        zeros = np.full((n, blocks), 1 << (bits - 1)) if zero is None else np.clip(np.rint(-low / scales), 0, top)
         codes = np.clip(np.rint(padded / scales[..., None]) + zeros[..., None], 0, top)
         self.source.values = _pack(codes, bits)
         self.node.inputs[2].values = _as_stored(scales.astype(self.node.inputs[2].dtype), self.node.inputs[2])

@@ -34,7 +34,7 @@ from onnx_vbp.graph import (
     trace_input,
     trace_param,
 )
-from onnx_vbp.nbits import PackedWeight, is_nbits
+from onnx_vbp.nbits import PackedWeight
 from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA
 from onnx_vbp.records import BiasRef, MlpBlock, MlpSite, ParamRef, Plan
 from onnx_vbp.stats import Stats
@@ -75,9 +75,9 @@ class _Editor:
     def owned(self, node: gs.Node, index: int, readers: set[int]) -> TracedParam | PackedWeight:
         """The constant feeding `node.inputs[index]`, copied first if anything outside `readers`
         (ids of the block's nodes) reads it or the pass-through chain in between."""
-        if is_nbits(node) and index == 1:
+        traced = trace_input(node, index)
+        if isinstance(traced, PackedWeight):
             return self._owned_packed(node, readers)
-        traced = trace_param(node.inputs[index])
         self.disk.load(traced.source)
         allowed = readers | {id(n) for n in traced.chain}
         shared = any(
@@ -100,20 +100,13 @@ class _Editor:
         self.edited.add(traced.source.name)
         for link in traced.chain:
             if link.op in DEQUANTIZERS:  # its scale and zero point are sliced or widened with the weight
-                self._own_inputs(link)
+                self._own_inputs(link, quantizer_inputs(link), {id(link)})
         return traced
 
     def _owned_packed(self, node: gs.Node, readers: set[int]) -> PackedWeight:
         """A MatMulNBits' weight, its B, scales and zero points copied first where a node outside
         `readers` reads them; one record per B, edited until `pack_all`."""
-        for index, tensor in enumerate(node.inputs[1:4], start=1):
-            if not tensor.name:
-                continue
-            self.disk.load(tensor)
-            if any(id(reader) not in readers for reader in tensor.outputs):
-                tensor = gs.Constant(self.fresh(tensor.name), np.array(tensor.values))
-                node.inputs[index] = tensor
-            self.edited.add(tensor.name)
+        self._own_inputs(node, [i for i in (1, 2, 3) if i < len(node.inputs) and node.inputs[i].name], readers)
         return self.packed.setdefault(id(node.inputs[1]), PackedWeight.of(node))
 
     def pack_all(self) -> None:
@@ -121,14 +114,16 @@ class _Editor:
         for packed in self.packed.values():
             packed.pack()
 
-    def _own_inputs(self, link: gs.Node) -> None:
-        """Give the dequantizer `link` its own copy of its scale and zero point where another node
-        reads them too, and mark them edited."""
-        for index in quantizer_inputs(link):
-            constant = link.inputs[index]
-            if any(reader is not link for reader in constant.outputs):
+    def _own_inputs(self, node: gs.Node, indices: list[int], allowed: set[int]) -> None:
+        """Give `node` its own copy of its constant inputs `indices` (a dequantizer's scale and
+        zero point, a MatMulNBits' packed weight) where a node outside `allowed` (ids) reads them
+        too, and mark them edited."""
+        for index in indices:
+            constant = node.inputs[index]
+            self.disk.load(constant)
+            if any(id(reader) not in allowed for reader in constant.outputs):
                 constant = gs.Constant(self.fresh(constant.name), np.array(constant.values))
-                link.inputs[index] = constant
+                node.inputs[index] = constant
             self.edited.add(constant.name)
 
     def own_node(self, node: gs.Node, region: set[str]) -> gs.Node:

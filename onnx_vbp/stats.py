@@ -126,20 +126,18 @@ class Stats:
         return None if self.stream is None or self.stream[1] == 0 else float(self.stream[0] / self.stream[1])
 
     @classmethod
-    def of_parallel(
-        cls, samples: np.ndarray, pool: ThreadPoolExecutor, workers: int, comoment: bool = False, stride: int = 1
-    ) -> Stats:
+    def of_parallel(cls, samples: np.ndarray, pool: ThreadPoolExecutor, workers: int) -> Stats:
         """`of` over `workers` row ranges at once, Chan-merged: numpy releases the GIL in the
-        casts and sums, so the host reduction uses the cores ORT ran the batch on. The comoment
-        is one product over the whole batch (BLAS spreads it over the cores itself)."""
+        casts and sums, so the host reduction uses the cores ORT ran the batch on. (A comoment is
+        one product over the whole batch, which BLAS spreads over the cores itself: see
+        `with_comoment` and `PooledComoment`.)"""
         values = np.asarray(samples)
         parts = min(workers, max(values.shape[0] * values.shape[1] // CHUNK_ELEMENTS, 1))
         if parts == 1:
-            return cls.of(values, comoment, stride)
+            return cls.of(values)
         bounds = np.linspace(0, values.shape[0], parts + 1).astype(int)
         pieces = pool.map(lambda i: cls.of(values[bounds[i] : bounds[i + 1]]), range(parts))
-        stats = functools.reduce(cls.merge, pieces)
-        return stats.with_comoment(values, stride) if comoment else stats
+        return functools.reduce(cls.merge, pieces)
 
     @property
     def variance(self) -> np.ndarray:

@@ -56,7 +56,7 @@ def test_parallel_reduction_equals_one_thread(workers: int) -> None:
     rng = np.random.default_rng(3)
     data = (5.0 + rng.standard_normal((2000, 300)) * rng.uniform(0.01, 3, 300)).astype(np.float32)
     with ThreadPoolExecutor(workers) as pool:
-        stats = Stats.of_parallel(data, pool, workers, comoment=True)
+        stats = Stats.of_parallel(data, pool, workers).with_comoment(data)
     mean, m2, cross = _two_pass(data)
     assert stats.count == 2000
     np.testing.assert_allclose(stats.mean, mean, rtol=1e-14)
