@@ -10,7 +10,7 @@ fc1 / fc2 (`Linear` below) are one of
     MatMul(x, W) [+ Add(b, .) either operand order]     W [in, out]
     Gemm(x, W, C), transA = 0, any transB                W [in, out] or [out, in]
     Conv(x, W, B), 1x1 kernel (any rank), group 1, no padding   features on axis 1
-    MatMulInteger of ORT's dynamic quantization (see `_integer_linear`)
+    MatMulInteger of ORT's dynamic quantization, or its fused forms (see `_integer_linear`)
     com.microsoft MatMulNBits(x, B, scales, ...) [+ Add]  W [in, out] packed in blocks (nbits.py)
 where W and the biases are constants, possibly behind Transpose / Cast / Identity /
 DequantizeLinear (or a weight-only scale's Mul). fc2's bias
@@ -111,13 +111,16 @@ def match_linear(node: gs.Node) -> Linear | None:
     """Recognise MatMul[+Add] / Gemm / 1x1 Conv / MatMulNBits with constant weights, else None."""
     if is_nbits(node):
         return _nbits_linear(node)
-    if not in_default_domain(node) or len(node.inputs) < 2:
+    fused_integer = node.op in FUSED_INTEGER_LINEARS and node.domain == "com.microsoft"
+    if not (in_default_domain(node) or fused_integer) or len(node.inputs) < 2:
         return None
     weight = trace_param(node.inputs[1])
     if weight is None:
         return None
     rank = len(weight.shape)  # shapes only: finding blocks loads no weight
     out = node.outputs[0]
+    if fused_integer:
+        return _integer_linear(node, weight) if rank == 2 else None
     if node.op == "MatMul" and rank == 2:
         return _with_bias_add(Linear(node, 1, weight, 0, 1, -1, None, None, out))
     if node.op == "Gemm" and rank == 2 and not node.attrs.get("transA", 0):
@@ -150,34 +153,56 @@ def match_linear(node: gs.Node) -> Linear | None:
     return None
 
 
+# ORT's optimizer fuses a dynamically quantized linear into one com.microsoft op: where it reads
+# the weight's scale, its zero point and the bias
+FUSED_INTEGER_LINEARS = {"DynamicQuantizeMatMul": (2, 3, 4), "MatMulIntegerToFloat": (3, 5, 6)}
+# Integer linears whose input is quantized by a DynamicQuantizeLinear before them (the other one,
+# DynamicQuantizeMatMul, quantizes its float input itself)
+QUANTIZED_INPUT_LINEARS = ("MatMulInteger", "MatMulIntegerToFloat")
+
+
 def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
-    """ORT's dynamic quantization of x @ W, with W = (Wq - w_zero) * w_scale:
+    """ORT's dynamic quantization of x @ W, with W = (Wq - w_zero) * w_scale, as its quantizer
+    writes it, or as its optimizer fuses it (FUSED_INTEGER_LINEARS):
 
     xq, x_scale, x_zero = DynamicQuantizeLinear(x)
     MatMulInteger(xq, Wq, x_zero, w_zero) -> Cast(float) -> Mul(·, Mul(x_scale, w_scale)) [+ Add(b)]
+    MatMulIntegerToFloat(xq, Wq, x_scale, w_scale, x_zero, w_zero, b)                   [+ Add(b)]
+    DynamicQuantizeMatMul(x, Wq, w_scale, w_zero, b)  (x quantized inside)              [+ Add(b)]
     """
-    out_features = weight.shape[1]
-    zero_point, zero_size = None, None
-    if len(node.inputs) > 3 and _is_present(node.inputs[3]):
-        traced = trace_param(node.inputs[3])
-        if traced is None or int(np.prod(traced.shape)) not in (1, out_features):
+    fused = FUSED_INTEGER_LINEARS.get(node.op)
+    if fused is not None:
+        linear = Linear(node, 1, weight, 0, 1, -1, None, None, node.outputs[0])
+        scale_at, zero_index, bias_index = (node, fused[0]), fused[1], fused[2]
+    else:
+        cast = _only_reader(node.outputs[0], "Cast")
+        mul = _only_reader(cast.outputs[0], "Mul") if cast is not None else None
+        if mul is None or len(mul.inputs) != 2:
             return None
-        zero_point, zero_size = ParamRef(node_key(node), 3, -1), int(np.prod(traced.shape))
-    cast = _only_reader(node.outputs[0], "Cast")
-    mul = _only_reader(cast.outputs[0], "Mul") if cast is not None else None
-    if mul is None or len(mul.inputs) != 2:
-        return None
-    scales = producer(next(t for t in mul.inputs if t is not cast.outputs[0]))
-    if scales is None or scales.op != "Mul":
-        return None
-    constants = [(i, traced) for i, t in enumerate(scales.inputs) if (traced := trace_param(t)) is not None]
-    if len(constants) != 1 or int(np.prod(constants[0][1].shape)) not in (1, out_features):
-        return None
-    scale, scale_size = ParamRef(node_key(scales), constants[0][0], -1), int(np.prod(constants[0][1].shape))
-    linear = Linear(node, 1, weight, 0, 1, -1, None, None, mul.outputs[0])
-    linear.steps, linear.scales_node, linear.scale, linear.zero_point = (cast, mul), scales, scale, zero_point
-    sized = ((scale, scale_size), (zero_point, zero_size))
-    linear.per_channel = tuple(ref for ref, size in sized if ref is not None and size == out_features > 1)
+        scales = producer(next(t for t in mul.inputs if t is not cast.outputs[0]))
+        if scales is None or scales.op != "Mul":
+            return None
+        constants = [i for i, t in enumerate(scales.inputs) if trace_param(t) is not None]
+        if len(constants) != 1:
+            return None
+        linear = Linear(node, 1, weight, 0, 1, -1, None, None, mul.outputs[0])
+        linear.steps, linear.scales_node = (cast, mul), scales
+        scale_at, zero_index, bias_index = (scales, constants[0]), 3, None
+    has_zero = len(node.inputs) > zero_index and _is_present(node.inputs[zero_index])
+    quantizers = [scale_at] + [(node, zero_index)] * has_zero
+    refs = []  # the weight's scale and zero point: one value, or one per output feature
+    for owner, index in quantizers:
+        traced = trace_param(owner.inputs[index])
+        size = None if traced is None else int(np.prod(traced.shape))
+        if size not in (1, linear.out_features):
+            return None
+        refs.append((ParamRef(node_key(owner), index, -1), size))
+    linear.scale, linear.zero_point = refs[0][0], refs[1][0] if len(refs) > 1 else None
+    linear.per_channel = tuple(ref for ref, size in refs if size == linear.out_features > 1)
+    if bias_index is not None:
+        linear = _with_own_bias(linear, bias_index)
+        if linear is None or linear.bias_node is not None:
+            return linear
     return _with_bias_add(linear)
 
 
@@ -208,8 +233,8 @@ def _with_bias_add(linear: Linear, rank: int = 0) -> Linear:
 
 
 def _with_own_bias(linear: Linear, index: int = 2) -> Linear | None:
-    """Gemm / Conv carry the bias as input 2 (MatMulNBits as input 5); it must be a per-feature
-    constant if present."""
+    """Gemm / Conv carry the bias as input 2 (MatMulNBits as input 5, ORT's fused integer ops
+    elsewhere); it must be a per-feature constant if present."""
     node = linear.node
     if len(node.inputs) > index and _is_present(node.inputs[index]):
         bias = trace_param(node.inputs[index])
@@ -476,7 +501,7 @@ def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
     width_tensors = tuple((t.name, axis) for n in _region_nodes(match) for t in n.outputs)
     residual, residual_node, output_scale = _residual(fc2, taken)
     hidden = fc2.node.inputs[0]
-    if fc2.node.op == "MatMulInteger":  # calibration observes the float activation, not its int8 rounding
+    if fc2.node.op in QUANTIZED_INPUT_LINEARS:  # calibration observes the float activation, not its int8 rounding
         quantizer = producer(hidden)
         if quantizer is None or quantizer.op != "DynamicQuantizeLinear":
             return None

@@ -702,15 +702,9 @@ def prune(
 
 # Ops of ORT's and ONNX's quantized forms that onnx_vbp does not prune through. (The QDQ and
 # weight-only forms, float MatMuls reading dequantized weights, ORT's dynamic MatMulInteger form
-# and its int4 MatMulNBits are pruned in place.)
-QUANTIZED_OPS = (
-    "QLinearMatMul",
-    "QLinearConv",
-    "ConvInteger",
-    "DynamicQuantizeMatMul",
-    "MatMulIntegerToFloat",
-    "QGemm",
-)
+# and its fused DynamicQuantizeMatMul / MatMulIntegerToFloat, and its int4 MatMulNBits are
+# pruned in place.)
+QUANTIZED_OPS = ("QLinearMatMul", "QLinearConv", "ConvInteger", "QGemm")
 
 
 BLOCKED_DEQUANTIZE = "DequantizeLinear with block_size"

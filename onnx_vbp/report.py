@@ -31,13 +31,19 @@ MS_MAC_OPS = (
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of every floating-point constant (initializers and Constant nodes), of every
-    integer one a DequantizeLinear, a Cast (weight-only int8) or a MatMulInteger reads as its data
+    integer one a DequantizeLinear, a Cast (weight-only int8) or an integer MatMul reads as its data
     (a quantized weight or bias), and the K x N weights packed in each MatMulNBits' B."""
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    data_input = {"DequantizeLinear": 0, "Cast": 0, "MatMulInteger": 1}
+    data_input = {
+        "DequantizeLinear": 0,
+        "Cast": 0,
+        "MatMulInteger": 1,
+        "DynamicQuantizeMatMul": 1,
+        "MatMulIntegerToFloat": 1,
+    }
     read = {
         n.input[data_input[n.op_type]]
         for n in model.graph.node

@@ -7,8 +7,9 @@ float hidden activation, slices the int8 weights with their per-channel scales a
 and quantizes what compensation changes (fc2's rows, its bias) back into int8. Weight-only int8
 (`Mul(Cast(int8 W), scale)`, activations in float) is the same with the scale in a Mul. ORT's
 `quantize_dynamic` writes `MatMulInteger` on activations quantized at run time, the weight's
-scale multiplied in after it: the blocks are found through that chain, fc1's per-channel scale
-and zero point are sliced with it, and fc2's refit rows are quantized back against its scale.
+scale multiplied in after it (fused into one DynamicQuantizeMatMul by ORT's session optimizer):
+the blocks are found through that chain, fc1's per-channel scale and zero point are sliced with
+it, and fc2's refit rows are quantized back against its scale.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from helpers import relative_change
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnx_vbp import PruneOptions, find_mlp_blocks, prune_file
+from onnx_vbp.find import FUSED_INTEGER_LINEARS
 from onnx_vbp.graph import import_graph, trace_param
 from onnx_vbp.report import count_params
 
@@ -216,25 +218,45 @@ def test_a_qdq_model_with_external_data_prunes_as_inline(
     np.testing.assert_allclose(ext, inline, rtol=1e-6, atol=1e-6)
 
 
+def _session_optimized(src: Path, dst: Path) -> None:
+    """`src` as ORT's session optimizes it (extended level), saved to `dst`."""
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    session_options.optimized_model_filepath = str(dst.with_suffix(".optimizing.onnx"))
+    ort.InferenceSession(str(src), session_options, providers=["CPUExecutionProvider"])
+    dst.with_suffix(".optimizing.onnx").replace(dst)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_channel: bool) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_channel: bool, fused: bool) -> None:
+    """As `quantize_dynamic` writes it (MatMulInteger), and as ORT's session optimizer saves it
+    (`fused`: com.microsoft DynamicQuantizeMatMul, the input's quantizer, the integer product,
+    the scales and the bias in one op)."""
     quantize_dynamic(
         str(models / "net.onnx"), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8, per_channel=per_channel
     )
+    op = "MatMulInteger"
+    if fused:
+        op = "DynamicQuantizeMatMul"
+        _session_optimized(tmp_path / "dyn.onnx", tmp_path / "dyn.onnx")
     dynamic = onnx.load(tmp_path / "dyn.onnx")
-    assert sum(n.op_type == "MatMulInteger" for n in dynamic.graph.node) == 4  # the form under test
+    assert [n.op_type for n in dynamic.graph.node].count(op) == 4  # the form under test
     blocks = find_mlp_blocks(dynamic)
     assert [b.width for b in blocks] == [64, 64] and blocks.skipped == []
     assert all(b.sites[0].fc2_dequantize is not None for b in blocks)
 
     _prune(tmp_path / "dyn.onnx", models / "calib.npz")
     pruned = onnx.load(tmp_path / "dyn.pruned.onnx")
-    assert [n.op_type for n in pruned.graph.node].count("MatMulInteger") == 4
+    assert [n.op_type for n in pruned.graph.node].count(op) == 4
+    assert [n.op_type for n in pruned.graph.node].count("MatMul") == [n.op_type for n in dynamic.graph.node].count(
+        "MatMul"
+    )
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
-    weights = [inits[n.input[1]] for n in pruned.graph.node if n.op_type == "MatMulInteger"]
+    weights = [inits[n.input[1]] for n in pruned.graph.node if n.op_type == op]
     assert all(w.dtype == np.int8 for w in weights) and sum(w.size for w in weights) == 2 * 32 * 64  # half
     if per_channel:  # one zero point per output: fc1's sliced with its neurons
-        zero_points = [inits[n.input[3]] for n in pruned.graph.node if n.op_type == "MatMulInteger"]
+        zero_points = [inits[n.input[3]] for n in pruned.graph.node if n.op_type == op]
         assert [z.shape for z in zero_points] == [(w.shape[1],) for w in weights]
     assert count_params(pruned) < count_params(dynamic) - 4 * 32 * 64 // 2 * 0.9
 
@@ -249,6 +271,37 @@ def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_c
         )
     }
     float_loss = relative_change(out["net"], out["net.pruned"])
+    assert relative_change(out["dyn"], out["dyn.pruned"]) < 1.5 * float_loss + 0.05
+
+
+def test_fused_dynamic_int8_of_a_gated_mlp_is_pruned_in_place(tmp_path: Path) -> None:
+    """Where the input's quantizer feeds two linears (a gated MLP's gate and up projections), ORT
+    fuses each into a MatMulIntegerToFloat reading the shared quantized input; fc2 becomes a
+    DynamicQuantizeMatMul. Pruned in place, the gate's and the up projection's columns go together."""
+    model = build_model([BlockSpec(hidden=64, gated=True, act="silu")], dim=32, seq=6, layernorm=True)
+    onnx.save(model, tmp_path / "gated.onnx")
+    np.savez(tmp_path / "calib.npz", **random_batch(model, batch=64, seed=0))
+    quantize_dynamic(str(tmp_path / "gated.onnx"), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8)
+    _session_optimized(tmp_path / "dyn.onnx", tmp_path / "dyn.onnx")
+    fused = onnx.load(tmp_path / "dyn.onnx")
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2 and ops.count("DynamicQuantizeMatMul") == 1
+    (block,) = find_mlp_blocks(fused)
+    assert block.width == 64 and len(block.sites[0].fc1) == 2
+
+    _prune(tmp_path / "gated.onnx", tmp_path / "calib.npz")
+    _prune(tmp_path / "dyn.onnx", tmp_path / "calib.npz")
+    pruned = onnx.load(tmp_path / "dyn.pruned.onnx")
+    assert [n.op_type for n in pruned.graph.node] == ops
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    shapes = [inits[n.input[1]].shape for n in pruned.graph.node if n.op_type in FUSED_INTEGER_LINEARS]
+    assert sorted(shapes) == [(32, 32), (32, 32), (32, 32)]  # gate, up: 32 columns kept; fc2: 32 rows
+    feed = random_batch(model, batch=16, seed=9)
+    out = {
+        name: ort.InferenceSession(str(tmp_path / f"{name}.onnx")).run(None, feed)[0]
+        for name in ("gated", "gated.pruned", "dyn", "dyn.pruned")
+    }
+    float_loss = relative_change(out["gated"], out["gated.pruned"])
     assert relative_change(out["dyn"], out["dyn.pruned"]) < 1.5 * float_loss + 0.05
 
 

@@ -17,7 +17,8 @@ onnxsim 0.8.1's simplifier; fp16 by ORT's `convert_float_to_float16(keep_io_type
 static QDQ by `quantize_static` (per-channel weights, MinMax calibration on 64 news documents);
 int8 weight-only, `Mul(Cast(int8 W), scale)` with one scale per output column (written here: ORT
 has no tool for it); int8 dynamic by `quantize_dynamic`, of the export and of the optimizer's
-output; int4 `MatMulNBits` by ORT's `MatMulNBitsQuantizer` (block 32).
+output, and its output as ORT's session optimizes it (extended level, `optimized_model_filepath`:
+fused DynamicQuantizeMatMul); int4 `MatMulNBits` by ORT's `MatMulNBitsQuantizer` (block 32).
 
 Usage:  python tools/fetch_models.py && python tools/export_minilm_l6.py &&
         python tools/bench_forms.py [--runs 20] [--models L3,L6] [--forms "int8 dynamic,onnxsim"]
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from bench_peers import optimized, text_folder
 from bench_retention import SHARED, TOKENIZER, _cosines, _unit, run_all
 from export_minilm_l6 import export as export_l6
@@ -110,6 +112,16 @@ def converters(calib: list[dict]) -> dict[str, Callable[[Path, Path], None] | No
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
 
+    def dynamic_then_session_optimized(src: Path, dst: Path) -> None:
+        """quantize_dynamic, then the model ORT's session runs, saved (its extended level fuses
+        DynamicQuantizeLinear + MatMulInteger + Cast + Mul into DynamicQuantizeMatMul)."""
+        quantized = dst.with_suffix(".dynamic.onnx")
+        quantize_dynamic(str(src), str(quantized), weight_type=QuantType.QInt8)
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        session_options.optimized_model_filepath = str(dst)
+        ort.InferenceSession(str(quantized), session_options, providers=["CPUExecutionProvider"])
+
     def nbits(src: Path, dst: Path) -> None:
         quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=32, is_symmetric=True)
         quantizer.process()
@@ -128,6 +140,7 @@ def converters(calib: list[dict]) -> dict[str, Callable[[Path, Path], None] | No
         "int8 weight-only": weight_only,
         "int8 dynamic": lambda src, dst: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8),
         "int8 dynamic of ORT-optimized": optimized_dynamic,
+        "int8 dynamic fused by ORT's session": dynamic_then_session_optimized,
         "int4 MatMulNBits": nbits,
     }
 
