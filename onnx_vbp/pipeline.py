@@ -204,30 +204,26 @@ class Prepared:
     sample_outputs: dict[str, np.ndarray]  # the original's outputs on it
     fingerprint: str  # of the weights the statistics describe (see `weights_fingerprint`)
     source: dict = field(default_factory=dict)  # where the statistics came from, for the report
-    _rankings: dict[tuple, tuple[int, dict[str, Ranking]]] = field(default_factory=dict)
+    _rankings: dict[tuple, dict[str, Ranking]] = field(default_factory=dict)  # per (score, λ), per block
 
-    def rankings(self, options: PruneOptions, depth: int) -> dict[str, Ranking]:
-        """Each block's ranking under `options`, at least `depth` removals deep (where the
-        criterion ranks in sequence), computed once and only deepened when a plan needs more: a
-        sweep ranks many ratios from the same ones, and a shallower ranking is a prefix of a
-        deeper one."""
-        key = (options.score, options.ridge_lambda)
-        if key not in self._rankings or self._rankings[key][0] < depth:
-            found = rankings(
+    def plan(self, options: PruneOptions) -> Plan:
+        """Select by `options`, from this model's rankings (see `deepening_plan`): each block is
+        ranked once and only deepened when a plan needs more, since a sweep plans many ratios from
+        the same rankings and a shallower ranking is a prefix of a deeper one."""
+
+        def rank(depths: dict[str, int]) -> dict[str, Ranking]:
+            return rankings(
                 self.stats,
                 options.score,
                 self.model,
                 self.blocks,
-                depth=depth,
+                depth=depths,
                 external_dir=self.external_dir,
                 ridge_lambda=options.ridge_lambda,
             )
-            self._rankings[key] = (depth, found)
-        return self._rankings[key][1]
 
-    def plan(self, options: PruneOptions) -> Plan:
-        """Select by `options`, from this model's (cached) rankings: see `deepening_plan`."""
-        return deepening_plan(self.stats, self.blocks, options, lambda depth: self.rankings(options, depth))
+        ranked = self._rankings.setdefault((options.score, options.ridge_lambda), {})
+        return deepening_plan(self.stats, self.blocks, options, rank, ranked)
 
     def save_stats(self, path: Path) -> None:
         """Write the calibration statistics to `path` (see `stats.save_stats`)."""
@@ -245,27 +241,38 @@ class Prepared:
         return iter_batches(source, self.specs, batch_size=size, raw=options.raw)
 
 
+# A block's first obs ranking goes this many times its share of the budget deep: enough for most
+# blocks of a real model, whose allocations are uneven; the others are ranked again, deeper.
+FIRST_DEPTH = 1.25
+
+
 def deepening_plan(
     stats: dict[str, Stats],
     blocks: list[MlpBlock],
     options: PruneOptions,
-    ranked_to: Callable[[int], dict[str, Ranking]],
+    rank: Callable[[dict[str, int]], dict[str, Ranking]],
+    ranked: dict[str, Ranking] | None = None,
 ) -> Plan:
-    """Select by `options`, with `ranked_to(depth)` the blocks' rankings at least `depth` removals
-    deep. Sequential rankings (obs) cost more the deeper they go, so they start at 1.5x the
-    average share of a block and are deepened (doubled) only while some block's allocation takes
-    all of its ranked removals and could take more."""
+    """Select by `options`, with `rank(depths)` the rankings of the blocks it names, each at least
+    that many removals deep. Sequential rankings (obs) cost more the deeper they go, so each block
+    starts at FIRST_DEPTH times its share of the budget, and only a block whose allocation takes
+    all of its ranked removals, and could take more, is ranked again twice as deep. `ranked`: the
+    rankings so far, by block name, kept up to date in place."""
+    ranked = {} if ranked is None else ranked
     widths = {b.name: b.width for b in blocks}
     if options.scope == "global":
-        depth = min(max(widths.values()), math.ceil(1.5 * options.ratio * max(widths.values())) + 1)
+        depths = {name: min(w, math.ceil(FIRST_DEPTH * options.ratio * w) + 1) for name, w in widths.items()}
     else:
-        depth = max(int(options.ratio * w) for w in widths.values())
-    deepest = max(widths.values())
+        depths = {name: int(options.ratio * w) for name, w in widths.items()}
+    budget = int(options.ratio * sum(widths.values()))
     while True:
-        ranked = ranked_to(depth)
-        room = sum(min(r.order.size, widths[name] - options.min_keep) for name, r in ranked.items())
-        if options.scope == "global" and depth < deepest and room < int(options.ratio * sum(widths.values())):
-            depth = min(2 * depth, deepest)
+        stale = {name: d for name, d in depths.items() if name not in ranked or ranked[name].order.size < d}
+        if stale:
+            ranked.update(rank(stale))
+        room = sum(min(ranked[name].order.size, w - options.min_keep) for name, w in widths.items())
+        deeper = {name: min(2 * d, widths[name]) for name, d in depths.items()}
+        if options.scope == "global" and room < budget and deeper != depths:
+            depths = deeper
             continue
         plan = select(
             stats,
@@ -273,16 +280,16 @@ def deepening_plan(
             scope=options.scope,
             min_keep=options.min_keep,
             round_to=block_multiples(blocks, options.round_to),
-            rankings=ranked,
+            rankings={name: ranked[name] for name in widths},
         )
         saturated = [
             name
-            for name, r in ranked.items()  # took every ranked removal, and may take more
-            if plan.keep[name].size <= widths[name] - r.order.size and r.order.size < widths[name] - options.min_keep
+            for name, w in widths.items()  # took every ranked removal, and may take more
+            if plan.keep[name].size <= w - ranked[name].order.size and ranked[name].order.size < w - options.min_keep
         ]
         if not saturated:
             return plan
-        depth = min(2 * depth, deepest)
+        depths.update({name: deeper[name] for name in saturated})
 
 
 def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneOptions()) -> Prepared:
@@ -684,16 +691,16 @@ def prune(
     stats = calibrate(model, blocks, batches, threads=options.threads, external_dir=folder, comoments=options.comoments)
     options = fitted_options(options, _have_comoments(stats))
 
-    def ranked_to(depth: int) -> dict[str, Ranking]:
+    def rank(depths: dict[str, int]) -> dict[str, Ranking]:
         return rankings(
-            stats, options.score, model, blocks, depth=depth, external_dir=folder, ridge_lambda=options.ridge_lambda
+            stats, options.score, model, blocks, depth=depths, external_dir=folder, ridge_lambda=options.ridge_lambda
         )
 
     return rewrite(
         model,
         blocks,
         stats,
-        deepening_plan(stats, blocks, options, ranked_to),
+        deepening_plan(stats, blocks, options, rank),
         compensate=options.compensate,
         ridge_lambda=options.ridge_lambda,
         external_dir=folder,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -18,7 +19,7 @@ from helpers import relative_change, run
 from onnx_vbp import Ranking, Stats, calibrate, find_mlp_blocks, rankings, rewrite, select
 from onnx_vbp.cli import main
 from onnx_vbp.graph import with_outputs
-from onnx_vbp.importance import SYMMETRIZE_ROWS, obs_ranking, spd_inverse
+from onnx_vbp.importance import FLOAT32_WIDTH, SYMMETRIZE_ROWS, obs_ranking, spd_inverse
 
 
 def _covariance(rng: np.random.Generator, width: int) -> np.ndarray:
@@ -337,7 +338,7 @@ def test_a_small_layer_scale_makes_a_block_cheap() -> None:
 def test_rankings_are_deepened_until_no_block_is_cut_short(copies: Path) -> None:
     """The pipeline ranks obs removals only as deep as the plan needs; the plan must equal the one
     from a full-depth ranking, including a block that gives up nearly all of its neurons."""
-    from onnx_vbp.pipeline import PruneOptions, prepare
+    from onnx_vbp.pipeline import FIRST_DEPTH, PruneOptions, prepare
 
     model = build_model([BlockSpec(hidden=64, layer_scale=1e-4), BlockSpec(hidden=64)], seed=8)
     onnx.save(model, copies / "two.onnx")
@@ -347,12 +348,45 @@ def test_rankings_are_deepened_until_no_block_is_cut_short(copies: Path) -> None
     options = PruneOptions(ratio=0.45, min_keep=2)
     prepared = prepare(copies / "two.onnx", copies / "two", options)
     plan = prepared.plan(options)
-    depth, _ = prepared._rankings[(options.score, options.ridge_lambda)]
+    cheap, dear = (prepared._rankings[(options.score, options.ridge_lambda)][b.name] for b in prepared.blocks)
     full = select(prepared.stats, 0.45, min_keep=2, rankings=rankings(prepared.stats, "obs", model, prepared.blocks))
-    assert depth > math.ceil(1.5 * 0.45 * 64) + 1  # the first depth cut the scaled-down block short
+    first_depth = math.ceil(FIRST_DEPTH * 0.45 * 64) + 1
+    assert cheap.order.size > first_depth  # the first depth cut the scaled-down block short: deepened
+    assert dear.order.size == first_depth  # the other one was not
     for block in prepared.blocks:
         np.testing.assert_array_equal(plan.keep[block.name], full.keep[block.name])
     assert plan.keep[prepared.blocks[0].name].size == 64 - int(0.45 * 128)  # the whole budget from the cheap block
+
+
+def test_ranking_some_blocks_gives_the_costs_of_ranking_them_all() -> None:
+    """A mapping of depths ranks only the blocks it names, in the units of the whole model (each
+    block's own residual stream, or every block's output variance when one stream is unknown)."""
+    model = build_model([BlockSpec(hidden=16), BlockSpec(hidden=24)], seed=9)
+    blocks = find_mlp_blocks(model)
+    stats = calibrate(model, blocks, [random_batch(model, batch=16, seed=s) for s in range(3)], comoments=True)
+    first, second = (b.name for b in blocks)
+    for stats_used in (stats, {**stats, first: dataclasses.replace(stats[first], stream=None)}):
+        whole = rankings(stats_used, "obs", model, blocks)
+        (name, ranking), *others = rankings(stats_used, "obs", model, blocks, depth={second: 10}).items()
+        assert name == second and not others
+        np.testing.assert_array_equal(ranking.order, whole[second].order[:10])
+        np.testing.assert_allclose(ranking.cost, whole[second].cost[:10], rtol=1e-9)
+
+
+def test_float32_ranks_a_wide_block_as_float64_does() -> None:
+    """Wide blocks are ranked in float32 by default: the same removals, costs within 1e-3."""
+    rng = np.random.default_rng(10)
+    width = FLOAT32_WIDTH
+    basis = np.linalg.qr(rng.standard_normal((width, width)))[0]
+    covariance = (basis * (1.0 + np.arange(width)) ** -1.2) @ basis.T  # a decaying spectrum, as GELU's
+    weight = rng.standard_normal((width, 64))
+    single = obs_ranking(weight, covariance, depth=width // 2)
+    double = obs_ranking(weight, covariance, depth=width // 2, precision=np.float64)
+    assert single.order.size == double.order.size == width // 2
+    assert len(set(single.order) & set(double.order)) >= 0.99 * (width // 2)
+    np.testing.assert_allclose(np.sort(single.cost), np.sort(double.cost), rtol=1e-3)
+    narrow = (weight[:100], covariance[:100, :100], 50)  # narrow blocks stay in float64, bit for bit
+    np.testing.assert_array_equal(obs_ranking(*narrow).cost, obs_ranking(*narrow, precision=np.float64).cost)
 
 
 def test_too_few_positions_for_a_covariance_are_warned_about(copies: Path, caplog) -> None:

@@ -45,8 +45,10 @@ start = time.perf_counter()
 plan = prepared.plan(options)
 seconds = time.perf_counter() - start
 widths = [int(plan.keep[b.name].size) for b in prepared.blocks]
+ranked = prepared._rankings[(options.score, options.ridge_lambda)]
+depths = [int(ranked[b.name].order.size) for b in prepared.blocks]
 print(json.dumps({"ratio": ratio, "seconds": seconds, "peak_before_mb": before, "peak_mb": peak_mb(),
-                  "depth": prepared._rankings[(options.score, options.ridge_lambda)][0], "widths": widths}))
+                  "depths": depths, "widths": widths}))
 """
 
 
@@ -109,7 +111,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="BLAS threads (OMP/OPENBLAS_NUM_THREADS)")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads)}
-    print("| ratio | selection s | peak RSS before MB | peak RSS MB | ranked depth | kept widths |")
+    print("| ratio | selection s | peak RSS before MB | peak RSS MB | ranked depths | kept widths |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         model, stats = synthetic(Path(tmp))
@@ -124,7 +126,7 @@ def main() -> None:
             r = json.loads(out.strip().splitlines()[-1])
             print(
                 f"| {r['ratio']} | {r['seconds']:.1f} | {r['peak_before_mb']:.0f} | {r['peak_mb']:.0f} | "
-                f"{r['depth']} | {min(r['widths'])}–{max(r['widths'])} |",
+                f"{min(r['depths'])}–{max(r['depths'])} | {min(r['widths'])}–{max(r['widths'])} |",
                 flush=True,
             )
 
