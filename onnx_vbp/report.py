@@ -32,7 +32,8 @@ MS_MAC_OPS = (
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of every floating-point constant (initializers and Constant nodes), of every
     integer one a DequantizeLinear, a Cast (weight-only int8) or an integer MatMul reads as its data
-    (a quantized weight or bias), and the K x N weights packed in each MatMulNBits' B."""
+    (a quantized weight or bias) or a Gather reads as its table (a quantized embedding), and the
+    K x N weights packed in each MatMulNBits' B."""
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
@@ -43,6 +44,7 @@ def count_params(model: onnx.ModelProto) -> int:
         "MatMulInteger": 1,
         "DynamicQuantizeMatMul": 1,
         "MatMulIntegerToFloat": 1,
+        "Gather": 0,  # a quantized embedding table (quantize_dynamic): rows gathered, then dequantized
     }
     read = {
         n.input[data_input[n.op_type]]

@@ -159,6 +159,33 @@ def test_bench_inputs_from_text(tmp_path: Path) -> None:
     assert not random_feed["token_type_ids"].any()  # a 2-row token-type table takes only 0 and 1
 
 
+def test_a_dynamically_quantized_model_counts_its_embedding_table(tmp_path: Path) -> None:
+    """quantize_dynamic stores an embedding table as uint8 read by a Gather (its rows then
+    dequantized, or fed to a MatMulInteger): its parameters are still the table's elements (plus
+    a few scales)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import quantize_dynamic
+
+    from onnx_vbp.report import count_params
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"]), helper.make_node("MatMul", ["rows", "w"], ["y"])],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])],
+        [
+            numpy_helper.from_array(rng.normal(size=(300, 16)).astype(np.float32), "table"),
+            numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "w"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"))
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert any(n.op_type == "Gather" and n.input[0] != "table" for n in quantized.graph.node)  # the form under test
+    assert 300 * 16 + 16 * 8 <= count_params(quantized) <= 300 * 16 + 16 * 8 + 8
+
+
 def test_macs_count_quantized_and_fused_matmuls_like_their_float_form(tmp_path: Path) -> None:
     """ORT's dynamic int8 form (MatMulInteger) counts as the float model; a fused Attention counts
     its QKV projection and its two attention products; FusedMatMul honours transA."""
