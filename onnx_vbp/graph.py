@@ -10,6 +10,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -21,15 +22,16 @@ from onnx_vbp.nbits import PackedWeight, is_nbits
 
 # Ops that hand a parameter to its consumer unchanged up to layout, dtype or quantization:
 # exporters put weights stored [out, in] behind a Transpose and fp16 weights behind a Cast, and
-# quantizers put int8 weights and biases behind a DequantizeLinear (per tensor, or per channel
-# along one axis; not blocked) or, weight-only, behind Mul(Cast(int8 W), scale). A Reshape passes
-# only when its shape is a constant and it only adds or drops unit dims (Paddle's Add(conv,
-# Reshape(bias, [1, C, 1, 1]))), so that the neuron axis maps one to one.
+# quantizers put int8 weights and biases behind a DequantizeLinear (per tensor, per channel along
+# one axis, or in blocks along one axis) or, weight-only, behind Mul(Cast(int8 W), scale). A
+# Reshape passes only when its shape is a constant and it only adds or drops unit dims (Paddle's
+# Add(conv, Reshape(bias, [1, C, 1, 1]))), so that the neuron axis maps one to one.
 PARAM_PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "DequantizeLinear", "Mul")
 DEQUANTIZERS = ("DequantizeLinear", "Mul")
-# Integer types a DequantizeLinear of a parameter may hold (int4 and float8 are packed or lossy to
-# requantize: not followed).
+# Integer types a DequantizeLinear of a parameter may hold (float8 is not followed); 4-bit ones
+# only in blocks (MatMulNBitsQuantizer's QDQ format), which are quantized again block by block.
 QUANTIZED_DTYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
+FOUR_BIT_DTYPES = (ml_dtypes.int4, ml_dtypes.uint4)
 
 _CONSTANT_ATTRS = {
     "value_float": np.float32,
@@ -332,6 +334,13 @@ def dequantizer(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
         return scale.reshape((1,) * (rank - scale.ndim) + scale.shape), np.zeros(())
     present = len(node.inputs) > 2 and node.inputs[2].name
     zero_point = np.asarray(node.inputs[2].values, dtype=np.float64) if present else np.zeros(())
+    axis = block_axis(node)
+    if axis is not None:  # one scale per block of `block_size` along `axis`: repeated over each block
+        size, block = node.inputs[0].shape[axis], int(node.attrs["block_size"])
+        scale = np.repeat(scale, block, axis=axis).take(np.arange(size), axis=axis)
+        if present:
+            zero_point = np.repeat(zero_point, block, axis=axis).take(np.arange(size), axis=axis)
+        return scale, zero_point
     if scale.size == 1:
         return scale.reshape(()), zero_point.reshape(())
     shape = [1] * rank
@@ -339,10 +348,22 @@ def dequantizer(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return scale.reshape(shape), zero_point.reshape(shape) if zero_point.size > 1 else zero_point.reshape(())
 
 
-def per_channel_axis(node: gs.Node, rank: int) -> int | None:
-    """The axis (of its input, `rank` dims) a dequantizer has one scale per index of, or None for
-    one scale in all."""
-    return _channel_axis(dequantizer(node, rank)[0])
+def indexed_axes(node: gs.Node, rank: int) -> tuple[int, ...]:
+    """The axes of its input (`rank` dims) along which a dequantizer's scale holds one value per
+    index: its channel axis (per channel), every axis but the blocked one (in blocks), or none
+    (one scale in all)."""
+    blocked = block_axis(node)
+    if blocked is not None:
+        return tuple(axis for axis in range(rank) if axis != blocked)
+    axis = _channel_axis(dequantizer(node, rank)[0])
+    return () if axis is None else (axis,)
+
+
+def block_axis(node: gs.Node) -> int | None:
+    """The axis a DequantizeLinear with `block_size` has one scale per block of, else None."""
+    if node.op != "DequantizeLinear" or not node.attrs.get("block_size", 0):
+        return None
+    return int(node.attrs.get("axis", 1)) % len(node.inputs[0].shape)
 
 
 def _channel_axis(scale: np.ndarray) -> int | None:
@@ -352,13 +373,47 @@ def _channel_axis(scale: np.ndarray) -> int | None:
 
 def _requantize(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """`value` quantized for the dequantizer `node` (see `quantize`), its scale constant widened
-    where needed."""
+    where needed; in blocks, every block's scale (and zero point) chosen anew."""
+    if block_axis(node) is not None:
+        return _requantize_blocks(node, value, dtype)
     scale, zero_point = dequantizer(node, value.ndim)
     ints, wider = quantize(value, scale, zero_point, dtype)
     if np.any(wider != scale):
         constant = node.inputs[scale_input(node)]
         constant.values = wider.reshape(np.asarray(constant.values).shape)
     return ints
+
+
+def _requantize_blocks(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`value` quantized in blocks of `block_size` along the DequantizeLinear's axis, round to
+    nearest: without a zero point, symmetric (each block's extreme maps to the lowest code, as
+    ORT's 4-bit quantizer does); with one, over each block's range (zero included). The scale and
+    zero point constants are replaced by the new blocks' (their axis may have shrunk)."""
+    axis, block = block_axis(node), int(node.attrs["block_size"])
+    limits = ml_dtypes.iinfo(dtype)
+    moved = np.moveaxis(value.astype(np.float64), axis, -1)  # [..., size]
+    size = moved.shape[-1]
+    blocks = -(-size // block)
+    padded = np.zeros((*moved.shape[:-1], blocks * block))
+    padded[..., :size] = moved
+    padded = padded.reshape(*moved.shape[:-1], blocks, block)
+    has_zero = len(node.inputs) > 2 and node.inputs[2].name
+    if has_zero:
+        low, high = np.minimum(padded.min(axis=-1), 0.0), np.maximum(padded.max(axis=-1), 0.0)
+        scales = (high - low) / (limits.max - limits.min)
+    else:
+        extreme = np.take_along_axis(padded, np.abs(padded).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        scales = extreme / limits.min if limits.min < 0 else extreme / limits.max
+    scales[scales == 0] = 1.0  # an all-zero block: any scale reads it back as zeros
+    zeros = np.clip(np.rint(limits.min - low / scales), limits.min, limits.max) if has_zero else np.zeros(scales.shape)
+    codes = np.clip(np.rint(padded / scales[..., None]) + zeros[..., None], limits.min, limits.max)
+    codes = codes.reshape(*moved.shape[:-1], -1)[..., :size]
+    scale_constant = node.inputs[1]
+    scale_constant.values = np.moveaxis(scales, -1, axis).astype(np.asarray(scale_constant.values).dtype)
+    if has_zero:
+        zero_constant = node.inputs[2]
+        zero_constant.values = np.moveaxis(zeros, -1, axis).astype(np.asarray(zero_constant.values).dtype)
+    return np.moveaxis(codes, -1, axis).astype(dtype)
 
 
 def dequantized_rows(rows: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None) -> np.ndarray:
@@ -430,12 +485,25 @@ def trace_param(tensor: gs.Tensor) -> TracedParam | None:
 
 def _dequantizes_param(node: gs.Node) -> bool:
     """A DequantizeLinear of a constant integer tensor, by a constant scale and zero point given
-    per tensor or per channel (not in blocks): one that `assign` can quantize back."""
-    if not in_default_domain(node) or node.attrs.get("block_size", 0) or not isinstance(node.inputs[1], gs.Constant):
+    per tensor, per channel, or in blocks along one axis (int4 too): one that `assign` can
+    quantize back."""
+    if not in_default_domain(node) or not isinstance(node.inputs[1], gs.Constant):
         return False
-    if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+    zero = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    if zero is not None and not isinstance(zero, gs.Constant):
         return False
-    return _quantized(node.inputs[0])
+    data = node.inputs[0]
+    if not node.attrs.get("block_size", 0):
+        return _quantized(data)
+    if not isinstance(data, gs.Constant) or data.dtype not in (*QUANTIZED_DTYPES[:2], *FOUR_BIT_DTYPES):
+        return False
+    shape, block = tuple(data.shape), int(node.attrs["block_size"])
+    axis = int(node.attrs.get("axis", 1))
+    if not -len(shape) <= axis < len(shape):
+        return False
+    blocked = list(shape)
+    blocked[axis] = -(-shape[axis] // block)
+    return tuple(node.inputs[1].shape) == tuple(blocked) and (zero is None or tuple(zero.shape) == tuple(blocked))
 
 
 def _quantized(tensor: gs.Tensor) -> bool:

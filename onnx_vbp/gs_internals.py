@@ -8,6 +8,8 @@ tests/test_gs_internals.py pins the behaviour relied on.
 
 from __future__ import annotations
 
+import ml_dtypes
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
@@ -15,7 +17,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 
 def tensor_proto(constant: gs.Constant) -> onnx.TensorProto:
-    """The constant's values as a TensorProto, converted by gs itself (name, dtype, dims, data)."""
+    """The constant's values as a TensorProto, converted by gs itself (name, dtype, dims, data);
+    4-bit integers by onnx, which packs two in a byte where gs writes one per byte."""
+    if constant.dtype in (ml_dtypes.int4, ml_dtypes.uint4):
+        return onnx.numpy_helper.from_array(np.asarray(constant.values), constant.name)
     return OnnxExporter.export_tensor_proto(constant)
 
 

@@ -707,26 +707,15 @@ def prune(
     )
 
 
-# Ops of ORT's and ONNX's quantized forms that onnx_vbp does not prune through. (The QDQ and
-# weight-only forms, float MatMuls reading dequantized weights, ORT's dynamic MatMulInteger form
-# and its fused DynamicQuantizeMatMul / MatMulIntegerToFloat, and its int4 MatMulNBits are
-# pruned in place.)
+# Ops of ORT's and ONNX's quantized forms that onnx_vbp does not prune through. (The QDQ forms,
+# per channel or in int4 blocks, the weight-only form, ORT's dynamic MatMulInteger form and its
+# fused DynamicQuantizeMatMul / MatMulIntegerToFloat, and its int4 MatMulNBits are pruned in place.)
 QUANTIZED_OPS = ("QLinearMatMul", "QLinearConv", "ConvInteger", "QGemm")
 
 
-BLOCKED_DEQUANTIZE = "DequantizeLinear with block_size"
-
-
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
-    """The quantized op types the model uses that onnx_vbp cannot prune through (QUANTIZED_OPS,
-    and BLOCKED_DEQUANTIZE: the int4 QDQ form of MatMulNBitsQuantizer), sorted."""
-    found = {n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS}
-    if any(
-        n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i for a in n.attribute)
-        for n in model.graph.node
-    ):
-        found.add(BLOCKED_DEQUANTIZE)
-    return sorted(found)
+    """The quantized op types (QUANTIZED_OPS) the model uses that onnx_vbp cannot prune through, sorted."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
 
 
 def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | None = None) -> dict:

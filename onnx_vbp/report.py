@@ -57,6 +57,8 @@ def count_params(model: onnx.ModelProto) -> int:
         onnx.TensorProto.INT16,
         onnx.TensorProto.UINT16,
         onnx.TensorProto.INT32,
+        onnx.TensorProto.INT4,
+        onnx.TensorProto.UINT4,
     }
     quantized = {t.name for t in tensors if t.name in read and t.data_type in integers}
     packed = {

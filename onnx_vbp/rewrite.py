@@ -23,12 +23,13 @@ from onnx_vbp.graph import (
     DEQUANTIZERS,
     DiskWeights,
     TracedParam,
+    block_axis,
     dequantized_rows,
     export_model,
     import_graph,
+    indexed_axes,
     node_key,
     param_input,
-    per_channel_axis,
     quantize,
     quantizer_inputs,
     trace_input,
@@ -322,8 +323,11 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
                 traced.take(keep, ref.axis)
                 continue
             axes = traced.link_axes(ref.axis)
-            traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=axes[-1])
             rank = len(traced.source.shape)  # of every dequantizer's input: it reads the source (through a Cast)
+            if any(block_axis(link) == axes[-1] for link in traced.chain):  # cutting across blocks
+                traced.assign(np.take(traced.value(), keep, axis=ref.axis))  # quantized into new blocks
+                continue
+            traced.source.values = np.take(np.asarray(traced.source.values), keep, axis=axes[-1])
             for position, link in enumerate(traced.chain):  # the width at link's output is axes[position]
                 if link.op == "Reshape":  # a unit reshape of a bias ([C] -> [1, C, 1, 1]) names the width
                     literal = editor.owned(link, 1, readers | {id(link)}).source
@@ -331,8 +335,8 @@ def _slice(editor: _Editor, block: MlpBlock, keep: np.ndarray, readers: set[int]
                     if target[axes[position]] > 0:  # 0 and -1 follow the sliced input
                         target[axes[position]] = keep.size
                     literal.values = target
-                elif link.op in DEQUANTIZERS and per_channel_axis(link, rank) == axes[-1]:
-                    for index in quantizer_inputs(link):  # per-channel scale and zero point: one per neuron
+                elif link.op in DEQUANTIZERS and axes[-1] in indexed_axes(link, rank):
+                    for index in quantizer_inputs(link):  # a scale and zero point per neuron (or per block of each)
                         quantizer = link.inputs[index]
                         values = np.asarray(quantizer.values)  # its shape aligned with the weight's from the right
                         quantizer.values = np.take(values, keep, axis=axes[-1] - (rank - values.ndim))

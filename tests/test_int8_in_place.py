@@ -133,12 +133,32 @@ def test_values_beyond_the_int8_range_widen_only_their_channels_scale(models: Pa
     np.testing.assert_allclose(traced.value(), value, atol=float(widened.max()) / 2 + 1e-7)
 
 
-def test_a_blocked_dequantize_is_not_followed() -> None:
-    weight = gs.Constant("w", np.ones((64, 8), np.int8))
-    scale = gs.Constant("s", np.ones((2, 8), np.float32))
-    out = gs.Variable("wf", np.float32, (64, 8))
+def test_a_blocked_dequantize_reads_its_blocks_and_quantizes_into_new_ones() -> None:
+    """A DequantizeLinear with block_size (one scale per 32 rows here) reads as codes times the
+    scale of their block; rows taken across the blocks are quantized into new blocks; scales
+    whose shape does not match the blocks are not followed."""
+    rng = np.random.default_rng(2)
+    codes = rng.integers(-127, 128, size=(70, 8)).astype(np.int8)  # 3 blocks, the last one short
+    scales = rng.uniform(0.01, 0.1, size=(3, 8)).astype(np.float32)
+    weight, scale = gs.Constant("w", codes), gs.Constant("s", scales)
+    out = gs.Variable("wf", np.float32, (70, 8))
     gs.Node("DequantizeLinear", inputs=[weight, scale], outputs=[out], attrs={"axis": 0, "block_size": 32})
-    assert trace_param(out) is None
+    traced = trace_param(out)
+    expected = codes.astype(np.float64) * np.repeat(scales, 32, axis=0)[:70]
+    np.testing.assert_allclose(traced.value(), expected, rtol=1e-6)
+    rows = traced.value()[np.r_[0:20, 40:70]]  # 50 rows: two new blocks
+    traced.assign(rows)
+    assert weight.shape == (50, 8) and scale.shape == (2, 8)
+    np.testing.assert_allclose(traced.value(), rows, atol=float(np.abs(np.asarray(scale.values)).max()) / 2 + 1e-7)
+
+    wrong = gs.Variable("wrong", np.float32, (70, 8))
+    gs.Node(
+        "DequantizeLinear",
+        inputs=[gs.Constant("w2", codes), gs.Constant("s2", np.ones((2, 8), np.float32))],
+        outputs=[wrong],
+        attrs={"axis": 0, "block_size": 32},
+    )
+    assert trace_param(wrong) is None
 
 
 def _weight_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:

@@ -2,8 +2,9 @@
 
 fc1's neurons are rows of the packed weight (N): they are sliced with their scales and zero points
 exactly. fc2's neurons run along K, across the blocks: fc2 is read as its float matrix, sliced
-(and refit), and quantized once into new blocks; K and N follow. The forms are written by ORT's
-own `MatMulNBitsQuantizer` (which needs `onnx-ir`, in the test extras).
+(and refit), and quantized once into new blocks; K and N follow. The same quantizer's QDQ format
+(int4 blocks behind a DequantizeLinear with block_size) is pruned the same way. The forms are
+written by ORT's own `MatMulNBitsQuantizer` (which needs `onnx-ir`, in the test extras).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnx_vbp import PruneOptions, find_mlp_blocks, prune_file
 from onnx_vbp.graph import import_graph
 from onnx_vbp.nbits import PackedWeight
-from onnx_vbp.pipeline import inspect_model, quantized_ops
+from onnx_vbp.pipeline import quantized_ops
 from onnx_vbp.report import count_params
 
 SPECS = [BlockSpec(hidden=64), BlockSpec(hidden=64, act="relu")]
@@ -234,15 +235,57 @@ def test_a_weight_with_a_column_order_is_not_a_block(models: Path) -> None:
     assert find_mlp_blocks(model) == []
 
 
-def test_the_int4_qdq_form_is_named_in_the_quantized_hint(models: Path, tmp_path: Path) -> None:
-    """MatMulNBitsQuantizer's QDQ format (int4 blocks behind a DequantizeLinear with block_size)
-    is not followed: `inspect` says which op, so the user can prune first or use MatMulNBits."""
+@pytest.mark.parametrize(("symmetric", "compensate"), [(True, "ridge"), (False, "mean")])
+def test_the_int4_qdq_form_is_pruned_in_place(models: Path, tmp_path: Path, symmetric: bool, compensate: str) -> None:
+    """MatMulNBitsQuantizer's QDQ format: int4 [K, N] behind a DequantizeLinear with block_size
+    (blocks along K, scales [K / block, N], uint4 zero points when asymmetric). fc1's columns
+    are sliced exactly with their scales; fc2's rows cut across the blocks, so fc2 is quantized
+    again into new blocks, and the scales shrink with K."""
     from onnxruntime.quantization import QuantFormat
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-    quantizer = MatMulNBitsQuantizer(onnx.load(models / "net.onnx"), block_size=16, quant_format=QuantFormat.QDQ)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(models / "net.onnx"), block_size=16, is_symmetric=symmetric, quant_format=QuantFormat.QDQ
+    )
     quantizer.process()
-    quantizer.model.save_model_to_file(str(tmp_path / "int4qdq.onnx"))
-    report = inspect_model(tmp_path / "int4qdq.onnx", seq=6)
-    assert report["blocks"] == [] and report["quantized_ops"] == ["DequantizeLinear with block_size"]
-    assert quantized_ops(onnx.load(models / "sym.onnx")) == []  # MatMulNBits itself is pruned: no hint
+    quantizer.model.save_model_to_file(str(tmp_path / "qdq.onnx"))
+    qdq = onnx.load(tmp_path / "qdq.onnx")
+    before = _blocked(qdq)
+    assert len(before) == 4 and all(data.dtype.name in ("int4", "uint4") for data, _ in before.values())
+    assert [b.width for b in find_mlp_blocks(qdq)] == [64, 64]
+    assert quantized_ops(qdq) == []  # nothing left to hint at
+
+    np.savez(tmp_path / "calib.npz", **np.load(models / "calib.npz"))
+    pruned = onnx.load(_prune(tmp_path / "qdq.onnx", tmp_path, compensate=compensate))
+    after = _blocked(pruned)
+    assert after.keys() == before.keys()
+    assert sum(data.shape[1] for name, (data, _) in after.items() if "fc1" in name) == 64
+    for name, (data, scales) in after.items():
+        old_data, old_scales = before[name]
+        if "fc1" in name:  # N sliced: some of the original columns of codes and scales, unchanged
+            columns = {old_data[:, j].tobytes() + old_scales[:, j].tobytes() for j in range(old_data.shape[1])}
+            assert all(data[:, i].tobytes() + scales[:, i].tobytes() in columns for i in range(data.shape[1]))
+        else:  # K sliced across the blocks: quantized into new blocks, ceil(K / 16) of them
+            assert data.shape[1] == old_data.shape[1] and scales.shape == (-(-data.shape[0] // 16), data.shape[1])
+    assert count_params(pruned) < count_params(qdq) - 4 * 32 * 32 * 0.9
+
+    (tmp_path / "net.onnx").write_bytes((models / "net.onnx").read_bytes())
+    prune_file(
+        models / "net.onnx",
+        models / "calib.npz",
+        tmp_path / "net.pruned.onnx",
+        PruneOptions(ratio=0.5, compensate=compensate, progress=False),
+    )
+    out = _outputs(tmp_path, ["net", "net.pruned", "qdq", "qdq.pruned"], random_batch(qdq, batch=16, seed=9))
+    float_loss = relative_change(out["net"], out["net.pruned"])
+    assert relative_change(out["net"], out["qdq.pruned"]) < float_loss + 2 * relative_change(out["net"], out["qdq"])
+
+
+def _blocked(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each blocked DequantizeLinear's data and scales, by the name of the node reading it."""
+    graph = import_graph(model)
+    return {
+        n.outputs[0].outputs[0].name: (np.asarray(n.inputs[0].values), np.asarray(n.inputs[1].values))
+        for n in graph.nodes
+        if n.op == "DequantizeLinear" and n.attrs.get("block_size")
+    }
