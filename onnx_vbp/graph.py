@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.gs_internals import data_less, tensor_proto
-from onnx_vbp.nbits import PackedWeight, is_nbits
+from onnx_vbp.nbits import PackedWeight, is_nbits, quantize_blocks
 
 # Ops that hand a parameter to its consumer unchanged up to layout, dtype or quantization:
 # exporters put weights stored [out, in] behind a Transpose and fp16 weights behind a Cast, and
@@ -385,10 +385,10 @@ def _requantize(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray
 
 
 def _requantize_blocks(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`value` quantized in blocks of `block_size` along the DequantizeLinear's axis, round to
-    nearest: without a zero point, symmetric (each block's extreme maps to the lowest code, as
-    ORT's 4-bit quantizer does); with one, over each block's range (zero included). The scale and
-    zero point constants are replaced by the new blocks' (their axis may have shrunk)."""
+    """`value` quantized in blocks of `block_size` along the DequantizeLinear's axis (see
+    `nbits.quantize_blocks`): symmetric without a zero point, over each block's range with one.
+    The scale and zero point constants are replaced by the new blocks' (their axis may have
+    shrunk)."""
     axis, block = block_axis(node), int(node.attrs["block_size"])
     limits = ml_dtypes.iinfo(dtype)
     moved = np.moveaxis(value.astype(np.float64), axis, -1)  # [..., size]
@@ -396,24 +396,14 @@ def _requantize_blocks(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.
     blocks = -(-size // block)
     padded = np.zeros((*moved.shape[:-1], blocks * block))
     padded[..., :size] = moved
-    padded = padded.reshape(*moved.shape[:-1], blocks, block)
     has_zero = len(node.inputs) > 2 and node.inputs[2].name
-    if has_zero:
-        low, high = np.minimum(padded.min(axis=-1), 0.0), np.maximum(padded.max(axis=-1), 0.0)
-        scales = (high - low) / (limits.max - limits.min)
-    else:
-        extreme = np.take_along_axis(padded, np.abs(padded).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-        scales = extreme / limits.min if limits.min < 0 else extreme / limits.max
-    scales[scales == 0] = 1.0  # an all-zero block: any scale reads it back as zeros
-    zeros = np.clip(np.rint(limits.min - low / scales), limits.min, limits.max) if has_zero else np.zeros(scales.shape)
-    codes = np.clip(np.rint(padded / scales[..., None]) + zeros[..., None], limits.min, limits.max)
-    codes = codes.reshape(*moved.shape[:-1], -1)[..., :size]
-    scale_constant = node.inputs[1]
-    scale_constant.values = np.moveaxis(scales, -1, axis).astype(np.asarray(scale_constant.values).dtype)
-    if has_zero:
-        zero_constant = node.inputs[2]
-        zero_constant.values = np.moveaxis(zeros, -1, axis).astype(np.asarray(zero_constant.values).dtype)
-    return np.moveaxis(codes, -1, axis).astype(dtype)
+    codes, scales, zeros = quantize_blocks(
+        padded.reshape(*moved.shape[:-1], blocks, block), int(limits.min), int(limits.max), symmetric=not has_zero
+    )
+    for index, values in ((1, scales), (2, zeros))[: 1 + bool(has_zero)]:
+        constant = node.inputs[index]
+        constant.values = np.moveaxis(values, -1, axis).astype(np.asarray(constant.values).dtype)
+    return np.moveaxis(codes.reshape(*moved.shape[:-1], -1)[..., :size], -1, axis).astype(dtype)
 
 
 def dequantized_rows(rows: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None) -> np.ndarray:

@@ -129,17 +129,13 @@ class PackedWeight:
         padded = np.zeros((n, blocks * block))
         padded[:, :k] = self.matrix.T
         padded = padded.reshape(n, blocks, block)
-        top = (1 << bits) - 1
         zero = self._zero_points
         if zero is None:  # symmetric, zero point 2^(bits-1): each block's extreme maps to code 0
-            extreme = np.take_along_axis(padded, np.abs(padded).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-            scales = extreme / -(1 << (bits - 1))
+            half = 1 << (bits - 1)
+            codes, scales, _ = quantize_blocks(padded, -half, half - 1, symmetric=True)
+            codes, zeros = codes + half, np.full((n, blocks), half)
         else:
-            low, high = np.minimum(padded.min(axis=-1), 0.0), np.maximum(padded.max(axis=-1), 0.0)
-            scales = (high - low) / top
-        scales[scales == 0] = 1.0  # an all-zero block: any scale reads it back as zeros
-        zeros = np.full((n, blocks), 1 << (bits - 1)) if zero is None else np.clip(np.rint(-low / scales), 0, top)
-        codes = np.clip(np.rint(padded / scales[..., None]) + zeros[..., None], 0, top)
+            codes, scales, zeros = quantize_blocks(padded, 0, (1 << bits) - 1, symmetric=False)
         self.source.values = _pack(codes, bits)
         self.node.inputs[2].values = _as_stored(scales.astype(self.node.inputs[2].dtype), self.node.inputs[2])
         if zero is not None:
@@ -153,6 +149,25 @@ class PackedWeight:
         for reader in self.source.outputs:
             if is_nbits(reader):
                 reader.attrs["K"], reader.attrs["N"] = k, n
+
+
+def quantize_blocks(
+    blocks: np.ndarray, lowest: int, highest: int, *, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Values [..., blocks, block] as integer codes in [lowest, highest], round to nearest, one
+    scale (and zero point) per block: (codes, scales, zero points), value = (code - zero) * scale.
+    Symmetric: zero point 0 and each block's extreme at `lowest` (ORT's 4-bit quantizers write
+    it so, hence negative scales); else the block's range, zero included, spread over the codes."""
+    if symmetric:
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        scales = extreme / (lowest if lowest < 0 else highest)
+    else:
+        low, high = np.minimum(blocks.min(axis=-1), 0.0), np.maximum(blocks.max(axis=-1), 0.0)
+        scales = (high - low) / (highest - lowest)
+    scales[scales == 0] = 1.0  # an all-zero block: any scale reads it back as zeros
+    zeros = np.zeros(scales.shape) if symmetric else np.clip(np.rint(lowest - low / scales), lowest, highest)
+    codes = np.clip(np.rint(blocks / scales[..., None]) + zeros[..., None], lowest, highest)
+    return codes, scales, zeros
 
 
 def _as_stored(rows: np.ndarray, tensor: gs.Constant) -> np.ndarray:
