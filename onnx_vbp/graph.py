@@ -391,19 +391,13 @@ def _requantize_blocks(node: gs.Node, value: np.ndarray, dtype: np.dtype) -> np.
     shrunk)."""
     axis, block = block_axis(node), int(node.attrs["block_size"])
     limits = ml_dtypes.iinfo(dtype)
-    moved = np.moveaxis(value.astype(np.float64), axis, -1)  # [..., size]
-    size = moved.shape[-1]
-    blocks = -(-size // block)
-    padded = np.zeros((*moved.shape[:-1], blocks * block))
-    padded[..., :size] = moved
+    moved = np.moveaxis(value.astype(np.float64), axis, -1)  # blocks along the last axis
     has_zero = len(node.inputs) > 2 and node.inputs[2].name
-    codes, scales, zeros = quantize_blocks(
-        padded.reshape(*moved.shape[:-1], blocks, block), int(limits.min), int(limits.max), symmetric=not has_zero
-    )
+    codes, scales, zeros = quantize_blocks(moved, block, int(limits.min), int(limits.max), symmetric=not has_zero)
     for index, values in ((1, scales), (2, zeros))[: 1 + bool(has_zero)]:
         constant = node.inputs[index]
         constant.values = np.moveaxis(values, -1, axis).astype(np.asarray(constant.values).dtype)
-    return np.moveaxis(codes.reshape(*moved.shape[:-1], -1)[..., :size], -1, axis).astype(dtype)
+    return np.moveaxis(codes[..., : moved.shape[-1]], -1, axis).astype(dtype)
 
 
 def dequantized_rows(rows: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None) -> np.ndarray:

@@ -126,17 +126,14 @@ class PackedWeight:
         bits, block = int(self.node.attrs.get("bits", 4)), int(self.node.attrs["block_size"])
         k, n = self.matrix.shape
         blocks = -(-k // block)
-        padded = np.zeros((n, blocks * block))
-        padded[:, :k] = self.matrix.T
-        padded = padded.reshape(n, blocks, block)
         zero = self._zero_points
         if zero is None:  # symmetric, zero point 2^(bits-1): each block's extreme maps to code 0
             half = 1 << (bits - 1)
-            codes, scales, _ = quantize_blocks(padded, -half, half - 1, symmetric=True)
+            codes, scales, _ = quantize_blocks(self.matrix.T, block, -half, half - 1, symmetric=True)
             codes, zeros = codes + half, np.full((n, blocks), half)
         else:
-            codes, scales, zeros = quantize_blocks(padded, 0, (1 << bits) - 1, symmetric=False)
-        self.source.values = _pack(codes, bits)
+            codes, scales, zeros = quantize_blocks(self.matrix.T, block, 0, (1 << bits) - 1, symmetric=False)
+        self.source.values = _pack(codes.reshape(n, blocks, block), bits)  # B: [N, blocks, bytes]
         self.node.inputs[2].values = _as_stored(scales.astype(self.node.inputs[2].dtype), self.node.inputs[2])
         if zero is not None:
             row_codes = np.zeros((n, -(-blocks * bits // 8) * 8 // bits))
@@ -152,12 +149,18 @@ class PackedWeight:
 
 
 def quantize_blocks(
-    blocks: np.ndarray, lowest: int, highest: int, *, symmetric: bool
+    values: np.ndarray, block: int, lowest: int, highest: int, *, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Values [..., blocks, block] as integer codes in [lowest, highest], round to nearest, one
-    scale (and zero point) per block: (codes, scales, zero points), value = (code - zero) * scale.
-    Symmetric: zero point 0 and each block's extreme at `lowest` (ORT's 4-bit quantizers write
-    it so, hence negative scales); else the block's range, zero included, spread over the codes."""
+    """Values [..., size] as integer codes in [lowest, highest], round to nearest, one scale (and
+    zero point) per block of `block` along the last axis, the last block padded with zeros:
+    (codes [..., blocks * block], scales [..., blocks], zero points [..., blocks]), value =
+    (code - zero) * scale. Symmetric: zero point 0 and each block's extreme at `lowest` (ORT's
+    4-bit quantizers write it so, hence negative scales); else the block's range, zero included,
+    spread over the codes."""
+    size = values.shape[-1]
+    padded = np.zeros((*values.shape[:-1], -(-size // block) * block))
+    padded[..., :size] = values
+    blocks = padded.reshape(*values.shape[:-1], -1, block)
     if symmetric:
         extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
         scales = extreme / (lowest if lowest < 0 else highest)
@@ -167,7 +170,7 @@ def quantize_blocks(
     scales[scales == 0] = 1.0  # an all-zero block: any scale reads it back as zeros
     zeros = np.zeros(scales.shape) if symmetric else np.clip(np.rint(lowest - low / scales), lowest, highest)
     codes = np.clip(np.rint(blocks / scales[..., None]) + zeros[..., None], lowest, highest)
-    return codes, scales, zeros
+    return codes.reshape(padded.shape), scales, zeros
 
 
 def _as_stored(rows: np.ndarray, tensor: gs.Constant) -> np.ndarray:

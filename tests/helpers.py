@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,6 +14,11 @@ from onnx_vbp import calibrate, find_mlp_blocks, rewrite, select
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feed)
+
+
+def outputs_of(folder: Path, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first output of each model `folder/NAME.onnx` on `feed`, by NAME."""
+    return {name: ort.InferenceSession(str(folder / f"{name}.onnx")).run(None, feed)[0] for name in names}
 
 
 def prune(model: onnx.ModelProto, batches: list[dict], ratio: float, **kwargs):

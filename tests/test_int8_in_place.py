@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from graphs import BlockSpec, build_model, quantize_static_int8, random_batch, share_initializer
-from helpers import relative_change
+from helpers import outputs_of, relative_change
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnx_vbp import PruneOptions, find_mlp_blocks, prune_file
@@ -99,10 +99,7 @@ def test_a_qdq_model_is_pruned_in_place_and_stays_quantized(models: Path) -> Non
         assert np.asarray(fc2_dq.inputs[1].values).shape == (32,)
 
     feed = random_batch(qdq, batch=16, seed=9)
-    out = {
-        name: ort.InferenceSession(str(models / f"{name}.onnx")).run(None, feed)[0]
-        for name in ("net", "net.pruned", "net.qdq", "net.qdq.pruned")
-    }
+    out = outputs_of(models, ["net", "net.pruned", "net.qdq", "net.qdq.pruned"], feed)
     float_loss = relative_change(out["net"], out["net.pruned"])
     # pruning the int8 model costs what pruning the float one does, give or take int8 rounding
     assert relative_change(out["net.qdq"], out["net.qdq.pruned"]) < 1.5 * float_loss + 0.05
@@ -203,10 +200,7 @@ def test_weight_only_int8_is_pruned_in_place_like_its_float_model(tmp_path: Path
     assert fc1_mul.op == "Mul" and np.asarray(fc1_mul.inputs[1].values).shape == (fc1.shape[1],) and fc1.shape[1] < 64
 
     feed = random_batch(quantized, batch=16, seed=9)
-    out = {
-        name: ort.InferenceSession(str(tmp_path / f"{name}.onnx")).run(None, feed)[0]
-        for name in ("float", "float.pruned", "int8.pruned")
-    }
+    out = outputs_of(tmp_path, ["float", "float.pruned", "int8.pruned"], feed)
     # the same plan and compensation; only fc2's refit rows are rounded back to int8
     assert relative_change(out["float.pruned"], out["int8.pruned"]) < 0.1 * relative_change(
         out["float"], out["float.pruned"]
@@ -281,15 +275,7 @@ def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_c
     assert count_params(pruned) < count_params(dynamic) - 4 * 32 * 64 // 2 * 0.9
 
     feed = random_batch(dynamic, batch=16, seed=9)
-    out = {
-        name: ort.InferenceSession(str(path)).run(None, feed)[0]
-        for name, path in (
-            ("net", models / "net.onnx"),
-            ("net.pruned", models / "net.pruned.onnx"),
-            ("dyn", tmp_path / "dyn.onnx"),
-            ("dyn.pruned", tmp_path / "dyn.pruned.onnx"),
-        )
-    }
+    out = {**outputs_of(models, ["net", "net.pruned"], feed), **outputs_of(tmp_path, ["dyn", "dyn.pruned"], feed)}
     float_loss = relative_change(out["net"], out["net.pruned"])
     assert relative_change(out["dyn"], out["dyn.pruned"]) < 1.5 * float_loss + 0.05
 
@@ -317,10 +303,7 @@ def test_fused_dynamic_int8_of_a_gated_mlp_is_pruned_in_place(tmp_path: Path) ->
     shapes = [inits[n.input[1]].shape for n in pruned.graph.node if n.op_type in FUSED_INTEGER_LINEARS]
     assert sorted(shapes) == [(32, 32), (32, 32), (32, 32)]  # gate, up: 32 columns kept; fc2: 32 rows
     feed = random_batch(model, batch=16, seed=9)
-    out = {
-        name: ort.InferenceSession(str(tmp_path / f"{name}.onnx")).run(None, feed)[0]
-        for name in ("gated", "gated.pruned", "dyn", "dyn.pruned")
-    }
+    out = outputs_of(tmp_path, ["gated", "gated.pruned", "dyn", "dyn.pruned"], feed)
     float_loss = relative_change(out["gated"], out["gated.pruned"])
     assert relative_change(out["dyn"], out["dyn.pruned"]) < 1.5 * float_loss + 0.05
 

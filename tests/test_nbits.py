@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from graphs import BlockSpec, build_model, random_batch
-from helpers import relative_change
+from helpers import outputs_of, relative_change
 from onnx import helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -58,10 +58,6 @@ def _prune(model: Path, folder: Path, output: Path | None = None, **options: obj
     output = output or model.with_suffix(".pruned.onnx")
     prune_file(model, folder / "calib.npz", output, PruneOptions(ratio=0.5, progress=False, **options))
     return output
-
-
-def _outputs(folder: Path, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {name: ort.InferenceSession(str(folder / f"{name}.onnx")).run(None, feed)[0] for name in names}
 
 
 def _packed(model: onnx.ModelProto) -> dict[str, PackedWeight]:
@@ -134,7 +130,7 @@ def test_an_int4_model_is_pruned_in_place_and_stays_int4(models: Path, form: str
             PruneOptions(ratio=0.5, compensate=compensate, progress=False),
         )
     reference = "net.pruned" if compensate == "mean" else "net.ridge"
-    out = _outputs(models, ["net", reference, form, f"{form}.pruned"], feed)
+    out = outputs_of(models, ["net", reference, form, f"{form}.pruned"], feed)
     float_loss = relative_change(out["net"], out[reference])
     quantization_loss = relative_change(out["net"], out[form])
     # against the float model: the float model's pruning loss, plus int4 noise
@@ -154,7 +150,7 @@ def test_an_fp16_int4_model_is_pruned_in_place(models: Path, tmp_path: Path) -> 
     assert sum(w.shape[1] for name, w in weights.items() if "fc1" in name) == 64
     (tmp_path / "net.onnx").write_bytes((models / "net.onnx").read_bytes())
     (tmp_path / "net.pruned.onnx").write_bytes((models / "net.pruned.onnx").read_bytes())
-    out = _outputs(
+    out = outputs_of(
         tmp_path,
         ["net", "net.pruned", "f16.int4", "f16.int4.pruned"],
         random_batch(onnx.load(models / "net.onnx"), batch=16, seed=9),
@@ -200,7 +196,7 @@ def test_a_bias_input_and_flat_scales_are_sliced_with_the_neurons(models: Path, 
     _prune(models / "asym.onnx", models, tmp_path / "asym.pruned.onnx")
     (tmp_path / "asym.onnx").write_bytes((models / "asym.onnx").read_bytes())
     feed = random_batch(onnx.load(models / "net.onnx"), batch=16, seed=9)
-    out = _outputs(tmp_path, ["bias", "bias.pruned", "asym", "asym.pruned"], feed)
+    out = outputs_of(tmp_path, ["bias", "bias.pruned", "asym", "asym.pruned"], feed)
     np.testing.assert_allclose(out["bias"], out["asym"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["bias.pruned"], out["asym.pruned"], rtol=1e-4, atol=1e-4)
 
@@ -215,9 +211,9 @@ def test_an_int8_block_model_with_external_data_prunes_as_inline(models: Path, t
     for name in ("int8", "ext"):
         _prune(tmp_path / f"{name}.onnx", tmp_path)
     feed = random_batch(onnx.load(models / "net.onnx"), batch=16, seed=9)
-    out = _outputs(tmp_path, ["int8", "int8.pruned", "ext.pruned"], feed)
+    out = outputs_of(tmp_path, ["int8", "int8.pruned", "ext.pruned"], feed)
     np.testing.assert_array_equal(out["int8.pruned"], out["ext.pruned"])
-    reference = _outputs(models, ["net", "net.pruned"], feed)
+    reference = outputs_of(models, ["net", "net.pruned"], feed)
     float_loss = relative_change(reference["net"], reference["net.pruned"])
     assert relative_change(out["int8"], out["int8.pruned"]) < 1.5 * float_loss + 0.05
 
@@ -276,7 +272,7 @@ def test_the_int4_qdq_form_is_pruned_in_place(models: Path, tmp_path: Path, symm
         tmp_path / "net.pruned.onnx",
         PruneOptions(ratio=0.5, compensate=compensate, progress=False),
     )
-    out = _outputs(tmp_path, ["net", "net.pruned", "qdq", "qdq.pruned"], random_batch(qdq, batch=16, seed=9))
+    out = outputs_of(tmp_path, ["net", "net.pruned", "qdq", "qdq.pruned"], random_batch(qdq, batch=16, seed=9))
     float_loss = relative_change(out["net"], out["net.pruned"])
     assert relative_change(out["net"], out["qdq.pruned"]) < float_loss + 2 * relative_change(out["net"], out["qdq"])
 
