@@ -17,7 +17,7 @@ from onnx.external_data_helper import uses_external_data
 
 from onnx_vbp.data import external_entries, external_file
 from onnx_vbp.errors import VbpError
-from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
+from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line, ort_default_domain_ops
 
 PROTOBUF_LIMIT = 2**31 - 1
 SMALL_TENSOR_BYTES = 1 << 20  # external tensors below this are read at load time
@@ -134,15 +134,60 @@ def _topological_sort(graph: onnx.GraphProto) -> bool:
     return True
 
 
-def _check_sorted(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """onnx.checker on a model sorted in memory (with external data, ORT's load checks it later:
-    the checker would look for the data files beside no path)."""
+# onnx's checker checks a node of a domain it has no schemas for as a custom op: its wiring only.
+ORT_OPS_STAND_IN_DOMAIN = "onnx_vbp.ort_defined"
+
+
+def ort_defined_ops(model: onnx.ModelProto) -> set[str]:
+    """The default-domain ops of `model`'s graph that ONNX has no schema for at the model's opset
+    and ONNX Runtime has: its session optimizer writes LayerNormalization into opset-14 models,
+    where ONNX has it only from opset 17, and ORT from opset 1."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return set()
+    ort_ops = ort_default_domain_ops()
+    return {
+        n.op_type
+        for n in model.graph.node
+        if n.domain in ("", "ai.onnx")
+        and not onnx.defs.has(n.op_type, opset, "")
+        and ort_ops.get(n.op_type, opset + 1) <= opset
+    }
+
+
+def _check_in_memory(model: onnx.ModelProto, what: str, external: bool) -> None:
+    """onnx.checker on `model` in memory, ops of ort_defined_ops checked as custom ops (ORT's load
+    checks them). With external data, nothing: the checker would look for the data files beside
+    no path, and ORT's load checks them later."""
     if external:
         return
+    ort_ops = ort_defined_ops(model)
+    if ort_ops:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for node in copy.graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type in ort_ops:
+                node.domain = ORT_OPS_STAND_IN_DOMAIN
+        copy.opset_import.add(domain=ORT_OPS_STAND_IN_DOMAIN, version=1)
+        model = copy
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ModelError(f"{path}: fails onnx.checker: {first_line(exc)}") from exc
+        raise ModelError(f"{what} fails onnx.checker: {first_line(exc)}") from exc
+
+
+def _unknown_ort_op(model: onnx.ModelProto, exc: onnx.checker.ValidationError) -> bool:
+    """Whether onnx.checker refused `model` for an op only ONNX Runtime defines (ort_defined_ops)."""
+    return str(exc).startswith("No Op registered for") and bool(ort_defined_ops(model))
+
+
+def _checker_refusal_ort_accepts(model: onnx.ModelProto, exc: onnx.checker.ValidationError) -> bool:
+    """Whether onnx.checker refused `model` for what ONNX Runtime accepts, after sorting its nodes
+    if that was the refusal: nodes out of topological order (ORT's fp16 converter appends its
+    input Casts at the end; ORT sorts, so do we), or an op only ORT defines."""
+    if "topologically sorted" in str(exc):
+        return _topological_sort(model.graph)
+    return _unknown_ort_op(model, exc)
 
 
 def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
@@ -176,10 +221,9 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, bool]:
         # by path: the checker reads the file itself rather than a serialized copy of `model`
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:  # also raised by onnx's own checks of external data
-        if "topologically sorted" not in str(exc) or not _topological_sort(model.graph):
+        if not _checker_refusal_ort_accepts(model, exc):
             raise ModelError(f"{path}: fails onnx.checker: {first_line(exc)}") from exc
-        # ORT's fp16 converter appends its input Casts at the end: ORT sorts, so do we, then check again
-        _check_sorted(model, path, external)
+        _check_in_memory(model, f"{path}:", external)
     return model, external
 
 
@@ -461,7 +505,10 @@ def verify_model(written: Path, feed: Mapping[str, np.ndarray], expected: Mappin
     try:
         onnx.checker.check_model(str(written))
     except onnx.checker.ValidationError as exc:
-        raise ModelError(f"the pruned model fails onnx.checker: {first_line(exc)}") from exc
+        model = onnx.load(str(written), load_external_data=False)
+        if not _unknown_ort_op(model, exc):
+            raise ModelError(f"the pruned model fails onnx.checker: {first_line(exc)}") from exc
+        _check_in_memory(model, "the pruned model", any(uses_external_data(t) for t in model.graph.initializer))
     session = cpu_session(str(written))
     try:
         outputs = session.run(None, dict(feed))

@@ -451,18 +451,22 @@ def _check_sample_count(measured: Measured, source: Path, options: PruneOptions)
             f"`min_samples` {options.min_samples} are needed"
         )
     log.info("calibrated on %d samples in %.1f s", measured.samples, measured.seconds)
+    short: dict[tuple[int, int], list[str]] = {}  # (width, positions) -> blocks: one line per group
     for name, block_stats in measured.stats.items():
         width = block_stats.mean.size
         if block_stats.comoment is not None and block_stats.count < POSITIONS_PER_NEURON * width:
-            log.warning(
-                "block %s: its %d x %d covariance comes from only %d positions; the obs ranking and "
-                "the ridge refit will fit noise: give more calibration data (at least %d positions)",
-                name,
-                width,
-                width,
-                block_stats.count,
-                POSITIONS_PER_NEURON * width,
-            )
+            short.setdefault((width, block_stats.count), []).append(name)
+    for (width, count), names in short.items():
+        log.warning(
+            "%s: %s %d x %d covariance comes from only %d positions; the obs ranking and the ridge refit "
+            "will fit noise: give more calibration data (at least %d positions)",
+            f"block {names[0]}" if len(names) == 1 else f"{len(names)} blocks ({names[0]} to {names[-1]})",
+            "its" if len(names) == 1 else "each",
+            width,
+            width,
+            count,
+            POSITIONS_PER_NEURON * width,
+        )
 
 
 def _data_source(source: Path, options: PruneOptions, specs: list[InputSpec]) -> dict:

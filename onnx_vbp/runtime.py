@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +30,19 @@ class RuntimeLoadError(VbpError):
 
 def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@functools.cache
+def ort_default_domain_ops() -> dict[str, int]:
+    """The ops ONNX Runtime defines in ONNX's default domain, each with the first opset it has
+    them at; some from an earlier opset than ONNX itself (LayerNormalization from 1, ONNX from 17).
+    Empty where ORT's build lists no schemas."""
+    schemas = getattr(ort_state, "get_all_operator_schema", lambda: [])()
+    first: dict[str, int] = {}
+    for schema in schemas:
+        if schema.domain in ("", "ai.onnx"):
+            first[schema.name] = min(schema.since_version, first.get(schema.name, schema.since_version))
+    return first
 
 
 def available_cores() -> int:

@@ -369,6 +369,38 @@ def test_a_model_from_orts_fp16_converter_prunes(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "r.json").read_text())["neurons_after"] == 64 - round(0.35 * 64)
 
 
+def test_a_model_saved_by_orts_session_optimizer_below_opset_17_prunes(tmp_path: Path, capsys) -> None:
+    """ORT's session optimizer fuses LayerNorm into LayerNormalization in the default domain at any
+    opset (ORT defines it from opset 1, ONNX from 17): onnx.checker refuses the saved model, ORT
+    runs it, and so does onnx_vbp, which checks the rest of the graph and still refuses an op that
+    neither defines."""
+    model = build_model([BlockSpec(hidden=32), BlockSpec(hidden=32)], seq=4, opset=14, layernorm=True)
+    onnx.save(model, tmp_path / "net.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "net.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert {n.op_type for n in optimized.graph.node if n.domain == ""} >= {"LayerNormalization"}
+    with pytest.raises(onnx.checker.ValidationError, match="No Op registered for LayerNormalization"):
+        onnx.checker.check_model(optimized)
+    np.savez(tmp_path / "calib.npz", **random_batch(model, batch=24))
+    run = [str(tmp_path / "calib.npz"), "-q", "--report", str(tmp_path / "r.json"), "-o", str(tmp_path / "out.onnx")]
+    assert main([str(tmp_path / "optimized.onnx"), *run]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["neurons_after"] == 64 - round(0.35 * 64)
+    feed = random_batch(model, batch=2, seed=1)
+    (got,) = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert np.isfinite(got).all()
+    for node in optimized.graph.node:
+        if node.op_type == "LayerNormalization":
+            node.op_type = "LayerNormalisation"  # no schema in ONNX or ORT
+            break
+    onnx.save(optimized, tmp_path / "unknown.onnx")
+    capsys.readouterr()
+    assert main([str(tmp_path / "unknown.onnx"), *run]) != 0
+    assert "fails onnx.checker: No Op registered for LayerNormalisation" in capsys.readouterr().err
+
+
 def test_inspect_counts_a_gemm_with_its_bias_once(tmp_path: Path, capsys) -> None:
     onnx.save(build_model([BlockSpec(hidden=64, fc="gemm")], dim=16), tmp_path / "gemm.onnx")
     assert main(["inspect", str(tmp_path / "gemm.onnx"), "--json"]) == 0

@@ -402,6 +402,21 @@ def test_too_few_positions_for_a_covariance_are_warned_about(copies: Path, caplo
     assert "covariance comes from only" not in caplog.text  # 240 positions for 16 neurons
 
 
+def test_blocks_short_of_positions_alike_are_warned_about_in_one_line(caplog) -> None:
+    from onnx_vbp import PruneOptions
+    from onnx_vbp.pipeline import Measured, _check_sample_count
+
+    def stats(width: int, count: int) -> Stats:
+        return dataclasses.replace(Stats.empty(width, comoment=True), count=count)
+
+    blocks = {f"/b{i}/mlp": stats(16, 40) for i in range(3)} | {"/narrow/mlp": stats(8, 20), "/fed/mlp": stats(8, 64)}
+    _check_sample_count(Measured(blocks, 8, 0.1, {}, {}), Path("calib"), PruneOptions(min_samples=1))
+    lines = [r.getMessage() for r in caplog.records if "covariance comes from only" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("3 blocks (/b0/mlp to /b2/mlp): each 16 x 16 covariance comes from only 40 positions")
+    assert lines[1].startswith("block /narrow/mlp: its 8 x 8 covariance comes from only 20 positions")
+
+
 def test_a_skip_layernorm_without_a_skip_input_is_no_stream() -> None:
     """A damaged fused op (one input) reads as no residual stream, not as an error."""
     model = build_model([BlockSpec(hidden=16, fc2_bias="skip_layernorm")])
