@@ -54,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REFIT_BATCHES = 2
 
 
-def optimized(path: Path, hidden: int, heads: int, target: Path) -> Path:
-    """ORT's transformers optimizer output for a BERT export (cached)."""
+def optimized(path: Path, hidden: int, heads: int, target: Path, model_type: str = "bert") -> Path:
+    """ORT's transformers optimizer output for a BERT (or `model_type`) export (cached)."""
     if not target.exists():
         subprocess.run(
             [
@@ -67,7 +67,7 @@ def optimized(path: Path, hidden: int, heads: int, target: Path) -> Path:
                 "--output",
                 str(target),
                 "--model_type",
-                "bert",
+                model_type,
                 "--num_heads",
                 str(heads),
                 "--hidden_size",

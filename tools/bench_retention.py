@@ -208,15 +208,13 @@ def minilm(
     ]
 
 
-def vit_s(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") -> tuple[list[dict], list[str]]:
-    path = fetch("vit_s_focus.onnx", cache_dir())
-    photos = fetch_photos(cache_dir())
-    model = onnx.load(path)
-    specs = model_inputs(model)
+def photo_folders(tmp: Path) -> tuple[Path, Path]:
+    """ViT-S's calibration photos (each with four crops of 2/3 of its sides) and held-out photos,
+    as two folders under `tmp`."""
     calib_dir, eval_dir = tmp / "photos_calib", tmp / "photos_eval"
     calib_dir.mkdir()
     eval_dir.mkdir()
-    for photo in sorted(photos.iterdir()):
+    for photo in sorted(fetch_photos(cache_dir()).iterdir()):
         if photo.name in EVAL_PHOTOS:
             (eval_dir / photo.name).write_bytes(photo.read_bytes())
         elif photo.name not in SKIP_PHOTOS:
@@ -226,6 +224,14 @@ def vit_s(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc")
                 w, h = image.size
                 for i, (x, y) in enumerate([(0, 0), (w // 3, 0), (0, h // 3), (w // 3, h // 3)]):
                     image.crop((x, y, x + 2 * w // 3, y + 2 * h // 3)).save(calib_dir / f"{photo.stem}_crop{i}.png")
+    return calib_dir, eval_dir
+
+
+def vit_s(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") -> tuple[list[dict], list[str]]:
+    path = fetch("vit_s_focus.onnx", cache_dir())
+    model = onnx.load(path)
+    specs = model_inputs(model)
+    calib_dir, eval_dir = photo_folders(tmp)
     calib = list(iter_batches(calib_dir, specs, batch_size=8))
     held_out = list(iter_batches(eval_dir, specs, batch_size=8))
     base = run_all(path.read_bytes(), held_out, 0, threads)
