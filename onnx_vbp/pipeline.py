@@ -302,7 +302,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         log.warning("skipped MLP block %s: %s", skipped.name, skipped.reason)
     if not blocks:
         why = "; ".join(f"{s.name}: {s.reason}" for s in blocks.skipped)
-        quantized = quantized_ops(model)
+        quantized = quantized_hint(model)
         if not options.allow_empty:
             raise NoBlocksError(
                 f"no prunable MLP block in {model_path}"
@@ -311,11 +311,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
                     if why
                     else " (looked for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv layers)"
                 )
-                + (
-                    f"; the model is quantized ({', '.join(quantized)}): prune the float model, then quantize it"
-                    if quantized
-                    else ""
-                )
+                + (f"; {quantized}" if quantized else "")
             )
         log.warning("no prunable MLP block; writing an unchanged copy (--allow-empty)")
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
@@ -722,6 +718,18 @@ def quantized_ops(model: onnx.ModelProto) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
 
 
+def quantized_hint(model: onnx.ModelProto) -> str | None:
+    """What to do with a model in a quantized form onnx_vbp cannot prune through, naming its ops;
+    None for other models."""
+    ops = quantized_ops(model)
+    if not ops:
+        return None
+    return (
+        f"the model is quantized ({', '.join(ops)}): prune the float model, then quantize it (a QDQ model "
+        "that ORT's session optimizer fused into these ops: prune the QDQ model, then optimize it)"
+    )
+
+
 def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | None = None) -> dict:
     """What pruning would work on, without calibration data: the blocks found (activation,
     width, sites, fc1/fc2 nodes, MACs per sample), the ones skipped with the reason, the model's
@@ -737,13 +745,8 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
         raise CalibrationError(
             f"{exc} (random inputs of length {seq}: try a shorter --seq, or --data)" if data is None else str(exc)
         ) from exc
-    quantized = quantized_ops(model)
-    hints = []
-    if quantized:
-        hints.append(
-            f"the model is quantized ({', '.join(quantized)}): prune the float model first, then quantize "
-            "the pruned one"
-        )
+    hint = quantized_hint(model)
+    hints = [hint] if hint else []
     if not blocks:
         hints.append(
             "no prunable MLP block: onnx_vbp looks for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv "
@@ -763,7 +766,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
         "macs": sum(macs.values()),
         "macs_in_blocks": sum(row["macs"] for row in rows),
         "inputs": {k: list(v.shape) for k, v in feed.items()},
-        "quantized_ops": quantized,
+        "quantized_ops": quantized_ops(model),
         "hints": hints,
     }
 

@@ -293,12 +293,24 @@ def test_statistics_with_calibration_data_say_the_data_is_unused(workspace: Path
     assert "is not used: pruning from the statistics in" in caplog.text
 
 
-def test_a_quantized_model_without_blocks_is_told_to_prune_before_quantizing(workspace: Path, capsys) -> None:
+@pytest.mark.parametrize("form", ["QOperator", "QDQ saved by ORT's session optimizer"])
+def test_a_quantized_model_without_blocks_is_told_to_prune_before_quantizing(
+    workspace: Path, capsys, form: str
+) -> None:
+    """ORT's session optimizer fuses a QDQ model's fc2 into QLinearMatMul: prune the QDQ model first."""
     net = workspace / "net.onnx"
-    quantize_static_int8(net, workspace / "int8.onnx", onnx.load(net), "QOperator")
+    if form == "QOperator":
+        quantize_static_int8(net, workspace / "int8.onnx", onnx.load(net), "QOperator")
+    else:
+        quantize_static_int8(net, workspace / "qdq.onnx", onnx.load(net), "QDQ")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(workspace / "int8.onnx")
+        ort.InferenceSession(str(workspace / "qdq.onnx"), options, providers=["CPUExecutionProvider"])
     assert main([str(workspace / "int8.onnx"), str(workspace / "calib"), "-o", str(workspace / "o.onnx")]) == 1
     err = capsys.readouterr().err
-    assert "the model is quantized (QLinearMatMul): prune the float model, then quantize" in err
+    assert "the model is quantized (QLinearMatMul): prune the float model, then quantize it (a QDQ model" in err
+    assert "prune the QDQ model, then optimize it" in err
     assert (
         main([str(workspace / "int8.onnx"), str(workspace / "calib"), "--allow-empty", "-o", str(workspace / "o.onnx")])
         == 0
