@@ -35,9 +35,9 @@ Either way fc1's columns and fc2's rows are sliced out, and the model keeps its 
 outputs and loads in ORT.
 
 MODEL is pruned in the form it is deployed in: fp32 or fp16, as exported (TorchScript or dynamo)
-or after ORT's transformers optimizer or onnxsim, quantized by ORT (static QDQ, quantize_dynamic
-and its fused DynamicQuantizeMatMul, int4 MatMulNBits or blocked QDQ) or with weight-only int8:
-what pruning changes is quantized back.
+or after ORT's transformers optimizer, its session optimizer or onnxsim, quantized by ORT (static
+QDQ and its fused QLinearMatMul, quantize_dynamic and its fused DynamicQuantizeMatMul, int4
+MatMulNBits or blocked QDQ) or with weight-only int8: what pruning changes is quantized back.
 QOperator models are not: prune the float model, then quantize it (`onnx-vbp inspect` says so).
 
 CALIB is a directory (or file) of *.npz batches (keys = input names), *.npy batches

@@ -11,6 +11,7 @@ fc1 / fc2 (`Linear` below) are one of
     Gemm(x, W, C), transA = 0, any transB                W [in, out] or [out, in]
     Conv(x, W, B), 1x1 kernel (any rank), group 1, no padding   features on axis 1
     MatMulInteger of ORT's dynamic quantization, or its fused forms (see `_integer_linear`)
+    QLinearMatMul -> DequantizeLinear [+ Add], static QDQ as ORT's session optimizer fuses it
     com.microsoft MatMulNBits(x, B, scales, ...) [+ Add]  W [in, out] packed in blocks (nbits.py)
 where W and the biases are constants, possibly behind Transpose / Cast / Identity /
 DequantizeLinear (or a weight-only scale's Mul). fc2's bias
@@ -46,8 +47,14 @@ from onnx_vbp.nbits import PackedWeight, is_nbits
 from onnx_vbp.records import BiasRef, BlockList, MlpBlock, MlpSite, ParamRef, SkippedBlock
 
 LAYOUT_OPS = ("Reshape", "Flatten")
+# An integer fc2's quantization of its float input (the same tensor, rounded): op -> the fc2 ops
+# that read it
+INPUT_QUANTIZERS = {
+    "DynamicQuantizeLinear": ("MatMulInteger", "MatMulIntegerToFloat"),
+    "QuantizeLinear": ("QLinearMatMul",),
+}
 # Between the activation and fc2: layouts, and an integer fc2's quantization of its input.
-HIDDEN_PATH_OPS = (*LAYOUT_OPS, "DynamicQuantizeLinear")
+HIDDEN_PATH_OPS = (*LAYOUT_OPS, *INPUT_QUANTIZERS)
 
 
 @dataclass
@@ -114,6 +121,8 @@ def match_linear(node: gs.Node) -> Linear | None:
     fused_integer = node.op in FUSED_INTEGER_LINEARS and node.domain == "com.microsoft"
     if not (in_default_domain(node) or fused_integer) or len(node.inputs) < 2:
         return None
+    if node.op == "QLinearMatMul":
+        return _qlinear_matmul(node)
     weight = trace_param(node.inputs[1])
     if weight is None:
         return None
@@ -156,9 +165,6 @@ def match_linear(node: gs.Node) -> Linear | None:
 # ORT's optimizer fuses a dynamically quantized linear into one com.microsoft op: where it reads
 # the weight's scale, its zero point and the bias
 FUSED_INTEGER_LINEARS = {"DynamicQuantizeMatMul": (2, 3, 4), "MatMulIntegerToFloat": (3, 5, 6)}
-# Integer linears whose input is quantized by a DynamicQuantizeLinear before them (the other one,
-# DynamicQuantizeMatMul, quantizes its float input itself)
-QUANTIZED_INPUT_LINEARS = ("MatMulInteger", "MatMulIntegerToFloat")
 
 
 def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
@@ -171,7 +177,14 @@ def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
     DynamicQuantizeMatMul(x, Wq, w_scale, w_zero, b)  (x quantized inside)              [+ Add(b)]
     """
     fused = FUSED_INTEGER_LINEARS.get(node.op)
-    if fused is not None:
+    if node.op == "QLinearMatMul":
+        dequantize = _only_reader(node.outputs[0], "DequantizeLinear")
+        if dequantize is None:
+            return None
+        linear = Linear(node, 3, weight, 0, 1, -1, None, None, dequantize.outputs[0])
+        linear.steps = (dequantize,)
+        scale_at, zero_index, bias_index = (node, 4), 5, None
+    elif fused is not None:
         linear = Linear(node, 1, weight, 0, 1, -1, None, None, node.outputs[0])
         scale_at, zero_index, bias_index = (node, fused[0]), fused[1], fused[2]
     else:
@@ -204,6 +217,23 @@ def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
         if linear is None or linear.bias_node is not None:
             return linear
     return _with_bias_add(linear)
+
+
+def _qlinear_matmul(node: gs.Node) -> Linear | None:
+    """A static QDQ linear as ORT's session optimizer fuses it (see `_integer_linear`), the scales
+    and zero points of its input and output single values:
+
+    QLinearMatMul(QuantizeLinear(x), x_scale, x_zero, Wq, w_scale, w_zero, y_scale, y_zero)
+        -> DequantizeLinear [+ Add(b)]
+    """
+    weight = trace_param(node.inputs[3]) if len(node.inputs) == 8 else None
+    if weight is None or len(weight.shape) != 2:
+        return None
+    for index in (1, 2, 6, 7):
+        traced = trace_param(node.inputs[index])
+        if traced is None or int(np.prod(traced.shape)) != 1:
+            return None
+    return _integer_linear(node, weight)
 
 
 def _nbits_linear(node: gs.Node) -> Linear | None:
@@ -312,10 +342,12 @@ def _linear_producing(t: gs.Tensor) -> Linear | None:
     candidates = [node]
     if node.op == "Add":
         candidates = [producer(i) for i in node.inputs if producer(i) is not None]
-    for candidate in list(candidates):  # an integer linear ends in Mul(Cast(MatMulInteger), scales)
-        if candidate.op == "Mul":
+    for candidate in list(candidates):
+        if candidate.op == "Mul":  # an integer linear ends in Mul(Cast(MatMulInteger), scales)
             casts = [producer(i) for i in candidate.inputs if producer(i) is not None and producer(i).op == "Cast"]
             candidates += [producer(c.inputs[0]) for c in casts if producer(c.inputs[0]) is not None]
+        elif candidate.op == "DequantizeLinear" and producer(candidate.inputs[0]) is not None:  # QLinearMatMul's
+            candidates.append(producer(candidate.inputs[0]))
     for candidate in candidates:
         linear = match_linear(candidate)
         if linear is not None and linear.output is t:
@@ -353,7 +385,7 @@ def _skip_layout(t: gs.Tensor, layout: list[gs.Node]) -> gs.Tensor:
 
 
 def _layout_keeps_last_axis(node: gs.Node, width: int) -> tuple[ParamRef | None, bool]:
-    if node.op == "DynamicQuantizeLinear":  # the integer fc2's input: the same tensor, rounded
+    if node.op in INPUT_QUANTIZERS:  # the integer fc2's input: the same tensor, rounded
         return None, True
     if node.op == "Reshape":
         return _shape_literal(node, width)
@@ -501,11 +533,11 @@ def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
     width_tensors = tuple((t.name, axis) for n in _region_nodes(match) for t in n.outputs)
     residual, residual_node, output_scale = _residual(fc2, taken)
     hidden = fc2.node.inputs[0]
-    if fc2.node.op in QUANTIZED_INPUT_LINEARS:  # calibration observes the float activation, not its int8 rounding
-        quantizer = producer(hidden)
-        if quantizer is None or quantizer.op != "DynamicQuantizeLinear":
-            return None
-        hidden = quantizer.inputs[0]
+    quantizer = producer(hidden)
+    if quantizer is not None and fc2.node.op in INPUT_QUANTIZERS.get(quantizer.op, ()):
+        hidden = quantizer.inputs[0]  # calibration observes the float activation, not its int8 rounding
+    elif any(fc2.node.op in readers for readers in INPUT_QUANTIZERS.values()):
+        return None
     return MlpSite(
         fc1=tuple(node_label(lin.node) for lin in match.fc1),
         fc2=node_label(fc2.node),

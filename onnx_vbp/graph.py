@@ -216,10 +216,15 @@ def node_label(node: gs.Node) -> str:
 
 
 def scalar(tensor: gs.Tensor) -> float | None:
-    """The value of a constant holding one number, else None."""
-    if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) == 1:
-        return float(np.asarray(tensor.values).reshape(()))
-    return None
+    """The value of a constant holding one number, else None; also behind the ops `trace_param`
+    follows (ORT's session optimizer folds a static QDQ model's quantized constants, GELU's 0.5
+    and 1, into DequantizeLinear(integer constant))."""
+    if isinstance(tensor, gs.Constant):
+        return float(np.asarray(tensor.values).reshape(())) if int(np.prod(tensor.shape)) == 1 else None
+    traced = trace_param(tensor) if producer(tensor) is not None else None
+    if traced is None or int(np.prod(traced.shape)) != 1:
+        return None
+    return float(np.asarray(traced.value()).reshape(()))
 
 
 @dataclass

@@ -745,7 +745,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
         raise CalibrationError(
             f"{exc} (random inputs of length {seq}: try a shorter --seq, or --data)" if data is None else str(exc)
         ) from exc
-    hint = quantized_hint(model)
+    hint = None if blocks else quantized_hint(model)
     hints = [hint] if hint else []
     if not blocks:
         hints.append(

@@ -31,9 +31,9 @@ MS_MAC_OPS = (
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of every floating-point constant (initializers and Constant nodes), of every
-    integer one a DequantizeLinear, a Cast (weight-only int8) or an integer MatMul reads as its data
-    (a quantized weight or bias) or a Gather reads as its table (a quantized embedding), and the
-    K x N weights packed in each MatMulNBits' B."""
+    integer one a DequantizeLinear, a Cast (weight-only int8), an integer MatMul or a QOperator op
+    reads as its data (a quantized weight or bias) or a Gather reads as its table (a quantized
+    embedding), and the K x N weights packed in each MatMulNBits' B."""
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
     ]
@@ -44,6 +44,9 @@ def count_params(model: onnx.ModelProto) -> int:
         "MatMulInteger": 1,
         "DynamicQuantizeMatMul": 1,
         "MatMulIntegerToFloat": 1,
+        "QLinearMatMul": 3,  # QOperator ops' weights (ORT's session optimizer writes QLinearMatMul from QDQ)
+        "QGemm": 3,
+        "QLinearConv": 3,
         "Gather": 0,  # a quantized embedding table (quantize_dynamic): rows gathered, then dequantized
     }
     read = {

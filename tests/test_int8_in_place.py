@@ -280,6 +280,39 @@ def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_c
     assert relative_change(out["dyn"], out["dyn.pruned"]) < 1.5 * float_loss + 0.05
 
 
+def test_a_qdq_model_saved_by_orts_session_optimizer_is_pruned_in_place(models: Path, tmp_path: Path) -> None:
+    """ORT's session optimizer fuses a QDQ linear whose input it quantizes as uint8 into
+    QLinearMatMul (-> DequantizeLinear -> bias Add), and folds GELU's quantized constants into
+    DequantizeLinear of integer constants. fc1's int8 columns are sliced with their scales and
+    zero points (QLinearMatMul's inputs 4 and 5); fc2's rows are sliced, and the refit quantized
+    back against its per-output scales."""
+    _session_optimized(models / "net.qdq.onnx", tmp_path / "saved.onnx")
+    saved = onnx.load(tmp_path / "saved.onnx")
+    fused = [n for n in saved.graph.node if n.op_type == "QLinearMatMul"]
+    assert any("blocks.0/mlp/fc2" in n.name for n in fused)  # the form under test
+    blocks = find_mlp_blocks(saved)
+    # the ReLU block's activation is folded into its QuantizeLinear's zero point: not followed
+    assert [(b.name, b.activation, b.width) for b in blocks] == [("/blocks.0/mlp", "gelu", 64)]
+    assert blocks[0].sites[0].fc2_dequantize is not None
+
+    _prune(tmp_path / "saved.onnx", models / "calib.npz")
+    pruned = onnx.load(tmp_path / "saved.pruned.onnx")
+    assert [n.op_type for n in pruned.graph.node] == [n.op_type for n in saved.graph.node]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    fc1, fc2 = (next(n for n in pruned.graph.node if f"blocks.0/mlp/{fc}" in n.name) for fc in ("fc1", "fc2"))
+    assert fc1.op_type == fc2.op_type == "QLinearMatMul"  # the LayerNorm's output is quantized as uint8 too
+    assert inits[fc1.input[3]].dtype == inits[fc2.input[3]].dtype == np.int8
+    assert inits[fc1.input[3]].shape == inits[fc2.input[3]].shape == (32, 32)  # half the columns, half the rows
+    assert inits[fc1.input[4]].shape == inits[fc1.input[5]].shape == (32,)  # fc1's per-neuron scales: sliced
+    assert inits[fc2.input[4]].shape == (32,)  # fc2's per-output scales: kept
+    assert count_params(pruned) < count_params(saved) - 2 * 32 * 32 * 0.9
+
+    feed = random_batch(saved, batch=16, seed=9)
+    out = {**outputs_of(models, ["net", "net.pruned"], feed), **outputs_of(tmp_path, ["saved", "saved.pruned"], feed)}
+    float_loss = relative_change(out["net"], out["net.pruned"])  # both blocks pruned there, one here
+    assert relative_change(out["saved"], out["saved.pruned"]) < 1.5 * float_loss + 0.05
+
+
 def test_fused_dynamic_int8_of_a_gated_mlp_is_pruned_in_place(tmp_path: Path) -> None:
     """Where the input's quantizer feeds two linears (a gated MLP's gate and up projections), ORT
     fuses each into a MatMulIntegerToFloat reading the shared quantized input; fc2 becomes a

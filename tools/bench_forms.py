@@ -17,7 +17,8 @@ held-out photos (mean correlation of the saliency maps), timed on 8 photos.
 Forms: fp32 torch export (TorchScript exporter; for L6 also the dynamo exporter, pruned in place
 only); ORT transformers optimizer (fused BiasGelu/SkipLayerNormalization); onnxsim 0.8.1's
 simplifier; fp16 by ORT's `convert_float_to_float16(keep_io_types=True)`; int8 static QDQ by
-`quantize_static` (per-channel weights, MinMax calibration on the first 64 calibration samples);
+`quantize_static` (per-channel weights, MinMax calibration on the first 64 calibration samples),
+also as ORT's session optimizer saves it (fused QLinearMatMul);
 int8 weight-only, `Mul(Cast(int8 W), scale)` with one scale per output column (written here: ORT
 has no tool for it); int8 dynamic by `quantize_dynamic`, of the export and of the optimizer's
 output, and its output as ORT's session optimizes it (extended level, `optimized_model_filepath`:
@@ -126,6 +127,16 @@ def converters(
         session_options.optimized_model_filepath = str(dst)
         ort.InferenceSession(str(src), session_options, providers=["CPUExecutionProvider"])
 
+    def static_qdq(src: Path, dst: Path) -> None:
+        static(str(src), str(dst), Feed(), quant_format=QuantFormat.QDQ, per_channel=True)
+
+    def qdq_then_session_optimized(src: Path, dst: Path) -> None:
+        """quantize_static's QDQ model as ORT's session saves it: fc2 (and other linears whose
+        input is quantized as uint8) fused into QLinearMatMul."""
+        quantized = dst.with_suffix(".qdq.onnx")
+        static_qdq(src, quantized)
+        session_optimized(quantized, dst)
+
     def dynamic_then_session_optimized(src: Path, dst: Path) -> None:
         quantized = dst.with_suffix(".dynamic.onnx")
         quantize_dynamic(str(src), str(quantized), weight_type=QuantType.QInt8)
@@ -144,9 +155,8 @@ def converters(
         "fp16 (ORT converter)": lambda src, dst: onnx.save(
             convert_float_to_float16(onnx.load(src), keep_io_types=True), dst
         ),
-        "int8 static QDQ": lambda src, dst: static(
-            str(src), str(dst), Feed(), quant_format=QuantFormat.QDQ, per_channel=True
-        ),
+        "int8 static QDQ": static_qdq,
+        "int8 static QDQ saved by ORT's session": qdq_then_session_optimized,
         "int8 weight-only": weight_only,
         "int8 dynamic": lambda src, dst: quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8),
         "int8 dynamic of ORT-optimized": optimized_dynamic,
