@@ -21,6 +21,16 @@ def outputs_of(folder: Path, names: list[str], feed: dict[str, np.ndarray]) -> d
     return {name: ort.InferenceSession(str(folder / f"{name}.onnx")).run(None, feed)[0] for name in names}
 
 
+def session_optimized(src: Path, dst: Path) -> Path:
+    """`src` as ORT's session optimizer saves it (extended level, `optimized_model_filepath`) to
+    `dst`, which may be `src`."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(dst.with_suffix(".optimizing.onnx"))
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    return dst.with_suffix(".optimizing.onnx").replace(dst)
+
+
 def prune(model: onnx.ModelProto, batches: list[dict], ratio: float, **kwargs):
     """The API pipeline in four lines; returns (blocks, stats, plan, pruned)."""
     compensate = kwargs.pop("compensate", "mean")

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from graphs import BlockSpec, build_model, quantize_static_int8, random_batch
+from helpers import session_optimized
 
 from onnx_vbp.cli import main
 from onnx_vbp.report import Report
@@ -307,10 +308,7 @@ def test_a_quantized_model_without_blocks_is_told_to_prune_before_quantizing(
         relu = build_model([BlockSpec(hidden=32, act="relu")], seq=6)
         onnx.save(relu, net)
         quantize_static_int8(net, workspace / "qdq.onnx", relu, "QDQ")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(workspace / "int8.onnx")
-        ort.InferenceSession(str(workspace / "qdq.onnx"), options, providers=["CPUExecutionProvider"])
+        session_optimized(workspace / "qdq.onnx", workspace / "int8.onnx")
     assert main([str(workspace / "int8.onnx"), str(workspace / "calib"), "-o", str(workspace / "o.onnx")]) == 1
     err = capsys.readouterr().err
     assert "the model is quantized (QLinearMatMul): prune the float model, then quantize it (a QDQ model" in err
@@ -392,10 +390,7 @@ def test_a_model_saved_by_orts_session_optimizer_below_opset_17_prunes(tmp_path:
     neither defines."""
     model = build_model([BlockSpec(hidden=32), BlockSpec(hidden=32)], seq=4, opset=14, layernorm=True)
     onnx.save(model, tmp_path / "net.onnx")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(tmp_path / "net.onnx"), options, providers=["CPUExecutionProvider"])
+    session_optimized(tmp_path / "net.onnx", tmp_path / "optimized.onnx")
     optimized = onnx.load(tmp_path / "optimized.onnx")
     assert {n.op_type for n in optimized.graph.node if n.domain == ""} >= {"LayerNormalization"}
     with pytest.raises(onnx.checker.ValidationError, match="No Op registered for LayerNormalization"):

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from graphs import BlockSpec, build_model, quantize_static_int8, random_batch, share_initializer
-from helpers import outputs_of, relative_change
+from helpers import outputs_of, relative_change, session_optimized
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnx_vbp import PruneOptions, find_mlp_blocks, prune_file
@@ -232,15 +232,6 @@ def test_a_qdq_model_with_external_data_prunes_as_inline(
     np.testing.assert_allclose(ext, inline, rtol=1e-6, atol=1e-6)
 
 
-def _session_optimized(src: Path, dst: Path) -> None:
-    """`src` as ORT's session optimizes it (extended level), saved to `dst`."""
-    session_options = ort.SessionOptions()
-    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    session_options.optimized_model_filepath = str(dst.with_suffix(".optimizing.onnx"))
-    ort.InferenceSession(str(src), session_options, providers=["CPUExecutionProvider"])
-    dst.with_suffix(".optimizing.onnx").replace(dst)
-
-
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_channel: bool, fused: bool) -> None:
@@ -253,7 +244,7 @@ def test_ort_dynamic_int8_is_pruned_in_place(models: Path, tmp_path: Path, per_c
     op = "MatMulInteger"
     if fused:
         op = "DynamicQuantizeMatMul"
-        _session_optimized(tmp_path / "dyn.onnx", tmp_path / "dyn.onnx")
+        session_optimized(tmp_path / "dyn.onnx", tmp_path / "dyn.onnx")
     dynamic = onnx.load(tmp_path / "dyn.onnx")
     assert [n.op_type for n in dynamic.graph.node].count(op) == 4  # the form under test
     blocks = find_mlp_blocks(dynamic)
@@ -286,7 +277,7 @@ def test_a_qdq_model_saved_by_orts_session_optimizer_is_pruned_in_place(models: 
     DequantizeLinear of integer constants. fc1's int8 columns are sliced with their scales and
     zero points (QLinearMatMul's inputs 4 and 5); fc2's rows are sliced, and the refit quantized
     back against its per-output scales."""
-    _session_optimized(models / "net.qdq.onnx", tmp_path / "saved.onnx")
+    session_optimized(models / "net.qdq.onnx", tmp_path / "saved.onnx")
     saved = onnx.load(tmp_path / "saved.onnx")
     fused = [n for n in saved.graph.node if n.op_type == "QLinearMatMul"]
     assert any("blocks.0/mlp/fc2" in n.name for n in fused)  # the form under test
@@ -321,7 +312,7 @@ def test_fused_dynamic_int8_of_a_gated_mlp_is_pruned_in_place(tmp_path: Path) ->
     onnx.save(model, tmp_path / "gated.onnx")
     np.savez(tmp_path / "calib.npz", **random_batch(model, batch=64, seed=0))
     quantize_dynamic(str(tmp_path / "gated.onnx"), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8)
-    _session_optimized(tmp_path / "dyn.onnx", tmp_path / "dyn.onnx")
+    session_optimized(tmp_path / "dyn.onnx", tmp_path / "dyn.onnx")
     fused = onnx.load(tmp_path / "dyn.onnx")
     ops = [n.op_type for n in fused.graph.node]
     assert ops.count("MatMulIntegerToFloat") == 2 and ops.count("DynamicQuantizeMatMul") == 1

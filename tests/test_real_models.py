@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import session_optimized
 
 from onnx_vbp import calibrate, find_mlp_blocks, rewrite, select
 from onnx_vbp.cli import main
@@ -110,15 +111,6 @@ def test_minilm_from_raw_text_through_the_cli(tmp_path: Path) -> None:
     assert sentence["cosine"] > 0.95 and sentence["similarity_spearman"] > 0.9
 
 
-def _session_optimized(model: Path, saved: Path) -> Path:
-    """`model` as ORT's session optimizer saves it (`optimized_model_filepath`, extended level)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(saved)
-    ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    return saved
-
-
 @pytest.mark.parametrize("form", ["export", "saved by ORT's session optimizer"])
 def test_vit_s_from_photos_through_the_cli(tmp_path: Path, form: str) -> None:
     """The session optimizer saves ViT-S (opset 14) with LayerNormalization in the default domain,
@@ -127,7 +119,7 @@ def test_vit_s_from_photos_through_the_cli(tmp_path: Path, form: str) -> None:
     if not model.exists() or not PHOTOS.exists():
         pytest.skip("ViT-S or photos absent: python tools/fetch_models.py --photos")
     if form != "export":
-        model = _session_optimized(model, tmp_path / "vit.saved.onnx")
+        model = session_optimized(model, tmp_path / "vit.saved.onnx")
         assert len(find_mlp_blocks(onnx.load(model))) == 12
     calib, held_out = _data_dirs(tmp_path)
     for name in ("hubble_deep_field.jpg", "retina.jpg", "brick.png"):
