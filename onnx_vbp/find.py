@@ -115,20 +115,20 @@ def _match_bias_add(
 
 
 def match_linear(node: gs.Node) -> Linear | None:
-    """Recognise MatMul[+Add] / Gemm / 1x1 Conv / MatMulNBits with constant weights, else None."""
+    """Recognise MatMul[+Add] / Gemm / 1x1 Conv / MatMulNBits / ORT's integer MatMuls with
+    constant weights, else None."""
     if is_nbits(node):
         return _nbits_linear(node)
     fused_integer = node.op in FUSED_INTEGER_LINEARS and node.domain == "com.microsoft"
-    if not (in_default_domain(node) or fused_integer) or len(node.inputs) < 2:
+    qlinear = node.op == "QLinearMatMul"  # its 8 inputs: x, x_scale, x_zero, W, w_scale, w_zero, y_scale, y_zero
+    if not (in_default_domain(node) or fused_integer) or len(node.inputs) < (8 if qlinear else 2):
         return None
-    if node.op == "QLinearMatMul":
-        return _qlinear_matmul(node)
-    weight = trace_param(node.inputs[1])
+    weight = trace_param(node.inputs[3 if qlinear else 1])
     if weight is None:
         return None
     rank = len(weight.shape)  # shapes only: finding blocks loads no weight
     out = node.outputs[0]
-    if fused_integer:
+    if fused_integer or qlinear:
         return _integer_linear(node, weight) if rank == 2 else None
     if node.op == "MatMul" and rank == 2:
         return _with_bias_add(Linear(node, 1, weight, 0, 1, -1, None, None, out))
@@ -175,11 +175,18 @@ def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
     MatMulInteger(xq, Wq, x_zero, w_zero) -> Cast(float) -> Mul(·, Mul(x_scale, w_scale)) [+ Add(b)]
     MatMulIntegerToFloat(xq, Wq, x_scale, w_scale, x_zero, w_zero, b)                   [+ Add(b)]
     DynamicQuantizeMatMul(x, Wq, w_scale, w_zero, b)  (x quantized inside)              [+ Add(b)]
+
+    and static QDQ as ORT's session optimizer fuses it, the scales and zero points of its input
+    and output single values:
+
+    QLinearMatMul(QuantizeLinear(x), x_scale, x_zero, Wq, w_scale, w_zero, y_scale, y_zero)
+        -> DequantizeLinear                                                              [+ Add(b)]
     """
     fused = FUSED_INTEGER_LINEARS.get(node.op)
     if node.op == "QLinearMatMul":
         dequantize = _only_reader(node.outputs[0], "DequantizeLinear")
-        if dequantize is None:
+        activation_scales = [trace_param(node.inputs[i]) for i in (1, 2, 6, 7)]
+        if dequantize is None or any(t is None or int(np.prod(t.shape)) != 1 for t in activation_scales):
             return None
         linear = Linear(node, 3, weight, 0, 1, -1, None, None, dequantize.outputs[0])
         linear.steps = (dequantize,)
@@ -217,23 +224,6 @@ def _integer_linear(node: gs.Node, weight: TracedParam) -> Linear | None:
         if linear is None or linear.bias_node is not None:
             return linear
     return _with_bias_add(linear)
-
-
-def _qlinear_matmul(node: gs.Node) -> Linear | None:
-    """A static QDQ linear as ORT's session optimizer fuses it (see `_integer_linear`), the scales
-    and zero points of its input and output single values:
-
-    QLinearMatMul(QuantizeLinear(x), x_scale, x_zero, Wq, w_scale, w_zero, y_scale, y_zero)
-        -> DequantizeLinear [+ Add(b)]
-    """
-    weight = trace_param(node.inputs[3]) if len(node.inputs) == 8 else None
-    if weight is None or len(weight.shape) != 2:
-        return None
-    for index in (1, 2, 6, 7):
-        traced = trace_param(node.inputs[index])
-        if traced is None or int(np.prod(traced.shape)) != 1:
-            return None
-    return _integer_linear(node, weight)
 
 
 def _nbits_linear(node: gs.Node) -> Linear | None:
