@@ -25,15 +25,18 @@ cost and cuts at the budget.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
+from threadpoolctl import threadpool_limits
 
 from onnx_vbp.graph import DiskWeights, dequantized_rows, import_graph, node_key, trace_input
 from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.records import MlpBlock, ParamRef, Ranking
+from onnx_vbp.runtime import available_cores
 from onnx_vbp.stats import Stats
 
 
@@ -73,39 +76,62 @@ def obs_ranking(
     precision: type | None = None,
 ) -> Ranking:
     """Greedy structured OBS removal order of the rows of `weight` [width, outputs] (fc2, fed by a
-    hidden activation of covariance `covariance`), `depth` steps deep, costs not yet normalized.
+    hidden activation of covariance `covariance`), `depth` steps deep, costs not yet normalized:
+    `greedy_obs` on `hessian_inverse`."""
+    return greedy_obs(weight, hessian_inverse(covariance, ridge_lambda, precision), depth)
 
-    The Hessian Σ + λI (λ = ridge_lambda x mean variance, as rewrite's ridge) is inverted once,
-    into S. Each round picks the next few neurons P by exact greedy OBS among the cheapest
-    candidates (a rank-1 downdate of the candidates' part of S per pick), then removes P from
-    every kept neuron at once: S -= S[:,P] S[P,P]⁻¹ S[P,:] (the Schur complement: S stays the
-    inverse of the kept neurons' Hessian) and W2 -= S[:,P] S[P,P]⁻¹ W2[P] (the OBS update). The
-    downdates are kept as low-rank factors, S = S₀ - GGᵀ, never applied to the whole matrix: a
-    round costs O(width x removed so far), not O(width²). The result equals removing one neuron at
-    a time unless a neuron outside the candidates became the cheapest within a round.
 
-    `precision` of S, its factors and W2's rows (the candidates' picks are always float64): by
-    default float32 for blocks at least FLOAT32_WIDTH wide whose relative λ is at least
-    FLOAT32_LAMBDA, where it takes 40 % less time and keeps about 7 - log10(1/λ) digits of each
-    cost; float64 otherwise.
+def hessian_inverse(
+    covariance: np.ndarray, ridge_lambda: float = DEFAULT_RIDGE_LAMBDA, precision: type | None = None, count: float = 1
+) -> np.ndarray | None:
+    """S, the inverse of the OBS Hessian Σ + λI (λ = ridge_lambda x mean variance, as rewrite's
+    ridge), with Σ = `covariance` / `count` (a comoment and its count: Σ is formed in S's precision
+    in one pass); None when every neuron is constant (removing any costs nothing once its mean is
+    folded).
+
+    `precision` of S: by default float32 for blocks at least FLOAT32_WIDTH wide whose relative λ is
+    at least FLOAT32_LAMBDA, where the ranking takes 40 % less time and keeps about 7 - log10(1/λ)
+    digits of each cost; float64 otherwise.
     """
-    width = weight.shape[0]
-    depth = min(depth, width)
-    scale = np.trace(covariance) / max(width, 1)
-    if scale == 0.0:  # every neuron is constant: removing any costs nothing once its mean is folded
-        return Ranking(np.arange(depth), np.zeros(depth), width)
+    width = covariance.shape[0]
+    scale = np.trace(covariance) / max(count, 1) / max(width, 1)
+    if scale == 0.0:
+        return None
     relative_lambda = max(ridge_lambda, MIN_RANKING_LAMBDA)
     if precision is None:
         wide_enough = width >= FLOAT32_WIDTH and relative_lambda >= FLOAT32_LAMBDA
         precision = np.float32 if wide_enough else np.float64
-    regularization = relative_lambda * scale
-    hessian = covariance.astype(precision)  # a copy
-    hessian[np.diag_indices(width)] += regularization
-    inverse = spd_inverse(hessian)
-    del hessian
+    hessian = np.multiply(covariance, 1.0 / max(count, 1), dtype=precision)
+    hessian[np.diag_indices(width)] += relative_lambda * scale
+    return spd_inverse(hessian)
+
+
+def greedy_obs(weight: np.ndarray, inverse: np.ndarray | None, depth: int) -> Ranking:
+    """Greedy structured OBS removal order of the rows of `weight` [width, outputs], `depth` steps
+    deep, from S = `inverse` (`hessian_inverse`, not modified).
+
+    Each round picks the next few neurons P by exact greedy OBS among the cheapest candidates (a
+    rank-1 downdate of the candidates' part of S per pick), then removes P from every kept neuron
+    at once: S -= S[:,P] S[P,P]⁻¹ S[P,:] (the Schur complement: S stays the inverse of the kept
+    neurons' Hessian) and W2 -= S[:,P] S[P,P]⁻¹ W2[P] (the OBS update). The downdates are kept as
+    low-rank factors, S = S₀ - GGᵀ, never applied to the whole matrix: a round costs O(width x
+    removed so far), not O(width²). The result equals removing one neuron at a time unless a
+    neuron outside the candidates became the cheapest within a round. W2's rows and the factors
+    are kept in S's precision; the candidates' picks are always float64.
+    """
+    width = weight.shape[0]
+    depth = min(depth, width)
+    if inverse is None:
+        return Ranking(np.arange(depth), np.zeros(depth), width)
+    precision = inverse.dtype
     diagonal = np.diag(inverse).astype(np.float64)  # of the current S
     rows = np.array(weight, dtype=precision)  # current (compensated) rows of W2
+    norms = np.einsum("ij,ij->i", rows, rows)  # their squared norms
     factors = np.empty((width, depth), dtype=precision)  # G
+    # W2's rows are updated a cache-sized slice at a time, its norms taken while it is in cache:
+    # one pass over W2 per round instead of four, which parallel blocks would share
+    slice_rows = max(1, UPDATE_SLICE_BYTES // max(rows.shape[1] * rows.itemsize, 1))
+    update_slice = np.empty((min(slice_rows, width), rows.shape[1]), dtype=precision)
     active = np.ones(width, dtype=bool)
     order, costs = np.empty(depth, dtype=np.int64), np.empty(depth)
     done = 0
@@ -114,7 +140,7 @@ def obs_ranking(
         # the round's size and candidates depend only on what is left, so a shallower ranking is a prefix
         round_size = max(1, left.size // ROUND_FRACTION)
         count = min(depth - done, round_size)
-        cost = np.einsum("ij,ij->i", rows, rows).astype(np.float64)[left] / diagonal[left]
+        cost = norms[left].astype(np.float64) / diagonal[left]
         pool = left[np.argsort(cost, kind="stable")[: POOL_FACTOR * round_size]]
         g_pool = factors[pool, :done]
         sub_inverse = (inverse[np.ix_(pool, pool)] - g_pool @ g_pool.T).astype(np.float64)
@@ -124,18 +150,21 @@ def obs_ranking(
         gram = (pool_rows @ pool_rows.T).astype(np.float64)
         alive = np.ones(pool.size, dtype=bool)
         picked = np.empty(count, dtype=np.int64)
-        for step in range(count):
-            with np.errstate(divide="ignore", invalid="ignore"):
-                pool_cost = np.diag(gram) / np.diag(sub_inverse)
-            pool_cost[~alive] = np.inf
-            j = int(np.argmin(pool_cost))
-            picked[step], costs[done + step] = j, pool_cost[j]
-            alive[j] = False
-            column = sub_inverse[:, j] / sub_inverse[j, j]
-            # rows -= column rowⱼᵀ, so gram -= column gⱼᵀ + gⱼ columnᵀ - gram_jj column columnᵀ
-            mixed = np.outer(column, gram[j] - 0.5 * gram[j, j] * column)
-            gram -= mixed + mixed.T
-            sub_inverse -= np.outer(column, sub_inverse[j])
+        gram_diagonal, inverse_diagonal = gram.diagonal(), sub_inverse.diagonal()  # views
+        pool_cost, update = np.full(pool.size, np.inf), np.empty_like(gram)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for step in range(count):
+                np.divide(gram_diagonal, inverse_diagonal, out=pool_cost, where=alive)  # the picked stay at inf
+                j = int(np.argmin(pool_cost))
+                picked[step], costs[done + step] = j, pool_cost[j]
+                alive[j], pool_cost[j] = False, np.inf
+                column = sub_inverse[j] / sub_inverse[j, j]  # both matrices are symmetric: row j is column j
+                # rows -= column rowⱼᵀ, so gram -= column gⱼᵀ + gⱼ columnᵀ - gram_jj column columnᵀ
+                np.multiply.outer(column, gram[j] - 0.5 * gram[j, j] * column, out=update)
+                gram -= update
+                gram -= update.T
+                np.multiply.outer(column, sub_inverse[j], out=update)
+                sub_inverse -= update
         removed = pool[picked]
         # S[:, P], from S's rows (S is symmetric): a row gather reads memory in order, a column gather does not
         columns = (inverse[removed] - factors[removed, :done] @ factors[:, :done].T).T
@@ -144,7 +173,12 @@ def obs_ranking(
         usable = values > max(values[-1], 0.0) * 1e-12
         half = (vectors[:, usable] / np.sqrt(values[usable])).astype(precision)
         new = columns @ half  # G Gᵀ += S[:,P] S[P,P]⁻¹ S[P,:]
-        rows -= new @ (half.T @ rows[removed])
+        mixed_rows = half.T @ rows[removed]  # rows -= new @ mixed_rows
+        for start in range(0, width, slice_rows):
+            stop = min(start + slice_rows, width)
+            np.matmul(new[start:stop], mixed_rows, out=update_slice[: stop - start])
+            rows[start:stop] -= update_slice[: stop - start]
+            norms[start:stop] = np.einsum("ij,ij->i", rows[start:stop], rows[start:stop])
         factors[:, done : done + count] = 0.0
         factors[:, done : done + usable.sum()] = new
         diagonal -= np.einsum("ij,ij->i", new, new)
@@ -155,26 +189,55 @@ def obs_ranking(
 
 
 def spd_inverse(matrix: np.ndarray) -> np.ndarray:
-    """The inverse of a symmetric positive definite matrix, by its Cholesky factor (LAPACK potrf
-    and potri: n³ multiply-adds against about 2.7 n³ for numpy's LU inverse; 0.8 to 1.0 s against
-    1.7 s at 3072 x 3072 on 2 cores; float32 in 0.4 s), in the matrix's precision. A matrix that is
-    not positive definite in floating point falls back to the LU inverse."""
-    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (matrix,))
-    factor, info = potrf(matrix, lower=True)
-    if info == 0:
-        inverse, info = potri(factor, lower=True)
+    """The inverse of a symmetric positive definite matrix, exactly symmetric, in the matrix's
+    precision, by its Cholesky factor (LAPACK potrf and potri: n³/2 multiply-adds against about
+    1.4 n³ for numpy's LU inverse). A matrix that is not positive definite in floating point falls
+    back to the LU inverse.
+
+    SciPy's LAPACK calls hold the GIL: the blocks' inverses are taken one after another, each with
+    every BLAS thread. Block elimination by matrix products alone (which release it) would run
+    them in parallel, but in float32 it loses ten times as many digits: A₂₁A₁₁⁻¹A₁₂ is formed
+    with A₁₁⁻¹'s condition, the Cholesky update L₂₁L₂₁ᵀ with its square root."""
+    # symmetric: a C-ordered matrix's transpose is itself in Fortran order, copied without a transpose
+    factor = (matrix.T if matrix.flags.c_contiguous else matrix).copy(order="F")
+    if _cholesky(factor) == 0:
+        (potri,) = lapack.get_lapack_funcs(("potri",), (factor,))
+        inverse, info = potri(factor, lower=True, overwrite_c=True)
+        if info == 0:
+            inverse = inverse.T  # C order; potri wrote the lower triangle of the Fortran matrix
+            for start in range(0, inverse.shape[0], SYMMETRIZE_ROWS):
+                stop = start + SYMMETRIZE_ROWS
+                diagonal_block = inverse[start:stop, start:stop]
+                diagonal_block[...] = np.triu(diagonal_block) + np.triu(diagonal_block, 1).T
+                inverse[stop:, start:stop] = inverse[start:stop, stop:].T
+            return inverse
+    return np.linalg.inv(matrix)
+
+
+def _cholesky(matrix: np.ndarray) -> int:
+    """Overwrite the lower triangle of the Fortran-ordered `matrix` with its Cholesky factor, by
+    halves (the lower-left by trsm, the trailing update by syrk) down to CHOLESKY_LEAF: OpenBLAS's
+    potrf takes 1.7x as long at 3072 x 3072 in float32. LAPACK's info: 0 when positive definite."""
+    width = matrix.shape[0]
+    if width <= CHOLESKY_LEAF:
+        (potrf,) = lapack.get_lapack_funcs(("potrf",), (matrix,))
+        factor, info = potrf(matrix, lower=True, overwrite_a=True, clean=False)
+        if factor is not matrix:  # a strided view is copied in and out
+            matrix[...] = factor
+        return info
+    half = width // 2
+    info = _cholesky(matrix[:half, :half])
     if info != 0:
-        return np.linalg.inv(matrix)
-    for start in range(0, inverse.shape[0], SYMMETRIZE_ROWS):  # potri writes the lower triangle only
-        stop = start + SYMMETRIZE_ROWS
-        diagonal_block = inverse[start:stop, start:stop]
-        diagonal_block[...] = np.tril(diagonal_block) + np.tril(diagonal_block, -1).T
-        inverse[start:stop, stop:] = inverse[stop:, start:stop].T
-    return inverse
+        return info
+    trsm, syrk = blas.get_blas_funcs(("trsm", "syrk"), (matrix,))
+    matrix[half:, :half] = trsm(1.0, matrix[:half, :half], matrix[half:, :half], side=1, lower=1, trans_a=1)
+    matrix[half:, half:] = syrk(-1.0, matrix[half:, :half], beta=1.0, c=matrix[half:, half:], lower=1)
+    info = _cholesky(matrix[half:, half:])
+    return info + half if info != 0 else 0
 
 
-SYMMETRIZE_ROWS = 256  # rows of the lower triangle mirrored at once: cache-sized transposes
-
+SYMMETRIZE_ROWS = 256  # rows of the upper triangle mirrored at once: cache-sized transposes
+CHOLESKY_LEAF = 1024  # widths factored by one potrf
 
 # The ranking's Hessian is regularized by at least this (relative) λ: each Schur downdate of S
 # cancels about log10(1/λ) digits, so a smaller λ would leave rounding noise in place of S.
@@ -188,6 +251,9 @@ POOL_FACTOR = 4
 # the downdates would cancel most of float32's 7 digits.
 FLOAT32_WIDTH = 1024
 FLOAT32_LAMBDA = 1e-4
+# The Hessians' inverses (counted as float64) held at once, to rank their blocks in parallel.
+RANKING_MEMORY = 1 << 30
+UPDATE_SLICE_BYTES = 512 << 10  # half a core's L2 cache
 
 
 def rankings(
@@ -220,16 +286,41 @@ def rankings(
         if isinstance(depth, Mapping)
         else {name: s.mean.size if depth is None else depth for name, s in stats.items()}
     )
+    without = [name for name in depths if stats[name].comoment is None]
+    if without:
+        raise ValueError(f"'obs' needs statistics with second moments; block {without[0]!r} was calibrated without")
     weights = fc2_rows(model, [b for b in blocks if b.name in depths], external_dir, to_residual=True)
     # every block's stream must be known to use them: a subset's costs stay in the whole model's units
     streams_known = all(s.stream_energy for s in stats.values())
-    result = {}
-    for name, block_depth in depths.items():
-        covariance = stats[name].covariance
+
+    def rank(name: str, inverse: np.ndarray | None) -> Ranking:
         if streams_known:
             scale = stats[name].stream_energy
         else:  # some block's residual stream is unknown: relative to the block's own output variance
-            scale = float(np.sum((covariance @ weights[name]) * weights[name]))  # tr(W2ᵀΣW2)
-        ranking = obs_ranking(weights[name], covariance, block_depth, ridge_lambda)
-        result[name] = Ranking(ranking.order, ranking.cost / max(scale, np.finfo(float).tiny), ranking.width)
+            scale = float(np.sum((stats[name].covariance @ weights[name]) * weights[name]))  # tr(W2ᵀΣW2)
+        ranking = greedy_obs(weights[name], inverse, depths[name])
+        return Ranking(ranking.order, ranking.cost / max(scale, np.finfo(float).tiny), ranking.width)
+
+    result = {}
+    for group in _groups(list(depths), {name: 8 * stats[name].mean.size ** 2 for name in depths}, RANKING_MEMORY):
+        # SciPy's LAPACK holds the GIL: the inverses one after another, each with every BLAS
+        # thread; then the greedy removals in parallel threads, one BLAS thread each (numpy's
+        # products release the GIL; more BLAS threads per block would only contend for the cores)
+        inverses = [hessian_inverse(stats[name].comoment, ridge_lambda, count=stats[name].count) for name in group]
+        with threadpool_limits(1), ThreadPoolExecutor(min(available_cores(), len(group))) as pool:
+            result.update(zip(group, pool.map(rank, group, inverses), strict=True))
+        del inverses
     return result
+
+
+def _groups(names: list[str], sizes: Mapping[str, int], budget: int) -> list[list[str]]:
+    """`names` in order, in consecutive groups whose `sizes` add up to at most `budget` (or of one)."""
+    groups: list[list[str]] = []
+    held = budget
+    for name in names:
+        if held + sizes[name] > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(name)
+        held += sizes[name]
+    return groups
