@@ -24,13 +24,15 @@ cost and cuts at the budget.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ctypes
+import functools
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
-from scipy.linalg import blas, lapack
+from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
 from onnx_vbp.graph import DiskWeights, dequantized_rows, import_graph, node_key, trace_input
@@ -191,53 +193,64 @@ def greedy_obs(weight: np.ndarray, inverse: np.ndarray | None, depth: int) -> Ra
 def spd_inverse(matrix: np.ndarray) -> np.ndarray:
     """The inverse of a symmetric positive definite matrix, exactly symmetric, in the matrix's
     precision, by its Cholesky factor (LAPACK potrf and potri: n³/2 multiply-adds against about
-    1.4 n³ for numpy's LU inverse). A matrix that is not positive definite in floating point falls
-    back to the LU inverse.
-
-    SciPy's LAPACK calls hold the GIL: the blocks' inverses are taken one after another, each with
-    every BLAS thread. Block elimination by matrix products alone (which release it) would run
-    them in parallel, but in float32 it loses ten times as many digits: A₂₁A₁₁⁻¹A₁₂ is formed
-    with A₁₁⁻¹'s condition, the Cholesky update L₂₁L₂₁ᵀ with its square root."""
+    1.4 n³ for numpy's LU inverse), without holding the GIL (`_cholesky_inverse`). A matrix that
+    is not positive definite in floating point falls back to the LU inverse."""
+    if matrix.shape[0] == 0:
+        return np.array(matrix)
     # symmetric: a C-ordered matrix's transpose is itself in Fortran order, copied without a transpose
     factor = (matrix.T if matrix.flags.c_contiguous else matrix).copy(order="F")
-    if _cholesky(factor) == 0:
-        (potri,) = lapack.get_lapack_funcs(("potri",), (factor,))
-        inverse, info = potri(factor, lower=True, overwrite_c=True)
+    if factor.dtype not in (np.float32, np.float64) or _cholesky_inverse(factor) != 0:
+        return np.linalg.inv(matrix)
+    inverse = factor.T  # C order; potri wrote the lower triangle of the Fortran matrix
+    for start in range(0, inverse.shape[0], SYMMETRIZE_ROWS):
+        stop = start + SYMMETRIZE_ROWS
+        diagonal_block = inverse[start:stop, start:stop]
+        diagonal_block[...] = np.triu(diagonal_block) + np.triu(diagonal_block, 1).T
+        inverse[stop:, start:stop] = inverse[start:stop, stop:].T
+    return inverse
+
+
+def _cholesky_inverse(factor: np.ndarray) -> int:
+    """Overwrite the lower triangle of the Fortran-ordered float32/float64 `factor` with its
+    inverse (LAPACK potrf, then potri); LAPACK's info, 0 when positive definite.
+
+    Through SciPy's Cython LAPACK (its C function pointers, called by ctypes), which releases the
+    GIL, so that blocks take their inverses in parallel threads; SciPy's Python wrappers hold it
+    (two threads calling them took 3.69 s against 3.46 s one after the other). Where those
+    pointers cannot be had, the Python wrappers."""
+    prefix = "s" if factor.dtype == np.float32 else "d"
+    potrf, potri = _nogil_lapack(prefix + "potrf"), _nogil_lapack(prefix + "potri")
+    if potrf is None or potri is None:
+        potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (factor,))
+        _, info = potrf(factor, lower=True, overwrite_a=True, clean=False)
         if info == 0:
-            inverse = inverse.T  # C order; potri wrote the lower triangle of the Fortran matrix
-            for start in range(0, inverse.shape[0], SYMMETRIZE_ROWS):
-                stop = start + SYMMETRIZE_ROWS
-                diagonal_block = inverse[start:stop, start:stop]
-                diagonal_block[...] = np.triu(diagonal_block) + np.triu(diagonal_block, 1).T
-                inverse[stop:, start:stop] = inverse[start:stop, stop:].T
-            return inverse
-    return np.linalg.inv(matrix)
+            _, info = potri(factor, lower=True, overwrite_c=True)
+        return info
+    width, info = ctypes.c_int(factor.shape[0]), ctypes.c_int(0)
+    potrf(b"L", ctypes.byref(width), factor.ctypes.data, ctypes.byref(width), ctypes.byref(info))
+    if info.value == 0:
+        potri(b"L", ctypes.byref(width), factor.ctypes.data, ctypes.byref(width), ctypes.byref(info))
+    return info.value
 
 
-def _cholesky(matrix: np.ndarray) -> int:
-    """Overwrite the lower triangle of the Fortran-ordered `matrix` with its Cholesky factor, by
-    halves (the lower-left by trsm, the trailing update by syrk) down to CHOLESKY_LEAF: OpenBLAS's
-    potrf takes 1.7x as long at 3072 x 3072 in float32. LAPACK's info: 0 when positive definite."""
-    width = matrix.shape[0]
-    if width <= CHOLESKY_LEAF:
-        (potrf,) = lapack.get_lapack_funcs(("potrf",), (matrix,))
-        factor, info = potrf(matrix, lower=True, overwrite_a=True, clean=False)
-        if factor is not matrix:  # a strided view is copied in and out
-            matrix[...] = factor
-        return info
-    half = width // 2
-    info = _cholesky(matrix[:half, :half])
-    if info != 0:
-        return info
-    trsm, syrk = blas.get_blas_funcs(("trsm", "syrk"), (matrix,))
-    matrix[half:, :half] = trsm(1.0, matrix[:half, :half], matrix[half:, :half], side=1, lower=1, trans_a=1)
-    matrix[half:, half:] = syrk(-1.0, matrix[half:, :half], beta=1.0, c=matrix[half:, half:], lower=1)
-    info = _cholesky(matrix[half:, half:])
-    return info + half if info != 0 else 0
+@functools.cache
+def _nogil_lapack(name: str) -> Callable | None:
+    """SciPy's Cython LAPACK routine `name` (uplo, n, a, lda, info), as a ctypes function."""
+    try:
+        from scipy.linalg import cython_lapack
+
+        capsule = cython_lapack.__pyx_capi__[name]
+        capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+        pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+            ("PyCapsule_GetPointer", ctypes.pythonapi)
+        )(capsule, capsule_name(capsule))
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+    integer = ctypes.POINTER(ctypes.c_int)
+    return ctypes.CFUNCTYPE(None, ctypes.c_char_p, integer, ctypes.c_void_p, integer, integer)(pointer)
 
 
 SYMMETRIZE_ROWS = 256  # rows of the upper triangle mirrored at once: cache-sized transposes
-CHOLESKY_LEAF = 1024  # widths factored by one potrf
 
 # The ranking's Hessian is regularized by at least this (relative) λ: each Schur downdate of S
 # cancels about log10(1/λ) digits, so a smaller λ would leave rounding noise in place of S.
@@ -251,8 +264,10 @@ POOL_FACTOR = 4
 # the downdates would cancel most of float32's 7 digits.
 FLOAT32_WIDTH = 1024
 FLOAT32_LAMBDA = 1e-4
-# The Hessians' inverses (counted as float64) held at once, to rank their blocks in parallel.
-RANKING_MEMORY = 1 << 30
+# Blocks ranked at once share this much memory, each at most this many bytes per entry of its
+# [width, width] Hessian (float64: the Hessian, its inverse, the downdate factors and W2's rows).
+RANKING_MEMORY = 2 << 30
+RANKING_BYTES_PER_ENTRY = 24
 UPDATE_SLICE_BYTES = 512 << 10  # half a core's L2 cache
 
 
@@ -293,34 +308,19 @@ def rankings(
     # every block's stream must be known to use them: a subset's costs stay in the whole model's units
     streams_known = all(s.stream_energy for s in stats.values())
 
-    def rank(name: str, inverse: np.ndarray | None) -> Ranking:
+    def rank(name: str) -> Ranking:
+        block = stats[name]
         if streams_known:
-            scale = stats[name].stream_energy
+            scale = block.stream_energy
         else:  # some block's residual stream is unknown: relative to the block's own output variance
-            scale = float(np.sum((stats[name].covariance @ weights[name]) * weights[name]))  # tr(W2ᵀΣW2)
+            scale = float(np.sum((block.covariance @ weights[name]) * weights[name]))  # tr(W2ᵀΣW2)
+        inverse = hessian_inverse(block.comoment, ridge_lambda, count=block.count)
         ranking = greedy_obs(weights[name], inverse, depths[name])
         return Ranking(ranking.order, ranking.cost / max(scale, np.finfo(float).tiny), ranking.width)
 
-    result = {}
-    for group in _groups(list(depths), {name: 8 * stats[name].mean.size ** 2 for name in depths}, RANKING_MEMORY):
-        # SciPy's LAPACK holds the GIL: the inverses one after another, each with every BLAS
-        # thread; then the greedy removals in parallel threads, one BLAS thread each (numpy's
-        # products release the GIL; more BLAS threads per block would only contend for the cores)
-        inverses = [hessian_inverse(stats[name].comoment, ridge_lambda, count=stats[name].count) for name in group]
-        with threadpool_limits(1), ThreadPoolExecutor(min(available_cores(), len(group))) as pool:
-            result.update(zip(group, pool.map(rank, group, inverses), strict=True))
-        del inverses
-    return result
-
-
-def _groups(names: list[str], sizes: Mapping[str, int], budget: int) -> list[list[str]]:
-    """`names` in order, in consecutive groups whose `sizes` add up to at most `budget` (or of one)."""
-    groups: list[list[str]] = []
-    held = budget
-    for name in names:
-        if held + sizes[name] > budget:
-            groups.append([])
-            held = 0
-        groups[-1].append(name)
-        held += sizes[name]
-    return groups
+    # blocks in parallel threads, one BLAS thread each: LAPACK (`_cholesky_inverse`) and numpy's
+    # products run without the GIL, and more BLAS threads per block would only contend for the cores
+    widest = max((stats[name].mean.size for name in depths), default=1)
+    workers = min(available_cores(), len(depths), RANKING_MEMORY // (RANKING_BYTES_PER_ENTRY * widest**2))
+    with threadpool_limits(1), ThreadPoolExecutor(max(workers, 1)) as pool:
+        return dict(zip(depths, pool.map(rank, depths), strict=True))
