@@ -222,9 +222,11 @@ def _cholesky_inverse(factor: np.ndarray) -> int:
     potrf, potri = _nogil_lapack(prefix + "potrf"), _nogil_lapack(prefix + "potri")
     if potrf is None or potri is None:
         potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (factor,))
-        _, info = potrf(factor, lower=True, overwrite_a=True, clean=False)
+        inverse, info = potrf(factor, lower=True, overwrite_a=True, clean=False)
         if info == 0:
-            _, info = potri(factor, lower=True, overwrite_c=True)
+            inverse, info = potri(inverse, lower=True, overwrite_c=True)
+        if inverse is not factor:  # the wrapper worked on a copy
+            factor[...] = inverse
         return info
     width, info = ctypes.c_int(factor.shape[0]), ctypes.c_int(0)
     potrf(b"L", ctypes.byref(width), factor.ctypes.data, ctypes.byref(width), ctypes.byref(info))
