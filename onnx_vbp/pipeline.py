@@ -243,7 +243,7 @@ class Prepared:
 
 # A block's first obs ranking goes this many times its share of the budget deep: enough for most
 # blocks of a real model, whose allocations are uneven; the others are ranked again, deeper.
-FIRST_DEPTH = 1.25
+FIRST_DEPTH = 1.5
 
 
 def deepening_plan(
