@@ -130,8 +130,9 @@ def greedy_obs(weight: np.ndarray, inverse: np.ndarray | None, depth: int) -> Ra
     rows = np.array(weight, dtype=precision)  # current (compensated) rows of W2
     norms = np.einsum("ij,ij->i", rows, rows)  # their squared norms
     factors = np.empty((width, depth), dtype=precision)  # G
-    # W2's rows are updated a cache-sized slice at a time, its norms taken while it is in cache:
-    # one pass over W2 per round instead of four, which parallel blocks would share
+    # W2's rows are updated a cache-sized slice at a time, their norms taken while it is in cache:
+    # one pass over W2 per round instead of four (memory bandwidth, not arithmetic, limits blocks
+    # ranked in parallel)
     slice_rows = max(1, UPDATE_SLICE_BYTES // max(rows.shape[1] * rows.itemsize, 1))
     update_slice = np.empty((min(slice_rows, width), rows.shape[1]), dtype=precision)
     active = np.ones(width, dtype=bool)
