@@ -14,7 +14,7 @@ from pathlib import Path
 
 from onnx_vbp import __version__
 from onnx_vbp.bench import bench, format_bench, perf_test_folder, write_perf_test_data
-from onnx_vbp.data import RawOptions, make_inputs, model_inputs
+from onnx_vbp.data import LONG_TEXT, RawOptions, make_inputs, model_inputs
 from onnx_vbp.errors import VbpError
 from onnx_vbp.modelio import load_model
 from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, SCOPES, SCORES
@@ -89,6 +89,17 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _add_text_length(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--max-length", type=_positive, default=128, help="tokens per text sample (default 128)")
+    group.add_argument(
+        "--long-text",
+        choices=LONG_TEXT,
+        default="split",
+        help="a line past --max-length tokens: split it into windows of --max-length tokens, cut between "
+        "words, each a sample (default: all of the text is used), or truncate it (only its start is)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,7 +208,7 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive, help="ORT intra-op threads (default: ORT's choice)")
     raw = parser.add_argument_group("raw images and text")
     raw.add_argument("--tokenizer", type=Path, help="tokenizer.json (Hugging Face tokenizers) for text data")
-    raw.add_argument("--max-length", type=_positive, default=128, help="truncate text to N tokens (default 128)")
+    _add_text_length(raw)
     raw.add_argument(
         "--image-size",
         type=_positive,
@@ -335,6 +346,7 @@ def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
         raw=RawOptions(
             tokenizer=args.tokenizer,
             max_length=args.max_length,
+            long_text=args.long_text,
             image_size=tuple(args.image_size) if args.image_size else None,
             mean=args.mean and tuple(args.mean),
             std=args.std and tuple(args.std),
@@ -489,7 +501,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
         help="take the inputs from this data (its first samples, any format of CALIB) instead of random values",
     )
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json, for --data that is text")
-    parser.add_argument("--max-length", type=_positive, default=128, help="truncate text to N tokens (default 128)")
+    _add_text_length(parser)
     parser.add_argument("--threads", type=_positive, default=1, help="ORT intra-op threads (default 1)")
     parser.add_argument("--runs", type=_positive, default=50, help="interleaved timed runs per model (default 50)")
     parser.add_argument("--warmup", type=_non_negative, default=5, help="untimed runs per model first (default 5)")
@@ -511,7 +523,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.batch_size,
         args.seq,
         args.data,
-        raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length),
+        raw=RawOptions(tokenizer=args.tokenizer, max_length=args.max_length, long_text=args.long_text),
     )
     result = bench(args.original, args.pruned, feed, threads=args.threads, runs=args.runs, warmup=args.warmup)
     if args.perf_test_data:

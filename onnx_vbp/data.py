@@ -11,7 +11,9 @@ Formats (one loader each), read lazily in sorted order:
   scaled to [0, 1], normalized by mean/std, NCHW or NHWC and grey or RGB as the input says.
 - raw text (`*.txt` one sample per line, `*.jsonl` with a `text` field; tokenizers, extra
   `[text]`) for models fed `input_ids` / `attention_mask` / `token_type_ids`: tokenized with a
-  `tokenizer.json`, truncated to `max_length`, padded to the longest sample of each batch.
+  `tokenizer.json`, padded to the longest sample of each batch. A line longer than `max_length`
+  tokens becomes several samples, consecutive windows cut between words (`long_text="split"`,
+  the default: calibration sees all of the text), or is truncated (`long_text="truncate"`).
 Raw samples are grouped into batches of `batch_size` (default 32).
 """
 
@@ -152,7 +154,8 @@ def _read_test_data_set(folder: Path, specs: list[InputSpec]) -> dict[str, np.nd
 READERS = {".npz": _read_npz, ".npy": _read_npy}
 LABELS = "labels"  # the one array besides the inputs that an .npz batch may carry (for top-1)
 MAX_IMAGE_PIXELS = 50_000_000  # a 48 Mpx phone photo fits; decoding more would take gigabytes
-CHARS_PER_TOKEN = 32  # text past max_length x this is cut before tokenizing: it could not fit anyway
+CHARS_PER_TOKEN = 32  # text is tokenized at most max_length x this characters at a time
+LONG_TEXT = ("split", "truncate")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 RAW_BATCH_SIZE = 32
@@ -167,6 +170,7 @@ class RawOptions:
 
     tokenizer: Path | None = None
     max_length: int = 128
+    long_text: str = "split"  # a line past max_length tokens: windows of it ("split"), or its start
     image_size: tuple[int, int] | None = None  # (H, W) when the model's input does not fix them
     mean: tuple[float, ...] | None = None  # per channel, or one for all; default: see `normalization`
     std: tuple[float, ...] | None = None
@@ -188,6 +192,8 @@ class RawOptions:
     def __post_init__(self) -> None:
         if self.tokenizer is not None:
             object.__setattr__(self, "tokenizer", Path(self.tokenizer))
+        if self.long_text not in LONG_TEXT:
+            raise DataError(f"`long_text` is {self.long_text!r}; it must be one of {', '.join(LONG_TEXT)}")
 
 
 def _kind(path: Path) -> str:
@@ -304,6 +310,12 @@ class TextEncoder:
             self.tokenizer = Tokenizer.from_file(str(options.tokenizer))
         except Exception as exc:  # tokenizers raises plain Exception for missing or bad files
             raise DataError(f"cannot load tokenizer {options.tokenizer}: {exc}") from exc
+        self.splitter = None  # finds the windows: a second copy that neither truncates nor pads
+        if options.long_text == "split":
+            self.splitter = Tokenizer.from_file(str(options.tokenizer))
+            self.splitter.no_truncation()
+            self.splitter.no_padding()
+        self.window_tokens = options.max_length - self.tokenizer.num_special_tokens_to_add(False)
         self.tokenizer.enable_truncation(options.max_length)
         self.tokenizer.enable_padding()  # to the longest sample of each batch
         self.specs = specs
@@ -326,15 +338,68 @@ class TextEncoder:
                     raise DataError(f"{path}:{number}: expected a JSON object with a 'text' field") from exc
                 if not isinstance(line, str):
                     raise DataError(f"{path}:{number}: 'text' is {type(line).__name__}, not a string")
-            yield line[: self.max_chars]
+            if self.splitter is None or self.window_tokens < 1:
+                yield line[: self.max_chars]  # the tokenizer truncates; the rest could not fit anyway
+            else:
+                yield from self._windows(line)
 
-    def encode(self, samples: list[str]) -> dict[str, np.ndarray]:
+    def _windows(self, line: str) -> Iterator[str]:
+        """`line` as consecutive pieces of at most `window_tokens` tokens, cut between words.
+
+        The line is tokenized one stretch of `max_chars` characters at a time, so that a huge
+        line costs no more memory than a short one. A stretch that stops short of the line's end
+        may have cut its last word in two: the next stretch starts at that word, or at the last
+        window's, so that windows stay full.
+        """
+        start = 0
+        while start < len(line):
+            stretch = line[start : start + self.max_chars]
+            (encoding,) = self._tokenize(self.splitter, [stretch], add_special_tokens=False)
+            word_ids, offsets = encoding.word_ids, encoding.offsets
+            end = len(word_ids)
+            if start + len(stretch) < len(line):
+                end = _last_word_start(word_ids) or end  # that word may go on past the stretch
+            bounds = _window_bounds(word_ids[:end], self.window_tokens)
+            if end < len(word_ids) and len(bounds) > 1:
+                end = bounds.pop()[0]  # a window left short goes to the next stretch, to be filled
+            start += max(offsets[end][0], 1) if end < len(word_ids) else len(stretch)
+            for first, stop in bounds:
+                piece = stretch[offsets[first][0] : offsets[stop - 1][1]]
+                if piece.strip():
+                    yield piece
+
+    def _tokenize(self, tokenizer, texts: list[str], **kwargs) -> list:
         try:
-            encodings = self.tokenizer.encode_batch(samples)
+            return tokenizer.encode_batch(texts, **kwargs)
         except Exception as exc:  # tokenizers raises plain Exception, e.g. for a vocabulary without [UNK]
             raise DataError(f"tokenizer {self.source} fails on the text: {exc}") from exc
+
+    def encode(self, samples: list[str]) -> dict[str, np.ndarray]:
+        encodings = self._tokenize(self.tokenizer, samples)
         fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
         return {s.name: np.array([getattr(e, fields[s.name]) for e in encodings], s.dtype) for s in self.specs}
+
+
+def _last_word_start(word_ids: list[int | None]) -> int:
+    """The index of the first token of the last word (0 for none)."""
+    first = len(word_ids) - 1
+    while first > 0 and word_ids[first - 1] == word_ids[-1]:
+        first -= 1
+    return max(first, 0)
+
+
+def _window_bounds(word_ids: list[int | None], size: int) -> list[tuple[int, int]]:
+    """Consecutive [first, stop) token ranges of at most `size` tokens that cover `word_ids`,
+    each ending where a word ends (a word longer than `size` is cut)."""
+    bounds, first = [], 0
+    while first < len(word_ids):
+        stop = min(first + size, len(word_ids))
+        if stop < len(word_ids):
+            word_start = next((i for i in range(stop, first, -1) if word_ids[i] != word_ids[i - 1]), stop)
+            stop = word_start
+        bounds.append((first, stop))
+        first = stop
+    return bounds
 
 
 def read_file(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -376,14 +441,21 @@ def conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def count_samples(source: Path | str, specs: list[InputSpec]) -> int | None:
-    """How many samples `source` holds, read from headers and line counts without decoding the
-    data (for a progress bar's total); None when that cannot be told cheaply."""
+def count_samples(
+    source: Path | str, specs: list[InputSpec], raw: RawOptions = RawOptions(), limit: int | None = None
+) -> int | None:
+    """How many samples `source` holds (at most `limit`), for a progress bar's total: read from
+    headers and line counts without decoding the data, except text split into windows, which is
+    tokenized up to `limit` samples to count them. None when that cannot be told."""
     try:
         files = data_files(source)
         kind = _kind(files[0])
         if kind == "images":
             return len(files)
+        if kind == "text" and raw.long_text == "split":
+            encoder = TextEncoder(specs, raw)
+            windows = itertools.chain.from_iterable(encoder.samples(path) for path in files)
+            return sum(1 for _ in itertools.islice(windows, limit))
         if kind == "text":
             return sum(sum(1 for line in path.open("rb") if line.strip()) for path in files)
         return sum(_leading_length(path, specs[0].name) for path in files)

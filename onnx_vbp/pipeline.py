@@ -422,7 +422,7 @@ def _from_calibration(
     """Statistics calibrated here, on `calib` (none for a model without blocks: only its sample)."""
     stats, samples, seconds = {}, 0, 0.0
     if blocks:
-        counted = count_samples(calib, specs)
+        counted = count_samples(calib, specs, options.raw, limit=options.max_samples)
         total = min(counted, options.max_samples or counted) if counted is not None else options.max_samples
         batches = calibration_batches(calib, specs, options)
         stats, samples, seconds = _calibrate(model, blocks, batches, options, external_dir, total)
@@ -477,7 +477,11 @@ def _data_source(source: Path, options: PruneOptions, specs: list[InputSpec]) ->
             "image_size": options.raw.image_size and list(options.raw.image_size),
         }
     elif kind == "text":
-        described["text"] = {"tokenizer": str(options.raw.tokenizer), "max_length": options.raw.max_length}
+        described["text"] = {
+            "tokenizer": str(options.raw.tokenizer),
+            "max_length": options.raw.max_length,
+            "long_text": options.raw.long_text,
+        }
     return described
 
 
@@ -648,7 +652,7 @@ def prune_prepared(
             versions=versions(),
         )
         if eval_data is not None:
-            with progress_bar("evaluating", count_samples(eval_data, prepared.specs), options) as bar:
+            with progress_bar("evaluating", count_samples(eval_data, prepared.specs, options.raw), options) as bar:
                 report.eval = evaluate(
                     prepared.path,
                     written,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -19,6 +20,25 @@ TEXT_SPECS = [
     InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
     InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq")),
 ]
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", ".", "un", "##believ", "##able"]
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path: Path) -> Path:
+    """A BERT-style WordPiece tokenizer.json over TINY_VOCAB ("unbelievable" is three tokens)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(TINY_VOCAB)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    path = tmp_path / "tiny_tokenizer.json"
+    tokenizer.save(str(path))
+    return path
 
 
 def _halves(path: Path, size: tuple[int, int] = (40, 20)) -> None:
@@ -100,7 +120,8 @@ def test_jsonl_text_field_truncation_and_token_type_ids(tmp_path: Path) -> None:
     lines = [json.dumps({"text": "word " * 50, "label": 1}), json.dumps({"text": "tiny"})]
     (tmp_path / "a.jsonl").write_text("\n".join(lines))
     specs = [*TEXT_SPECS, InputSpec("token_type_ids", np.dtype(np.int64), ("batch", "seq"))]
-    (batch,) = iter_batches(tmp_path, specs, raw=RawOptions(tokenizer=TOKENIZER, max_length=16))
+    raw = RawOptions(tokenizer=TOKENIZER, max_length=16, long_text="truncate")
+    (batch,) = iter_batches(tmp_path, specs, raw=raw)
     assert batch["input_ids"].shape == (2, 16) and not batch["token_type_ids"].any()
     (tmp_path / "a.jsonl").write_text('{"txt": "no text field"}\n')
     with pytest.raises(DataError, match=r"a.jsonl:1: expected a JSON object with a 'text' field"):
@@ -165,7 +186,8 @@ def test_text_is_cut_before_tokenizing_to_what_max_length_can_use(tmp_path: Path
         self.tokenizer = Spy(self.tokenizer)
 
     monkeypatch.setattr(data.TextEncoder, "__init__", spied_init)
-    (batch,) = iter_batches(tmp_path, TEXT_SPECS, raw=RawOptions(tokenizer=TOKENIZER, max_length=16))
+    raw = RawOptions(tokenizer=TOKENIZER, max_length=16, long_text="truncate")
+    (batch,) = iter_batches(tmp_path, TEXT_SPECS, raw=raw)
     assert batch["input_ids"].shape == (1, 16)  # truncated by the tokenizer as before
     assert seen == [16 * data.CHARS_PER_TOKEN]  # and the line cut before it reached it
 
@@ -208,7 +230,7 @@ def test_normalization_defaults_follow_the_channels_and_given_values_are_checked
         RawOptions(std=(0.0,)).normalization(1)
 
 
-def test_photos_and_text_lines_are_counted_for_a_progress_total(tmp_path: Path) -> None:
+def test_photos_and_text_lines_are_counted_for_a_progress_total(tmp_path: Path, tiny_tokenizer: Path) -> None:
     from onnx_vbp.data import count_samples
 
     for i in range(3):
@@ -217,4 +239,75 @@ def test_photos_and_text_lines_are_counted_for_a_progress_total(tmp_path: Path) 
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("one\n\n  \ntwo\nthree\n")
     (tmp_path / "text" / "b.jsonl").write_text('{"text": "x"}\n')
-    assert count_samples(tmp_path / "text" / "a.txt", TEXT_SPECS) == 3  # blank lines are not samples
+    raw = RawOptions(tokenizer=tiny_tokenizer)
+    assert count_samples(tmp_path / "text" / "a.txt", TEXT_SPECS, raw) == 3  # blank lines are not samples
+    truncate = RawOptions(tokenizer=tiny_tokenizer, max_length=4, long_text="truncate")
+    (tmp_path / "text" / "a.txt").write_text("the cat sat on the mat\nthe\n")
+    assert count_samples(tmp_path / "text" / "a.txt", TEXT_SPECS, truncate) == 2
+    split = RawOptions(tokenizer=tiny_tokenizer, max_length=4)  # two words per window
+    assert count_samples(tmp_path / "text" / "a.txt", TEXT_SPECS, split) == 4
+    assert count_samples(tmp_path / "text" / "a.txt", TEXT_SPECS, split, limit=3) == 3
+
+
+def _rows(batches: list[dict[str, np.ndarray]]) -> list[list[int]]:
+    """Each sample's token ids without [CLS], [SEP] and padding."""
+    rows = []
+    for batch in batches:
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            rows.append(ids[mask == 1][1:-1].tolist())
+    return rows
+
+
+def test_a_long_line_becomes_windows_cut_between_words_and_nothing_is_lost(tmp_path: Path, tiny_tokenizer) -> None:
+    words = ["the", "cat", "unbelievable", "sat", "on", "the", "mat", "."] * 5
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text(" ".join(words) + "\nthe mat\n")
+    expected = [TINY_VOCAB.index(t) for t in " ".join(["the cat un ##believ ##able sat on the mat ."] * 5).split()]
+    split = RawOptions(tokenizer=tiny_tokenizer, max_length=8)  # 6 tokens per window between [CLS] and [SEP]
+    batches = list(iter_batches(tmp_path / "data", TEXT_SPECS, batch_size=4, raw=split))
+    rows = _rows(batches)
+    assert rows[-1] == [4, 8]  # the short line is its own sample, after the long one's windows
+    assert list(itertools.chain(*rows[:-1])) == expected  # every token once, in order
+    assert all(len(row) <= 6 for row in rows)
+    assert all(row[0] not in (11, 12) and row[-1] not in (10, 11) for row in rows)  # no word cut
+    for window, following in itertools.pairwise(rows[:-1]):  # each window is as full as whole words allow
+        next_word = 1 + next((i for i, t in enumerate(following[1:]) if t not in (11, 12)), len(following) - 1)
+        assert len(window) + next_word > 6
+    truncate = RawOptions(tokenizer=tiny_tokenizer, max_length=8, long_text="truncate")
+    assert _rows(list(iter_batches(tmp_path / "data", TEXT_SPECS, raw=truncate))) == [expected[:6], [4, 8]]
+
+
+def test_a_huge_line_is_tokenized_a_bounded_stretch_at_a_time(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
+    import onnx_vbp.data as data
+
+    monkeypatch.setattr(data, "CHARS_PER_TOKEN", 3)  # stretches of 24 characters: seams in most words
+    seen: list[int] = []
+    real = tokenizers.Tokenizer.encode_batch
+
+    def spy(self, texts, *args, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return real(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizers.Tokenizer, "encode_batch", spy)
+    line = " ".join(["unbelievable the cat sat on the mat ."] * 300)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text(line + "\n")
+    raw = RawOptions(tokenizer=tiny_tokenizer, max_length=8)
+    rows = _rows(list(iter_batches(tmp_path / "data", TEXT_SPECS, raw=raw)))
+    once = [TINY_VOCAB.index(t) for t in "un ##believ ##able the cat sat on the mat .".split()]
+    assert list(itertools.chain(*rows)) == once * 300  # no token lost or changed at the seams
+    assert max(seen) <= 24
+
+
+def test_window_bounds_end_where_words_end() -> None:
+    from onnx_vbp.data import _window_bounds
+
+    assert _window_bounds([0, 0, 0, 1, 1, 2], 4) == [(0, 3), (3, 6)]  # (0, 4) would cut word 1
+    assert _window_bounds([0, 0, 0, 0, 0], 2) == [(0, 2), (2, 4), (4, 5)]  # a word longer than a window is cut
+    assert _window_bounds([0, 1, 2], 5) == [(0, 3)]
+    assert _window_bounds([], 3) == []
+
+
+def test_long_text_must_be_split_or_truncate() -> None:
+    with pytest.raises(DataError, match="`long_text` is 'cut'; it must be one of split, truncate"):
+        RawOptions(long_text="cut")

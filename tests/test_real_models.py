@@ -106,7 +106,9 @@ def test_minilm_from_raw_text_through_the_cli(tmp_path: Path) -> None:
             "16",
         ],
     )
-    assert report["calibration"]["samples"] == 48 and report["eval"]["samples"] == 40
+    # the 48 documents run past 128 tokens: read whole, in windows, they make more samples
+    assert report["calibration"]["samples"] > 2 * 48 and report["eval"]["samples"] == 40
+    assert report["calibration"]["text"]["long_text"] == "split"
     sentence = report["eval"]["outputs"]["461"]  # the mean-pooled sentence embedding
     assert sentence["cosine"] > 0.95 and sentence["similarity_spearman"] > 0.9
 

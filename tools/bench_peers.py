@@ -4,7 +4,8 @@ Same models, same calibration data, the same fraction of MLP neurons removed (gl
 metrics as tools/bench_retention.py: the sentence embeddings of the 200 held-out
 pang_lee_polarity sentences, against the unpruned model of the same form (mean cosine, and the
 Spearman correlation of the 19,900 pairwise similarities). Calibration: the 300 documents of
-lee_background.cor, 128 tokens each, batches of 32, handed to both tools.
+lee_background.cor, read as the CLI reads text (all of each document, in 738 windows of at most
+128 tokens), batches of 32, handed to both tools.
 
 Forms: the ORT transformers optimizer's output (fused BiasGelu and SkipLayerNormalization, the
 form onnxsim's chain matcher prunes) of all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2, and the

