@@ -17,7 +17,7 @@ from onnx_vbp.bench import bench, format_bench, perf_test_folder, write_perf_tes
 from onnx_vbp.data import LONG_TEXT, RawOptions, make_inputs, model_inputs
 from onnx_vbp.errors import VbpError
 from onnx_vbp.modelio import load_model
-from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, SCOPES, SCORES
+from onnx_vbp.options import ALLOCATIONS, COMPENSATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, SCOPES, SCORES
 from onnx_vbp.pipeline import PruneOptions, inspect_model, merge_stats_files, prune_file
 from onnx_vbp.report import format_inspection, format_table
 from onnx_vbp.sweep import format_sweep, summary, sweep
@@ -128,6 +128,15 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
         default="global",
         help="rank neurons across all blocks (global, default, as in the paper) or remove the "
         "same fraction from each block",
+    )
+    parser.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="stream",
+        help="how obs spreads a global budget over blocks: by each block's costs relative to the energy of the "
+        "residual stream it writes to (stream, default), to its square root (sqrt-stream), or absolute; "
+        "measured: plan with each, run each plan on the first 64 calibration samples and keep the one "
+        "whose outputs move least",
     )
     parser.add_argument("--min-keep", type=_non_negative, default=1, help="neurons always kept per block (default 1)")
     parser.add_argument(
@@ -327,6 +336,7 @@ def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
     return PruneOptions(
         ratio=ratio,
         scope=args.scope,
+        allocation=args.allocation,
         min_keep=args.min_keep,
         round_to=args.round_to,
         method=args.method,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ from onnx_vbp.modelio import (
     verify_model,
     write_model,
 )
-from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, METHODS
+from onnx_vbp.options import ALLOCATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, STREAM_POWERS
 from onnx_vbp.records import BlockList, MlpBlock, Plan, Ranking
 from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_macs, skipped_rows
 from onnx_vbp.rewrite import rewrite
@@ -83,6 +84,7 @@ class PruneOptions:
     compensate: str | None = None  # mean | ridge | none (default: the method's)
     score: str | None = None  # importance criterion: variance | variance-x-norm | obs (default: the method's)
     ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
+    allocation: str = "stream"  # obs's global budget across blocks (see ALLOCATIONS)
     batch_size: int | None = None
     max_samples: int | None = None
     min_samples: int = 16
@@ -101,6 +103,8 @@ class PruneOptions:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         score, compensate = METHODS[self.method]
         object.__setattr__(self, "score", self.score or score)
         object.__setattr__(self, "compensate", self.compensate or compensate)
@@ -204,26 +208,47 @@ class Prepared:
     sample_outputs: dict[str, np.ndarray]  # the original's outputs on it
     fingerprint: str  # of the weights the statistics describe (see `weights_fingerprint`)
     source: dict = field(default_factory=dict)  # where the statistics came from, for the report
+    validation: list[dict[str, np.ndarray]] = field(default_factory=list)  # for --allocation measured
     _rankings: dict[tuple, dict[str, Ranking]] = field(default_factory=dict)  # per (score, λ), per block
+    _validation_outputs: list[np.ndarray] | None = None  # the original's, on `validation`
 
     def plan(self, options: PruneOptions) -> Plan:
-        """Select by `options`, from this model's rankings (see `deepening_plan`): each block is
-        ranked once and only deepened when a plan needs more, since a sweep plans many ratios from
-        the same rankings and a shallower ranking is a prefix of a deeper one."""
+        """Select by `options` (see `allocated_plan`)."""
+        return self.allocated_plan(options)[0]
+
+    def allocated_plan(self, options: PruneOptions) -> tuple[Plan, dict | None]:
+        """Select by `options`, from this model's rankings (see `allocated_plan`), with how the
+        budget was allocated. Each block is ranked once and only deepened when a plan needs more,
+        since a sweep plans many ratios from the same rankings and a shallower ranking is a
+        prefix of a deeper one."""
+        ranked = self._rankings.setdefault((options.score, options.ridge_lambda), {})
 
         def rank(depths: dict[str, int]) -> dict[str, Ranking]:
-            return rankings(
-                self.stats,
-                options.score,
-                self.model,
-                self.blocks,
-                depth=depths,
-                external_dir=self.external_dir,
-                ridge_lambda=options.ridge_lambda,
-            )
+            stale = {name: d for name, d in depths.items() if name not in ranked or ranked[name].order.size < d}
+            if stale:
+                ranked.update(
+                    rankings(
+                        self.stats,
+                        options.score,
+                        self.model,
+                        self.blocks,
+                        depth=stale,
+                        external_dir=self.external_dir,
+                        ridge_lambda=options.ridge_lambda,
+                    )
+                )
+            return {name: ranked[name] for name in depths}
 
-        ranked = self._rankings.setdefault((options.score, options.ridge_lambda), {})
-        return deepening_plan(self.stats, self.blocks, options, rank, ranked)
+        return allocated_plan(self.stats, self.blocks, options, rank, self._output_error(options))
+
+    def _output_error(self, options: PruneOptions) -> Callable[[Plan], float] | None:
+        """How far a plan's rewritten model moves the outputs on `validation` (`output_error`);
+        None without validation samples, or for a model whose weights live in external files."""
+        if options.allocation != "measured" or not self.validation or self.external:
+            return None
+        if self._validation_outputs is None:
+            self._validation_outputs = run_batches(self.model.SerializeToString(), self.validation, options.threads)
+        return validation_error(self.model, self.blocks, self.stats, options, self.validation, self._validation_outputs)
 
     def save_stats(self, path: Path) -> None:
         """Write the calibration statistics to `path` (see `stats.save_stats`)."""
@@ -251,14 +276,12 @@ def deepening_plan(
     blocks: list[MlpBlock],
     options: PruneOptions,
     rank: Callable[[dict[str, int]], dict[str, Ranking]],
-    ranked: dict[str, Ranking] | None = None,
 ) -> Plan:
     """Select by `options`, with `rank(depths)` the rankings of the blocks it names, each at least
     that many removals deep. Sequential rankings (obs) cost more the deeper they go, so each block
     starts at FIRST_DEPTH times its share of the budget, and only a block whose allocation takes
-    all of its ranked removals, and could take more, is ranked again twice as deep. `ranked`: the
-    rankings so far, by block name, kept up to date in place."""
-    ranked = {} if ranked is None else ranked
+    all of its ranked removals, and could take more, is ranked again twice as deep."""
+    ranked: dict[str, Ranking] = {}
     widths = {b.name: b.width for b in blocks}
     if options.scope == "global":
         depths = {name: min(w, math.ceil(FIRST_DEPTH * options.ratio * w) + 1) for name, w in widths.items()}
@@ -290,6 +313,117 @@ def deepening_plan(
         if not saturated:
             return plan
         depths.update({name: deeper[name] for name in saturated})
+
+
+def allocated_plan(
+    stats: dict[str, Stats],
+    blocks: list[MlpBlock],
+    options: PruneOptions,
+    rank: Callable[[dict[str, int]], dict[str, Ranking]],
+    error: Callable[[Plan], float] | None = None,
+) -> tuple[Plan, dict | None]:
+    """`deepening_plan` with obs's global budget allocated as `options.allocation` says: each
+    block's costs divided by its residual stream's energy to the power STREAM_POWERS[allocation]
+    (`rankings` divides them by the energy itself). "measured" plans with every power and
+    keeps the plan whose `error` (`output_error` on calibration samples) is least; without
+    `error`, the stream-relative plan. Returns the plan and, for obs's global allocations, what
+    was chosen (and the errors measured), for the report."""
+    streams = {name: s.stream_energy for name, s in stats.items()}
+    if options.score != "obs" or options.scope != "global" or not all(streams.values()):
+        if options.allocation != "stream":
+            log.warning(
+                "--allocation %s applies only to obs's global allocation by stream energies", options.allocation
+            )
+        return deepening_plan(stats, blocks, options, rank), None
+    if options.allocation != "measured":
+        powers = {options.allocation: STREAM_POWERS[options.allocation]}
+    elif error is None:
+        log.warning("--allocation measured needs calibration samples of a model held in memory: allocating by stream")
+        powers = {"stream": STREAM_POWERS["stream"]}
+    else:
+        powers = STREAM_POWERS
+
+    def rescaled(power: float) -> Callable[[dict[str, int]], dict[str, Ranking]]:
+        def rank_at(depths: dict[str, int]) -> dict[str, Ranking]:
+            ranked = rank(depths)
+            if power == 1.0:
+                return ranked
+            return {n: Ranking(r.order, r.cost * streams[n] ** (1.0 - power), r.width) for n, r in ranked.items()}
+
+        return rank_at
+
+    plans = {name: deepening_plan(stats, blocks, options, rescaled(power)) for name, power in powers.items()}
+    if len(plans) == 1:
+        ((name, plan),) = plans.items()
+        return plan, {"allocation": name}
+    errors: dict[str, float] = {}
+    for name, plan in plans.items():
+        same = next((other for other in errors if _same_plan(plans[other], plan)), None)
+        errors[name] = errors[same] if same is not None else error(plan)
+    chosen = min(errors, key=errors.get)  # a tie keeps the first, stream
+    log.info(
+        "allocation: %s (output error on calibration samples %s)",
+        chosen,
+        ", ".join(f"{name} {value:.4g}" for name, value in errors.items()),
+    )
+    return plans[chosen], {"allocation": chosen, "output_errors": errors}
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    return a.keep.keys() == b.keep.keys() and all(np.array_equal(a.keep[n], b.keep[n]) for n in a.keep)
+
+
+# --allocation measured compares candidate plans on this many calibration samples
+VALIDATION_SAMPLES = 64
+
+
+def first_batches(batches: Iterator[Mapping[str, np.ndarray]], samples: int) -> list[Mapping[str, np.ndarray]]:
+    """Batches taken from `batches` until they hold `samples` samples (or it runs out)."""
+    taken, seen = [], 0
+    while seen < samples and (batch := next(batches, None)) is not None:
+        taken.append(batch)
+        seen += len(next(iter(batch.values())))
+    return taken
+
+
+def run_batches(model_bytes: bytes, batches: list[dict[str, np.ndarray]], threads: int | None) -> list[np.ndarray]:
+    """Each output of the model on every batch, concatenated along the batch axis."""
+    session = cpu_session(model_bytes, threads, optimize=True)
+    names = [i.name for i in session.get_inputs()]
+    runs = [session.run(None, {n: batch[n] for n in names}) for batch in batches]
+    return [np.concatenate([run[k] for run in runs]) for k in range(len(runs[0]))]
+
+
+def validation_error(
+    model: onnx.ModelProto,
+    blocks: list[MlpBlock],
+    stats: dict[str, Stats],
+    options: PruneOptions,
+    validation: list[dict[str, np.ndarray]],
+    reference: list[np.ndarray],
+) -> Callable[[Plan], float]:
+    """`output_error` of a plan's rewritten model on the `validation` batches, against the
+    original's outputs on them (`reference`)."""
+
+    def error(plan: Plan) -> float:
+        pruned = rewrite(model, blocks, stats, plan, compensate=options.compensate, ridge_lambda=options.ridge_lambda)
+        return output_error(reference, run_batches(pruned.SerializeToString(), validation, options.threads))
+
+    return error
+
+
+def output_error(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """The squared error of `outputs` against `reference`, relative to the reference's spread
+    about its mean over samples, summed over the floating-point outputs that have a spread."""
+    total = 0.0
+    for expected, actual in zip(reference, outputs, strict=True):
+        if not np.issubdtype(expected.dtype, np.floating):
+            continue
+        expected, actual = expected.astype(np.float64), actual.astype(np.float64)
+        spread = float(np.sum(np.square(expected - expected.mean(axis=0))))
+        if spread > 0:
+            total += float(np.sum(np.square(actual - expected))) / spread
+    return total
 
 
 def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneOptions()) -> Prepared:
@@ -339,6 +473,10 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     if blocks:
         _check_sample_count(measured, calib or options.stats, options)
     sample_outputs = _sample_outputs(model_path, measured.sample_feed, options.stats)
+    validation = []
+    if blocks and options.allocation == "measured" and options.stats is None:
+        first = dataclasses.replace(options, max_samples=VALIDATION_SAMPLES)
+        validation = list(calibration_batches(Path(calib), specs, first))
     return Prepared(
         model_path,
         model,
@@ -353,6 +491,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         sample_outputs,
         fingerprint,
         measured.source,
+        validation,
     )
 
 
@@ -595,8 +734,9 @@ def prune_prepared(
     """
     model, blocks = prepared.model, prepared.blocks
     options = fitted_options(options, _have_comoments(prepared.stats))
+    allocation = None
     if blocks:
-        plan = prepared.plan(options)
+        plan, allocation = prepared.allocated_plan(options)
         for block in blocks:
             if plan.keep[block.name].size < DUBIOUS_KEEP * block.width:
                 log.warning(
@@ -650,6 +790,7 @@ def prune_prepared(
             file_bytes_after=bytes_after,
             calibration={"samples": prepared.samples, "seconds": round(prepared.seconds, 3), **prepared.source},
             versions=versions(),
+            allocation=allocation,
         )
         if eval_data is not None:
             with progress_bar("evaluating", count_samples(eval_data, prepared.specs, options.raw), options) as bar:
@@ -692,7 +833,18 @@ def prune(
     if options.comoments and not comoments_fit(blocks):
         options = fitted_options(options, comoments=False)
     folder = None if external_dir is None else Path(external_dir)
-    stats = calibrate(model, blocks, batches, threads=options.threads, external_dir=folder, comoments=options.comoments)
+    batches = iter(batches)
+    validation: list[Mapping[str, np.ndarray]] = []  # the first samples, for --allocation measured
+    if options.allocation == "measured" and folder is None:
+        validation = first_batches(batches, VALIDATION_SAMPLES)
+    stats = calibrate(
+        model,
+        blocks,
+        itertools.chain(validation, batches),
+        threads=options.threads,
+        external_dir=folder,
+        comoments=options.comoments,
+    )
     options = fitted_options(options, _have_comoments(stats))
 
     def rank(depths: dict[str, int]) -> dict[str, Ranking]:
@@ -700,11 +852,15 @@ def prune(
             stats, options.score, model, blocks, depth=depths, external_dir=folder, ridge_lambda=options.ridge_lambda
         )
 
+    error = None
+    if validation:
+        reference = run_batches(model.SerializeToString(), validation, options.threads)
+        error = validation_error(model, blocks, stats, options, validation, reference)
     return rewrite(
         model,
         blocks,
         stats,
-        deepening_plan(stats, blocks, options, rank),
+        allocated_plan(stats, blocks, options, rank, error)[0],
         compensate=options.compensate,
         ridge_lambda=options.ridge_lambda,
         external_dir=folder,

@@ -187,12 +187,14 @@ class Report:
     file_bytes_after: int
     calibration: dict  # samples, seconds, and the data (or statistics file) they came from
     versions: dict
+    allocation: dict | None = None  # obs's global allocation: which (and the errors, when measured)
     eval: dict | None = None  # evaluate's result and its data
 
     def to_dict(self) -> dict:
         fields = dataclasses.asdict(self)
-        if self.eval is None:
-            del fields["eval"]
+        for optional in ("allocation", "eval"):
+            if fields[optional] is None:
+                del fields[optional]
         return fields
 
 

@@ -477,3 +477,110 @@ def test_rankings_are_the_same_on_any_number_of_cores(monkeypatch) -> None:
         importance.hessian_inverse(stats[first].covariance),
         rtol=1e-9,
     )
+
+
+def _streamed_blocks(tmp_path: Path) -> tuple[Path, onnx.ModelProto]:
+    """Three residual blocks with very different layer scales (so different streams and costs),
+    and a folder of calibration batches for them."""
+    model = build_model([BlockSpec(hidden=24, layer_scale=s) for s in (0.05, 1.0, 8.0)], seed=12)
+    onnx.save(model, tmp_path / "s.onnx")
+    (tmp_path / "s").mkdir()
+    for s in range(3):
+        np.savez(tmp_path / "s" / f"{s}.npz", **random_batch(model, batch=16, seed=s))
+    return tmp_path / "s.onnx", model
+
+
+def test_each_allocation_divides_the_costs_by_the_stream_energy_to_its_power(tmp_path: Path) -> None:
+    from onnx_vbp.options import STREAM_POWERS
+    from onnx_vbp.pipeline import PruneOptions, allocated_plan
+
+    _, model = _streamed_blocks(tmp_path)
+    blocks = find_mlp_blocks(model)
+    stats = calibrate(model, blocks, [random_batch(model, batch=16, seed=s) for s in range(3)], comoments=True)
+    relative = rankings(stats, "obs", model, blocks)  # costs ÷ stream energy
+    energies = {name: s.stream_energy for name, s in stats.items()}
+    assert max(energies.values()) > 10 * min(energies.values())
+    plans = {}
+    for allocation, power in STREAM_POWERS.items():
+        options = PruneOptions(ratio=0.4, allocation=allocation)
+        plan, chosen = allocated_plan(stats, blocks, options, lambda depths: relative)
+        assert chosen == {"allocation": allocation}
+        raw = {n: Ranking(r.order, r.cost * energies[n], r.width) for n, r in relative.items()}  # absolute costs
+        expected = select(
+            stats, 0.4, rankings={n: Ranking(r.order, r.cost / energies[n] ** power, r.width) for n, r in raw.items()}
+        )
+        for name in relative:
+            np.testing.assert_array_equal(plan.keep[name], expected.keep[name])
+        plans[allocation] = [plan.keep[b.name].size for b in blocks]
+    assert plans["stream"] != plans["absolute"]  # the powers matter here
+
+
+def test_measured_allocation_keeps_the_candidate_with_the_least_error(tmp_path: Path) -> None:
+    from onnx_vbp.pipeline import PruneOptions, allocated_plan
+
+    _, model = _streamed_blocks(tmp_path)
+    blocks = find_mlp_blocks(model)
+    stats = calibrate(model, blocks, [random_batch(model, batch=16, seed=s) for s in range(3)], comoments=True)
+    relative = rankings(stats, "obs", model, blocks)
+    measured, by_name = PruneOptions(ratio=0.4, allocation="measured"), {}
+    for name in ("stream", "sqrt-stream", "absolute"):
+        by_name[name] = allocated_plan(stats, blocks, PruneOptions(ratio=0.4, allocation=name), lambda d: relative)[0]
+    widths = {name: tuple(plan.keep[b.name].size for b in blocks) for name, plan in by_name.items()}
+    assert len(set(widths.values())) == 3  # three different candidates
+    for made_up in (
+        {"stream": 3.0, "sqrt-stream": 1.0, "absolute": 2.0},
+        {"stream": 2.0, "sqrt-stream": 5.0, "absolute": 1.0},
+    ):
+
+        def error(plan, made_up=made_up) -> float:
+            return made_up[next(n for n, w in widths.items() if w == tuple(plan.keep[b.name].size for b in blocks))]
+
+        plan, chosen = allocated_plan(stats, blocks, measured, lambda d: relative, error)
+        best = min(made_up, key=made_up.get)
+        assert chosen == {"allocation": best, "output_errors": made_up}
+        for block in blocks:
+            np.testing.assert_array_equal(plan.keep[block.name], by_name[best].keep[block.name])
+
+
+def test_output_error_is_relative_to_the_spread_over_samples() -> None:
+    from onnx_vbp.pipeline import output_error
+
+    rng = np.random.default_rng(0)
+    reference = [rng.normal(size=(6, 4)), np.arange(6), np.ones((6, 3))]  # a float, an int and a constant output
+    noise = rng.normal(size=(6, 4))
+    outputs = [reference[0] + noise, np.arange(6) + 1, np.full((6, 3), 7.0)]
+    spread = np.sum(np.square(reference[0] - reference[0].mean(axis=0)))
+    assert output_error(reference, outputs) == pytest.approx(np.sum(noise**2) / spread)
+    assert output_error(reference, reference) == 0.0
+
+
+def test_measured_allocation_through_the_cli_the_api_and_a_statistics_file(tmp_path: Path, caplog) -> None:
+    from onnx_vbp.pipeline import PruneOptions, prune
+
+    path, model = _streamed_blocks(tmp_path)
+
+    def cli(name: str, *args: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        rc = main(
+            [str(path), *args, "--ratio", "0.4", "-q", "-o", str(tmp_path / f"{name}.onnx"), "--report", str(out)]
+        )
+        assert rc == 0
+        return json.loads(out.read_text())
+
+    report = cli("measured", str(tmp_path / "s"), "--allocation", "measured", "--save-stats", str(tmp_path / "s.npz"))
+    errors = report["allocation"]["output_errors"]
+    assert set(errors) == {"stream", "sqrt-stream", "absolute"} and all(e > 0 for e in errors.values())
+    chosen = report["allocation"]["allocation"]
+    assert errors[chosen] == min(errors.values())
+    alone = cli("alone", str(tmp_path / "s"), "--allocation", chosen)
+    assert alone["allocation"] == {"allocation": chosen}
+    assert [b["width_after"] for b in alone["blocks"]] == [b["width_after"] for b in report["blocks"]]
+    # the API takes its validation samples from the same first batches
+    batches = [dict(np.load(tmp_path / "s" / f"{s}.npz")) for s in range(3)]
+    pruned = prune(model, batches, 0.4, options=PruneOptions(allocation="measured"))
+    widths = [b.width for b in find_mlp_blocks(pruned)]
+    assert widths == [b["width_after"] for b in report["blocks"]]
+    # statistics alone carry no samples to measure on: the stream allocation, said so
+    fallback = cli("fallback", "--stats", str(tmp_path / "s.npz"), "--allocation", "measured")
+    assert fallback["allocation"] == {"allocation": "stream"}
+    assert "--allocation measured needs calibration samples" in caplog.text

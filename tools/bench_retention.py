@@ -49,6 +49,14 @@ from sklearn.model_selection import StratifiedKFold
 
 from onnx_vbp import calibrate, find_mlp_blocks, iter_batches, model_inputs, rankings, rewrite, select
 from onnx_vbp.data import RawOptions
+from onnx_vbp.pipeline import (
+    VALIDATION_SAMPLES,
+    PruneOptions,
+    allocated_plan,
+    first_batches,
+    run_batches,
+    validation_error,
+)
 from onnx_vbp.report import count_params, node_macs, pruned_macs
 from onnx_vbp.runtime import cpu_session
 
@@ -80,7 +88,8 @@ STUDIES = {
         for score, c in (("variance", "mean"), ("variance", "ridge"), ("obs", "ridge"))
     ]
     + [(0.35, "global", "ridge", LAMBDA, score) for score in ("obs-outvar", "obs-abs")]
-    + [(0.35, "per-block", "ridge", LAMBDA, "obs")],
+    + [(0.35, "per-block", "ridge", LAMBDA, "obs")]
+    + [(r, "global", "ridge", LAMBDA, "obs-measured") for r in (0.2, 0.35, 0.5)],
 }
 EVAL_PHOTOS = (
     "astronaut.png",
@@ -104,23 +113,35 @@ def configurations(
 ) -> Iterator[tuple]:
     """Calibrate once, then yield (config, cost row, pruned model bytes) for every configuration."""
     blocks = find_mlp_blocks(model)
+    calib = list(calib)
     start = time.perf_counter()
     comoments = any(c[2] == "ridge" or c[4].startswith("obs") for c in configs)
-    stats = calibrate(model, blocks, calib, threads=threads, comoments=comoments)
+    stats = calibrate(model, blocks, iter(calib), threads=threads, comoments=comoments)
     print(f"  calibrated {len(blocks)} blocks in {time.perf_counter() - start:.1f} s", flush=True)
     macs, params = node_macs(model, feed), count_params(model)
     ranked = {}
-    for score in {c[4] for c in configs}:
+    for score in {"obs" if c[4] == "obs-measured" else c[4] for c in configs}:
         start = time.perf_counter()
         ranked[score] = _rankings(stats, score, model, blocks)
         print(f"  ranked by {score} in {time.perf_counter() - start:.1f} s", flush=True)
     for ratio, scope, compensate, ridge_lambda, score in configs:
-        plan = select(stats, ratio, scope=scope, rankings=ranked[score])
+        chosen = None
+        if score == "obs-measured":  # the CLI's --allocation measured, on the same first samples
+            options = PruneOptions(
+                ratio=ratio, scope=scope, compensate=compensate, ridge_lambda=ridge_lambda, allocation="measured"
+            )
+            validation = first_batches(iter(calib), VALIDATION_SAMPLES)
+            reference = run_batches(model.SerializeToString(), validation, threads)
+            error = validation_error(model, blocks, stats, options, validation, reference)
+            plan, chosen = allocated_plan(stats, blocks, options, lambda depths: ranked["obs"], error)
+        else:
+            plan = select(stats, ratio, scope=scope, rankings=ranked[score])
         pruned = rewrite(model, blocks, stats, plan, compensate=compensate, ridge_lambda=ridge_lambda)
         cost = {
             "macs_removed": 1 - pruned_macs(macs, blocks, plan) / sum(macs.values()),
             "params_removed": 1 - count_params(pruned) / params,
             "widths": [int(plan.keep[b.name].size) for b in blocks],
+            **(chosen or {}),
         }
         yield (ratio, scope, compensate, ridge_lambda, score), cost, pruned.SerializeToString()
 
