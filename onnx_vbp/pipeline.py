@@ -221,25 +221,20 @@ class Prepared:
         budget was allocated. Each block is ranked once and only deepened when a plan needs more,
         since a sweep plans many ratios from the same rankings and a shallower ranking is a
         prefix of a deeper one."""
-        ranked = self._rankings.setdefault((options.score, options.ridge_lambda), {})
 
         def rank(depths: dict[str, int]) -> dict[str, Ranking]:
-            stale = {name: d for name, d in depths.items() if name not in ranked or ranked[name].order.size < d}
-            if stale:
-                ranked.update(
-                    rankings(
-                        self.stats,
-                        options.score,
-                        self.model,
-                        self.blocks,
-                        depth=stale,
-                        external_dir=self.external_dir,
-                        ridge_lambda=options.ridge_lambda,
-                    )
-                )
-            return {name: ranked[name] for name in depths}
+            return rankings(
+                self.stats,
+                options.score,
+                self.model,
+                self.blocks,
+                depth=depths,
+                external_dir=self.external_dir,
+                ridge_lambda=options.ridge_lambda,
+            )
 
-        return allocated_plan(self.stats, self.blocks, options, rank, self._output_error(options))
+        ranked = self._rankings.setdefault((options.score, options.ridge_lambda), {})
+        return allocated_plan(self.stats, self.blocks, options, cached(rank, ranked), self._output_error(options))
 
     def _output_error(self, options: PruneOptions) -> Callable[[Plan], float] | None:
         """How far a plan's rewritten model moves the outputs on `validation` (`output_error`);
@@ -266,6 +261,22 @@ class Prepared:
         return iter_batches(source, self.specs, batch_size=size, raw=options.raw)
 
 
+RankFunction = Callable[[dict[str, int]], dict[str, Ranking]]
+
+
+def cached(rank: RankFunction, ranked: dict[str, Ranking]) -> RankFunction:
+    """`rank`, called only for the blocks that `ranked` (kept up to date in place) does not hold
+    as deep as asked: a shallower ranking is a prefix of a deeper one."""
+
+    def rank_cached(depths: dict[str, int]) -> dict[str, Ranking]:
+        stale = {name: d for name, d in depths.items() if name not in ranked or ranked[name].order.size < d}
+        if stale:
+            ranked.update(rank(stale))
+        return {name: ranked[name] for name in depths}
+
+    return rank_cached
+
+
 # A block's first obs ranking goes this many times its share of the budget deep: enough for most
 # blocks of a real model, whose allocations are uneven; the others are ranked again, deeper.
 FIRST_DEPTH = 1.5
@@ -275,7 +286,7 @@ def deepening_plan(
     stats: dict[str, Stats],
     blocks: list[MlpBlock],
     options: PruneOptions,
-    rank: Callable[[dict[str, int]], dict[str, Ranking]],
+    rank: RankFunction,
 ) -> Plan:
     """Select by `options`, with `rank(depths)` the rankings of the blocks it names, each at least
     that many removals deep. Sequential rankings (obs) cost more the deeper they go, so each block
@@ -319,7 +330,7 @@ def allocated_plan(
     stats: dict[str, Stats],
     blocks: list[MlpBlock],
     options: PruneOptions,
-    rank: Callable[[dict[str, int]], dict[str, Ranking]],
+    rank: RankFunction,
     error: Callable[[Plan], float] | None = None,
 ) -> tuple[Plan, dict | None]:
     """`deepening_plan` with obs's global budget allocated as `options.allocation` says: each
@@ -343,7 +354,7 @@ def allocated_plan(
     else:
         powers = STREAM_POWERS
 
-    def rescaled(power: float) -> Callable[[dict[str, int]], dict[str, Ranking]]:
+    def rescaled(power: float) -> RankFunction:
         def rank_at(depths: dict[str, int]) -> dict[str, Ranking]:
             ranked = rank(depths)
             if power == 1.0:
@@ -860,7 +871,7 @@ def prune(
         model,
         blocks,
         stats,
-        allocated_plan(stats, blocks, options, rank, error)[0],
+        allocated_plan(stats, blocks, options, cached(rank, {}), error)[0],
         compensate=options.compensate,
         ridge_lambda=options.ridge_lambda,
         external_dir=folder,
