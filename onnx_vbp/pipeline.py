@@ -210,7 +210,7 @@ class Prepared:
     source: dict = field(default_factory=dict)  # where the statistics came from, for the report
     validation: list[dict[str, np.ndarray]] = field(default_factory=list)  # for --allocation measured
     _rankings: dict[tuple, dict[str, Ranking]] = field(default_factory=dict)  # per (score, λ), per block
-    _validation_outputs: list[np.ndarray] | None = None  # the original's, on `validation`
+    _validation_outputs: list[list[np.ndarray]] | None = None  # the original's, on `validation`
 
     def plan(self, options: PruneOptions) -> Plan:
         """Select by `options` (see `allocated_plan`)."""
@@ -397,12 +397,14 @@ def first_batches(batches: Iterator[Mapping[str, np.ndarray]], samples: int) -> 
     return taken
 
 
-def run_batches(model_bytes: bytes, batches: list[dict[str, np.ndarray]], threads: int | None) -> list[np.ndarray]:
-    """Each output of the model on every batch, concatenated along the batch axis."""
+def run_batches(
+    model_bytes: bytes, batches: list[Mapping[str, np.ndarray]], threads: int | None
+) -> list[list[np.ndarray]]:
+    """The model's outputs on each batch (batches may differ in more than their length: text
+    is padded per batch)."""
     session = cpu_session(model_bytes, threads, optimize=True)
     names = [i.name for i in session.get_inputs()]
-    runs = [session.run(None, {n: batch[n] for n in names}) for batch in batches]
-    return [np.concatenate([run[k] for run in runs]) for k in range(len(runs[0]))]
+    return [session.run(None, {n: batch[n] for n in names}) for batch in batches]
 
 
 def validation_error(
@@ -410,8 +412,8 @@ def validation_error(
     blocks: list[MlpBlock],
     stats: dict[str, Stats],
     options: PruneOptions,
-    validation: list[dict[str, np.ndarray]],
-    reference: list[np.ndarray],
+    validation: list[Mapping[str, np.ndarray]],
+    reference: list[list[np.ndarray]],
 ) -> Callable[[Plan], float]:
     """`output_error` of a plan's rewritten model on the `validation` batches, against the
     original's outputs on them (`reference`)."""
@@ -423,17 +425,21 @@ def validation_error(
     return error
 
 
-def output_error(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    """The squared error of `outputs` against `reference`, relative to the reference's spread
-    about its mean over samples, summed over the floating-point outputs that have a spread."""
+def output_error(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
+    """The squared error of `outputs` against `reference` (per batch, each output), relative to
+    the reference's spread about each batch's mean sample, summed over the floating-point outputs
+    that have a spread."""
     total = 0.0
-    for expected, actual in zip(reference, outputs, strict=True):
-        if not np.issubdtype(expected.dtype, np.floating):
+    for k, first in enumerate(reference[0]):
+        if not np.issubdtype(first.dtype, np.floating):
             continue
-        expected, actual = expected.astype(np.float64), actual.astype(np.float64)
-        spread = float(np.sum(np.square(expected - expected.mean(axis=0))))
+        error = spread = 0.0
+        for expected, actual in zip(reference, outputs, strict=True):
+            expected64 = expected[k].astype(np.float64)
+            error += float(np.sum(np.square(actual[k].astype(np.float64) - expected64)))
+            spread += float(np.sum(np.square(expected64 - expected64.mean(axis=0))))
         if spread > 0:
-            total += float(np.sum(np.square(actual - expected))) / spread
+            total += error / spread
     return total
 
 

@@ -546,11 +546,13 @@ def test_output_error_is_relative_to_the_spread_over_samples() -> None:
     from onnx_vbp.pipeline import output_error
 
     rng = np.random.default_rng(0)
-    reference = [rng.normal(size=(6, 4)), np.arange(6), np.ones((6, 3))]  # a float, an int and a constant output
-    noise = rng.normal(size=(6, 4))
-    outputs = [reference[0] + noise, np.arange(6) + 1, np.full((6, 3), 7.0)]
-    spread = np.sum(np.square(reference[0] - reference[0].mean(axis=0)))
-    assert output_error(reference, outputs) == pytest.approx(np.sum(noise**2) / spread)
+    # two batches whose token outputs differ in length (text is padded per batch), with an int
+    # and a constant output beside them
+    reference = [[rng.normal(size=(3, n, 4)), np.arange(3), np.ones((3, 2))] for n in (5, 7)]
+    noise = [rng.normal(size=(3, n, 4)) for n in (5, 7)]
+    outputs = [[ref[0] + e, ref[1] + 1, np.full((3, 2), 7.0)] for ref, e in zip(reference, noise, strict=True)]
+    spread = sum(np.sum(np.square(ref[0] - ref[0].mean(axis=0))) for ref in reference)
+    assert output_error(reference, outputs) == pytest.approx(sum(np.sum(e**2) for e in noise) / spread)
     assert output_error(reference, reference) == 0.0
 
 
@@ -584,3 +586,15 @@ def test_measured_allocation_through_the_cli_the_api_and_a_statistics_file(tmp_p
     fallback = cli("fallback", "--stats", str(tmp_path / "s.npz"), "--allocation", "measured")
     assert fallback["allocation"] == {"allocation": "stream"}
     assert "--allocation measured needs calibration samples" in caplog.text
+
+
+def test_measured_allocation_takes_batches_of_different_lengths() -> None:
+    """Text batches are padded each to its own longest sample: the validation outputs of two
+    batches need not stack."""
+    from onnx_vbp.pipeline import PruneOptions, prune
+
+    model = build_model([BlockSpec(hidden=24, layer_scale=s) for s in (0.05, 1.0, 8.0)], seq="seq", seed=12)
+    batches = [random_batch(model, batch=n, seed=n) for n in (16, 12, 20, 16)]  # the sequence is as long as the batch
+    assert len({b["x"].shape[1] for b in batches}) == 3
+    pruned = prune(model, batches, 0.4, options=PruneOptions(allocation="measured"))
+    assert sum(b.width for b in find_mlp_blocks(pruned)) == 72 - int(0.4 * 72)
