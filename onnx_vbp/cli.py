@@ -136,7 +136,7 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
         help="how obs spreads a global budget over blocks: by each block's costs relative to the energy of the "
         "residual stream it writes to (stream, default), to its square root (sqrt-stream), or absolute; "
         "measured: plan with each, run each plan on the first 64 calibration samples and keep the one "
-        "whose outputs move least",
+        "whose outputs move least (by more than 1%%, else stream)",
     )
     parser.add_argument("--min-keep", type=_non_negative, default=1, help="neurons always kept per block (default 1)")
     parser.add_argument(
