@@ -292,7 +292,7 @@ def deepening_plan(
     that many removals deep. Sequential rankings (obs) cost more the deeper they go, so each block
     starts at FIRST_DEPTH times its share of the budget, and only a block whose allocation takes
     all of its ranked removals, and could take more, is ranked again twice as deep."""
-    ranked: dict[str, Ranking] = {}
+    rank = cached(rank, {})
     widths = {b.name: b.width for b in blocks}
     if options.scope == "global":
         depths = {name: min(w, math.ceil(FIRST_DEPTH * options.ratio * w) + 1) for name, w in widths.items()}
@@ -300,9 +300,7 @@ def deepening_plan(
         depths = {name: int(options.ratio * w) for name, w in widths.items()}
     budget = int(options.ratio * sum(widths.values()))
     while True:
-        stale = {name: d for name, d in depths.items() if name not in ranked or ranked[name].order.size < d}
-        if stale:
-            ranked.update(rank(stale))
+        ranked = rank(depths)
         room = sum(min(ranked[name].order.size, w - options.min_keep) for name, w in widths.items())
         deeper = {name: min(2 * d, widths[name]) for name, d in depths.items()}
         if options.scope == "global" and room < budget and deeper != depths:

@@ -58,7 +58,6 @@ from onnx_vbp.pipeline import (
     validation_error,
 )
 from onnx_vbp.report import count_params, node_macs, pruned_macs
-from onnx_vbp.runtime import cpu_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -163,9 +162,7 @@ def _rankings(stats: dict, score: str, model: onnx.ModelProto, blocks: list) -> 
 
 
 def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.ndarray:
-    session = cpu_session(model, threads, optimize=True)
-    names = [i.name for i in session.get_inputs()]
-    return np.concatenate([session.run(None, {n: b[n] for n in names})[output] for b in batches])
+    return np.concatenate([outputs[output] for outputs in run_batches(model, batches, threads)])
 
 
 def minilm(
