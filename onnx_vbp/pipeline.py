@@ -84,6 +84,7 @@ class PruneOptions:
     compensate: str | None = None  # mean | ridge | none (default: the method's)
     score: str | None = None  # importance criterion: variance | variance-x-norm | obs (default: the method's)
     ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
+    ranking_lambda: float | None = None  # the obs ranking's ridge term alone (default: ridge_lambda)
     allocation: str = "stream"  # obs's global budget across blocks (see ALLOCATIONS)
     batch_size: int | None = None
     max_samples: int | None = None
@@ -105,9 +106,16 @@ class PruneOptions:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.ranking_lambda is not None and not (math.isfinite(self.ranking_lambda) and self.ranking_lambda >= 0):
+            raise ValueError(f"ranking_lambda must be a finite number >= 0, got {self.ranking_lambda!r}")
         score, compensate = METHODS[self.method]
         object.__setattr__(self, "score", self.score or score)
         object.__setattr__(self, "compensate", self.compensate or compensate)
+
+    @property
+    def rank_lambda(self) -> float:
+        """The ridge term of the obs ranking: `ranking_lambda`, else `ridge_lambda` (the refit's)."""
+        return self.ridge_lambda if self.ranking_lambda is None else self.ranking_lambda
 
     @property
     def comoments(self) -> bool:
@@ -230,10 +238,10 @@ class Prepared:
                 self.blocks,
                 depth=depths,
                 external_dir=self.external_dir,
-                ridge_lambda=options.ridge_lambda,
+                ridge_lambda=options.rank_lambda,
             )
 
-        ranked = self._rankings.setdefault((options.score, options.ridge_lambda), {})
+        ranked = self._rankings.setdefault((options.score, options.rank_lambda), {})
         return allocated_plan(self.stats, self.blocks, options, cached(rank, ranked), self._output_error(options))
 
     def _output_error(self, options: PruneOptions) -> Callable[[Plan], float] | None:
@@ -796,6 +804,7 @@ def prune_prepared(
                 k: getattr(options, k)
                 for k in ("ratio", "method", "scope", "min_keep", "round_to", "compensate", "ridge_lambda", "score")
             },
+            ranking_lambda=options.rank_lambda,
             model=str(prepared.path),
             output=str(out),
             blocks=block_rows(blocks, plan),
@@ -869,7 +878,7 @@ def prune(
 
     def rank(depths: dict[str, int]) -> dict[str, Ranking]:
         return rankings(
-            stats, options.score, model, blocks, depth=depths, external_dir=folder, ridge_lambda=options.ridge_lambda
+            stats, options.score, model, blocks, depth=depths, external_dir=folder, ridge_lambda=options.rank_lambda
         )
 
     error = None

@@ -172,6 +172,7 @@ class Report:
     round_to: int
     compensate: str
     ridge_lambda: float
+    ranking_lambda: float
     score: str
     model: str
     output: str

@@ -598,3 +598,43 @@ def test_measured_allocation_takes_batches_of_different_lengths() -> None:
     assert len({b["x"].shape[1] for b in batches}) == 3
     pruned = prune(model, batches, 0.4, options=PruneOptions(allocation="measured"))
     assert sum(b.width for b in find_mlp_blocks(pruned)) == 72 - int(0.4 * 72)
+
+
+def test_ranking_lambda_ranks_and_ridge_lambda_refits(tmp_path: Path) -> None:
+    """`--ranking-lambda` changes the obs ranking's ridge term alone: the plan is the one ranked
+    with it, and fc2 is refit with `ridge_lambda` as before."""
+    from onnx_vbp.pipeline import PruneOptions, allocated_plan, prune
+
+    path, model = _streamed_blocks(tmp_path)
+    blocks = find_mlp_blocks(model)
+    batches = [random_batch(model, batch=16, seed=s) for s in range(3)]
+    stats = calibrate(model, blocks, batches, comoments=True)
+
+    def expected(rank_lambda: float) -> tuple[dict, onnx.ModelProto]:
+        ranked = rankings(stats, "obs", model, blocks, ridge_lambda=rank_lambda)
+        plan = allocated_plan(stats, blocks, PruneOptions(ratio=0.4), lambda depths: ranked)[0]
+        return plan.keep, rewrite(model, blocks, stats, plan, compensate="ridge", ridge_lambda=1e-3)
+
+    default_keep, _ = expected(1e-3)
+    keep, manual = expected(1.0)
+    assert any(not np.array_equal(keep[n], default_keep[n]) for n in keep)  # λ = 1 ranks differently here
+    pruned = prune(model, batches, 0.4, options=PruneOptions(ranking_lambda=1.0))
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in manual.graph.initializer}
+    for init in pruned.graph.initializer:
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(init), weights[init.name], rtol=1e-5, atol=1e-6)
+    # through the CLI: the report says which λ ranked, and --ranking-lambda equal to
+    # --ridge-lambda is the default exactly
+    reports = {}
+    for name, args in (("default", []), ("same", ["--ranking-lambda", "1e-3"]), ("one", ["--ranking-lambda", "1"])):
+        out = tmp_path / f"{name}.json"
+        argv = [str(path), str(tmp_path / "s"), "--ratio", "0.4", "-q", "-o", str(tmp_path / f"{name}.onnx")]
+        assert main([*argv, "--report", str(out), *args]) == 0
+        reports[name] = json.loads(out.read_text())
+    assert [r["ranking_lambda"] for r in reports.values()] == [1e-3, 1e-3, 1.0]
+    assert all(r["ridge_lambda"] == 1e-3 for r in reports.values())
+    widths = {name: [b["width_after"] for b in r["blocks"]] for name, r in reports.items()}
+    assert widths["same"] == widths["default"] == [default_keep[b.name].size for b in blocks]
+    assert widths["one"] == [keep[b.name].size for b in blocks]
+    assert (tmp_path / "same.onnx").read_bytes() == (tmp_path / "default.onnx").read_bytes()
+    with pytest.raises(ValueError, match="ranking_lambda"):
+        PruneOptions(ranking_lambda=float("nan"))

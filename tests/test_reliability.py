@@ -479,6 +479,7 @@ def test_bad_input_fails_cleanly(ws: Path, capsys, row) -> None:
         (["--ridge-lambda", "nan"], "must be a finite number >= 0"),
         (["--ridge-lambda", "inf"], "must be a finite number >= 0"),
         (["--ridge-lambda=-1e-3"], "must be a finite number >= 0"),
+        (["--ranking-lambda", "nan"], "must be a finite number >= 0"),
     ],
 )
 def test_invalid_options_are_usage_errors(ws: Path, capsys, args: list[str], message: str) -> None:

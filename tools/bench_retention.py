@@ -21,7 +21,8 @@ Each model is calibrated once; every configuration is selected and rewritten fro
 statistics, exactly as the CLI would for that ratio.
 
 Usage:  python tools/fetch_models.py --photos && python tools/export_minilm_l6.py &&
-        python tools/bench_retention.py [--study paper|compensation|score|method] [--models ...]
+        python tools/bench_retention.py [--study paper|compensation|score|method|ranking-lambda]
+        [--models ...] [--photo-fold K/N]
 Needs (tools only): scipy, scikit-learn, matplotlib, Pillow, tokenizers (torch, transformers for L6).
 """
 
@@ -77,6 +78,10 @@ STUDIES = {
         for r in (0.2, 0.35, 0.5)
         for c in ("mean", "ridge")
         for score in ("variance", "variance-x-norm")
+    ],
+    # the obs ranking's ridge term alone ("obs@λ", the CLI's --ranking-lambda; the refit keeps LAMBDA)
+    "ranking-lambda": [
+        (r, "global", "ridge", LAMBDA, f"obs@{lam:g}") for r in (0.2, 0.35, 0.5) for lam in (1e-3, 0.03, 0.1, 0.3, 1.0)
     ],
     # the default (obs) against the paper (vbp), ridge on variance, and obs's allocation variants:
     # costs relative to the residual stream (obs, the default), to each block's output variance
@@ -148,7 +153,10 @@ def configurations(
 def _rankings(stats: dict, score: str, model: onnx.ModelProto, blocks: list) -> dict:
     """onnx_vbp's rankings; "obs-outvar" is obs with each block's costs relative to its output
     variance tr(W2ᵀΣW2) instead of its residual stream's energy (what obs falls back to when a
-    stream is unknown), and "obs-abs" with no normalization: allocations studied here."""
+    stream is unknown), and "obs-abs" with no normalization: allocations studied here. "obs@λ" is
+    obs ranked with ridge term λ (`--ranking-lambda`)."""
+    if score.startswith("obs@"):
+        return rankings(stats, "obs", model, blocks, ridge_lambda=float(score[4:]))
     if score == "obs-outvar":
         return rankings({name: dataclasses.replace(s, stream=None) for name, s in stats.items()}, "obs", model, blocks)
     if score == "obs-abs":
@@ -415,7 +423,14 @@ def main() -> None:
         choices=sorted(STUDIES),
         default="paper",
         help="paper: VBP across ratios and ablations; compensation: mean vs ridge; score: "
-        "variance vs variance-x-norm; method: obs (the default) vs vbp and allocations",
+        "variance vs variance-x-norm; method: obs (the default) vs vbp and allocations; "
+        "ranking-lambda: obs ranked with a larger ridge term",
+    )
+    parser.add_argument(
+        "--photo-fold",
+        metavar="K/N",
+        help="ViT-S: hold out fold K (from 0) of N of the photos, every N-th in name order, instead "
+        "of the 8 fixed ones; the others calibrate",
     )
     parser.add_argument(
         "--text-unit",
@@ -426,6 +441,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    global EVAL_PHOTOS
+    if args.photo_fold:
+        fold, folds = (int(part) for part in args.photo_fold.split("/"))
+        photos = sorted(p.name for p in fetch_photos(cache_dir()).iterdir() if p.name not in SKIP_PHOTOS)
+        EVAL_PHOTOS = tuple(photos[fold::folds])
     runners = {"minilm": minilm, "minilm_l6": lambda *a, **k: minilm(*a, **k, which="L6"), "vit_s": vit_s, "demo": demo}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -434,7 +454,9 @@ def main() -> None:
             results[rows[0]["model"]] = {"rows": rows, "metrics": metrics}
     for name, result in results.items():
         print(f"\n### {name}\n\n{table(result['rows'], result['metrics'])}")
-    suffix = "" if args.text_unit == "doc" else f"_{args.text_unit}"
+    suffix = ("" if args.text_unit == "doc" else f"_{args.text_unit}") + (
+        f"_fold{args.photo_fold.replace('/', 'of')}" if args.photo_fold else ""
+    )
     (args.out / f"{'retention' if args.study == 'paper' else args.study}{suffix}.json").write_text(
         json.dumps(results, indent=1) + "\n"
     )
