@@ -113,7 +113,7 @@ class PruneOptions:
         object.__setattr__(self, "compensate", self.compensate or compensate)
 
     @property
-    def rank_lambda(self) -> float:
+    def effective_ranking_lambda(self) -> float:
         """The ridge term of the obs ranking: `ranking_lambda`, else `ridge_lambda` (the refit's)."""
         return self.ridge_lambda if self.ranking_lambda is None else self.ranking_lambda
 
@@ -238,10 +238,10 @@ class Prepared:
                 self.blocks,
                 depth=depths,
                 external_dir=self.external_dir,
-                ridge_lambda=options.rank_lambda,
+                ridge_lambda=options.effective_ranking_lambda,
             )
 
-        ranked = self._rankings.setdefault((options.score, options.rank_lambda), {})
+        ranked = self._rankings.setdefault((options.score, options.effective_ranking_lambda), {})
         return allocated_plan(self.stats, self.blocks, options, cached(rank, ranked), self._output_error(options))
 
     def _output_error(self, options: PruneOptions) -> Callable[[Plan], float] | None:
@@ -804,7 +804,7 @@ def prune_prepared(
                 k: getattr(options, k)
                 for k in ("ratio", "method", "scope", "min_keep", "round_to", "compensate", "ridge_lambda", "score")
             },
-            ranking_lambda=options.rank_lambda,
+            ranking_lambda=options.effective_ranking_lambda,
             model=str(prepared.path),
             output=str(out),
             blocks=block_rows(blocks, plan),
@@ -878,7 +878,13 @@ def prune(
 
     def rank(depths: dict[str, int]) -> dict[str, Ranking]:
         return rankings(
-            stats, options.score, model, blocks, depth=depths, external_dir=folder, ridge_lambda=options.rank_lambda
+            stats,
+            options.score,
+            model,
+            blocks,
+            depth=depths,
+            external_dir=folder,
+            ridge_lambda=options.effective_ranking_lambda,
         )
 
     error = None
