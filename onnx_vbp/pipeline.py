@@ -19,7 +19,14 @@ import onnxruntime
 from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
-from onnx_vbp.calibrate import COMOMENT_BUDGET, calibrate, comoment_bytes, comoments_fit
+from onnx_vbp.calibrate import (
+    COMOMENT_BUDGET,
+    COMOMENT_MEMORY_SHARE,
+    calibrate,
+    comoment_budget,
+    comoment_bytes,
+    comoments_fit,
+)
 from onnx_vbp.data import (
     DataError,
     ImageEncoder,
@@ -187,7 +194,7 @@ def _have_comoments(stats: dict[str, Stats]) -> bool:
 
 def fitted_options(options: PruneOptions, comoments: bool) -> PruneOptions:
     """`options`, or the paper's VBP where they need second moments that cannot be had
-    (`comoments` false): the default method degrades (`prepare` warns), an explicit choice of
+    (`comoments` false): the default method degrades (`within_memory` warns), an explicit choice of
     them is refused."""
     if not options.comoments or comoments:
         return options
@@ -454,6 +461,24 @@ def output_error(reference: list[list[np.ndarray]], outputs: list[list[np.ndarra
     return total
 
 
+def within_memory(options: PruneOptions, blocks: list[MlpBlock]) -> PruneOptions:
+    """`options`, or the paper's VBP (`fitted_options`) where the second moments they need would
+    not fit their memory budget (`comoment_budget`), said in one line."""
+    if not options.comoments or comoments_fit(blocks):
+        return options
+    fitted = fitted_options(options, comoments=False)
+    log.warning(
+        "second moments of these blocks need %.1f GiB, over the %.1f GiB budget (at most %.0f GiB, and "
+        "%.0f%% of the memory available): pruning with --method %s instead",
+        comoment_bytes(blocks) / 2**30,
+        comoment_budget() / 2**30,
+        COMOMENT_BUDGET / 2**30,
+        100 * COMOMENT_MEMORY_SHARE,
+        fitted.method,
+    )
+    return fitted
+
+
 def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneOptions()) -> Prepared:
     """Load and check the model, find its blocks, and calibrate (or load `options.stats`)."""
     model_path = Path(model_path)
@@ -479,15 +504,8 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
     external_dir = model_path.parent if external else None  # large weights stay in their files
     fingerprint = weights_fingerprint(model, blocks, external_dir)
-    if blocks and options.comoments and not comoments_fit(blocks):
-        fitted = fitted_options(options, comoments=False)
-        log.warning(
-            "second moments of these blocks need %.1f GiB, over the %.0f GiB budget: pruning with --method %s instead",
-            comoment_bytes(blocks) / 2**30,
-            COMOMENT_BUDGET / 2**30,
-            fitted.method,
-        )
-        options = fitted
+    if blocks:
+        options = within_memory(options, blocks)
     if blocks and options.stats is not None:
         if calib is not None:
             log.warning("calibration data %s is not used: pruning from the statistics in %s", calib, options.stats)
@@ -859,8 +877,7 @@ def prune(
         raise NoBlocksError(
             "no prunable MLP block in the model" + "".join(f"; {s.name}: {s.reason}" for s in blocks.skipped)
         )
-    if options.comoments and not comoments_fit(blocks):
-        options = fitted_options(options, comoments=False)
+    options = within_memory(options, blocks)
     folder = None if external_dir is None else Path(external_dir)
     batches = iter(batches)
     validation: list[Mapping[str, np.ndarray]] = []  # the first samples, for --allocation measured

@@ -50,6 +50,36 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+MEMINFO = Path("/proc/meminfo")
+# a container's memory limit and use, as cgroup v2 and v1 show them from inside it
+CGROUP_MEMORY = (
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),
+)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: the kernel's MemAvailable, capped by its
+    container's memory limit less what the container already uses; None where neither can be
+    read (not Linux)."""
+    candidates = []
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_path, usage_path in CGROUP_MEMORY:
+        try:
+            limit, usage = limit_path.read_text().strip(), int(usage_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # "max": no limit
+            candidates.append(max(int(limit) - usage, 0))
+        break
+    return min(candidates) if candidates else None
+
+
 def cpu_session(
     model_bytes: bytes | str,
     threads: int | None = None,

@@ -253,6 +253,54 @@ def test_default_method_degrades_to_vbp_when_second_moments_do_not_fit(
     assert "need second moments, and there are none (over the memory budget" in capsys.readouterr().err
 
 
+def test_second_moments_fit_the_memory_available(copies: Path, monkeypatch, caplog) -> None:
+    """The budget shrinks to half the memory available: on a small machine or container the
+    default degrades to vbp instead of running out of memory."""
+    calibrate_module = importlib.import_module("onnx_vbp.calibrate")
+    blocks = find_mlp_blocks(onnx.load(copies / "m.onnx"))
+    need = calibrate_module.comoment_bytes(blocks)
+    monkeypatch.setattr(calibrate_module, "available_memory", lambda: 2 * need)
+    assert calibrate_module.comoments_fit(blocks) and _prune(copies, "enough")["method"] == "obs"
+    monkeypatch.setattr(calibrate_module, "available_memory", lambda: 2 * need - 2)
+    assert not calibrate_module.comoments_fit(blocks)
+    report = _prune(copies, "short")
+    assert report["method"] == "vbp" and "50% of the memory available): pruning with --method vbp" in caplog.text
+    caplog.clear()  # the in-memory API degrades the same way, and says so
+    from onnx_vbp.pipeline import prune
+
+    batches = [dict(np.load(copies / "calib" / f"{s}.npz")) for s in range(3)]
+    pruned = prune(onnx.load(copies / "m.onnx"), batches, 0.5)
+    assert "pruning with --method vbp instead" in caplog.text
+    assert [b.width for b in find_mlp_blocks(pruned)] == [b["width_after"] for b in report["blocks"]]
+    monkeypatch.setattr(calibrate_module, "available_memory", lambda: None)  # unknown: the fixed budget
+    assert calibrate_module.comoment_budget() == calibrate_module.COMOMENT_BUDGET
+
+
+def test_available_memory_is_capped_by_the_container(tmp_path: Path, monkeypatch) -> None:
+    runtime = importlib.import_module("onnx_vbp.runtime")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16777216 kB\nMemAvailable:    4194304 kB\n")
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    v1.mkdir()
+    monkeypatch.setattr(runtime, "MEMINFO", meminfo)
+    cgroups = ((v2 / "memory.max", v2 / "memory.current"), (v1 / "limit", v1 / "usage"))
+    monkeypatch.setattr(runtime, "CGROUP_MEMORY", cgroups)
+    assert runtime.available_memory() == 4 << 30  # no container files
+    (v1 / "limit").write_text("9223372036854771712\n")  # cgroup v1 without a limit
+    (v1 / "usage").write_text(str(5 << 30))
+    assert runtime.available_memory() == 4 << 30
+    (v2 / "memory.max").write_text(f"{3 << 30}\n")  # cgroup v2, read first: 3 GiB, 1 GiB used
+    (v2 / "memory.current").write_text(f"{1 << 30}\n")
+    assert runtime.available_memory() == 2 << 30
+    (v2 / "memory.max").write_text("max\n")
+    assert runtime.available_memory() == 4 << 30
+    monkeypatch.setattr(runtime, "MEMINFO", tmp_path / "absent")
+    assert runtime.available_memory() is None  # v2 says "max" and there is no meminfo
+    (v2 / "memory.max").write_text(f"{3 << 30}\n")
+    assert runtime.available_memory() == 2 << 30
+
+
 def test_padding_positions_are_not_observed() -> None:
     model = _scaled_copies_model(("batch", "sequence", 8))
     blocks = find_mlp_blocks(model)
