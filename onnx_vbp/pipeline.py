@@ -946,7 +946,8 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
     """What pruning would work on, without calibration data: the blocks found (activation,
     width, sites, fc1/fc2 nodes, MACs per sample), the ones skipped with the reason, the model's
     MACs per sample (symbolic dims after the batch set to `seq`, or the first sample of `data`),
-    and a hint when the model is quantized or has no block."""
+    the memory the default method's second moments would take against their budget, and a hint
+    when the model is quantized or has no block."""
     model_path = Path(model_path)
     model, external = load_model(model_path)
     blocks = find_mlp_blocks(model)
@@ -979,6 +980,11 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
         "macs_in_blocks": sum(row["macs"] for row in rows),
         "inputs": {k: list(v.shape) for k, v in feed.items()},
         "quantized_ops": quantized_ops(model),
+        "second_moments": {
+            "bytes": comoment_bytes(blocks),
+            "budget": comoment_budget(),
+            "fits": comoments_fit(blocks),
+        },
         "hints": hints,
     }
 

@@ -234,6 +234,13 @@ def format_inspection(found: Mapping) -> str:
             activation = b["activation"] + (" (gated)" if b["gated"] else "")
             lines.append(f"{b['name']:<36} {activation:<11} {b['width']:>6} {b['sites']:>5} {b['macs']:>12,}")
     lines += [f"skipped {s['name']}: {s['reason']}" for s in found["skipped"]]
+    if found["blocks"]:
+        moments = found["second_moments"]
+        lines.append(
+            f"second moments (--method obs): {moments['bytes'] / 2**30:.2f} GiB of a "
+            f"{moments['budget'] / 2**30:.1f} GiB budget"
+            + ("" if moments["fits"] else ": over it, the default would fall back to --method vbp")
+        )
     lines += [f"hint: {hint}" for hint in found["hints"]]
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def test_report_dash_prints_the_json_report_on_stdout_with_versions_and_data(tmp
     assert json.loads(capsys.readouterr().out)["output"] == str(tmp_path / "again.onnx")  # --json: the same
 
 
-def test_inspect_lists_blocks_with_macs_and_hints_for_quantized_models(tmp_path: Path, capsys) -> None:
+def test_inspect_lists_blocks_with_macs_and_hints_for_quantized_models(tmp_path: Path, capsys, monkeypatch) -> None:
     from onnxruntime.quantization import quantize_dynamic
 
     model = build_model([BlockSpec(hidden=64), BlockSpec(hidden=32, act="relu")], dim=16, seq=4)
@@ -198,6 +199,11 @@ def test_inspect_lists_blocks_with_macs_and_hints_for_quantized_models(tmp_path:
     # fc1 and fc2 of a block: 2 x tokens x dim x width MACs per sample (4 tokens at this fixed input)
     assert [b["macs"] for b in found["blocks"]] == [2 * 4 * 16 * 64, 2 * 4 * 16 * 32]
     assert found["macs"] == found["macs_in_blocks"] and found["hints"] == []
+    assert found["second_moments"]["bytes"] == 8 * (64**2 + 32**2) and found["second_moments"]["fits"]
+    # on a machine with less memory available than the second moments need, it says what the default would do
+    monkeypatch.setattr(importlib.import_module("onnx_vbp.calibrate"), "available_memory", lambda: 8 * (64**2 + 32**2))
+    assert main(["inspect", str(tmp_path / "net.onnx")]) == 0
+    assert "the default would fall back to --method vbp" in capsys.readouterr().out
 
     quantize_static_int8(tmp_path / "net.onnx", tmp_path / "int8.onnx", model, "QOperator")  # QLinearMatMul
     assert main(["inspect", str(tmp_path / "int8.onnx")]) == 0
