@@ -1,4 +1,5 @@
-"""The ONNX Runtime every stage runs models with: one CPU session factory and the errors it raises."""
+"""The ONNX Runtime every stage runs models with: one CPU session factory, the errors it raises,
+and the cores and memory this process may use."""
 
 from __future__ import annotations
 
@@ -51,33 +52,49 @@ def available_cores() -> int:
 
 
 MEMINFO = Path("/proc/meminfo")
-# a container's memory limit and use, as cgroup v2 and v1 show them from inside it
+# a container's memory limit, use and statistics, as cgroup v2 and v1 show them from inside it,
+# and the statistic of its page cache that the kernel reclaims first (what a container's
+# "working set" leaves out, as kubelet and docker stats count it)
 CGROUP_MEMORY = (
-    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
-    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),
+    (Path("/sys/fs/cgroup"), "memory.max", "memory.current", "memory.stat", "inactive_file"),
+    (
+        Path("/sys/fs/cgroup/memory"),
+        "memory.limit_in_bytes",
+        "memory.usage_in_bytes",
+        "memory.stat",
+        "total_inactive_file",
+    ),
 )
+
+
+def _field(path: Path, name: str, scale: int = 1) -> int | None:
+    """The number after `name` on a line of a statistics file such as /proc/meminfo."""
+    try:
+        for line in path.read_text().splitlines():
+            parts = line.replace(":", " ").split()
+            if len(parts) >= 2 and parts[0] == name:
+                return int(parts[1]) * scale
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def available_memory() -> int | None:
     """Bytes of memory this process can still take: the kernel's MemAvailable, capped by its
-    container's memory limit less what the container already uses; None where neither can be
-    read (not Linux)."""
-    candidates = []
-    try:
-        for line in MEMINFO.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_path, usage_path in CGROUP_MEMORY:
+    container's memory limit less the container's working set (its use without the page cache
+    the kernel reclaims first); None where neither can be read (not Linux)."""
+    candidates = [_field(MEMINFO, "MemAvailable", 1024)]
+    for folder, limit_file, usage_file, stat_file, reclaimable in CGROUP_MEMORY:
         try:
-            limit, usage = limit_path.read_text().strip(), int(usage_path.read_text())
+            limit, usage = (folder / limit_file).read_text().strip(), int((folder / usage_file).read_text())
         except (OSError, ValueError):
             continue
         if limit.isdigit():  # "max": no limit
-            candidates.append(max(int(limit) - usage, 0))
+            working_set = usage - (_field(folder / stat_file, reclaimable) or 0)
+            candidates.append(max(int(limit) - working_set, 0))
         break
-    return min(candidates) if candidates else None
+    known = [c for c in candidates if c is not None]
+    return min(known) if known else None
 
 
 def cpu_session(

@@ -284,7 +284,10 @@ def test_available_memory_is_capped_by_the_container(tmp_path: Path, monkeypatch
     v2.mkdir()
     v1.mkdir()
     monkeypatch.setattr(runtime, "MEMINFO", meminfo)
-    cgroups = ((v2 / "memory.max", v2 / "memory.current"), (v1 / "limit", v1 / "usage"))
+    cgroups = (
+        (v2, "memory.max", "memory.current", "memory.stat", "inactive_file"),
+        (v1, "limit", "usage", "stat", "total_inactive_file"),
+    )
     monkeypatch.setattr(runtime, "CGROUP_MEMORY", cgroups)
     assert runtime.available_memory() == 4 << 30  # no container files
     (v1 / "limit").write_text("9223372036854771712\n")  # cgroup v1 without a limit
@@ -293,12 +296,16 @@ def test_available_memory_is_capped_by_the_container(tmp_path: Path, monkeypatch
     (v2 / "memory.max").write_text(f"{3 << 30}\n")  # cgroup v2, read first: 3 GiB, 1 GiB used
     (v2 / "memory.current").write_text(f"{1 << 30}\n")
     assert runtime.available_memory() == 2 << 30
+    # of 2.5 GiB used, 1 GiB is page cache the kernel reclaims first: the working set is 1.5 GiB
+    (v2 / "memory.current").write_text(f"{5 << 29}\n")
+    (v2 / "memory.stat").write_text(f"anon {3 << 29}\nactive_file 0\ninactive_file {1 << 30}\n")
+    assert runtime.available_memory() == 3 << 29
     (v2 / "memory.max").write_text("max\n")
     assert runtime.available_memory() == 4 << 30
     monkeypatch.setattr(runtime, "MEMINFO", tmp_path / "absent")
     assert runtime.available_memory() is None  # v2 says "max" and there is no meminfo
     (v2 / "memory.max").write_text(f"{3 << 30}\n")
-    assert runtime.available_memory() == 2 << 30
+    assert runtime.available_memory() == 3 << 29
 
 
 def test_padding_positions_are_not_observed() -> None:
