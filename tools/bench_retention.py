@@ -237,14 +237,14 @@ def minilm(
     ]
 
 
-def photo_folders(tmp: Path) -> tuple[Path, Path]:
-    """ViT-S's calibration photos (each with four crops of 2/3 of its sides) and held-out photos,
-    as two folders under `tmp`."""
+def photo_folders(tmp: Path, eval_photos: tuple[str, ...] = EVAL_PHOTOS) -> tuple[Path, Path]:
+    """ViT-S's calibration photos (each with four crops of 2/3 of its sides) and the held-out
+    `eval_photos`, as two folders under `tmp`."""
     calib_dir, eval_dir = tmp / "photos_calib", tmp / "photos_eval"
     calib_dir.mkdir()
     eval_dir.mkdir()
     for photo in sorted(fetch_photos(cache_dir()).iterdir()):
-        if photo.name in EVAL_PHOTOS:
+        if photo.name in eval_photos:
             (eval_dir / photo.name).write_bytes(photo.read_bytes())
         elif photo.name not in SKIP_PHOTOS:
             with Image.open(photo) as image:
@@ -256,11 +256,13 @@ def photo_folders(tmp: Path) -> tuple[Path, Path]:
     return calib_dir, eval_dir
 
 
-def vit_s(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") -> tuple[list[dict], list[str]]:
+def vit_s(
+    tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc", eval_photos: tuple[str, ...] = EVAL_PHOTOS
+) -> tuple[list[dict], list[str]]:
     path = fetch("vit_s_focus.onnx", cache_dir())
     model = onnx.load(path)
     specs = model_inputs(model)
-    calib_dir, eval_dir = photo_folders(tmp)
+    calib_dir, eval_dir = photo_folders(tmp, eval_photos)
     calib = list(iter_batches(calib_dir, specs, batch_size=8))
     held_out = list(iter_batches(eval_dir, specs, batch_size=8))
     base = run_all(path.read_bytes(), held_out, 0, threads)
@@ -441,12 +443,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    global EVAL_PHOTOS
+    eval_photos = EVAL_PHOTOS
     if args.photo_fold:
         fold, folds = (int(part) for part in args.photo_fold.split("/"))
         photos = sorted(p.name for p in fetch_photos(cache_dir()).iterdir() if p.name not in SKIP_PHOTOS)
-        EVAL_PHOTOS = tuple(photos[fold::folds])
-    runners = {"minilm": minilm, "minilm_l6": lambda *a, **k: minilm(*a, **k, which="L6"), "vit_s": vit_s, "demo": demo}
+        eval_photos = tuple(photos[fold::folds])
+    runners = {
+        "minilm": minilm,
+        "minilm_l6": lambda *a, **k: minilm(*a, **k, which="L6"),
+        "vit_s": lambda *a, **k: vit_s(*a, **k, eval_photos=eval_photos),
+        "demo": demo,
+    }
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
