@@ -282,9 +282,15 @@ def format_table(report: Report) -> str:
     if "images" in cal:
         images = cal["images"]
         lines.append(f"photos scaled to [0, 1], then normalized with mean {images['mean']} and std {images['std']}")
+    settings = [f"--method {report.method}", report.scope, f"ratio {report.ratio}"]
+    allocation = (report.allocation or {}).get("allocation", "stream")
+    if allocation != "stream":
+        settings.append(f"allocation {allocation}")
+    if report.score == "obs" and report.ranking_lambda != report.ridge_lambda:
+        settings.append(f"ranking λ {report.ranking_lambda:g}")
     lines.append(
         f"calibrated on {cal['samples']} samples in {cal['seconds']:.1f} s; "
         f"pruned {report.neurons_before - report.neurons_after} of {report.neurons_before} "
-        f"MLP neurons (--method {report.method}, {report.scope}, ratio {report.ratio})"
+        f"MLP neurons ({', '.join(settings)})"
     )
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from onnx_vbp import Ranking, Stats, calibrate, find_mlp_blocks, importance, ran
 from onnx_vbp.cli import main
 from onnx_vbp.graph import with_outputs
 from onnx_vbp.importance import FLOAT32_WIDTH, SYMMETRIZE_ROWS, obs_ranking, spd_inverse
+from onnx_vbp.report import Report, format_table
 
 
 def _covariance(rng: np.random.Generator, width: int) -> np.ndarray:
@@ -629,6 +630,10 @@ def test_measured_allocation_through_the_cli_the_api_and_a_statistics_file(tmp_p
     assert set(errors) == {"stream", "sqrt-stream", "absolute"} and all(e > 0 for e in errors.values())
     chosen = report["allocation"]["allocation"]
     assert errors[chosen] == min(errors.values())
+    # the CLI's last line names an allocation other than the default's
+    for allocation, ending in (("stream", "ratio 0.4)"), ("absolute", "ratio 0.4, allocation absolute)")):
+        relabelled = Report(**{**report, "allocation": {"allocation": allocation}})
+        assert format_table(relabelled).splitlines()[-1].endswith(ending)
     alone = cli("alone", str(tmp_path / "s"), "--allocation", chosen)
     assert alone["allocation"] == {"allocation": chosen}
     assert [b["width_after"] for b in alone["blocks"]] == [b["width_after"] for b in report["blocks"]]
@@ -691,5 +696,8 @@ def test_ranking_lambda_ranks_and_ridge_lambda_refits(tmp_path: Path) -> None:
     assert widths["same"] == widths["default"] == [default_keep[b.name].size for b in blocks]
     assert widths["one"] == [keep[b.name].size for b in blocks]
     assert (tmp_path / "same.onnx").read_bytes() == (tmp_path / "default.onnx").read_bytes()
+    summary = format_table(Report(**reports["one"])).splitlines()[-1]  # the CLI's last line says so
+    assert summary.endswith("(--method obs, global, ratio 0.4, ranking λ 1)")
+    assert format_table(Report(**reports["same"])).splitlines()[-1].endswith("(--method obs, global, ratio 0.4)")
     with pytest.raises(ValueError, match="ranking_lambda"):
         PruneOptions(ranking_lambda=float("nan"))
