@@ -237,17 +237,7 @@ class Prepared:
         since a sweep plans many ratios from the same rankings and a shallower ranking is a
         prefix of a deeper one."""
 
-        def rank(depths: dict[str, int]) -> dict[str, Ranking]:
-            return rankings(
-                self.stats,
-                options.score,
-                self.model,
-                self.blocks,
-                depth=depths,
-                external_dir=self.external_dir,
-                ridge_lambda=options.effective_ranking_lambda,
-            )
-
+        rank = ranker(self.stats, options, self.model, self.blocks, self.external_dir)
         ranked = self._rankings.setdefault((options.score, options.effective_ranking_lambda), {})
         return allocated_plan(self.stats, self.blocks, options, cached(rank, ranked), self._output_error(options))
 
@@ -277,6 +267,30 @@ class Prepared:
 
 
 RankFunction = Callable[[dict[str, int]], dict[str, Ranking]]
+
+
+def ranker(
+    stats: dict[str, Stats],
+    options: PruneOptions,
+    model: onnx.ModelProto,
+    blocks: list[MlpBlock],
+    external_dir: Path | None,
+) -> RankFunction:
+    """`rankings` by `options` (their score, and the obs ranking's λ) of the blocks a call names,
+    each as deep as it asks."""
+
+    def rank(depths: dict[str, int]) -> dict[str, Ranking]:
+        return rankings(
+            stats,
+            options.score,
+            model,
+            blocks,
+            depth=depths,
+            external_dir=external_dir,
+            ridge_lambda=options.effective_ranking_lambda,
+        )
+
+    return rank
 
 
 def cached(rank: RankFunction, ranked: dict[str, Ranking]) -> RankFunction:
@@ -893,17 +907,6 @@ def prune(
     )
     options = fitted_options(options, _have_comoments(stats))
 
-    def rank(depths: dict[str, int]) -> dict[str, Ranking]:
-        return rankings(
-            stats,
-            options.score,
-            model,
-            blocks,
-            depth=depths,
-            external_dir=folder,
-            ridge_lambda=options.effective_ranking_lambda,
-        )
-
     error = None
     if validation:
         reference = run_batches(model.SerializeToString(), validation, options.threads)
@@ -912,7 +915,7 @@ def prune(
         model,
         blocks,
         stats,
-        allocated_plan(stats, blocks, options, cached(rank, {}), error)[0],
+        allocated_plan(stats, blocks, options, cached(ranker(stats, options, model, blocks, folder), {}), error)[0],
         compensate=options.compensate,
         ridge_lambda=options.ridge_lambda,
         external_dir=folder,
@@ -965,6 +968,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
             "no prunable MLP block: onnx_vbp looks for fc1 -> activation -> fc2 with MatMul/Gemm/1x1-Conv "
             "layers (see README, What is recognised)"
         )
+    needed, budget = comoment_bytes(blocks), comoment_budget()  # one reading of the memory available
     rows = block_rows(blocks, Plan({b.name: np.arange(b.width) for b in blocks}))
     for row, block in zip(rows, blocks, strict=True):
         del row["width_after"]
@@ -980,11 +984,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
         "macs_in_blocks": sum(row["macs"] for row in rows),
         "inputs": {k: list(v.shape) for k, v in feed.items()},
         "quantized_ops": quantized_ops(model),
-        "second_moments": {
-            "bytes": comoment_bytes(blocks),
-            "budget": comoment_budget(),
-            "fits": comoments_fit(blocks),
-        },
+        "second_moments": {"bytes": needed, "budget": budget, "fits": needed <= budget},
         "hints": hints,
     }
 
