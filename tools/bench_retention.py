@@ -128,14 +128,16 @@ def configurations(
         start = time.perf_counter()
         ranked[score] = _rankings(stats, score, model, blocks)
         print(f"  ranked by {score} in {time.perf_counter() - start:.1f} s", flush=True)
+    validation = first_batches(iter(calib), VALIDATION_SAMPLES)  # what the CLI's --allocation measured runs
+    reference = None  # the original's outputs on them, run once for every ratio
     for ratio, scope, compensate, ridge_lambda, score in configs:
         chosen = None
-        if score == "obs-measured":  # the CLI's --allocation measured, on the same first samples
+        if score == "obs-measured":
             options = PruneOptions(
                 ratio=ratio, scope=scope, compensate=compensate, ridge_lambda=ridge_lambda, allocation="measured"
             )
-            validation = first_batches(iter(calib), VALIDATION_SAMPLES)
-            reference = run_batches(model.SerializeToString(), validation, threads)
+            if reference is None:
+                reference = run_batches(model.SerializeToString(), validation, threads)
             error = validation_error(model, blocks, stats, options, validation, reference)
             plan, chosen = allocated_plan(stats, blocks, options, lambda depths: ranked["obs"], error)
         else:
