@@ -104,7 +104,9 @@ def calibrate(
     fetch_names = [site.hidden for _, site in fetch] + [site.residual for _, site in streams]
     with_stream = {b.name for b in blocks if comoments and all(site.residual for site in b.sites)}
     stats = {block.name: Stats.empty(block.width, stream=block.name in with_stream) for block in blocks}
-    pooled = {block.name: PooledComoment(block.width) for block in blocks if comoments}
+    # one float32 product buffer per width: blocks are reduced one after another
+    products = {b.width: np.zeros((b.width, b.width), np.float32, order="F") for b in blocks if comoments}
+    pooled = {block.name: PooledComoment(block.width, products[block.width]) for block in blocks if comoments}
     # the host reduces each batch while ORT's threads wait for the next: it may use as many cores
     workers = min(threads or available_cores(), available_cores())
     with ThreadPoolExecutor(workers) as pool:

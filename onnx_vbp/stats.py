@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from scipy.linalg.blas import dsyrk, ssyrk
 
 from onnx_vbp.data import DataError, read_npz
 from onnx_vbp.errors import VbpError
@@ -79,24 +80,24 @@ class Stats:
 
     def with_comoment(self, samples: np.ndarray, stride: int = 1) -> Stats:
         """These statistics of `samples` plus their comoment: one float32 product of the
-        deviations from the (float64) mean, a symmetric rank-n update that BLAS runs at twice the
-        float64 speed, added up in float64. The diagonal is m2 itself, exact; off-diagonal terms
+        deviations from the (float64) mean, a symmetric rank-n update (BLAS `ssyrk`, at twice the
+        float64 speed), added up in float64. The diagonal is m2 itself, exact; off-diagonal terms
         carry float32 rounding (about 1e-7 of the neurons' standard deviations), far below the
         sampling noise of any covariance estimated from data.
 
         `stride` > 1 takes the product over every stride-th row only (the product is most of the
         cost of calibrating with second moments), centred on the subset's own mean, and scales it
         to the exact m2 of all rows: the correlations come from the subset, the variances from
-        every row. A congruence by a
-        positive diagonal, so the result stays positive semi-definite, of the subset's rank: a
-        neuron that is an exact linear combination of others still is one."""
-        comoment = self.comoment_product(samples, stride).astype(np.float64)
-        np.fill_diagonal(comoment, self.m2)
-        return Stats(self.count, self.mean, self.m2, comoment, self.stream)
+        every row. A congruence by a positive diagonal, so the result stays positive
+        semi-definite, of the subset's rank: a neuron that is an exact linear combination of
+        others still is one."""
+        pooled = PooledComoment(self.mean.shape[0])
+        pooled.add(samples, self, stride)
+        return pooled.of(self)
 
-    def comoment_product(self, samples: np.ndarray, stride: int = 1) -> np.ndarray:
-        """The float32 product behind `with_comoment` (its diagonal not yet replaced by m2), of
-        the `samples` these statistics describe."""
+    def deviations(self, samples: np.ndarray, stride: int = 1) -> np.ndarray:
+        """The float32 rows whose product is `with_comoment`'s (before its diagonal becomes m2),
+        of the `samples` these statistics describe."""
         rows = np.asarray(samples)[::stride]
         center = self.mean if stride == 1 else rows.mean(axis=0, dtype=np.float64)
         deviations = np.asarray(rows, dtype=np.float32) - center.astype(np.float32)
@@ -106,19 +107,16 @@ class Stats:
             seen = subset_m2 > 0  # a neuron constant on the subset keeps its variance, no correlation
             scale[seen] = np.sqrt(self.m2[seen] / subset_m2[seen])
             deviations *= scale.astype(np.float32)
-        return deviations.T @ deviations
+        return deviations
 
     def with_stream(self, positions: np.ndarray) -> Stats:
-        """These statistics plus the residual stream's energy at `positions` [n, features]."""
-        values = np.asarray(positions, dtype=np.float64)
+        """These statistics plus the residual stream's energy at `positions` [n, features]: each
+        position's float32 sum of squares about its own mean, added up in float64 (a scale for
+        the allocation's costs, to float32's seven digits)."""
+        values = np.asarray(positions, dtype=np.float32)
         centered = values - values.mean(axis=1, keepdims=True)
-        return Stats(
-            self.count,
-            self.mean,
-            self.m2,
-            self.comoment,
-            np.array([np.einsum("ij,ij->", centered, centered), values.shape[0]]),
-        )
+        energy = np.einsum("ij,ij->i", centered, centered).sum(dtype=np.float64)
+        return Stats(self.count, self.mean, self.m2, self.comoment, np.array([energy, values.shape[0]]))
 
     @property
     def stream_energy(self) -> float | None:
@@ -171,21 +169,29 @@ class Stats:
 
 class PooledComoment:
     """A block's comoment pooled over calibration batches by the law of total covariance: the
-    sum of every batch's own product (`Stats.comoment_product`), added in place in float64, plus
-    the scatter of the batch means about their pooled mean. The same comoment as Chan-merging each
-    batch's (`Stats.merge`), without three [width, width] temporaries per batch: the scatter is
-    one product per FOLD_BATCHES batches (folding them into one group of their pooled mean)."""
+    sum of every batch's own product (of `Stats.deviations`), added in float64, plus the scatter
+    of the batch means about their pooled mean. The same comoment as Chan-merging each batch's
+    (`Stats.merge`), without three [width, width] temporaries per batch: the product is written
+    by `ssyrk` into one float32 buffer (`product`, which blocks of one width may share), and the
+    scatter is one `dsyrk` per FOLD_BATCHES batches (folding them into one group of their pooled
+    mean), both into upper triangles, mirrored once at the end."""
 
     FOLD_BATCHES = 64
 
-    def __init__(self, width: int) -> None:
-        self.within = np.zeros((width, width))
+    def __init__(self, width: int, product: np.ndarray | None = None) -> None:
+        # Fortran order: ssyrk writes into it in place, and `within` is added to it element by element
+        self.product = np.zeros((width, width), np.float32, order="F") if product is None else product
+        self.within = np.zeros((width, width), order="F")  # its upper triangle; the lower stays zero
         self.means: list[np.ndarray] = []
         self.counts: list[float] = []
 
     def add(self, samples: np.ndarray, batch: Stats, stride: int = 1) -> None:
         """Add one batch: its `samples` [n, width] and their statistics `batch` (`Stats.of`)."""
-        np.add(self.within, batch.comoment_product(samples, stride), out=self.within)
+        deviations = batch.deviations(samples, stride)
+        if len(deviations):
+            # the upper triangle; the lower stays zero, in `product` and in a copy, should ssyrk make one
+            product = ssyrk(1.0, deviations.T, beta=0.0, c=self.product, overwrite_c=1)
+            np.add(self.within, product, out=self.within)
         self.means.append(batch.mean)
         self.counts.append(float(batch.count))
         if len(self.means) >= self.FOLD_BATCHES:
@@ -194,8 +200,8 @@ class PooledComoment:
     def _fold(self) -> None:
         counts, means = np.array(self.counts), np.array(self.means)
         mean = counts @ means / counts.sum()
-        offsets = means - mean
-        self.within += (offsets * counts[:, None]).T @ offsets
+        offsets = (means - mean) * np.sqrt(counts)[:, None]
+        self.within = dsyrk(1.0, offsets.T, beta=1.0, c=self.within, overwrite_c=1)  # in place, upper triangle
         self.means, self.counts = [mean], [float(counts.sum())]
 
     def of(self, pooled: Stats) -> Stats:
@@ -203,7 +209,7 @@ class PooledComoment:
         diagonal the exact m2)."""
         if self.means:
             self._fold()
-        comoment = self.within.copy()
+        comoment = np.add(self.within, self.within.T, order="C")  # its lower triangle is zero
         np.fill_diagonal(comoment, pooled.m2)
         return Stats(pooled.count, pooled.mean, pooled.m2, comoment, pooled.stream)
 

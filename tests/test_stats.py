@@ -123,6 +123,20 @@ def test_calibrate_matches_two_pass_over_all_tokens() -> None:
         np.testing.assert_allclose(stats[block.name].variance, raw.var(axis=0), rtol=1e-10, atol=1e-14)
 
 
+def test_calibrate_comoments_of_blocks_sharing_a_product_buffer() -> None:
+    """Blocks of one width share calibrate's float32 product buffer: each block's comoment is
+    still its own activations' two-pass one, over several batches."""
+    model = build_model([BlockSpec(hidden=16), BlockSpec(hidden=16, act="silu"), BlockSpec(hidden=24)], seq=5)
+    blocks = find_mlp_blocks(model)
+    batches = [random_batch(model, batch=b, seed=s) for s, b in enumerate((2, 5, 3))]
+    stats = calibrate(model, blocks, batches, comoments=True)
+    probe = cpu_session(instrument(model, blocks), optimize=True)
+    hidden = [probe.run(None, b)[1:] for b in batches]
+    for i, block in enumerate(blocks):
+        raw = np.concatenate([h[i].reshape(-1, block.width) for h in hidden])
+        assert_comoment_close(stats[block.name].comoment, _two_pass(raw)[2])
+
+
 def test_non_finite_activation_names_block_and_batch() -> None:
     model = build_model([BlockSpec()])
     blocks = find_mlp_blocks(model)
