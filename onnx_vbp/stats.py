@@ -188,10 +188,9 @@ class PooledComoment:
     def add(self, samples: np.ndarray, batch: Stats, stride: int = 1) -> None:
         """Add one batch: its `samples` [n, width] and their statistics `batch` (`Stats.of`)."""
         deviations = batch.deviations(samples, stride)
-        if len(deviations):
-            # the upper triangle; the lower stays zero, in `product` and in a copy, should ssyrk make one
-            product = ssyrk(1.0, deviations.T, beta=0.0, c=self.product, overwrite_c=1)
-            np.add(self.within, product, out=self.within)
+        # the upper triangle; the lower stays zero, in `product` and in a copy, should ssyrk make one
+        product = ssyrk(1.0, deviations.T, beta=0.0, c=self.product, overwrite_c=1)
+        np.add(self.within, product, out=self.within)
         self.means.append(batch.mean)
         self.counts.append(float(batch.count))
         if len(self.means) >= self.FOLD_BATCHES:
