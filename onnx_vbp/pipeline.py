@@ -63,9 +63,9 @@ from onnx_vbp.modelio import (
 )
 from onnx_vbp.options import ALLOCATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, STREAM_POWERS
 from onnx_vbp.records import BlockList, MlpBlock, Plan, Ranking
-from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_macs, skipped_rows
+from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_macs, run_sample, skipped_rows
 from onnx_vbp.rewrite import rewrite
-from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
+from onnx_vbp.runtime import cpu_session
 from onnx_vbp.select import select
 from onnx_vbp.stats import CalibrationError, Stats, load_stats, merge_stats, save_stats
 
@@ -532,7 +532,9 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         measured = _from_calibration(model, blocks, Path(calib), specs, options, external_dir)
     if blocks:
         _check_sample_count(measured, calib or options.stats, options)
-    sample_outputs = _sample_outputs(model_path, measured.sample_feed, options.stats)
+    # the sample saved with statistics may no longer fit the model
+    where = f"the sample saved in {options.stats}" if options.stats else "a calibration sample"
+    sample_run = run_sample(model, measured.sample_feed, external_dir, where)
     validation = []
     if blocks and options.allocation == "measured" and options.stats is None:
         first = dataclasses.replace(options, max_samples=VALIDATION_SAMPLES)
@@ -546,9 +548,9 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         measured.stats,
         measured.samples,
         measured.seconds,
-        node_macs(model, measured.sample_feed, external_dir),
+        sample_run.macs,
         measured.sample_feed,
-        sample_outputs,
+        sample_run.outputs,
         fingerprint,
         measured.source,
         validation,
@@ -703,17 +705,6 @@ def _saved_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], path: Path)
             raise CalibrationError(f"{path}: no sample of model input '{spec.name}' ('feed/{spec.name}')")
     sample = one_sample(specs, feed)
     return {spec.name: conform(path, spec, sample[spec.name]) for spec in specs}
-
-
-def _sample_outputs(model_path: Path, feed: dict[str, np.ndarray], stats_path: Path | None) -> dict[str, np.ndarray]:
-    """The original's outputs on the sample `feed` (from the calibration data, or saved with the
-    statistics, where it may no longer fit the model)."""
-    session = cpu_session(str(model_path))
-    try:
-        return dict(zip((o.name for o in session.get_outputs()), session.run(None, feed), strict=True))
-    except ORT_ERRORS as exc:
-        where = f"the sample saved in {stats_path}" if stats_path else "a calibration sample"
-        raise CalibrationError(f"the model fails to run on {where}: {first_line(exc)}") from exc
 
 
 FINGERPRINT_BYTES = 1 << 16

@@ -73,24 +73,45 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in counted) + sum(packed.values())
 
 
+@dataclass(frozen=True)
+class SampleRun:
+    """The original model run once on one sample: its outputs (by name, in the graph's order)
+    and the multiply-accumulates per sample of each MatMul/Gemm/Conv (keyed by its first output),
+    from the shapes seen on the way."""
+
+    outputs: dict[str, np.ndarray]
+    macs: dict[str, int]
+
+
+def run_sample(
+    model: onnx.ModelProto,
+    feed: Mapping[str, np.ndarray],
+    external_dir: Path | None = None,
+    where: str = "one sample",
+) -> SampleRun:
+    """Run `model` on `feed` once, with the inputs and outputs of its MAC ops fetched too: the
+    outputs a written model is verified against and the MACs the report counts, in one session.
+    `where` names the sample in the error raised when ORT fails on it."""
+    known = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in (MS_MAC_OPS if n.domain == "com.microsoft" else MAC_OPS)]
+    outputs = [o.name for o in model.graph.output]
+    wanted = sorted({name for n in nodes for name in (*n.input[:4], n.output[0]) if name} - set(known) - set(outputs))
+    session = cpu_session(with_outputs(model, wanted), external_dir=external_dir)
+    try:
+        values = dict(zip(outputs + wanted, session.run(outputs + wanted, dict(feed)), strict=True))
+    except ORT_ERRORS as exc:
+        raise CalibrationError(f"the model fails to run on {where}: {first_line(exc)}") from exc
+    shapes = {**known, **{name: np.shape(v) for name, v in values.items()}}
+    batch = max(len(next(iter(feed.values()))), 1)
+    return SampleRun({name: values[name] for name in outputs}, {n.output[0]: _macs(n, shapes) // batch for n in nodes})
+
+
 def node_macs(
     model: onnx.ModelProto, feed: Mapping[str, np.ndarray], external_dir: Path | None = None
 ) -> dict[str, int]:
     """Multiply-accumulates per sample of each MatMul/Gemm/Conv (keyed by its first output), from
     the shapes seen running `feed`."""
-    known = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type in (MS_MAC_OPS if n.domain == "com.microsoft" else MAC_OPS)]
-    if not nodes:
-        return {}
-    wanted = sorted({name for n in nodes for name in (*n.input[:4], n.output[0]) if name} - set(known))
-    session = cpu_session(with_outputs(model, wanted), external_dir=external_dir)
-    try:
-        values = session.run(wanted, dict(feed))
-    except ORT_ERRORS as exc:
-        raise CalibrationError(f"ONNX Runtime failed while counting MACs on one sample: {first_line(exc)}") from exc
-    shapes = {**known, **{name: v.shape for name, v in zip(wanted, values, strict=True)}}
-    batch = max(len(next(iter(feed.values()))), 1)
-    return {n.output[0]: _macs(n, shapes) // batch for n in nodes}
+    return run_sample(model, feed, external_dir).macs
 
 
 def _macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:

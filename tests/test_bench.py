@@ -251,3 +251,24 @@ def test_einsum_macs(equation: str, shapes: list[tuple[int, ...]], expected: int
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     feed = {n: rng.normal(size=s).astype(np.float32) for n, s in zip(names, shapes, strict=True)}
     assert node_macs(model, feed) == {"y": expected // shapes[0][0]}  # per sample: the first dim is the batch
+
+
+def test_run_sample_gives_the_original_outputs_with_the_macs(tmp_path: Path) -> None:
+    """One session gives both: the graph's outputs, in its order and equal to a plain ORT run
+    (the extra outputs fetched for the MAC count change nothing), and a failure names the sample."""
+    import onnxruntime as ort
+
+    from onnx_vbp.report import run_sample
+    from onnx_vbp.stats import CalibrationError
+
+    model = build_model([BlockSpec(hidden=64), BlockSpec(hidden=32, act="relu")], dim=16, seq=4)
+    feed = random_batch(model, 2)
+    sample = run_sample(model, feed)
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert list(sample.outputs) == [o.name for o in plain.get_outputs()]
+    for got, want in zip(sample.outputs.values(), plain.run(None, feed), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert sample.macs and all(m > 0 for m in sample.macs.values())
+    wrong = {name: value[..., :3] for name, value in feed.items()}
+    with pytest.raises(CalibrationError, match="fails to run on the saved sample"):
+        run_sample(model, wrong, where="the saved sample")
