@@ -51,6 +51,21 @@ def comoments_fit(blocks: list[MlpBlock]) -> bool:
     return comoment_bytes(blocks) <= comoment_budget()
 
 
+def comoment_passes(blocks: list[MlpBlock], budget: int) -> list[list[MlpBlock]] | None:
+    """`blocks` in consecutive groups whose second moments each fit `budget`: one calibration
+    pass over the data per group, each group's finished second moments moved to a temporary file
+    (`Stats.spilled`) before the next. None when one block alone does not fit."""
+    passes: list[list[MlpBlock]] = []
+    for block in blocks:
+        if comoment_bytes([block]) > budget:
+            return None
+        if passes and comoment_bytes([*passes[-1], block]) <= budget:
+            passes[-1].append(block)
+        else:
+            passes.append([block])
+    return passes
+
+
 TOKEN_MASK = "attention_mask"  # what transformers exporters name the input marking real tokens (1) and padding (0)
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from onnx_vbp.calibrate import (
     calibrate,
     comoment_budget,
     comoment_bytes,
+    comoment_passes,
     comoments_fit,
 )
 from onnx_vbp.data import (
@@ -67,7 +69,7 @@ from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_
 from onnx_vbp.rewrite import rewrite
 from onnx_vbp.runtime import cpu_session
 from onnx_vbp.select import select
-from onnx_vbp.stats import CalibrationError, Stats, load_stats, merge_stats, save_stats
+from onnx_vbp.stats import CalibrationError, Stats, load_stats, merge_stats, save_stats, spill_room
 
 log = logging.getLogger("onnx_vbp")
 
@@ -154,11 +156,12 @@ def _calibrate(
     options: PruneOptions,
     external_dir: Path | None,
     total: int | None = None,
+    desc: str = "calibrating",
 ) -> tuple[dict[str, Stats], int, float]:
     """Calibrate with a progress bar (drawn only on a terminal); returns (stats, samples, seconds)."""
     start = time.perf_counter()
     samples = 0
-    with progress_bar("calibrating", total, options) as bar:
+    with progress_bar(desc, total, options) as bar:
 
         def on_batch(size: int) -> None:
             nonlocal samples
@@ -475,22 +478,36 @@ def output_error(reference: list[list[np.ndarray]], outputs: list[list[np.ndarra
     return total
 
 
-def within_memory(options: PruneOptions, blocks: list[MlpBlock]) -> PruneOptions:
-    """`options`, or the paper's VBP (`fitted_options`) where the second moments they need would
-    not fit their memory budget (`comoment_budget`), said in one line."""
+def within_memory(
+    options: PruneOptions, blocks: list[MlpBlock], passes_allowed: bool = False
+) -> tuple[PruneOptions, list[list[MlpBlock]]]:
+    """`options`, and the blocks calibrated together in each pass over the data. All in one pass
+    when their second moments are not needed or fit their memory budget (`comoment_budget`).
+    Over it, with `passes_allowed` (calibration files, which can be read again), groups that each
+    fit, one pass each (`comoment_passes`), where the temporary files that hold each group's
+    second moments afterwards have room; otherwise the paper's VBP (`fitted_options`). Either
+    change is said in one line."""
     if not options.comoments or comoments_fit(blocks):
-        return options
-    fitted = fitted_options(options, comoments=False)
-    log.warning(
-        "second moments of these blocks need %.1f GiB, over the %.1f GiB budget (at most %.0f GiB, and "
-        "%.0f%% of the memory available): pruning with --method %s instead",
-        comoment_bytes(blocks) / 2**30,
-        comoment_budget() / 2**30,
-        COMOMENT_BUDGET / 2**30,
-        100 * COMOMENT_MEMORY_SHARE,
-        fitted.method,
+        return options, [blocks]
+    needed, budget = comoment_bytes(blocks), comoment_budget()
+    over = (
+        f"second moments of these blocks need {needed / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget "
+        f"(at most {COMOMENT_BUDGET / 2**30:.0f} GiB, and {100 * COMOMENT_MEMORY_SHARE:.0f}% of the memory available)"
     )
-    return fitted
+    passes = comoment_passes(blocks, budget) if passes_allowed else None
+    room = spill_room() if passes else 0
+    if passes and room >= needed:
+        log.warning(
+            "%s: calibrating in %d passes over the data, each pass's second moments then kept in temporary files in %s",
+            over,
+            len(passes),
+            tempfile.gettempdir(),
+        )
+        return options, passes
+    fitted = fitted_options(options, comoments=False)
+    short = f"; {room / 2**30:.1f} GiB free in {tempfile.gettempdir()} is too little for them" if passes else ""
+    log.warning("%s%s: pruning with --method %s instead", over, short, fitted.method)
+    return fitted, [blocks]
 
 
 def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneOptions()) -> Prepared:
@@ -518,8 +535,10 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
     external_dir = model_path.parent if external else None  # large weights stay in their files
     fingerprint = weights_fingerprint(model, blocks, external_dir)
-    if blocks:
-        options = within_memory(options, blocks)
+    passes = [blocks]
+    if blocks:  # saved statistics and Ray's shards are read once: no passes for them
+        reread = options.stats is None and not options.ray_shards
+        options, passes = within_memory(options, blocks, passes_allowed=reread)
     if blocks and options.stats is not None:
         if calib is not None:
             log.warning("calibration data %s is not used: pruning from the statistics in %s", calib, options.stats)
@@ -529,7 +548,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     elif blocks and options.ray_shards:
         measured = _from_ray(model_path, Path(calib), specs, options)
     else:
-        measured = _from_calibration(model, blocks, Path(calib), specs, options, external_dir)
+        measured = _from_calibration(model, passes, Path(calib), specs, options, external_dir)
     if blocks:
         _check_sample_count(measured, calib or options.stats, options)
     # the sample saved with statistics may no longer fit the model
@@ -614,19 +633,25 @@ def _from_ray(model_path: Path, calib: Path, specs: list[InputSpec], options: Pr
 
 def _from_calibration(
     model: onnx.ModelProto,
-    blocks: BlockList,
+    passes: list[list[MlpBlock]],
     calib: Path,
     specs: list[InputSpec],
     options: PruneOptions,
     external_dir: Path | None,
 ) -> Measured:
-    """Statistics calibrated here, on `calib` (none for a model without blocks: only its sample)."""
+    """Statistics calibrated here, on `calib`, one pass over it per group of blocks (`within_memory`;
+    none for a model without blocks: only its sample). Past one pass, each pass's second moments
+    move to temporary files before the next (`Stats.spilled`)."""
     stats, samples, seconds = {}, 0, 0.0
-    if blocks:
+    if any(passes):
         counted = count_samples(calib, specs, options.raw, limit=options.max_samples)
         total = min(counted, options.max_samples or counted) if counted is not None else options.max_samples
-        batches = calibration_batches(calib, specs, options)
-        stats, samples, seconds = _calibrate(model, blocks, batches, options, external_dir, total)
+        for number, group in enumerate(passes, 1):
+            desc = "calibrating" if len(passes) == 1 else f"calibrating, pass {number}/{len(passes)}"
+            batches = calibration_batches(calib, specs, options)
+            group_stats, samples, pass_seconds = _calibrate(model, group, batches, options, external_dir, total, desc)
+            stats.update(group_stats if len(passes) == 1 else {name: s.spilled() for name, s in group_stats.items()})
+            seconds += pass_seconds
     return Measured(stats, samples, seconds, _first_sample(calib, specs, options), _data_source(calib, options, specs))
 
 
@@ -882,7 +907,7 @@ def prune(
         raise NoBlocksError(
             "no prunable MLP block in the model" + "".join(f"; {s.name}: {s.reason}" for s in blocks.skipped)
         )
-    options = within_memory(options, blocks)
+    options, _ = within_memory(options, blocks)  # `batches` are read once
     folder = None if external_dir is None else Path(external_dir)
     batches = iter(batches)
     validation: list[Mapping[str, np.ndarray]] = []  # the first samples, for --allocation measured
@@ -940,8 +965,9 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
     """What pruning would work on, without calibration data: the blocks found (activation,
     width, sites, fc1/fc2 nodes, MACs per sample), the ones skipped with the reason, the model's
     MACs per sample (symbolic dims after the batch set to `seq`, or the first sample of `data`),
-    the memory the default method's second moments would take against their budget, and a hint
-    when the model is quantized or has no block."""
+    the memory the default method's second moments would take against their budget (and how many
+    calibration passes keep each within it: None where a block alone exceeds it), and a hint when
+    the model is quantized or has no block."""
     model_path = Path(model_path)
     model, external = load_model(model_path)
     blocks = find_mlp_blocks(model)
@@ -960,6 +986,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
             "layers (see README, What is recognised)"
         )
     needed, budget = comoment_bytes(blocks), comoment_budget()  # one reading of the memory available
+    passes = comoment_passes(blocks, budget)
     rows = block_rows(blocks, Plan({b.name: np.arange(b.width) for b in blocks}))
     for row, block in zip(rows, blocks, strict=True):
         del row["width_after"]
@@ -975,7 +1002,12 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
         "macs_in_blocks": sum(row["macs"] for row in rows),
         "inputs": {k: list(v.shape) for k, v in feed.items()},
         "quantized_ops": quantized_ops(model),
-        "second_moments": {"bytes": needed, "budget": budget, "fits": needed <= budget},
+        "second_moments": {
+            "bytes": needed,
+            "budget": budget,
+            "fits": needed <= budget,
+            "passes": len(passes) if passes else None,
+        },
         "hints": hints,
     }
 

@@ -260,7 +260,13 @@ def format_inspection(found: Mapping) -> str:
         lines.append(
             f"second moments (--method obs): {moments['bytes'] / 2**30:.2f} GiB of a "
             f"{moments['budget'] / 2**30:.1f} GiB budget"
-            + ("" if moments["fits"] else ": over it, the default would fall back to --method vbp")
+            + (
+                ""
+                if moments["fits"]
+                else f": over it, the default would calibrate in {moments['passes']} passes over the data"
+                if moments["passes"]
+                else ": a block alone is over it, the default would fall back to --method vbp"
+            )
         )
     lines += [f"hint: {hint}" for hint in found["hints"]]
     return "\n".join(lines)

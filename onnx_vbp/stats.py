@@ -6,7 +6,10 @@ carries them between runs, shards and machines.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import shutil
+import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +23,11 @@ from onnx_vbp.data import DataError, read_npz
 from onnx_vbp.errors import VbpError
 
 CHUNK_ELEMENTS = 1 << 18  # float64 values per row chunk of Stats.of: 2 MiB, cache-resident
+
+
+def spill_room() -> int:
+    """Free bytes where `Stats.spilled` writes (the temporary folder: $TMPDIR, else /tmp)."""
+    return shutil.disk_usage(tempfile.gettempdir()).free
 
 
 class CalibrationError(VbpError):
@@ -52,6 +60,18 @@ class Stats:
             np.zeros((width, width)) if comoment else None,
             np.zeros(2) if stream else None,
         )
+
+    def spilled(self) -> Stats:
+        """These statistics with the comoment in an anonymous temporary file, mapped back
+        read-only: the page cache keeps what memory allows, the file goes with its last
+        reference. For second moments calibrated in passes (`calibrate.comoment_passes`)."""
+        if self.comoment is None:
+            return self
+        with tempfile.TemporaryFile(prefix="onnx_vbp-comoment-") as file:  # unlinked at once where the OS can
+            np.ascontiguousarray(self.comoment, np.float64).tofile(file)  # no copy of a C-order comoment
+            file.flush()
+            mapped = np.memmap(file, np.float64, mode="r", shape=self.comoment.shape)  # the map keeps the file
+        return dataclasses.replace(self, comoment=mapped)
 
     @classmethod
     def of(cls, samples: np.ndarray, comoment: bool = False, stride: int = 1) -> Stats:

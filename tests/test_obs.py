@@ -7,6 +7,7 @@ import importlib
 import itertools
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +234,9 @@ def test_default_method_is_obs_and_vbp_stays_selectable(copies: Path) -> None:
 def test_default_method_degrades_to_vbp_when_second_moments_do_not_fit(
     copies: Path, monkeypatch, caplog, capsys
 ) -> None:
-    monkeypatch.setattr(importlib.import_module("onnx_vbp.pipeline"), "comoments_fit", lambda blocks: False)
+    pipeline = importlib.import_module("onnx_vbp.pipeline")
+    monkeypatch.setattr(pipeline, "comoments_fit", lambda blocks: False)
+    monkeypatch.setattr(pipeline, "comoment_passes", lambda blocks, budget: None)  # a block alone is over it
     report = _prune(copies, "degraded")
     assert report["method"] == "vbp" and report["compensate"] == "mean"
     assert "over the" in caplog.text and "--method vbp instead" in caplog.text
@@ -275,6 +278,53 @@ def test_second_moments_fit_the_memory_available(copies: Path, monkeypatch, capl
     assert [b.width for b in find_mlp_blocks(pruned)] == [b["width_after"] for b in report["blocks"]]
     monkeypatch.setattr(calibrate_module, "available_memory", lambda: None)  # unknown: the fixed budget
     assert calibrate_module.comoment_budget() == calibrate_module.COMOMENT_BUDGET
+
+
+def test_second_moments_over_budget_are_calibrated_in_passes(tmp_path: Path, monkeypatch, caplog, capsys) -> None:
+    """Blocks whose second moments fit the budget one group at a time are calibrated in one pass
+    per group, each group's kept in temporary files afterwards: the same model as in one pass.
+    Without room for those files, the default degrades to vbp."""
+    calibrate_module = importlib.import_module("onnx_vbp.calibrate")
+    model = build_model([BlockSpec(hidden=64), BlockSpec(hidden=32), BlockSpec(hidden=48, act="relu")], dim=16, seq=4)
+    onnx.save(model, tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    for s in range(3):
+        np.savez(tmp_path / "calib" / f"{s}.npz", **random_batch(model, batch=16, seed=s))
+    one_pass = _prune(tmp_path, "one-pass")
+    blocks = find_mlp_blocks(model)
+    assert calibrate_module.comoment_passes(blocks, calibrate_module.comoment_bytes(blocks)) == [blocks]
+    budget = 8 * 64**2  # the first block alone, then the other two
+    assert calibrate_module.comoment_passes(blocks, budget) == [blocks[:1], blocks[1:]]
+    assert calibrate_module.comoment_passes(blocks, 8 * 64**2 - 1) is None
+    monkeypatch.setattr(calibrate_module, "available_memory", lambda: 2 * budget)
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
+    assert "over it, the default would calibrate in 2 passes over the data" in capsys.readouterr().out
+
+    in_passes = _prune(tmp_path, "passes")
+    assert "calibrating in 2 passes over the data" in caplog.text
+    assert (
+        in_passes["method"] == "obs" and in_passes["calibration"]["samples"] == one_pass["calibration"]["samples"] == 48
+    )
+    assert [b["width_after"] for b in in_passes["blocks"]] == [b["width_after"] for b in one_pass["blocks"]]
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "one-pass.onnx").graph.initializer}
+    for tensor in onnx.load(tmp_path / "passes.onnx").graph.initializer:
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(tensor), expected[tensor.name], rtol=1e-5, atol=1e-6)
+
+    caplog.clear()
+    monkeypatch.setattr(importlib.import_module("onnx_vbp.pipeline"), "spill_room", lambda: 1000)
+    assert _prune(tmp_path, "no-room")["method"] == "vbp"
+    assert "free in" in caplog.text and "is too little for them: pruning with --method vbp" in caplog.text
+
+
+def test_spilled_second_moments_leave_no_file(tmp_path: Path, monkeypatch) -> None:
+    from onnx_vbp.stats import Stats
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    comoment = np.random.default_rng(0).normal(size=(6, 6))
+    spilled = Stats(3, np.zeros(6), np.ones(6), comoment).spilled()
+    assert isinstance(spilled.comoment, np.memmap) and not spilled.comoment.flags.writeable
+    np.testing.assert_array_equal(spilled.comoment, comoment)
+    assert list(tmp_path.iterdir()) == []  # an anonymous file: it goes with the map
 
 
 def test_available_memory_is_capped_by_the_container(tmp_path: Path, monkeypatch) -> None:
