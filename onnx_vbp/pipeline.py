@@ -479,14 +479,14 @@ def output_error(reference: list[list[np.ndarray]], outputs: list[list[np.ndarra
 
 
 def within_memory(
-    options: PruneOptions, blocks: list[MlpBlock], passes_allowed: bool = False
+    options: PruneOptions, blocks: list[MlpBlock], spill: str | None = None
 ) -> tuple[PruneOptions, list[list[MlpBlock]]]:
-    """`options`, and the blocks calibrated together in each pass over the data. All in one pass
-    when their second moments are not needed or fit their memory budget (`comoment_budget`).
-    Over it, with `passes_allowed` (calibration files, which can be read again), groups that each
-    fit, one pass each (`comoment_passes`), where the temporary files that hold each group's
-    second moments afterwards have room; otherwise the paper's VBP (`fitted_options`). Either
-    change is said in one line."""
+    """`options`, and the blocks whose second moments are gathered together. All at once when
+    they are not needed or fit their memory budget (`comoment_budget`). Over it, where `spill`
+    says how they can still be had (data that can be read again: "calibrating in {passes} passes
+    over the data"), groups that each fit (`comoment_passes`), each group's kept in temporary
+    files once gathered, where those have room; otherwise the paper's VBP (`fitted_options`).
+    Either change is said in one line."""
     if not options.comoments or comoments_fit(blocks):
         return options, [blocks]
     needed, budget = comoment_bytes(blocks), comoment_budget()
@@ -494,15 +494,11 @@ def within_memory(
         f"second moments of these blocks need {needed / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget "
         f"(at most {COMOMENT_BUDGET / 2**30:.0f} GiB, and {100 * COMOMENT_MEMORY_SHARE:.0f}% of the memory available)"
     )
-    passes = comoment_passes(blocks, budget) if passes_allowed else None
+    passes = comoment_passes(blocks, budget) if spill else None
     room = spill_room() if passes else 0
-    if passes and room >= needed:
-        log.warning(
-            "%s: calibrating in %d passes over the data, each pass's second moments then kept in temporary files in %s",
-            over,
-            len(passes),
-            tempfile.gettempdir(),
-        )
+    if spill and passes and room >= needed:
+        how = spill.format(passes=len(passes))
+        log.warning("%s: %s, each then kept in temporary files in %s", over, how, tempfile.gettempdir())
         return options, passes
     fitted = fitted_options(options, comoments=False)
     short = f"; {room / 2**30:.1f} GiB free in {tempfile.gettempdir()} is too little for them" if passes else ""
@@ -535,14 +531,19 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     log.info("found %d MLP blocks, %d hidden neurons", len(blocks), sum(b.width for b in blocks))
     external_dir = model_path.parent if external else None  # large weights stay in their files
     fingerprint = weights_fingerprint(model, blocks, external_dir)
-    passes = [blocks]
-    if blocks:  # saved statistics and Ray's shards are read once: no passes for them
-        reread = options.stats is None and not options.ray_shards
-        options, passes = within_memory(options, blocks, passes_allowed=reread)
+    passes, asked = [blocks], options
+    if blocks:
+        spill = "calibrating in {passes} passes over the data"
+        if options.stats is not None:
+            spill = "reading them from the statistics file one block at a time"
+        elif options.ray_shards:
+            spill = None  # Ray's shards are read once
+        options, passes = within_memory(options, blocks, spill)
     if blocks and options.stats is not None:
         if calib is not None:
             log.warning("calibration data %s is not used: pruning from the statistics in %s", calib, options.stats)
-        measured = _from_stats_file(blocks, specs, fingerprint, options)
+        comoments = "spill" if len(passes) > 1 else "skip" if asked.comoments and not options.comoments else "load"
+        measured = _from_stats_file(blocks, specs, fingerprint, options, comoments)
     elif calib is None:
         raise DataError("no calibration data: give `calib` or `stats`")
     elif blocks and options.ray_shards:
@@ -589,9 +590,12 @@ class Measured:
     source: dict
 
 
-def _from_stats_file(blocks: BlockList, specs: list[InputSpec], fingerprint: str, options: PruneOptions) -> Measured:
-    """Statistics saved by an earlier run (`options.stats`), checked against this model."""
-    saved = load_stats(options.stats)
+def _from_stats_file(
+    blocks: BlockList, specs: list[InputSpec], fingerprint: str, options: PruneOptions, comoments: str = "load"
+) -> Measured:
+    """Statistics saved by an earlier run (`options.stats`), checked against this model; their
+    second moments read as `comoments` says (`load_stats`)."""
+    saved = load_stats(options.stats, comoments)
     _check_stats_fit(saved.stats, blocks, options)
     if saved.model is None:
         log.warning(
@@ -907,7 +911,7 @@ def prune(
         raise NoBlocksError(
             "no prunable MLP block in the model" + "".join(f"; {s.name}: {s.reason}" for s in blocks.skipped)
         )
-    options, _ = within_memory(options, blocks)  # `batches` are read once
+    options, _ = within_memory(options, blocks)  # `batches` are read once: no passes
     folder = None if external_dir is None else Path(external_dir)
     batches = iter(batches)
     validation: list[Mapping[str, np.ndarray]] = []  # the first samples, for --allocation measured

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +235,7 @@ class PooledComoment:
 
 STATS_VERSION = 1
 STATS_KEYS = ("__version__", "__samples__", "__model__", "stats/", "feed/")  # nothing else is read
+COMOMENT = "/comoment"  # the member of a block's largest array, read one block at a time
 
 
 class SavedStats(NamedTuple):
@@ -270,21 +271,33 @@ def save_stats(
         np.savez(f, **arrays)
 
 
-def load_stats(path: Path) -> SavedStats:
-    """Read a file written by `save_stats`.
+def _read_members(path: Path, wanted: Callable[[str], bool]) -> tuple[dict[str, np.ndarray], list[str]]:
+    try:
+        return read_npz(path, wanted)
+    except DataError as exc:
+        raise CalibrationError(f"not a statistics file: {exc}") from exc
+
+
+def load_stats(path: Path, comoments: str = "load") -> SavedStats:
+    """Read a file written by `save_stats`. Each block's comoment is read on its own, after the
+    rest, and kept in memory ("load"), moved to a temporary file before the next is read
+    ("spill", `Stats.spilled`: second moments over their memory budget), or not read ("skip").
 
     Every array is checked (`_checked_stats`): a damaged or hand-edited file is refused with the
     key at fault, never turned into a model with NaN outputs.
     """
-    try:
-        arrays, _ = read_npz(path, lambda key: key.startswith(STATS_KEYS))
-    except DataError as exc:
-        raise CalibrationError(f"not a statistics file: {exc}") from exc
+    arrays, members = _read_members(path, lambda key: key.startswith(STATS_KEYS) and not key.endswith(COMOMENT))
     version = arrays.get("__version__")
     if version is None or version.shape != () or version.dtype.kind not in "iu" or version != STATS_VERSION:
         raise CalibrationError(f"{path}: not a statistics file written by onnx_vbp (version {STATS_VERSION})")
     names = sorted({key[len("stats/") :].rsplit("/", 1)[0] for key in arrays if key.startswith("stats/")})
-    stats = {name: _checked_stats(path, name, arrays) for name in names}
+    stats = {}
+    for name in names:
+        key = f"stats/{name}{COMOMENT}"
+        read = comoments != "skip" and key in members
+        stats[name] = _checked_stats(path, name, {**arrays, **_read_members(path, key.__eq__)[0]} if read else arrays)
+        if comoments == "spill":
+            stats[name] = stats[name].spilled()
     samples = arrays.get("__samples__")
     if samples is None or samples.shape != () or samples.dtype.kind not in "iu" or samples < 0:
         raise CalibrationError(f"{path}: '__samples__' must be a non-negative integer")
@@ -311,7 +324,7 @@ def _checked_stats(path: Path, name: str, arrays: Mapping[str, np.ndarray]) -> S
             )
         if not np.isfinite(value).all():
             raise CalibrationError(f"{path}: '{key}' holds NaN or infinite values")
-        return value.astype(np.float64) if value.dtype.kind == "f" else value
+        return value.astype(np.float64, copy=False) if value.dtype.kind == "f" else value
 
     count = array("count", ())
     mean = array("mean", None)

@@ -290,7 +290,7 @@ def test_second_moments_over_budget_are_calibrated_in_passes(tmp_path: Path, mon
     (tmp_path / "calib").mkdir()
     for s in range(3):
         np.savez(tmp_path / "calib" / f"{s}.npz", **random_batch(model, batch=16, seed=s))
-    one_pass = _prune(tmp_path, "one-pass")
+    one_pass = _prune(tmp_path, "one-pass", "--save-stats", str(tmp_path / "stats.npz"))
     blocks = find_mlp_blocks(model)
     assert calibrate_module.comoment_passes(blocks, calibrate_module.comoment_bytes(blocks)) == [blocks]
     budget = 8 * 64**2  # the first block alone, then the other two
@@ -307,13 +307,21 @@ def test_second_moments_over_budget_are_calibrated_in_passes(tmp_path: Path, mon
     )
     assert [b["width_after"] for b in in_passes["blocks"]] == [b["width_after"] for b in one_pass["blocks"]]
     expected = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "one-pass.onnx").graph.initializer}
-    for tensor in onnx.load(tmp_path / "passes.onnx").graph.initializer:
-        np.testing.assert_allclose(onnx.numpy_helper.to_array(tensor), expected[tensor.name], rtol=1e-5, atol=1e-6)
+    caplog.clear()  # saved statistics over the budget are read one block at a time, the same way
+    assert _prune(tmp_path, "from-file", "--stats", str(tmp_path / "stats.npz"))["method"] == "obs"
+    assert "reading them from the statistics file one block at a time" in caplog.text
+    for written in ("passes", "from-file"):
+        for tensor in onnx.load(tmp_path / f"{written}.onnx").graph.initializer:
+            np.testing.assert_allclose(onnx.numpy_helper.to_array(tensor), expected[tensor.name], rtol=1e-5, atol=1e-6)
 
     caplog.clear()
     monkeypatch.setattr(importlib.import_module("onnx_vbp.pipeline"), "spill_room", lambda: 1000)
     assert _prune(tmp_path, "no-room")["method"] == "vbp"
     assert "free in" in caplog.text and "is too little for them: pruning with --method vbp" in caplog.text
+    caplog.clear()  # a block alone over the budget: vbp, and the saved second moments are not even read
+    monkeypatch.setattr(calibrate_module, "available_memory", lambda: 2 * 8 * 64**2 - 2)
+    assert _prune(tmp_path, "vbp-from-file", "--stats", str(tmp_path / "stats.npz"))["method"] == "vbp"
+    assert "pruning with --method vbp instead" in caplog.text and "no second moments" not in caplog.text
 
 
 def test_spilled_second_moments_leave_no_file(tmp_path: Path, monkeypatch) -> None:

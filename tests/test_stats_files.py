@@ -189,3 +189,23 @@ def test_damaged_statistics_files_are_refused_in_one_line(ws: Path, capsys, dama
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and message in err, err
     assert not (ws / "o2.onnx").exists()
+
+
+def test_second_moments_are_read_one_block_at_a_time_kept_spilled_or_skipped(tmp_path: Path) -> None:
+    from onnx_vbp.stats import Stats, save_stats
+
+    rng = np.random.default_rng(0)
+    stats = {}
+    for name, width in (("a", 3), ("b", 5)):
+        values = rng.normal(size=(40, width))
+        stats[name] = Stats.of(values, comoment=True)
+    save_stats(tmp_path / "s.npz", stats, 40, {"x": np.zeros((1, 2), np.float32)})
+    loaded = load_stats(tmp_path / "s.npz").stats
+    spilled = load_stats(tmp_path / "s.npz", "spill").stats
+    skipped = load_stats(tmp_path / "s.npz", "skip").stats
+    for name, block in stats.items():
+        np.testing.assert_array_equal(loaded[name].comoment, block.comoment)
+        assert isinstance(spilled[name].comoment, np.memmap)
+        np.testing.assert_array_equal(spilled[name].comoment, block.comoment)
+        assert skipped[name].comoment is None
+        np.testing.assert_array_equal(skipped[name].m2, block.m2)
