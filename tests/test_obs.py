@@ -22,6 +22,7 @@ from onnx_vbp.cli import main
 from onnx_vbp.graph import with_outputs
 from onnx_vbp.importance import FLOAT32_WIDTH, SYMMETRIZE_ROWS, obs_ranking, spd_inverse
 from onnx_vbp.report import Report, format_table
+from onnx_vbp.stats import load_stats
 
 
 def _covariance(rng: np.random.Generator, width: int) -> np.ndarray:
@@ -300,8 +301,11 @@ def test_second_moments_over_budget_are_calibrated_in_passes(tmp_path: Path, mon
     assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
     assert "over it, the default would calibrate in 2 passes over the data" in capsys.readouterr().out
 
-    in_passes = _prune(tmp_path, "passes")
+    in_passes = _prune(tmp_path, "passes", "--save-stats", str(tmp_path / "passes.npz"))
     assert "calibrating in 2 passes over the data" in caplog.text
+    saved = {path: load_stats(tmp_path / path).stats for path in ("stats.npz", "passes.npz")}
+    for name, block in saved["stats.npz"].items():
+        np.testing.assert_allclose(saved["passes.npz"][name].comoment, block.comoment, rtol=1e-6, atol=1e-9)
     assert (
         in_passes["method"] == "obs" and in_passes["calibration"]["samples"] == one_pass["calibration"]["samples"] == 48
     )
@@ -325,8 +329,6 @@ def test_second_moments_over_budget_are_calibrated_in_passes(tmp_path: Path, mon
 
 
 def test_spilled_second_moments_leave_no_file(tmp_path: Path, monkeypatch) -> None:
-    from onnx_vbp.stats import Stats
-
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     comoment = np.random.default_rng(0).normal(size=(6, 6))
     spilled = Stats(3, np.zeros(6), np.ones(6), comoment).spilled()
