@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -69,7 +70,15 @@ from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_
 from onnx_vbp.rewrite import rewrite
 from onnx_vbp.runtime import cpu_session
 from onnx_vbp.select import select
-from onnx_vbp.stats import CalibrationError, Stats, load_stats, merge_stats, save_stats, spill_room
+from onnx_vbp.stats import (
+    DISK_TEMPORARY_FOLDER,
+    CalibrationError,
+    Stats,
+    load_stats,
+    merge_stats,
+    save_stats,
+    spill_folder,
+)
 
 log = logging.getLogger("onnx_vbp")
 
@@ -495,13 +504,20 @@ def within_memory(
         f"(at most {COMOMENT_BUDGET / 2**30:.0f} GiB, and {100 * COMOMENT_MEMORY_SHARE:.0f}% of the memory available)"
     )
     passes = comoment_passes(blocks, budget) if spill else None
-    room = spill_room() if passes else 0
+    folder = spill_folder() if passes else None
+    room = shutil.disk_usage(folder).free if folder else 0
     if spill and passes and room >= needed:
-        how = spill.format(passes=len(passes))
-        log.warning("%s: %s, each then kept in temporary files in %s", over, how, tempfile.gettempdir())
+        log.warning("%s: %s, each then kept in temporary files in %s", over, spill.format(passes=len(passes)), folder)
         return options, passes
     fitted = fitted_options(options, comoments=False)
-    short = f"; {room / 2**30:.1f} GiB free in {tempfile.gettempdir()} is too little for them" if passes else ""
+    short = ""
+    if passes:
+        short = (
+            f"; {room / 2**30:.1f} GiB free in {folder} is too little for them"
+            if folder
+            else f"; {tempfile.gettempdir()} and {DISK_TEMPORARY_FOLDER} are in memory (tmpfs), so temporary files "
+            "would not spare it: set TMPDIR to a folder on disk"
+        )
     log.warning("%s%s: pruning with --method %s instead", over, short, fitted.method)
     return fitted, [blocks]
 

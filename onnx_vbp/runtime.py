@@ -97,6 +97,29 @@ def available_memory() -> int | None:
     return min(known) if known else None
 
 
+MOUNTS = Path("/proc/self/mounts")
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def in_memory(folder: str | Path) -> bool:
+    """Whether `folder` lies on a filesystem held in memory (tmpfs, ramfs), by the mount table
+    (Linux; False where it cannot be read): files there take the memory they were to spare."""
+    try:
+        mounts = [line.split() for line in MOUNTS.read_text().splitlines()]
+    except OSError:
+        return False
+    path = os.path.realpath(folder)
+    point, kind = "", ""
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        mounted = fields[1].replace("\\040", " ")  # the table escapes spaces
+        # the deepest mount point holding `path`; of mounts stacked on one point, the last
+        if (path == mounted or path.startswith(mounted.rstrip("/") + "/")) and len(mounted) >= len(point):
+            point, kind = mounted, fields[2]
+    return kind in MEMORY_FILESYSTEMS
+
+
 def cpu_session(
     model_bytes: bytes | str,
     threads: int | None = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
+import os
 import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +21,22 @@ from scipy.linalg.blas import dsyrk, ssyrk
 
 from onnx_vbp.data import DataError, read_npz
 from onnx_vbp.errors import VbpError
+from onnx_vbp.runtime import in_memory
 
 CHUNK_ELEMENTS = 1 << 18  # float64 values per row chunk of Stats.of: 2 MiB, cache-resident
 
 
-def spill_room() -> int:
-    """Free bytes where `Stats.spilled` writes (the temporary folder: $TMPDIR, else /tmp)."""
-    return shutil.disk_usage(tempfile.gettempdir()).free
+# where temporary files go on disk by convention (FHS) when the temporary folder is in memory
+DISK_TEMPORARY_FOLDER = "/var/tmp"
+
+
+def spill_folder() -> str | None:
+    """Where `Stats.spilled` writes: the temporary folder ($TMPDIR, else /tmp), or /var/tmp where
+    that one is in memory (a tmpfs /tmp, as on Debian 13 and Fedora); None where both are."""
+    for folder in (tempfile.gettempdir(), DISK_TEMPORARY_FOLDER):
+        if os.path.isdir(folder) and os.access(folder, os.W_OK) and not in_memory(folder):
+            return folder
+    return None
 
 
 class CalibrationError(VbpError):
@@ -67,7 +76,8 @@ class Stats:
         reference. For second moments calibrated in passes (`calibrate.comoment_passes`)."""
         if self.comoment is None:
             return self
-        with tempfile.TemporaryFile(prefix="onnx_vbp-comoment-") as file:  # unlinked at once where the OS can
+        # unlinked at once where the OS can
+        with tempfile.TemporaryFile(prefix="onnx_vbp-comoment-", dir=spill_folder()) as file:
             np.ascontiguousarray(self.comoment, np.float64).tofile(file)  # no copy of a C-order comoment
             file.flush()
             mapped = np.memmap(file, np.float64, mode="r", shape=self.comoment.shape)  # the map keeps the file

@@ -7,8 +7,10 @@ import importlib
 import itertools
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -319,9 +321,15 @@ def test_second_moments_over_budget_are_calibrated_in_passes(tmp_path: Path, mon
             np.testing.assert_allclose(onnx.numpy_helper.to_array(tensor), expected[tensor.name], rtol=1e-5, atol=1e-6)
 
     caplog.clear()
-    monkeypatch.setattr(importlib.import_module("onnx_vbp.pipeline"), "spill_room", lambda: 1000)
-    assert _prune(tmp_path, "no-room")["method"] == "vbp"
+    pipeline = importlib.import_module("onnx_vbp.pipeline")
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "shutil", SimpleNamespace(disk_usage=lambda folder: SimpleNamespace(free=1000)))
+        assert _prune(tmp_path, "no-room")["method"] == "vbp"
     assert "free in" in caplog.text and "is too little for them: pruning with --method vbp" in caplog.text
+    caplog.clear()  # temporary folders in memory spare none of it
+    monkeypatch.setattr(pipeline, "spill_folder", lambda: None)
+    assert _prune(tmp_path, "in-memory")["method"] == "vbp"
+    assert "are in memory (tmpfs)" in caplog.text and "set TMPDIR to a folder on disk" in caplog.text
     caplog.clear()  # a block alone over the budget: vbp, and the saved second moments are not even read
     monkeypatch.setattr(calibrate_module, "available_memory", lambda: 2 * 8 * 64**2 - 2)
     assert _prune(tmp_path, "vbp-from-file", "--stats", str(tmp_path / "stats.npz"))["method"] == "vbp"
@@ -335,6 +343,37 @@ def test_spilled_second_moments_leave_no_file(tmp_path: Path, monkeypatch) -> No
     assert isinstance(spilled.comoment, np.memmap) and not spilled.comoment.flags.writeable
     np.testing.assert_array_equal(spilled.comoment, comoment)
     assert list(tmp_path.iterdir()) == []  # an anonymous file: it goes with the map
+
+
+def test_second_moments_are_spilled_to_disk_not_to_a_tmpfs(tmp_path: Path, monkeypatch) -> None:
+    """A filesystem in memory is told by the deepest mount point holding the folder; /var/tmp
+    stands in for a temporary folder held in memory, and nothing does where both are."""
+    from onnx_vbp import runtime
+    from onnx_vbp.stats import spill_folder
+
+    mounts = tmp_path / "mounts"
+    monkeypatch.setattr(runtime, "MOUNTS", mounts)
+    disk = tmp_path / "on disk"  # mounted inside the tmpfs; the table escapes its space
+    disk.mkdir()
+
+    def table(*in_memory: Path | str) -> None:
+        lines = ["/dev/vda / ext4 rw 0 0", *(f"tmpfs {folder} tmpfs rw 0 0" for folder in in_memory)]
+        mounts.write_text("\n".join([*lines, f"/dev/vdb {str(disk).replace(' ', chr(92) + '040')} ext4 rw 0 0"]))
+
+    table(tmp_path)
+    assert runtime.in_memory(tmp_path) and runtime.in_memory(tmp_path / "sub")
+    assert not runtime.in_memory(disk) and not runtime.in_memory("/usr")
+    mounts.unlink()  # not Linux: nothing is known to be in memory
+    assert not runtime.in_memory(tmp_path)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    table(tmp_path)
+    if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK):
+        assert spill_folder() == "/var/tmp"
+    table(tmp_path, "/var/tmp")
+    assert spill_folder() is None
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    assert spill_folder() == str(disk)
 
 
 def test_available_memory_is_capped_by_the_container(tmp_path: Path, monkeypatch) -> None:
