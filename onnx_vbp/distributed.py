@@ -20,12 +20,19 @@ from onnx_vbp.stats import Stats, merge_stats
 
 
 def shard_stats(
-    model_path: str, files: list[str], batch_size: int | None, raw: RawOptions, threads: int | None, comoments: bool
+    model_path: str,
+    files: list[str],
+    batch_size: int | None,
+    raw: RawOptions,
+    threads: int | None,
+    comoments: bool,
+    block_names: list[str] | None = None,
 ) -> tuple[dict[str, Stats], int]:
-    """One worker's job: statistics of one shard of the calibration files, and its sample count."""
+    """One worker's job: statistics of one shard of the calibration files (of the blocks named,
+    else all), and its sample count."""
     path = Path(model_path)
     model, external = load_model(path)
-    blocks = find_mlp_blocks(model)
+    blocks = [b for b in find_mlp_blocks(model) if block_names is None or b.name in block_names]
     specs = model_inputs(model)
     samples = 0
 
@@ -56,8 +63,10 @@ def calibrate_on_ray(
     raw: RawOptions = RawOptions(),
     threads: int | None = None,
     comoments: bool = False,
+    block_names: list[str] | None = None,
 ) -> tuple[dict[str, Stats], int]:
-    """Statistics of every file under `calib`, computed by up to `shards` Ray tasks and merged."""
+    """Statistics of every file under `calib` (of the blocks named, else all), computed by up to
+    `shards` Ray tasks and merged."""
     try:
         import ray
     except ImportError as exc:
@@ -68,7 +77,14 @@ def calibrate_on_ray(
     files = [str(f.resolve()) for f in data_files(calib)]
     parts = [files[i::shards] for i in range(min(shards, len(files)))]
     task = ray.remote(shard_stats)
-    results = ray.get(
-        [task.remote(str(model_path.resolve()), part, batch_size, raw, threads, comoments) for part in parts]
-    )
-    return merge_stats([stats for stats, _ in results]), sum(samples for _, samples in results)
+    model = str(model_path.resolve())
+    pending = [task.remote(model, part, batch_size, raw, threads, comoments, block_names) for part in parts]
+    # merged as each shard finishes: the driver holds two shards' statistics at a time, not all
+    # of them (with second moments, each is as large as the memory budget allows)
+    merged, samples = None, 0
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        stats, count = ray.get(done[0])
+        merged = stats if merged is None else merge_stats([merged, stats])
+        samples += count
+    return merged, samples

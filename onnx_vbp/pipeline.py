@@ -494,7 +494,8 @@ def within_memory(
     they are not needed or fit their memory budget (`comoment_budget`). Over it, where `spill`
     says how they can still be had (data that can be read again: "calibrating in {passes} passes
     over the data"), groups that each fit (`comoment_passes`), each group's kept in temporary
-    files once gathered, where those have room; otherwise the paper's VBP (`fitted_options`).
+    files on disk once gathered, where those have room; otherwise the paper's VBP
+    (`fitted_options`).
     Either change is said in one line."""
     if not options.comoments or comoments_fit(blocks):
         return options, [blocks]
@@ -553,7 +554,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         if options.stats is not None:
             spill = "reading them from the statistics file one block at a time"
         elif options.ray_shards:
-            spill = None  # Ray's shards are read once
+            spill = "calibrating in {passes} rounds of Ray tasks"
         options, passes = within_memory(options, blocks, spill)
     if blocks and options.stats is not None:
         if calib is not None:
@@ -563,7 +564,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     elif calib is None:
         raise DataError("no calibration data: give `calib` or `stats`")
     elif blocks and options.ray_shards:
-        measured = _from_ray(model_path, Path(calib), specs, options)
+        measured = _from_ray(model_path, passes, Path(calib), specs, options)
     else:
         measured = _from_calibration(model, passes, Path(calib), specs, options, external_dir)
     if blocks:
@@ -630,23 +631,31 @@ def _from_stats_file(
     return Measured(saved.stats, saved.samples, 0.0, feed, {"stats": str(options.stats)})
 
 
-def _from_ray(model_path: Path, calib: Path, specs: list[InputSpec], options: PruneOptions) -> Measured:
-    """Statistics calibrated on a Ray cluster, one shard of the data files per task."""
+def _from_ray(
+    model_path: Path, passes: list[list[MlpBlock]], calib: Path, specs: list[InputSpec], options: PruneOptions
+) -> Measured:
+    """Statistics calibrated on a Ray cluster, one shard of the data files per task, one round of
+    tasks per group of blocks (`_in_passes`)."""
     from onnx_vbp.distributed import calibrate_on_ray  # Ray is an optional extra
 
     if options.max_samples is not None:
         raise DataError("`max_samples` cannot cap shards calibrated on Ray; pass a smaller `calib` instead")
     start = time.perf_counter()
-    stats, samples = calibrate_on_ray(
-        model_path,
-        calib,
-        options.ray_shards,
-        address=options.ray_address,
-        batch_size=options.batch_size,
-        raw=options.raw,
-        threads=options.threads,
-        comoments=options.comoments,
-    )
+
+    def calibrate_group(group: list[MlpBlock], _: str) -> tuple[dict[str, Stats], int]:
+        return calibrate_on_ray(
+            model_path,
+            calib,
+            options.ray_shards,
+            address=options.ray_address,
+            batch_size=options.batch_size,
+            raw=options.raw,
+            threads=options.threads,
+            comoments=options.comoments,
+            block_names=None if len(passes) == 1 else [b.name for b in group],
+        )
+
+    stats, samples = _in_passes(passes, calibrate_group)
     seconds = time.perf_counter() - start
     return Measured(stats, samples, seconds, _first_sample(calib, specs, options), _data_source(calib, options, specs))
 
@@ -659,20 +668,36 @@ def _from_calibration(
     options: PruneOptions,
     external_dir: Path | None,
 ) -> Measured:
-    """Statistics calibrated here, on `calib`, one pass over it per group of blocks (`within_memory`;
-    none for a model without blocks: only its sample). Past one pass, each pass's second moments
-    move to temporary files before the next (`Stats.spilled`)."""
+    """Statistics calibrated here, on `calib`, one pass over it per group of blocks (`_in_passes`;
+    none for a model without blocks: only its sample)."""
     stats, samples, seconds = {}, 0, 0.0
     if any(passes):
         counted = count_samples(calib, specs, options.raw, limit=options.max_samples)
         total = min(counted, options.max_samples or counted) if counted is not None else options.max_samples
-        for number, group in enumerate(passes, 1):
-            desc = "calibrating" if len(passes) == 1 else f"calibrating, pass {number}/{len(passes)}"
+
+        def calibrate_group(group: list[MlpBlock], desc: str) -> tuple[dict[str, Stats], int]:
             batches = calibration_batches(calib, specs, options)
-            group_stats, samples, pass_seconds = _calibrate(model, group, batches, options, external_dir, total, desc)
-            stats.update(group_stats if len(passes) == 1 else {name: s.spilled() for name, s in group_stats.items()})
-            seconds += pass_seconds
+            group_stats, group_samples, _ = _calibrate(model, group, batches, options, external_dir, total, desc)
+            return group_stats, group_samples
+
+        start = time.perf_counter()
+        stats, samples = _in_passes(passes, calibrate_group)
+        seconds = time.perf_counter() - start
     return Measured(stats, samples, seconds, _first_sample(calib, specs, options), _data_source(calib, options, specs))
+
+
+def _in_passes(
+    passes: list[list[MlpBlock]], calibrate_group: Callable[[list[MlpBlock], str], tuple[dict[str, Stats], int]]
+) -> tuple[dict[str, Stats], int]:
+    """Statistics of every group of `passes` (`within_memory`), each from one pass over the data
+    by `calibrate_group(group, progress label)`, and the samples seen. Past one pass, each pass's
+    second moments move to temporary files before the next (`Stats.spilled`)."""
+    stats, samples = {}, 0
+    for number, group in enumerate(passes, 1):
+        desc = "calibrating" if len(passes) == 1 else f"calibrating, pass {number}/{len(passes)}"
+        group_stats, samples = calibrate_group(group, desc)
+        stats.update(group_stats if len(passes) == 1 else {name: s.spilled() for name, s in group_stats.items()})
+    return stats, samples
 
 
 def calibration_batches(source: Path, specs: list[InputSpec], options: PruneOptions) -> Iterator[dict]:

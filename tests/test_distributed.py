@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -67,3 +68,23 @@ def test_cli_with_ray_prunes_like_one_process(cluster, ws: Path) -> None:
         )
     local, on_ray = (json.loads((ws / f"{n}.json").read_text()) for n in ("local", "ray"))
     assert on_ray["blocks"] == local["blocks"] and on_ray["calibration"]["samples"] == 30
+
+
+def test_ray_gathers_second_moments_over_the_budget_in_rounds(cluster, ws: Path, monkeypatch, caplog) -> None:
+    """Over the memory budget, each group of blocks gets its own round of Ray tasks, and the
+    model is the one of a single round."""
+
+    def prune(name: str) -> dict:
+        argv = [str(ws / "net.onnx"), str(ws / "calib"), "--ratio", "0.4", "-q", "--ray", "2"]
+        assert main([*argv, "-o", str(ws / f"{name}.onnx"), "--report", str(ws / f"{name}.json")]) == 0
+        return json.loads((ws / f"{name}.json").read_text())
+
+    one_round = prune("one-round")
+    monkeypatch.setattr(importlib.import_module("onnx_vbp.calibrate"), "available_memory", lambda: 2 * 8 * 32**2)
+    rounds = prune("rounds")  # the budget holds the 32-wide block, then the 24-wide one
+    assert "calibrating in 2 rounds of Ray tasks" in caplog.text
+    assert rounds["method"] == "obs" and rounds["blocks"] == one_round["blocks"]
+    assert rounds["calibration"]["samples"] == 30
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(ws / "one-round.onnx").graph.initializer}
+    for tensor in onnx.load(ws / "rounds.onnx").graph.initializer:
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(tensor), expected[tensor.name], rtol=1e-5, atol=1e-6)
