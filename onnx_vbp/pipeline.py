@@ -495,8 +495,7 @@ def within_memory(
     says how they can still be had (data that can be read again: "calibrating in {passes} passes
     over the data"), groups that each fit (`comoment_passes`), each group's kept in temporary
     files on disk once gathered, where those have room; otherwise the paper's VBP
-    (`fitted_options`).
-    Either change is said in one line."""
+    (`fitted_options`). Either change is said in one line."""
     if not options.comoments or comoments_fit(blocks):
         return options, [blocks]
     needed, budget = comoment_bytes(blocks), comoment_budget()
