@@ -503,23 +503,36 @@ def within_memory(
         f"second moments of these blocks need {needed / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget "
         f"(at most {COMOMENT_BUDGET / 2**30:.0f} GiB, and {100 * COMOMENT_MEMORY_SHARE:.0f}% of the memory available)"
     )
-    passes = comoment_passes(blocks, budget) if spill else None
-    folder = spill_folder() if passes else None
-    room = shutil.disk_usage(folder).free if folder else 0
-    if spill and passes and room >= needed:
+    passes, folder, why_not = comoment_plan(blocks, budget) if spill else (None, None, None)
+    if spill and passes:
         log.warning("%s: %s, each then kept in temporary files in %s", over, spill.format(passes=len(passes)), folder)
         return options, passes
     fitted = fitted_options(options, comoments=False)
-    short = ""
-    if passes:
-        short = (
-            f"; {room / 2**30:.1f} GiB free in {folder} is too little for them"
-            if folder
-            else f"; {tempfile.gettempdir()} and {DISK_TEMPORARY_FOLDER} are in memory (tmpfs), so temporary files "
-            "would not spare it: set TMPDIR to a folder on disk"
-        )
-    log.warning("%s%s: pruning with --method %s instead", over, short, fitted.method)
+    log.warning("%s%s: pruning with --method %s instead", over, f"; {why_not}" if why_not else "", fitted.method)
     return fitted, [blocks]
+
+
+def comoment_plan(blocks: list[MlpBlock], budget: int) -> tuple[list[list[MlpBlock]] | None, str | None, str | None]:
+    """How second moments over `budget` can be had: the groups of blocks gathered in turn
+    (`comoment_passes`) and the folder on disk their temporary files go to (`spill_folder`), or
+    (None, None, why not)."""
+    passes = comoment_passes(blocks, budget)
+    if passes is None:
+        return None, None, "a block alone is over the budget"
+    folder = spill_folder()
+    if folder is None:
+        return (
+            None,
+            None,
+            (
+                f"{tempfile.gettempdir()} and {DISK_TEMPORARY_FOLDER} are in memory (tmpfs), so temporary files would "
+                "not spare it: set TMPDIR to a folder on disk"
+            ),
+        )
+    room = shutil.disk_usage(folder).free
+    if room < comoment_bytes(blocks):
+        return None, None, f"{room / 2**30:.1f} GiB free in {folder} is too little for them"
+    return passes, folder, None
 
 
 def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneOptions()) -> Prepared:
@@ -1010,8 +1023,8 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
     width, sites, fc1/fc2 nodes, MACs per sample), the ones skipped with the reason, the model's
     MACs per sample (symbolic dims after the batch set to `seq`, or the first sample of `data`),
     the memory the default method's second moments would take against their budget (and how many
-    calibration passes keep each within it: None where a block alone exceeds it), and a hint when
-    the model is quantized or has no block."""
+    calibration passes keep each within it, or why the default would fall back to vbp), and a
+    hint when the model is quantized or has no block."""
     model_path = Path(model_path)
     model, external = load_model(model_path)
     blocks = find_mlp_blocks(model)
@@ -1030,7 +1043,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
             "layers (see README, What is recognised)"
         )
     needed, budget = comoment_bytes(blocks), comoment_budget()  # one reading of the memory available
-    passes = comoment_passes(blocks, budget)
+    passes, _, why_not = comoment_plan(blocks, budget) if needed > budget else ([blocks], None, None)
     rows = block_rows(blocks, Plan({b.name: np.arange(b.width) for b in blocks}))
     for row, block in zip(rows, blocks, strict=True):
         del row["width_after"]
@@ -1051,6 +1064,7 @@ def inspect_model(model_path: Path | str, seq: int = 128, data: Path | str | Non
             "budget": budget,
             "fits": needed <= budget,
             "passes": len(passes) if passes else None,
+            "fallback": why_not,
         },
         "hints": hints,
     }

@@ -265,7 +265,7 @@ def format_inspection(found: Mapping) -> str:
                 if moments["fits"]
                 else f": over it, the default would calibrate in {moments['passes']} passes over the data"
                 if moments["passes"]
-                else ": a block alone is over it, the default would fall back to --method vbp"
+                else f": over it ({moments['fallback']}), the default would fall back to --method vbp"
             )
         )
     lines += [f"hint: {hint}" for hint in found["hints"]]

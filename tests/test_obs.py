@@ -271,7 +271,8 @@ def test_second_moments_fit_the_memory_available(copies: Path, monkeypatch, capl
     monkeypatch.setattr(calibrate_module, "available_memory", lambda: 2 * need - 2)
     assert not calibrate_module.comoments_fit(blocks)
     report = _prune(copies, "short")
-    assert report["method"] == "vbp" and "50% of the memory available): pruning with --method vbp" in caplog.text
+    said = "50% of the memory available); a block alone is over the budget: pruning with --method vbp"
+    assert report["method"] == "vbp" and said in caplog.text
     caplog.clear()  # the in-memory API degrades the same way, and says so
     from onnx_vbp.pipeline import prune
 
@@ -330,6 +331,10 @@ def test_second_moments_over_budget_are_calibrated_in_passes(tmp_path: Path, mon
     monkeypatch.setattr(pipeline, "spill_folder", lambda: None)
     assert _prune(tmp_path, "in-memory")["method"] == "vbp"
     assert "are in memory (tmpfs)" in caplog.text and "set TMPDIR to a folder on disk" in caplog.text
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0  # and inspect says so beforehand
+    out = capsys.readouterr().out
+    assert "are in memory (tmpfs)" in out and "the default would fall back to --method vbp" in out
     caplog.clear()  # a block alone over the budget: vbp, and the saved second moments are not even read
     monkeypatch.setattr(calibrate_module, "available_memory", lambda: 2 * 8 * 64**2 - 2)
     assert _prune(tmp_path, "vbp-from-file", "--stats", str(tmp_path / "stats.npz"))["method"] == "vbp"
