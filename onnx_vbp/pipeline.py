@@ -503,7 +503,9 @@ def within_memory(
         f"second moments of these blocks need {needed / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget "
         f"(at most {COMOMENT_BUDGET / 2**30:.0f} GiB, and {100 * COMOMENT_MEMORY_SHARE:.0f}% of the memory available)"
     )
-    passes, folder, why_not = comoment_plan(blocks, budget) if spill else (None, None, None)
+    passes, folder, why_not = (
+        comoment_plan(blocks, budget) if spill else (None, None, "the calibration data can be read only once")
+    )
     if spill and passes:
         log.warning("%s: %s, each then kept in temporary files in %s", over, spill.format(passes=len(passes)), folder)
         return options, passes
@@ -521,14 +523,8 @@ def comoment_plan(blocks: list[MlpBlock], budget: int) -> tuple[list[list[MlpBlo
         return None, None, "a block alone is over the budget"
     folder = spill_folder()
     if folder is None:
-        return (
-            None,
-            None,
-            (
-                f"{tempfile.gettempdir()} and {DISK_TEMPORARY_FOLDER} are in memory (tmpfs), so temporary files would "
-                "not spare it: set TMPDIR to a folder on disk"
-            ),
-        )
+        held = f"{tempfile.gettempdir()} and {DISK_TEMPORARY_FOLDER} are in memory (tmpfs), so temporary files"
+        return None, None, f"{held} would not spare it: set TMPDIR to a folder on disk"
     room = shutil.disk_usage(folder).free
     if room < comoment_bytes(blocks):
         return None, None, f"{room / 2**30:.1f} GiB free in {folder} is too little for them"
