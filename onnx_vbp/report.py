@@ -101,7 +101,8 @@ def run_sample(
         values = dict(zip(outputs + wanted, session.run(outputs + wanted, dict(feed)), strict=True))
     except ORT_ERRORS as exc:
         raise CalibrationError(f"the model fails to run on {where}: {first_line(exc)}") from exc
-    shapes = {**known, **{name: np.shape(v) for name, v in values.items()}}
+    # a graph output may be a sequence or a map (no shape): no MAC op reads those
+    shapes = {**known, **{name: v.shape for name, v in values.items() if isinstance(v, np.ndarray)}}
     batch = max(len(next(iter(feed.values()))), 1)
     return SampleRun({name: values[name] for name in outputs}, {n.output[0]: _macs(n, shapes) // batch for n in nodes})
 

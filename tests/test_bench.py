@@ -272,3 +272,14 @@ def test_run_sample_gives_the_original_outputs_with_the_macs(tmp_path: Path) -> 
     wrong = {name: value[..., :3] for name, value in feed.items()}
     with pytest.raises(CalibrationError, match="fails to run on the saved sample"):
         run_sample(model, wrong, where="the saved sample")
+
+    from onnx import TensorProto, helper
+
+    # a sequence output of tensors of different shapes (no shape of its own) beside the MAC ops
+    graph = model.graph
+    constant = helper.make_tensor("c", TensorProto.FLOAT, [3], [1, 2, 3])
+    graph.node.append(helper.make_node("Constant", [], ["c"], value=constant))
+    graph.node.append(helper.make_node("SequenceConstruct", [graph.output[0].name, "c"], ["seq"]))
+    graph.output.append(helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None))
+    with_sequence = run_sample(model, feed)
+    assert with_sequence.macs == sample.macs and len(with_sequence.outputs["seq"]) == 2
