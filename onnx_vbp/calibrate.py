@@ -69,7 +69,7 @@ def comoment_passes(blocks: list[MlpBlock], budget: int) -> list[list[MlpBlock]]
 TOKEN_MASK = "attention_mask"  # what transformers exporters name the input marking real tokens (1) and padding (0)
 
 
-def _token_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
+def token_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """The [batch, sequence] positions that hold real tokens, for a text model fed an attention mask."""
     mask = batch.get(TOKEN_MASK)
     if mask is None or mask.ndim != 2 or mask.all():
@@ -133,7 +133,7 @@ def calibrate(
                 raise CalibrationError(
                     f"ONNX Runtime failed on calibration batch {batch_index}: {first_line(exc)}"
                 ) from exc
-            kept_rows = _token_rows(batch)
+            kept_rows = token_rows(batch)
             residual = dict(zip([site.residual for _, site in streams], hidden[len(fetch) :], strict=True))
             for (block, site), values in zip(fetch, hidden[: len(fetch)], strict=True):
                 per_neuron = _positions(values, site.hidden_axis, kept_rows)

@@ -138,6 +138,14 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
         "measured: plan with each, run each plan on the first 64 calibration samples and keep the one "
         "whose outputs move least (by more than 1%%, else stream)",
     )
+    parser.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="after the rewrite, refit each pruned block's kept fc1 and fc2 to the original block's "
+        "outputs by gradient descent on calibration positions (one more pass over the data, then "
+        "minutes of fitting); a block keeps its refit only where it lowers the error on held-out "
+        "calibration samples. Float MatMul/Gemm blocks with GELU, SiLU, ReLU, sigmoid or tanh",
+    )
     parser.add_argument("--min-keep", type=_non_negative, default=1, help="neurons always kept per block (default 1)")
     parser.add_argument(
         "--round-to",
@@ -345,6 +353,7 @@ def _options(args: argparse.Namespace, ratio: float = 0.0) -> PruneOptions:
         ratio=ratio,
         scope=args.scope,
         allocation=args.allocation,
+        reconstruct=args.reconstruct,
         min_keep=args.min_keep,
         round_to=args.round_to,
         method=args.method,

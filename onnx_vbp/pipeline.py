@@ -65,9 +65,19 @@ from onnx_vbp.modelio import (
     write_model,
 )
 from onnx_vbp.options import ALLOCATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, STREAM_POWERS
-from onnx_vbp.records import BlockList, MlpBlock, Plan, Ranking
-from onnx_vbp.report import Report, block_rows, count_params, node_macs, pruned_macs, run_sample, skipped_rows
-from onnx_vbp.rewrite import rewrite
+from onnx_vbp.reconstruct import fit_block, gather_positions, unfit_reason
+from onnx_vbp.records import BlockList, BlockPositions, BlockWeights, MlpBlock, Plan, Ranking, Refit
+from onnx_vbp.report import (
+    Report,
+    block_rows,
+    count_params,
+    node_macs,
+    pruned_macs,
+    refit_rows,
+    run_sample,
+    skipped_rows,
+)
+from onnx_vbp.rewrite import refit_weights, rewrite
 from onnx_vbp.runtime import cpu_session
 from onnx_vbp.select import select
 from onnx_vbp.stats import (
@@ -104,6 +114,7 @@ class PruneOptions:
     ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
     ranking_lambda: float | None = None  # the obs ranking's ridge term alone (default: ridge_lambda)
     allocation: str = "stream"  # obs's global budget across blocks (see ALLOCATIONS)
+    reconstruct: bool = False  # refit each pruned block to the original's outputs (see `reconstruct`)
     batch_size: int | None = None
     max_samples: int | None = None
     min_samples: int = 16
@@ -236,6 +247,7 @@ class Prepared:
     fingerprint: str  # of the weights the statistics describe (see `weights_fingerprint`)
     source: dict = field(default_factory=dict)  # where the statistics came from, for the report
     validation: list[dict[str, np.ndarray]] = field(default_factory=list)  # for --allocation measured
+    positions: dict[str, BlockPositions] = field(default_factory=dict)  # for --reconstruct, by block
     _rankings: dict[tuple, dict[str, Ranking]] = field(default_factory=dict)  # per (score, λ), per block
     _validation_outputs: list[list[np.ndarray]] | None = None  # the original's, on `validation`
 
@@ -584,6 +596,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     if blocks and options.allocation == "measured" and options.stats is None:
         first = dataclasses.replace(options, max_samples=VALIDATION_SAMPLES)
         validation = list(calibration_batches(Path(calib), specs, first))
+    positions = _block_positions(model, blocks, calib, specs, measured.samples, options, external_dir) if blocks else {}
     return Prepared(
         model_path,
         model,
@@ -599,7 +612,52 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         fingerprint,
         measured.source,
         validation,
+        positions,
     )
+
+
+def _block_positions(
+    model: onnx.ModelProto,
+    blocks: list[MlpBlock],
+    calib: Path | None,
+    specs: list[InputSpec],
+    samples: int,
+    options: PruneOptions,
+    external_dir: Path | None,
+) -> dict[str, BlockPositions]:
+    """For `--reconstruct`: what each block that can be refit sees in the original model, at
+    positions spread over the calibration data (one more pass over it)."""
+    if not options.reconstruct:
+        return {}
+    if options.stats is not None:
+        log.warning("--reconstruct needs the calibration data, not only its statistics: no block is refit")
+        return {}
+    refittable = []
+    for block in blocks:
+        reason = unfit_reason(block)
+        if reason is None:
+            refittable.append(block)
+        else:
+            log.warning("block %s is not refit: %s", block.name, reason)
+    if not refittable:
+        return {}
+    start = time.perf_counter()
+    with progress_bar("gathering positions", samples, options) as bar:
+        batches = _counted(calibration_batches(Path(calib), specs, options), bar, specs[0].name)
+        positions = gather_positions(
+            model,
+            refittable,
+            batches,
+            samples,
+            threads=options.threads,
+            external_dir=external_dir,
+        )
+    log.info(
+        "gathered %d positions per block for --reconstruct in %.1f s",
+        len(next(iter(positions.values())).sample) if positions else 0,
+        time.perf_counter() - start,
+    )
+    return positions
 
 
 @dataclass(frozen=True)
@@ -863,7 +921,7 @@ def prune_prepared(
     """
     model, blocks = prepared.model, prepared.blocks
     options = fitted_options(options, _have_comoments(prepared.stats))
-    allocation = None
+    allocation = refits = None
     if blocks:
         plan, allocation = prepared.allocated_plan(options)
         for block in blocks:
@@ -884,6 +942,8 @@ def prune_prepared(
             ridge_lambda=options.ridge_lambda,
             external_dir=prepared.external_dir,
         )
+        if options.reconstruct and prepared.positions:
+            pruned, refits = _reconstructed(pruned, prepared, plan, options)
     else:
         plan, pruned = Plan({}), model
     params_before, params_after = count_params(model), count_params(pruned)
@@ -921,6 +981,7 @@ def prune_prepared(
             calibration={"samples": prepared.samples, "seconds": round(prepared.seconds, 3), **prepared.source},
             versions=versions(),
             allocation=allocation,
+            reconstruct=refit_rows(refits) if refits else None,
         )
         if eval_data is not None:
             with progress_bar("evaluating", count_samples(eval_data, prepared.specs, options.raw), options) as bar:
@@ -934,6 +995,41 @@ def prune_prepared(
             report.eval["data"] = _data_source(eval_data, options, prepared.specs)
             log.info("evaluated on %d held-out samples from %s", report.eval["samples"], eval_data)
     return report
+
+
+def _reconstructed(
+    pruned: onnx.ModelProto, prepared: Prepared, plan: Plan, options: PruneOptions
+) -> tuple[onnx.ModelProto, dict[str, Refit | str]]:
+    """`pruned` with each pruned block refit to the original's outputs at `prepared.positions`.
+    The blocks are found again in `pruned`, whose rewrite may have renamed fc2's output."""
+    widths = {block.name: block.width for block in prepared.blocks}
+    wanted = {name for name in prepared.positions if plan.keep[name].size < widths[name]}
+    blocks = [block for block in find_mlp_blocks(pruned) if block.name in wanted]
+    with progress_bar("refitting blocks", len(blocks), options, unit="block") as bar:
+
+        def fit(block: MlpBlock, weights: BlockWeights) -> Refit:
+            start = time.perf_counter()
+            refit = fit_block(weights, prepared.positions[block.name], block.activation)
+            bar.update(1)
+            if refit.weights is None:
+                log.info("block %s is not refit: %s", block.name, refit.reason)
+            else:
+                log.info(
+                    "refit block %s: held-out error %.3g -> %.3g of its output variance (%.1f s)",
+                    block.name,
+                    refit.held_error_before,
+                    refit.held_error_after,
+                    time.perf_counter() - start,
+                )
+            return refit
+
+        refit_model, outcomes = refit_weights(pruned, blocks, fit, external_dir=prepared.external_dir)
+    for name in wanted - outcomes.keys():
+        outcomes[name] = "not found again in the pruned model"
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, str):
+            log.warning("block %s is not refit: %s", name, outcome)
+    return refit_model, outcomes
 
 
 # A pruned model's file may outgrow the original's by this much: the compensation can add a bias
@@ -961,6 +1057,8 @@ def prune(
             "no prunable MLP block in the model" + "".join(f"; {s.name}: {s.reason}" for s in blocks.skipped)
         )
     options, _ = within_memory(options, blocks)  # `batches` are read once: no passes
+    if options.reconstruct:
+        log.warning("--reconstruct needs a second pass over the calibration data, which can be read only once here")
     folder = None if external_dir is None else Path(external_dir)
     batches = iter(batches)
     validation: list[Mapping[str, np.ndarray]] = []  # the first samples, for --allocation measured

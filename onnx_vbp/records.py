@@ -125,3 +125,34 @@ class Plan:
 
     def pruned(self, name: str, width: int) -> np.ndarray:
         return np.setdiff1d(np.arange(width), self.keep[name])
+
+
+@dataclass
+class BlockPositions:
+    """What a block saw at some calibration positions of the original model."""
+
+    inputs: np.ndarray  # [positions, in] fc1's input
+    outputs: np.ndarray  # [positions, out] fc2's output
+    sample: np.ndarray  # [positions] the calibration sample of each position
+
+
+@dataclass
+class BlockWeights:
+    """A block's weights as its neurons see them, whatever the graph's layout."""
+
+    fc1: np.ndarray  # [in, width]
+    fc1_bias: np.ndarray | None  # [width]; None where fc1 has no bias
+    fc2: np.ndarray  # [width, out]
+
+
+@dataclass
+class Refit:
+    """The outcome of refitting one pruned block (`reconstruct.fit_block`): the new weights and
+    what to add to fc2's bias, or None and why not; the held-out errors before and after."""
+
+    weights: BlockWeights | None
+    fc2_bias_delta: np.ndarray  # [out]
+    held_error_before: float
+    held_error_after: float
+    step: int  # the step kept (0: none)
+    reason: str | None = None  # why the refit is not kept

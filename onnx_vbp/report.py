@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnx_vbp.graph import with_outputs
-from onnx_vbp.records import BlockList, MlpBlock, Plan
+from onnx_vbp.records import BlockList, MlpBlock, Plan, Refit
 from onnx_vbp.runtime import ORT_ERRORS, cpu_session, first_line
 from onnx_vbp.stats import CalibrationError
 
@@ -211,14 +212,38 @@ class Report:
     calibration: dict  # samples, seconds, and the data (or statistics file) they came from
     versions: dict
     allocation: dict | None = None  # obs's global allocation: which (and the errors, when measured)
+    reconstruct: list[dict] | None = None  # refit_rows, with --reconstruct
     eval: dict | None = None  # evaluate's result and its data
 
     def to_dict(self) -> dict:
         fields = dataclasses.asdict(self)
-        for optional in ("allocation", "eval"):
+        for optional in ("allocation", "reconstruct", "eval"):
             if fields[optional] is None:
                 del fields[optional]
         return fields
+
+
+def refit_rows(outcomes: dict[str, Refit | str]) -> list[dict]:
+    """Each block's `--reconstruct` outcome as the report lists it: whether it was refit, its
+    held-out errors (relative to its output's variance) before and after, the step kept, and
+    why not where it was not."""
+    rows = []
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, str):
+            rows.append({"block": name, "refit": False, "reason": outcome})
+            continue
+        row = {
+            "block": name,
+            "refit": outcome.weights is not None,
+            # NaN (no held-out samples) is not JSON
+            "held_error_before": None if math.isnan(outcome.held_error_before) else outcome.held_error_before,
+            "held_error_after": None if math.isnan(outcome.held_error_after) else outcome.held_error_after,
+            "step": outcome.step,
+        }
+        if outcome.reason:
+            row["reason"] = outcome.reason
+        rows.append(row)
+    return rows
 
 
 def skipped_rows(blocks: BlockList) -> list[dict]:

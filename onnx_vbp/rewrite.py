@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from onnx_vbp.graph import (
 )
 from onnx_vbp.nbits import PackedWeight
 from onnx_vbp.options import COMPENSATIONS, DEFAULT_RIDGE_LAMBDA
-from onnx_vbp.records import BiasRef, MlpBlock, MlpSite, ParamRef, Plan
+from onnx_vbp.records import BiasRef, BlockWeights, MlpBlock, MlpSite, ParamRef, Plan, Refit
 from onnx_vbp.stats import Stats
 
 
@@ -196,6 +197,71 @@ def rewrite(
     del editor
     gc.collect()
     return pruned
+
+
+def refit_weights(
+    model: onnx.ModelProto,
+    blocks: list[MlpBlock],
+    fit: Callable[[MlpBlock, BlockWeights], Refit],
+    *,
+    external_dir: Path | None = None,
+) -> tuple[onnx.ModelProto, dict[str, Refit | str]]:
+    """Return a copy of `model` in which each block's fc1 and fc2 weights (and fc1's bias) are
+    what `fit(block, weights)` makes of them, and its delta is added to fc2's bias; with each
+    block's outcome, or why it was not offered to `fit`. Only float weights, of plain MatMul or
+    Gemm nodes (alpha = beta = 1), are refit. `model` is not modified."""
+    editor = _Editor(model, external_dir)
+    outcomes: dict[str, Refit | str] = {}
+    for block in blocks:
+        readers = _block_readers(editor, block)
+        site = block.sites[0]
+        refs = [site.fc1_params[0], site.fc2_weight, *site.fc1_params[1:]]
+        params = [editor.owned(editor.nodes[ref.node], ref.input, readers) for ref in refs]
+        reason = _unrefittable(editor, refs, params)
+        if reason is not None:
+            outcomes[block.name] = reason
+            continue
+        values = [param.value() for param in params]
+        fc1 = np.moveaxis(values[0], refs[0].axis, -1)
+        fc2 = np.moveaxis(values[1], refs[1].axis, 0)
+        fc1_bias = values[2].reshape(-1) if len(values) > 2 else None
+        refit = fit(block, BlockWeights(fc1, fc1_bias, fc2))
+        outcomes[block.name] = refit
+        if refit.weights is None:
+            continue
+        new = [np.moveaxis(refit.weights.fc1, -1, refs[0].axis), np.moveaxis(refit.weights.fc2, 0, refs[1].axis)]
+        if fc1_bias is not None:
+            new.append(refit.weights.fc1_bias.reshape(values[2].shape))
+        for param, value, old in zip(params, new, values, strict=True):
+            param.assign(np.asarray(value, dtype=old.dtype))
+        _add_to_bias(editor, site.fc2_bias, refit.fc2_bias_delta * site.fc2_bias.scale, values[1].dtype, readers)
+    refit_model = export_model(editor.graph, model, editor.edited)
+    del editor
+    gc.collect()
+    return refit_model, outcomes
+
+
+# The nodes whose weights `refit_weights` edits: fc1's and fc2's products, and the nodes that may
+# hold fc1's bias (an Add, or ORT's fused BiasGelu / FastGelu).
+REFIT_READERS = ("MatMul", "Gemm", "Add", "BiasGelu", "FastGelu")
+
+
+def _unrefittable(editor: _Editor, refs: list[ParamRef], params: list) -> str | None:
+    """Why these weights cannot be refit in place: quantized, scaled by a Gemm, or not 2-D."""
+    if len(refs) > 3:
+        return "fc1 is quantized"
+    for ref, param in zip(refs, params, strict=True):
+        node = editor.nodes[ref.node]
+        scaled = node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0
+        if node.op not in REFIT_READERS or scaled:
+            return f"its weights are read by {node.op}, not a plain {'/'.join(REFIT_READERS)}"
+        if not isinstance(param, TracedParam) or any(link.op in DEQUANTIZERS for link in param.chain):
+            return "its weights are quantized"
+        if not np.issubdtype(np.dtype(param.source.dtype), np.floating):
+            return "its weights are not floating point"
+    if len(params[0].shape) != 2 or len(params[1].shape) != 2:
+        return "its weights are not matrices"
+    return None
 
 
 def _block_readers(editor: _Editor, block: MlpBlock) -> set[int]:

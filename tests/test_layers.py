@@ -19,6 +19,7 @@ STAGES = {
     "importance": set(),
     "select": set(),
     "rewrite": set(),
+    "reconstruct": {"calibrate"},  # its positions are calibration's: real tokens, not padding
     "report": set(),
 }
 

@@ -1,0 +1,301 @@
+"""Stage 6 (opt-in, `--reconstruct`): refit each pruned block's kept neurons to the original block.
+
+After the rewrite a block computes, on its kept neurons K,
+
+    ŷ = act(x W1[:, K] + b1[K]) W2'[K] + c
+
+where the compensation chose W2' and c for fc1 as it was (ridge: the least-squares fc2 on the
+calibration covariance). The kept neurons themselves still compute what they computed before,
+and what the pruned ones carried is not linear in them. Here fc1's kept columns, their bias, fc2's
+kept rows and its bias are fitted together, by Adam, to the original block's fc2 output y on
+positions (x, y) gathered from the original model over the calibration data:
+
+    min  Σ ‖act(x W1 + b1) W2 + c − y‖²   over (x, y) of the training samples
+
+starting from the rewrite's weights. Every HELD_OUT_EVERY-th calibration sample is held out: the
+fit keeps the step whose held-out error is least, and a block keeps its refit only where that
+error is below the rewrite's by MIN_GAIN (with few distinct samples, the fit learns the samples
+and the held-out error rises from the first steps: the block is then left as the rewrite made it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from scipy.special import erf, expit
+
+from onnx_vbp.calibrate import token_rows
+from onnx_vbp.graph import with_outputs
+from onnx_vbp.records import BlockPositions, BlockWeights, MlpBlock, Refit
+from onnx_vbp.runtime import ORT_ERRORS, available_cores, cpu_session, first_line
+from onnx_vbp.stats import CalibrationError
+
+# Positions gathered for all blocks together stay within this many bytes (x and y in float32).
+POSITIONS_MEMORY = 1 << 30
+HELD_OUT_EVERY = 10  # every 10th calibration sample is held out of the fit
+MIN_HELD_OUT = 2  # samples: fewer held out, and no block is refit
+STEPS = 300
+BATCH_POSITIONS = 4096
+EVAL_EVERY = 25  # steps between two measurements of the held-out error
+# Adam's step for a weight (and its bias) is this fraction of the weight's root mean square, so the
+# same fit suits models whose weights differ in scale.
+LEARNING_RATE = 0.0075
+MIN_GAIN = 0.01  # a refit is kept when it lowers the held-out error by at least 1 %
+
+_SQRT_2_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cdf = 0.5 * (1.0 + erf(a / math.sqrt(2.0)))
+    return a * cdf, cdf + a * np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_tanh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t = np.tanh(_SQRT_2_PI * (a + 0.044715 * a**3))
+    slope = 0.5 * a * (1.0 - t * t) * _SQRT_2_PI * (1.0 + 3 * 0.044715 * a * a)
+    return 0.5 * a * (1.0 + t), 0.5 * (1.0 + t) + slope
+
+
+def _sigmoid_gated(scale: float) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    def gated(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # a * sigmoid(scale * a)
+        s = expit(scale * a)
+        return a * s, s + scale * a * s * (1.0 - s)
+
+    return gated
+
+
+def _relu(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.maximum(a, 0), (a > 0).astype(a.dtype)
+
+
+def _sigmoid(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = expit(a)
+    return s, s * (1.0 - s)
+
+
+def _tanh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t = np.tanh(a)
+    return t, 1.0 - t * t
+
+
+# Activation kind (as `find` reports it) -> (act(a), act'(a)). Other kinds are not refit.
+ACTIVATIONS: dict[str, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]] = {
+    "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
+    "silu": _sigmoid_gated(1.0),
+    "quick_gelu": _sigmoid_gated(1.702),
+    "relu": _relu,
+    "sigmoid": _sigmoid,
+    "tanh": _tanh,
+}
+
+
+def unfit_reason(block: MlpBlock) -> str | None:
+    """Why `block` cannot be refit (None if it can): one plain fc1 -> act -> fc2 on the last axis."""
+    if len(block.sites) > 1:
+        return "its weights are shared by several sites"
+    if block.gated:
+        return "gated blocks are not refit"
+    if block.conv:
+        return "1x1-convolution blocks are not refit"
+    if block.activation not in ACTIVATIONS:
+        return f"activation {block.activation} is not refit"
+    if block.sites[0].fc2_dequantize is not None:
+        return "its fc2 is an integer MatMul"
+    return None
+
+
+def _block_tensors(model: onnx.ModelProto, block: MlpBlock) -> tuple[str, str]:
+    """(fc1's input, fc2's output) in `model`; a ParamRef's node is keyed by its first output."""
+    site = block.sites[0]
+    fc1 = next(n for n in model.graph.node if n.output and n.output[0] == site.fc1_params[0].node)
+    return fc1.input[0], site.fc2_weight.node
+
+
+def _samples_of(values: np.ndarray, first_sample: int, batch_size: int) -> np.ndarray:
+    """The sample of each position of `values` (its rows of features, in order): a batch's rows
+    run over its samples in order, also where a layout Reshape folded them into one axis."""
+    rows = values.size // values.shape[-1]
+    return first_sample + np.arange(rows) * batch_size // rows
+
+
+def gather_positions(
+    model: onnx.ModelProto,
+    blocks: list[MlpBlock],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    samples: int,
+    *,
+    threads: int | None = None,
+    external_dir=None,
+    memory: int = POSITIONS_MEMORY,
+) -> dict[str, BlockPositions]:
+    """Each block's fc1 inputs and fc2 outputs in the original model, with their sample, at
+    evenly spaced positions of `batches` (padding left out): as many as `memory` holds for all
+    blocks, spread over the data's `samples` (at the first batch's positions per sample)."""
+    tensors = {block.name: _block_tensors(model, block) for block in blocks}
+    names = [name for pair in tensors.values() for name in pair]
+    session = cpu_session(with_outputs(model, names), threads, optimize=True, external_dir=external_dir)
+    input_names = [i.name for i in session.get_inputs()]
+    gathered: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {b.name: [] for b in blocks}
+    stride = capacity = None
+    seen = taken = first_sample = 0
+    for batch_index, batch in enumerate(batches):
+        try:
+            values = dict(zip(names, session.run(names, {n: batch[n] for n in input_names}), strict=True))
+        except ORT_ERRORS as exc:
+            raise CalibrationError(
+                f"ONNX Runtime failed on calibration batch {batch_index}: {first_line(exc)}"
+            ) from exc
+        kept_rows = token_rows(batch)
+        batch_size = len(next(iter(batch.values())))
+        if stride is None:  # bytes and positions per sample, known from the first batch
+            row_bytes = sum(4 * (values[x].shape[-1] + values[y].shape[-1]) for x, y in tensors.values())
+            capacity = max(1, memory // row_bytes)
+            first_input = values[next(iter(tensors.values()))[0]]
+            rows = first_input.size // first_input.shape[-1] if kept_rows is None else int(kept_rows.sum())
+            stride = max(1, math.ceil(samples * rows / batch_size / capacity))
+        for block in blocks:
+            x_name, y_name = tensors[block.name]
+            x, y = values[x_name], values[y_name]
+            sample_ids = _samples_of(x, first_sample, batch_size)
+            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            if kept_rows is not None and kept_rows.size == x.shape[0]:
+                real = kept_rows.reshape(-1)
+                x, y, sample_ids = x[real], y[real], sample_ids[real]
+            pick = np.arange((-seen) % stride, x.shape[0], stride)[: capacity - taken]
+            gathered[block.name].append((x[pick].astype(np.float32), y[pick].astype(np.float32), sample_ids[pick]))
+            counts = x.shape[0], pick.size
+        first_sample += batch_size
+        seen += counts[0]
+        taken += counts[1]
+        if taken >= capacity:
+            break
+    return {
+        name: BlockPositions(*(np.concatenate([part[i] for part in parts]) for i in range(3)))
+        for name, parts in gathered.items()
+        if parts
+    }
+
+
+@dataclass
+class _Fit:
+    """Adam over the block's parameters; `params` and the step of each, by name."""
+
+    params: dict[str, np.ndarray]
+    rates: dict[str, float]
+
+    def __post_init__(self) -> None:
+        self.first = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.second = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.steps = 0
+
+    def step(self, grads: dict[str, np.ndarray]) -> None:
+        self.steps += 1
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        for k, g in grads.items():
+            self.first[k] *= beta1
+            self.first[k] += (1 - beta1) * g
+            self.second[k] *= beta2
+            self.second[k] += (1 - beta2) * g * g
+            m_hat = self.first[k] / (1 - beta1**self.steps)
+            v_hat = self.second[k] / (1 - beta2**self.steps)
+            self.params[k] -= self.rates[k] * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+
+def _hidden(params: Mapping[str, np.ndarray], act, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """act(x W1 + b1) and its slope."""
+    a = x @ params["fc1"]
+    if "fc1_bias" in params:
+        a += params["fc1_bias"]
+    return act(a)
+
+
+def _on_threads(act, pool: ThreadPoolExecutor, workers: int):
+    """`act` over row chunks on the pool's threads: its erf / exp take as long as the block's
+    products, which BLAS already runs on every core."""
+
+    def activate(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = list(pool.map(act, np.array_split(a, workers)))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    return activate
+
+
+def _product_sums(params: Mapping[str, np.ndarray], act, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Over the rows of `x`, in chunks: the sum of act(x W1 + b1) W2, and the squared error of
+    the block's output (with its bias) against `y`, in float64."""
+    total, squared = np.zeros(params["fc2"].shape[1]), 0.0
+    for start in range(0, x.shape[0], BATCH_POSITIONS):
+        product = _hidden(params, act, x[start : start + BATCH_POSITIONS])[0] @ params["fc2"]
+        total += product.sum(0, dtype=np.float64)
+        error = product + params["bias"] - y[start : start + BATCH_POSITIONS]
+        squared += float(np.sum(np.square(error, dtype=np.float64)))
+    return total, squared
+
+
+def fit_block(
+    weights: BlockWeights, positions: BlockPositions, activation: str, *, steps: int = STEPS, seed: int = 0
+) -> Refit:
+    """Fit `weights` (the rewritten block's) to the original block's outputs at `positions`;
+    see the module docstring. The result says whether the refit is kept, and the held-out errors
+    before and after (relative to the outputs' variance)."""
+    workers = available_cores()
+    with ThreadPoolExecutor(workers) as pool:
+        return _fitted(weights, positions, _on_threads(ACTIVATIONS[activation], pool, workers), steps, seed)
+
+
+def _fitted(weights: BlockWeights, positions: BlockPositions, act, steps: int, seed: int) -> Refit:
+    held = positions.sample % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    if np.unique(positions.sample[held]).size < MIN_HELD_OUT:
+        return Refit(None, np.zeros(weights.fc2.shape[1]), math.nan, math.nan, 0, "too few calibration samples")
+    x_fit, y_fit = positions.inputs[~held], positions.outputs[~held]
+    x_held, y_held = positions.inputs[held], positions.outputs[held]
+    scale = float(np.mean(np.sum(np.square(y_fit - y_fit.mean(0), dtype=np.float64), axis=1))) or 1.0
+    params = {"fc1": weights.fc1.astype(np.float32), "fc2": weights.fc2.astype(np.float32)}
+    if weights.fc1_bias is not None:
+        params["fc1_bias"] = weights.fc1_bias.astype(np.float32)
+    # c stands for everything added after fc2's product (its bias and the compensation's)
+    params["bias"] = np.zeros(weights.fc2.shape[1], np.float32)
+    product_sum = _product_sums(params, act, x_fit, y_fit)[0]
+    first_bias = (y_fit.mean(0, dtype=np.float64) - product_sum / x_fit.shape[0]).astype(np.float32)
+    params["bias"] = first_bias.copy()
+    rates = {"fc1": _rms(params["fc1"]), "fc2": _rms(params["fc2"])}
+    rates = {k: LEARNING_RATE * rates["fc1" if k.startswith("fc1") else "fc2"] for k in params}
+    fit = _Fit(params, rates)
+
+    def held_error() -> float:  # relative to the outputs' variance
+        return _product_sums(params, act, x_held, y_held)[1] / x_held.shape[0] / scale
+
+    before = best_error = held_error()
+    best = {k: v.copy() for k, v in params.items()}
+    best_step = 0
+    rng = np.random.default_rng(seed)
+    for step in range(1, steps + 1):
+        pick = rng.integers(0, x_fit.shape[0], BATCH_POSITIONS)
+        x, y = x_fit[pick], y_fit[pick]
+        h, slope = _hidden(params, act, x)
+        residual = h @ params["fc2"] + params["bias"] - y
+        grad_out = residual * np.float32(2.0 / (pick.size * scale))
+        grad_a = (grad_out @ params["fc2"].T) * slope
+        grads = {"fc2": h.T @ grad_out, "bias": grad_out.sum(0), "fc1": x.T @ grad_a}
+        if "fc1_bias" in params:
+            grads["fc1_bias"] = grad_a.sum(0)
+        fit.step(grads)
+        if step % EVAL_EVERY == 0 or step == steps:
+            error = held_error()
+            if error < best_error:
+                best_error, best_step = error, step
+                best = {k: v.copy() for k, v in params.items()}
+    if best_error > (1.0 - MIN_GAIN) * before:
+        return Refit(None, np.zeros(weights.fc2.shape[1]), before, best_error, best_step, "no gain on held-out samples")
+    fitted = BlockWeights(best["fc1"], best.get("fc1_bias"), best["fc2"])
+    return Refit(fitted, (best["bias"] - first_bias).astype(np.float64), before, best_error, best_step, None)

@@ -1,0 +1,188 @@
+"""`--reconstruct`: each pruned block's kept fc1 and fc2 refit to the original block's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from graphs import BlockSpec, build_model, quantize_static_int8, random_batch
+from helpers import run
+
+from onnx_vbp import find_mlp_blocks
+from onnx_vbp.cli import main
+from onnx_vbp.reconstruct import ACTIVATIONS, fit_block, gather_positions
+from onnx_vbp.records import BlockPositions, BlockWeights, Refit
+from onnx_vbp.rewrite import refit_weights
+
+
+@pytest.mark.parametrize("kind", sorted(ACTIVATIONS))
+def test_activation_slopes_are_the_derivatives(kind: str) -> None:
+    a = np.linspace(-4.0, 4.0, 801) + 0.0013  # off relu's kink
+    step = 1e-5
+    value, slope = ACTIVATIONS[kind](a)
+    numeric = (ACTIVATIONS[kind](a + step)[0] - ACTIVATIONS[kind](a - step)[0]) / (2 * step)
+    np.testing.assert_allclose(slope, numeric, atol=1e-6)
+    assert value.shape == a.shape
+
+
+def _gelu_block(rng: np.random.Generator, positions: int, dim: int = 16, width: int = 64):
+    """A GELU block's weights and its outputs on Gaussian inputs; samples of 10 positions each."""
+    x = rng.normal(size=(positions, dim)).astype(np.float32)
+    fc1 = (rng.normal(size=(dim, width)) / np.sqrt(dim)).astype(np.float32)
+    fc1_bias = (0.3 * rng.normal(size=width)).astype(np.float32)
+    fc2 = (rng.normal(size=(width, dim)) / np.sqrt(width)).astype(np.float32)
+    y = (ACTIVATIONS["gelu"](x @ fc1 + fc1_bias)[0] @ fc2).astype(np.float32)
+    return BlockPositions(x, y, np.arange(positions) // 10), BlockWeights(fc1, fc1_bias, fc2)
+
+
+def test_fit_lowers_the_held_out_error_of_a_pruned_block() -> None:
+    positions, full = _gelu_block(np.random.default_rng(0), 20_000)
+    keep = np.arange(24)  # the rest dropped outright: what remains is far from y
+    kept = BlockWeights(full.fc1[:, keep], full.fc1_bias[keep], full.fc2[keep])
+    refit = fit_block(kept, positions, "gelu")
+    assert refit.weights is not None and refit.step > 0
+    assert refit.held_error_after < 0.7 * refit.held_error_before
+    assert refit.weights.fc1.shape == kept.fc1.shape and refit.weights.fc2.shape == kept.fc2.shape
+    again = fit_block(kept, positions, "gelu")  # seeded: the same refit
+    np.testing.assert_array_equal(again.weights.fc2, refit.weights.fc2)
+
+
+def test_a_fit_that_only_learns_its_samples_is_not_kept() -> None:
+    rng = np.random.default_rng(1)
+    positions, full = _gelu_block(rng, 2_000)
+    positions.outputs = rng.normal(size=positions.outputs.shape).astype(np.float32)  # nothing to learn
+    no_fc2 = BlockWeights(full.fc1, full.fc1_bias, np.zeros_like(full.fc2))
+    refit = fit_block(no_fc2, positions, "gelu")
+    assert refit.weights is None and refit.step == 0 and "held-out" in refit.reason
+    assert not np.any(refit.fc2_bias_delta)
+
+
+def test_too_few_samples_to_hold_out_are_not_fitted() -> None:
+    positions, full = _gelu_block(np.random.default_rng(2), 150)  # samples 0..14: one held out
+    refit = fit_block(full, positions, "gelu")
+    assert refit.weights is None and "too few" in refit.reason
+
+
+LAYOUTS = [
+    BlockSpec(),
+    BlockSpec(fc="gemm_transb", act="relu"),
+    BlockSpec(store="transposed", act="gelu_tanh_pow"),
+    BlockSpec(store="fp16", act="silu"),
+    BlockSpec(fc2_bias="none"),
+    BlockSpec(act="ms_biasgelu"),
+    BlockSpec(fc2_bias="skip_layernorm"),
+]
+
+
+@pytest.mark.parametrize("spec", LAYOUTS, ids=lambda s: f"{s.fc}-{s.store}-{s.act}-{s.fc2_bias}")
+def test_refit_weights_writes_what_the_fit_returns(spec: BlockSpec) -> None:
+    model = build_model([spec], residual=False)
+    feed = random_batch(model)
+    rng = np.random.default_rng(3)
+    offered, written = {}, {}
+
+    def fit(block, weights: BlockWeights) -> Refit:
+        offered[block.name] = weights
+        new = BlockWeights(
+            weights.fc1 * rng.uniform(0.5, 1.5, weights.fc1.shape),
+            None if weights.fc1_bias is None else weights.fc1_bias + 0.1,
+            weights.fc2 * rng.uniform(0.5, 1.5, weights.fc2.shape),
+        )
+        written[block.name] = new
+        return Refit(new, np.full(weights.fc2.shape[1], 0.25), 1.0, 0.5, 10)
+
+    refit_model, outcomes = refit_weights(model, find_mlp_blocks(model), fit)
+    onnx.checker.check_model(refit_model)
+    assert all(isinstance(o, Refit) for o in outcomes.values()) and len(outcomes) == 1
+    seen = {}
+
+    def record(block, weights: BlockWeights) -> Refit:
+        seen[block.name] = weights
+        return Refit(None, np.zeros(weights.fc2.shape[1]), 1.0, 1.0, 0, "only looking")
+
+    refit_weights(refit_model, find_mlp_blocks(refit_model), record)
+    tolerance = 2e-3 if spec.store == "fp16" else 1e-6
+    for name, new in written.items():
+        np.testing.assert_allclose(seen[name].fc1, new.fc1, rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(seen[name].fc2, new.fc2, rtol=tolerance, atol=tolerance)
+        if new.fc1_bias is not None:
+            np.testing.assert_allclose(seen[name].fc1_bias, new.fc1_bias, rtol=tolerance, atol=tolerance)
+    if spec.fc2_bias != "skip_layernorm":  # the block's output is the model's: check it numerically
+        (before,), (after,) = run(model, feed), run(refit_model, feed)
+        (old,), (new,) = offered.values(), written.values()
+        act = ACTIVATIONS[find_mlp_blocks(model)[0].activation]
+        x = feed["x"].reshape(-1, old.fc1.shape[0]).astype(np.float64)
+        b1_old = 0.0 if old.fc1_bias is None else old.fc1_bias
+        b1_new = 0.0 if new.fc1_bias is None else new.fc1_bias
+        change = act(x @ new.fc1 + b1_new)[0] @ new.fc2 - act(x @ old.fc1 + b1_old)[0] @ old.fc2 + 0.25
+        atol = 2e-2 if spec.store == "fp16" else 1e-4
+        np.testing.assert_allclose((after - before).reshape(change.shape), change, atol=atol)
+
+
+def test_quantized_weights_are_not_refit(tmp_path: Path) -> None:
+    model = build_model([BlockSpec(hidden=32)], dim=16, residual=False)
+    onnx.save(model, tmp_path / "net.onnx")
+    quantize_static_int8(tmp_path / "net.onnx", tmp_path / "int8.onnx", model)
+    int8 = onnx.load(tmp_path / "int8.onnx")
+    blocks = find_mlp_blocks(int8)
+    assert blocks
+    _, outcomes = refit_weights(int8, blocks, lambda b, w: pytest.fail("offered quantized weights"))
+    assert all("quantized" in outcome for outcome in outcomes.values()), outcomes
+
+
+def _write_batches(folder: Path, model: onnx.ModelProto, seeds: range) -> None:
+    folder.mkdir()
+    for seed in seeds:
+        np.savez(folder / f"{seed}.npz", **random_batch(model, batch=32, seed=seed))
+
+
+def test_reconstruct_through_the_cli_beats_the_rewrite_on_held_out_data(tmp_path: Path) -> None:
+    model = build_model([BlockSpec(hidden=48), BlockSpec(hidden=48, act="relu")], dim=16, seq=5)
+    onnx.save(model, tmp_path / "m.onnx")
+    _write_batches(tmp_path / "calib", model, range(8))
+    held_out = random_batch(model, batch=64, seed=99)
+    (reference,) = run(model, held_out)
+    errors = {}
+    for name, extra in (("ridge", []), ("refit", ["--reconstruct"])):
+        out, report = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
+        argv = [str(tmp_path / "m.onnx"), str(tmp_path / "calib"), "--ratio", "0.5", "-q", "-o", str(out)]
+        assert main([*argv, "--report", str(report), *extra]) == 0
+        (pruned,) = run(onnx.load(out), held_out)
+        errors[name] = float(np.linalg.norm(pruned - reference) / np.linalg.norm(reference))
+        rows = json.loads(report.read_text()).get("reconstruct")
+        if extra:
+            assert [row["refit"] for row in rows] == [True, True], rows
+            assert all(row["held_error_after"] < row["held_error_before"] for row in rows)
+        else:
+            assert rows is None
+    assert errors["refit"] < 0.92 * errors["ridge"], errors  # 0.87 when written
+
+
+def test_reconstruct_from_saved_statistics_alone_prunes_without_refitting(tmp_path: Path, caplog) -> None:
+    model = build_model([BlockSpec(hidden=32)], dim=16)
+    onnx.save(model, tmp_path / "m.onnx")
+    _write_batches(tmp_path / "calib", model, range(2))
+    stats, report = tmp_path / "s.npz", tmp_path / "r.json"
+    first = [str(tmp_path / "m.onnx"), str(tmp_path / "calib"), "-q", "-o", str(tmp_path / "a.onnx")]
+    assert main([*first, "--save-stats", str(stats)]) == 0
+    argv = [str(tmp_path / "m.onnx"), "--stats", str(stats), "--reconstruct", "-o", str(tmp_path / "b.onnx")]
+    assert main([*argv, "--report", str(report)]) == 0
+    assert "reconstruct" not in json.loads(report.read_text())
+    assert "--reconstruct needs the calibration data" in caplog.text
+
+
+def test_gathered_positions_stay_within_memory_and_span_the_data() -> None:
+    model = build_model([BlockSpec(hidden=16)], dim=8, seq=5, residual=False)
+    batches = [random_batch(model, batch=8, seed=s) for s in range(10)]  # 80 samples of 5 positions
+    blocks = find_mlp_blocks(model)
+    row_bytes = 4 * (8 + 8)  # fc1's input and fc2's output, float32
+    (positions,) = gather_positions(model, blocks, batches, 80, memory=100 * row_bytes).values()
+    assert 90 <= positions.sample.size <= 100  # every 4th position of 400
+    assert positions.sample.min() == 0 and positions.sample.max() >= 75  # spread over all the data
+    np.testing.assert_array_equal(positions.sample, np.sort(positions.sample))
+    first = batches[0]["x"].reshape(-1, 8)
+    np.testing.assert_array_equal(positions.inputs[:2], first[[0, 4]])
+    assert positions.outputs.shape == positions.inputs.shape
