@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -52,6 +53,8 @@ MIN_GAIN = 0.01  # a refit is kept when it lowers the held-out error by at least
 
 _SQRT_2_PI = math.sqrt(2.0 / math.pi)
 
+ActivationFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # a -> (act(a), act'(a))
+
 
 def _gelu(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cdf = 0.5 * (1.0 + erf(a / math.sqrt(2.0)))
@@ -64,7 +67,7 @@ def _gelu_tanh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 0.5 * a * (1.0 + t), 0.5 * (1.0 + t) + slope
 
 
-def _sigmoid_gated(scale: float) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _sigmoid_gated(scale: float) -> ActivationFn:
     def gated(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # a * sigmoid(scale * a)
         s = expit(scale * a)
         return a * s, s + scale * a * s * (1.0 - s)
@@ -87,7 +90,7 @@ def _tanh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Activation kind (as `find` reports it) -> (act(a), act'(a)). Other kinds are not refit.
-ACTIVATIONS: dict[str, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]] = {
+ACTIVATIONS: dict[str, ActivationFn] = {
     "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
     "silu": _sigmoid_gated(1.0),
@@ -134,7 +137,7 @@ def gather_positions(
     samples: int,
     *,
     threads: int | None = None,
-    external_dir=None,
+    external_dir: Path | None = None,
     memory: int = POSITIONS_MEMORY,
 ) -> dict[str, BlockPositions]:
     """Each block's fc1 inputs and fc2 outputs in the original model, with their sample, at
@@ -214,7 +217,7 @@ def _rms(a: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
 
 
-def _hidden(params: Mapping[str, np.ndarray], act, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _hidden(params: Mapping[str, np.ndarray], act: ActivationFn, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """act(x W1 + b1) and its slope."""
     a = x @ params["fc1"]
     if "fc1_bias" in params:
@@ -222,7 +225,7 @@ def _hidden(params: Mapping[str, np.ndarray], act, x: np.ndarray) -> tuple[np.nd
     return act(a)
 
 
-def _on_threads(act, pool: ThreadPoolExecutor, workers: int):
+def _on_threads(act: ActivationFn, pool: ThreadPoolExecutor, workers: int) -> ActivationFn:
     """`act` over row chunks on the pool's threads: its erf / exp take as long as the block's
     products, which BLAS already runs on every core."""
 
@@ -233,7 +236,9 @@ def _on_threads(act, pool: ThreadPoolExecutor, workers: int):
     return activate
 
 
-def _product_sums(params: Mapping[str, np.ndarray], act, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+def _product_sums(
+    params: Mapping[str, np.ndarray], act: ActivationFn, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, float]:
     """Over the rows of `x`, in chunks: the sum of act(x W1 + b1) W2, and the squared error of
     the block's output (with its bias) against `y`, in float64."""
     total, squared = np.zeros(params["fc2"].shape[1]), 0.0
@@ -256,7 +261,7 @@ def fit_block(
         return _fitted(weights, positions, _on_threads(ACTIVATIONS[activation], pool, workers), steps, seed)
 
 
-def _fitted(weights: BlockWeights, positions: BlockPositions, act, steps: int, seed: int) -> Refit:
+def _fitted(weights: BlockWeights, positions: BlockPositions, act: ActivationFn, steps: int, seed: int) -> Refit:
     held = positions.sample % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
     if np.unique(positions.sample[held]).size < MIN_HELD_OUT:
         return Refit(None, np.zeros(weights.fc2.shape[1]), math.nan, math.nan, 0, "too few calibration samples")
