@@ -77,7 +77,7 @@ from onnx_vbp.report import (
     run_sample,
     skipped_rows,
 )
-from onnx_vbp.rewrite import refit_weights, rewrite
+from onnx_vbp.rewrite import refit_blockers, refit_weights, rewrite
 from onnx_vbp.runtime import cpu_session
 from onnx_vbp.select import select
 from onnx_vbp.stats import (
@@ -632,13 +632,14 @@ def _block_positions(
     if options.stats is not None:
         log.warning("--reconstruct needs the calibration data, not only its statistics: no block is refit")
         return {}
-    refittable = []
-    for block in blocks:
-        reason = unfit_reason(block)
-        if reason is None:
-            refittable.append(block)
-        else:
-            log.warning("block %s is not refit: %s", block.name, reason)
+    reasons = {block.name: unfit_reason(block) for block in blocks}
+    candidates = [block for block in blocks if reasons[block.name] is None]
+    # quantized or scaled weights are known from the graph: spare the data pass for them
+    reasons.update(refit_blockers(model, candidates, external_dir=external_dir) if candidates else {})
+    for name, reason in reasons.items():
+        if reason is not None:
+            log.warning("block %s is not refit: %s", name, reason)
+    refittable = [block for block in blocks if reasons[block.name] is None]
     if not refittable:
         return {}
     start = time.perf_counter()

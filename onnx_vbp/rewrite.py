@@ -213,14 +213,12 @@ def refit_weights(
     editor = _Editor(model, external_dir)
     outcomes: dict[str, Refit | str] = {}
     for block in blocks:
-        readers = _block_readers(editor, block)
-        site = block.sites[0]
-        refs = [site.fc1_params[0], site.fc2_weight, *site.fc1_params[1:]]
-        params = [editor.owned(editor.nodes[ref.node], ref.input, readers) for ref in refs]
-        reason = _unrefittable(editor, refs, params)
-        if reason is not None:
-            outcomes[block.name] = reason
+        found = _refit_params(editor, block)
+        if isinstance(found, str):
+            outcomes[block.name] = found
             continue
+        refs, params, readers = found
+        site = block.sites[0]
         values = [param.value() for param in params]
         fc1 = np.moveaxis(values[0], refs[0].axis, -1)
         fc2 = np.moveaxis(values[1], refs[1].axis, 0)
@@ -239,6 +237,29 @@ def refit_weights(
     del editor
     gc.collect()
     return refit_model, outcomes
+
+
+def refit_blockers(
+    model: onnx.ModelProto, blocks: list[MlpBlock], *, external_dir: Path | None = None
+) -> dict[str, str]:
+    """Why `refit_weights` would not offer a block's weights to its fit, by block name (a block
+    it would offer is absent): known from the graph alone, before any data is read for it."""
+    editor = _Editor(model, external_dir)
+    found = {block.name: _refit_params(editor, block) for block in blocks}
+    del editor
+    gc.collect()
+    return {name: reason for name, reason in found.items() if isinstance(reason, str)}
+
+
+def _refit_params(editor: _Editor, block: MlpBlock) -> tuple[list[ParamRef], list, set[int]] | str:
+    """The block's fc1 weight, fc2 weight and fc1 bias (refs and editable params) and the nodes
+    that may read them, or why they cannot be refit in place."""
+    readers = _block_readers(editor, block)
+    site = block.sites[0]
+    refs = [site.fc1_params[0], site.fc2_weight, *site.fc1_params[1:]]
+    params = [editor.owned(editor.nodes[ref.node], ref.input, readers) for ref in refs]
+    reason = _unrefittable(editor, refs, params)
+    return (refs, params, readers) if reason is None else reason
 
 
 # The nodes whose weights `refit_weights` edits: fc1's and fc2's products, and the nodes that may

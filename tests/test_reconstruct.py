@@ -133,6 +133,19 @@ def test_quantized_weights_are_not_refit(tmp_path: Path) -> None:
     assert all("quantized" in outcome for outcome in outcomes.values()), outcomes
 
 
+def test_quantized_blocks_are_declined_before_the_data_pass(tmp_path: Path, caplog) -> None:
+    model = build_model([BlockSpec(hidden=32)], dim=16, residual=False)
+    onnx.save(model, tmp_path / "net.onnx")
+    quantize_static_int8(tmp_path / "net.onnx", tmp_path / "int8.onnx", model)
+    _write_batches(tmp_path / "calib", model, range(2))
+    argv = [str(tmp_path / "int8.onnx"), str(tmp_path / "calib"), "--ratio", "0.5", "-o", str(tmp_path / "out.onnx")]
+    caplog.set_level("INFO")
+    assert main([*argv, "--reconstruct"]) == 0
+    assert "is not refit: its weights are quantized" in caplog.text
+    assert "gathered" not in caplog.text  # no pass over the data for nothing to refit
+    assert len(find_mlp_blocks(onnx.load(tmp_path / "out.onnx"))[0].sites) == 1
+
+
 def _write_batches(folder: Path, model: onnx.ModelProto, seeds: range) -> None:
     folder.mkdir()
     for seed in seeds:
