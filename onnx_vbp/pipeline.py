@@ -248,6 +248,7 @@ class Prepared:
     source: dict = field(default_factory=dict)  # where the statistics came from, for the report
     validation: list[dict[str, np.ndarray]] = field(default_factory=list)  # for --allocation measured
     positions: dict[str, BlockPositions] = field(default_factory=dict)  # for --reconstruct, by block
+    refit_declined: dict[str, str] = field(default_factory=dict)  # blocks --reconstruct cannot refit: why
     _rankings: dict[tuple, dict[str, Ranking]] = field(default_factory=dict)  # per (score, λ), per block
     _validation_outputs: list[list[np.ndarray]] | None = None  # the original's, on `validation`
 
@@ -596,7 +597,9 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
     if blocks and options.allocation == "measured" and options.stats is None:
         first = dataclasses.replace(options, max_samples=VALIDATION_SAMPLES)
         validation = list(calibration_batches(Path(calib), specs, first))
-    positions = _block_positions(model, blocks, calib, specs, measured.samples, options, external_dir) if blocks else {}
+    positions, refit_declined = (
+        _block_positions(model, blocks, calib, specs, measured.samples, options, external_dir) if blocks else ({}, {})
+    )
     return Prepared(
         model_path,
         model,
@@ -613,6 +616,7 @@ def prepare(model_path: Path, calib: Path | None, options: PruneOptions = PruneO
         measured.source,
         validation,
         positions,
+        refit_declined,
     )
 
 
@@ -624,14 +628,15 @@ def _block_positions(
     samples: int,
     options: PruneOptions,
     external_dir: Path | None,
-) -> dict[str, BlockPositions]:
+) -> tuple[dict[str, BlockPositions], dict[str, str]]:
     """For `--reconstruct`: what each block that can be refit sees in the original model, at
-    positions spread over the calibration data (one more pass over it)."""
+    positions spread over the calibration data (one more pass over it); and why each other block
+    cannot be refit."""
     if not options.reconstruct:
-        return {}
+        return {}, {}
     if options.stats is not None:
         log.warning("--reconstruct needs the calibration data, not only its statistics: no block is refit")
-        return {}
+        return {}, {}
     reasons = {block.name: unfit_reason(block) for block in blocks}
     candidates = [block for block in blocks if reasons[block.name] is None]
     # quantized or scaled weights are known from the graph: spare the data pass for them
@@ -640,8 +645,9 @@ def _block_positions(
         if reason is not None:
             log.warning("block %s is not refit: %s", name, reason)
     refittable = [block for block in blocks if reasons[block.name] is None]
+    declined = {name: reason for name, reason in reasons.items() if reason is not None}
     if not refittable:
-        return {}
+        return {}, declined
     start = time.perf_counter()
     with progress_bar("gathering positions", samples, options) as bar:
         batches = _counted(calibration_batches(Path(calib), specs, options), bar, specs[0].name)
@@ -658,7 +664,7 @@ def _block_positions(
         len(next(iter(positions.values())).sample) if positions else 0,
         time.perf_counter() - start,
     )
-    return positions
+    return positions, declined
 
 
 @dataclass(frozen=True)
@@ -943,7 +949,7 @@ def prune_prepared(
             ridge_lambda=options.ridge_lambda,
             external_dir=prepared.external_dir,
         )
-        if options.reconstruct and prepared.positions:
+        if options.reconstruct and (prepared.positions or prepared.refit_declined):
             pruned, refits = _reconstructed(pruned, prepared, plan, options)
     else:
         plan, pruned = Plan({}), model
@@ -1001,10 +1007,14 @@ def prune_prepared(
 def _reconstructed(
     pruned: onnx.ModelProto, prepared: Prepared, plan: Plan, options: PruneOptions
 ) -> tuple[onnx.ModelProto, dict[str, Refit | str]]:
-    """`pruned` with each pruned block refit to the original's outputs at `prepared.positions`.
-    The blocks are found again in `pruned`, whose rewrite may have renamed fc2's output."""
+    """`pruned` with each pruned block refit to the original's outputs at `prepared.positions`,
+    and each pruned block's outcome (why not, for those `prepare` declined). The blocks are found
+    again in `pruned`, whose rewrite may have renamed fc2's output."""
     widths = {block.name: block.width for block in prepared.blocks}
+    declined = {name: why for name, why in prepared.refit_declined.items() if plan.keep[name].size < widths[name]}
     wanted = {name for name in prepared.positions if plan.keep[name].size < widths[name]}
+    if not wanted:
+        return pruned, dict(declined)
     blocks = [block for block in find_mlp_blocks(pruned) if block.name in wanted]
     with progress_bar("refitting blocks", len(blocks), options, unit="block") as bar:
 
@@ -1030,7 +1040,8 @@ def _reconstructed(
     for name, outcome in outcomes.items():
         if isinstance(outcome, str):
             log.warning("block %s is not refit: %s", name, outcome)
-    return refit_model, outcomes
+    outcomes.update(declined)
+    return refit_model, {name: outcomes[name] for name in widths if name in outcomes}  # in the model's order
 
 
 # A pruned model's file may outgrow the original's by this much: the compensation can add a bias

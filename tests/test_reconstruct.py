@@ -140,9 +140,11 @@ def test_quantized_blocks_are_declined_before_the_data_pass(tmp_path: Path, capl
     _write_batches(tmp_path / "calib", model, range(2))
     argv = [str(tmp_path / "int8.onnx"), str(tmp_path / "calib"), "--ratio", "0.5", "-o", str(tmp_path / "out.onnx")]
     caplog.set_level("INFO")
-    assert main([*argv, "--reconstruct"]) == 0
+    assert main([*argv, "--reconstruct", "--report", str(tmp_path / "r.json")]) == 0
     assert "is not refit: its weights are quantized" in caplog.text
     assert "gathered" not in caplog.text  # no pass over the data for nothing to refit
+    (row,) = json.loads((tmp_path / "r.json").read_text())["reconstruct"]  # the report still says why
+    assert row["refit"] is False and "quantized" in row["reason"]
     assert find_mlp_blocks(onnx.load(tmp_path / "out.onnx"))[0].width == 16  # pruned, as without the option
 
 
@@ -172,6 +174,19 @@ def test_reconstruct_through_the_cli_beats_the_rewrite_on_held_out_data(tmp_path
         else:
             assert rows is None
     assert errors["refit"] < 0.92 * errors["ridge"], errors  # 0.87 when written
+
+
+def test_report_lists_every_pruned_block_in_order_with_why_not(tmp_path: Path) -> None:
+    model = build_model([BlockSpec(hidden=32, gated=True), BlockSpec(hidden=32)], dim=16, seq=5)
+    onnx.save(model, tmp_path / "m.onnx")
+    _write_batches(tmp_path / "calib", model, range(4))
+    argv = [str(tmp_path / "m.onnx"), str(tmp_path / "calib"), "--ratio", "0.5", "-q", "-o", str(tmp_path / "o.onnx")]
+    assert main([*argv, "--scope", "per-block", "--reconstruct", "--report", str(tmp_path / "r.json")]) == 0
+    gated, plain = json.loads((tmp_path / "r.json").read_text())["reconstruct"]
+    names = [block.name for block in find_mlp_blocks(model)]
+    assert [gated["block"], plain["block"]] == names
+    assert gated == {"block": names[0], "refit": False, "reason": "gated blocks are not refit"}
+    assert plain["held_error_before"] is not None  # offered to the fit
 
 
 def test_reconstruct_from_saved_statistics_alone_prunes_without_refitting(tmp_path: Path, caplog) -> None:
