@@ -641,11 +641,10 @@ def _block_positions(
     candidates = [block for block in blocks if reasons[block.name] is None]
     # quantized or scaled weights are known from the graph: spare the data pass for them
     reasons.update(refit_blockers(model, candidates, external_dir=external_dir) if candidates else {})
-    for name, reason in reasons.items():
-        if reason is not None:
-            log.warning("block %s is not refit: %s", name, reason)
-    refittable = [block for block in blocks if reasons[block.name] is None]
     declined = {name: reason for name, reason in reasons.items() if reason is not None}
+    for name, reason in declined.items():
+        log.warning("block %s is not refit: %s", name, reason)
+    refittable = [block for block in blocks if block.name not in declined]
     if not refittable:
         return {}, declined
     start = time.perf_counter()
@@ -1010,9 +1009,10 @@ def _reconstructed(
     """`pruned` with each pruned block refit to the original's outputs at `prepared.positions`,
     and each pruned block's outcome (why not, for those `prepare` declined). The blocks are found
     again in `pruned`, whose rewrite may have renamed fc2's output."""
-    widths = {block.name: block.width for block in prepared.blocks}
-    declined = {name: why for name, why in prepared.refit_declined.items() if plan.keep[name].size < widths[name]}
-    wanted = {name for name in prepared.positions if plan.keep[name].size < widths[name]}
+    order = [block.name for block in prepared.blocks]
+    pruned_names = {block.name for block in prepared.blocks if plan.keep[block.name].size < block.width}
+    declined = {name: why for name, why in prepared.refit_declined.items() if name in pruned_names}
+    wanted = prepared.positions.keys() & pruned_names
     if not wanted:
         return pruned, dict(declined)
     blocks = [block for block in find_mlp_blocks(pruned) if block.name in wanted]
@@ -1041,7 +1041,7 @@ def _reconstructed(
         if isinstance(outcome, str):
             log.warning("block %s is not refit: %s", name, outcome)
     outcomes.update(declined)
-    return refit_model, {name: outcomes[name] for name in widths if name in outcomes}  # in the model's order
+    return refit_model, {name: outcomes[name] for name in order if name in outcomes}
 
 
 # A pruned model's file may outgrow the original's by this much: the compensation can add a bias
