@@ -275,42 +275,83 @@ def _fc2_bias(fc2: Linear) -> BiasRef:
     return BiasRef(node_key(fc2.node), None)
 
 
-def _residual(fc2: Linear, taken: set[str]) -> tuple[str | None, str | None, ParamRef | None]:
+def _residual(fc2: Linear, taken: set[str]) -> tuple[str | None, str | None, ParamRef | None, ParamRef | None]:
     """Where fc2's output (after its bias) is added to the residual stream:
 
         fc2 [-> Add(bias)] [-> Reshape]* [-> Mul(scale)] [-> Reshape]* -> Add(·, stream) -> sum
         ... -> SkipLayerNormalization(·, stream, γ, β[, bias])        -> its output 3, the sum
 
-    Returns (sum, SkipLayerNormalization key or None, scale). The fused op writes the sum only
+    Returns (sum, SkipLayerNormalization key or None, scale, the scale γ of the layer
+    normalization that reads the sum, see `_norm_scale`). The fused op writes the sum only
     when asked (optional output 3): if the model leaves it out, the sum gets a name not in
     `taken` and instrument adds it. `scale` is a constant of one value per output feature or one
     in all (layer scale, ViT-S and ConvNeXt); the other operand of a final Add must not be
     constant. A Reshape (onnxsim's Gemm on [batch * positions, features], reshaped back) keeps
-    the features on the last axis, which the stream's energy is measured over. (None, None, None)
-    otherwise.
+    the features on the last axis, which the stream's energy is measured over. All None otherwise.
     """
     out, scale = fc2.output, None
     for _ in range(2):
         while len(out.outputs) == 1 and out.outputs[0].op in LAYOUT_OPS and fc2.feature_axis == -1:
             out = out.outputs[0].outputs[0]
         if len(out.outputs) != 1:
-            return None, None, None
+            return None, None, None, None
         node = out.outputs[0]
         if node.op == "SkipLayerNormalization" and len(node.inputs) >= 3 and any(t is out for t in node.inputs[:2]):
-            return _sum_output(node, taken), node_key(node), scale
+            return _sum_output(node, taken), node_key(node), scale, _scale_of(node, 2, fc2.out_features)
         others = [i for i, t in enumerate(node.inputs) if t is not out]
         if len(node.inputs) != 2 or len(others) != 1:
-            return None, None, None
+            return None, None, None, None
         other = trace_param(node.inputs[others[0]])
         if node.op == "Add" and other is None and node.outputs:
-            return node.outputs[0].name, None, scale
+            return node.outputs[0].name, None, scale, _norm_scale(node.outputs[0], fc2.out_features)
         if node.op != "Mul" or scale is not None or other is None:
-            return None, None, None
+            return None, None, None, None
         size = int(np.prod(other.source.shape))
         if size not in (1, fc2.out_features):
-            return None, None, None
+            return None, None, None, None
         scale, out = ParamRef(node_key(node), others[0], -1), node.outputs[0]
-    return None, None, None
+    return None, None, None, None
+
+
+def _norm_scale(total: gs.Tensor, features: int) -> ParamRef | None:
+    """The scale γ of the layer normalization over the last axis that reads the residual sum
+    `total` (one value per feature), in either form:
+
+        total -> LayerNormalization(·, γ, β)                     (axis -1)
+        total -> ReduceMean(axes -1) -> m
+        Sub(total, m) -> d -> Div(d, Sqrt(...)) -> Mul(·, γ)     (torch before opset 17)
+
+    None when nothing of the kind reads it (an RMS norm does not remove the mean: not matched)."""
+    for reader in total.outputs:
+        if reader.op == "LayerNormalization" and reader.inputs[0] is total and reader.attrs.get("axis", -1) == -1:
+            return _scale_of(reader, 1, features)
+        if reader.op != "Sub" or reader.inputs[0] is not total:
+            continue
+        mean = producer(reader.inputs[1])
+        if mean is None or mean.op != "ReduceMean" or mean.inputs[0] is not total or not _last_axis_only(mean):
+            continue
+        for divide in reader.outputs[0].outputs:
+            root = producer(divide.inputs[1]) if len(divide.inputs) == 2 else None
+            if divide.op != "Div" or divide.inputs[0] is not reader.outputs[0] or root is None or root.op != "Sqrt":
+                continue
+            scaled = divide.outputs[0].outputs
+            if len(scaled) == 1 and scaled[0].op == "Mul":
+                mul = scaled[0]
+                return _scale_of(mul, next(i for i, t in enumerate(mul.inputs) if t is not divide.outputs[0]), features)
+    return None
+
+
+def _last_axis_only(reduce: gs.Node) -> bool:
+    axes = reduce.attrs.get("axes") if len(reduce.inputs) < 2 else _ints(reduce.inputs[1])
+    return axes is not None and list(axes) == [-1]
+
+
+def _scale_of(node: gs.Node, index: int, features: int) -> ParamRef | None:
+    """Input `index` of `node` as a constant of one value per feature, or None."""
+    traced = trace_param(node.inputs[index]) if index < len(node.inputs) else None
+    if traced is None or int(np.prod(traced.shape)) != features:
+        return None
+    return ParamRef(node_key(node), index, -1)
 
 
 def _sum_output(skip_layernorm: gs.Node, taken: set[str]) -> str:
@@ -521,7 +562,7 @@ def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
             literals.append(literal)
     axis = fc2.feature_axis
     width_tensors = tuple((t.name, axis) for n in _region_nodes(match) for t in n.outputs)
-    residual, residual_node, output_scale = _residual(fc2, taken)
+    residual, residual_node, output_scale, norm_scale = _residual(fc2, taken)
     hidden = fc2.node.inputs[0]
     quantizer = producer(hidden)
     if quantizer is not None and fc2.node.op in INPUT_QUANTIZERS.get(quantizer.op, ()):
@@ -541,6 +582,7 @@ def _site(match: _Match, width: int, taken: set[str]) -> MlpSite | None:
         residual=residual,
         residual_node=residual_node,
         output_scale=output_scale,
+        norm_scale=norm_scale,
         fc2_dequantize=None if fc2.scale is None else (fc2.scale, fc2.zero_point),
     )
 

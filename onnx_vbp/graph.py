@@ -7,6 +7,7 @@ name the same tensors when `rewrite` imports the model again.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -556,14 +557,43 @@ class DiskWeights:
         const.data_location = None  # else gs exports the edited tensor marked external, with no location
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+class ConstantReader:
+    """The values of a model's constants, by the node that reads them and the input (traced back
+    through pass-through ops, see `trace_input`); external data is read only for those asked."""
+
+    def __init__(self, model: onnx.ModelProto, external_dir: Path | None) -> None:
+        self.nodes = {node_key(n): n for n in import_graph(model).nodes}
+        self.disk = DiskWeights(model, external_dir)
+
+    def value(self, node: str, index: int) -> np.ndarray:
+        traced = trace_input(self.nodes[node], index)
+        self.disk.load_param(traced)
+        return traced.value()
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str], fused_sums: Mapping[str, str] | None = None) -> bytes:
     """Serialize `model` with the tensors `names` added to its graph outputs.
 
     Protobuf merges concatenated serializations of a message (repeated fields append), so the
     extra outputs are appended to the serialized model without copying its weights into a second
     ModelProto. The outputs carry no type: ORT takes it from the producing node.
+
+    `fused_sums` maps the first output of a fused SkipLayerNormalization to the name of its
+    optional output 3 (input + skip + bias): where the model leaves that output out, the node is
+    given it for the serialization only (`model` is left as it was).
     """
-    existing = {o.name for o in model.graph.output}
-    extra = [onnx.ValueInfoProto(name=name) for name in names if name not in existing]
-    addition = onnx.ModelProto(graph=onnx.GraphProto(output=extra))
-    return model.SerializeToString() + addition.SerializeToString()
+    widened = []
+    for node in model.graph.node:
+        if fused_sums and node.output and node.output[0] in fused_sums and (len(node.output) < 4 or not node.output[3]):
+            widened.append((node, list(node.output)))
+            del node.output[3:]
+            node.output.extend([""] * (3 - len(node.output)) + [fused_sums[node.output[0]]])
+    try:
+        existing = {o.name for o in model.graph.output}
+        extra = [onnx.ValueInfoProto(name=name) for name in names if name not in existing]
+        addition = onnx.ModelProto(graph=onnx.GraphProto(output=extra))
+        return model.SerializeToString() + addition.SerializeToString()
+    finally:
+        for node, outputs in widened:
+            del node.output[:]
+            node.output.extend(outputs)

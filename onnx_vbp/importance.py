@@ -35,7 +35,7 @@ import onnx
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
-from onnx_vbp.graph import DiskWeights, dequantized_rows, import_graph, node_key, trace_input
+from onnx_vbp.graph import ConstantReader, dequantized_rows
 from onnx_vbp.options import DEFAULT_RIDGE_LAMBDA, SCORES
 from onnx_vbp.records import MlpBlock, ParamRef, Ranking
 from onnx_vbp.runtime import available_cores
@@ -48,14 +48,10 @@ def fc2_rows(
     """fc2's weight of every block as a float64 [width, outputs] matrix (first site; tied sites
     share it). `to_residual`: each output column times the layer scale that multiplies it before
     the residual stream (MlpSite.output_scale), so the rows say what a neuron adds to the stream."""
-    graph = import_graph(model)
-    nodes = {node_key(n): n for n in graph.nodes}
-    disk = DiskWeights(model, external_dir)
+    reader = ConstantReader(model, external_dir)
 
     def constant(ref: ParamRef) -> np.ndarray:
-        traced = trace_input(nodes[ref.node], ref.input)
-        disk.load_param(traced)
-        return traced.value().astype(np.float64)
+        return reader.value(ref.node, ref.input).astype(np.float64)
 
     rows = {}
     for block in blocks:

@@ -1026,10 +1026,11 @@ def _reconstructed(
                 log.info("block %s is not refit: %s", block.name, refit.reason)
             else:
                 log.info(
-                    "refit block %s: held-out error %.3g -> %.3g of its output variance (%.1f s)",
+                    "refit block %s: held-out error %.3g -> %.3g of its output variance, %s loss (%.1f s)",
                     block.name,
                     refit.held_error_before,
                     refit.held_error_after,
+                    refit.loss,
                     time.perf_counter() - start,
                 )
             return refit

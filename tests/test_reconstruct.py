@@ -10,10 +10,12 @@ import onnx
 import pytest
 from graphs import BlockSpec, build_model, quantize_static_int8, random_batch
 from helpers import run
+from onnx import helper, numpy_helper
 
 from onnx_vbp import find_mlp_blocks
 from onnx_vbp.cli import main
-from onnx_vbp.reconstruct import ACTIVATIONS, fit_block, gather_positions
+from onnx_vbp.graph import ConstantReader
+from onnx_vbp.reconstruct import ACTIVATIONS, NORM_EPSILON, _Loss, fit_block, gather_positions
 from onnx_vbp.records import BlockPositions, BlockWeights, Refit
 from onnx_vbp.rewrite import refit_weights
 
@@ -154,8 +156,11 @@ def _write_batches(folder: Path, model: onnx.ModelProto, seeds: range) -> None:
         np.savez(folder / f"{seed}.npz", **random_batch(model, batch=32, seed=seed))
 
 
-def test_reconstruct_through_the_cli_beats_the_rewrite_on_held_out_data(tmp_path: Path) -> None:
-    model = build_model([BlockSpec(hidden=48), BlockSpec(hidden=48, act="relu")], dim=16, seq=5)
+@pytest.mark.parametrize("layernorm", [False, True], ids=["plain-loss", "normalized-loss"])
+def test_reconstruct_through_the_cli_beats_the_rewrite_on_held_out_data(tmp_path: Path, layernorm: bool) -> None:
+    # pre-LN: block 0's error is weighed as block 1's LayerNorm sees it, block 1's plainly
+    specs = [BlockSpec(hidden=48), BlockSpec(hidden=48, act="relu")]
+    model = build_model(specs, dim=16, seq=5, layernorm=layernorm)
     onnx.save(model, tmp_path / "m.onnx")
     _write_batches(tmp_path / "calib", model, range(8))
     held_out = random_batch(model, batch=64, seed=99)
@@ -170,6 +175,7 @@ def test_reconstruct_through_the_cli_beats_the_rewrite_on_held_out_data(tmp_path
         rows = json.loads(report.read_text()).get("reconstruct")
         if extra:
             assert [row["refit"] for row in rows] == [True, True], rows
+            assert [row["loss"] for row in rows] == (["normalized", "plain"] if layernorm else ["plain", "plain"])
             assert all(row["held_error_after"] < row["held_error_before"] for row in rows)
         else:
             assert rows is None
@@ -214,3 +220,111 @@ def test_gathered_positions_stay_within_memory_and_span_the_data() -> None:
     first = batches[0]["x"].reshape(-1, 8)
     np.testing.assert_array_equal(positions.inputs[:2], first[[0, 4]])
     assert positions.outputs.shape == positions.inputs.shape
+
+
+def _layer_norm(z: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    centered = z - z.mean(axis=1, keepdims=True)
+    return gamma * centered / np.sqrt(centered.var(axis=1, keepdims=True) + 1e-12)
+
+
+def test_the_normalized_loss_is_what_the_layer_norm_sees_and_its_gradient() -> None:
+    rng = np.random.default_rng(3)
+    features = 256  # the loss leaves out one direction of the features': the change of the variance
+    total = rng.normal(size=(50, features)) * rng.uniform(0.5, 20.0, size=(50, 1))  # unequal scales
+    gamma, layer_scale = rng.uniform(0.1, 3.0, features), rng.uniform(0.2, 1.5, features)
+    error = 1e-4 * rng.normal(size=(50, features))  # in fc2's output, before the layer scale
+    seen = _layer_norm(total + layer_scale * error, gamma) - _layer_norm(total, gamma)
+    loss = _Loss(gamma, layer_scale)
+    value, half_gradient = loss.terms(error, 1.0 / total.var(axis=1))
+    assert value == pytest.approx(np.sum(np.square(seen)), rel=2e-2)
+    step, direction = 1e-6, rng.normal(size=error.shape)
+    up, down = (loss.terms(error + s * step * direction, 1.0 / total.var(axis=1))[0] for s in (1, -1))
+    assert (up - down) / 2 == pytest.approx(2 * step * np.sum(half_gradient * direction), rel=1e-6)
+    plain = _Loss(None, None).terms(error, None)
+    assert plain[0] == pytest.approx(np.sum(np.square(error))) and plain[1] is error
+
+
+def _decompose_layer_norms(model: onnx.ModelProto, axis: int = -1) -> None:
+    """Each LayerNormalization as torch writes it before opset 17 (reducing over `axis`)."""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization":
+            nodes.append(node)
+            continue
+        z, gamma, beta = node.input
+        p = node.name
+        eps = numpy_helper.from_array(np.array(1e-6, np.float32), f"{p}/eps")
+        two = numpy_helper.from_array(np.array(2.0, np.float32), f"{p}/two")
+        model.graph.initializer.extend([eps, two])
+        nodes += [
+            helper.make_node("ReduceMean", [z], [f"{p}/m"], axes=[axis], name=f"{p}/ReduceMean"),
+            helper.make_node("Sub", [z, f"{p}/m"], [f"{p}/d"], name=f"{p}/Sub"),
+            helper.make_node("Pow", [f"{p}/d", f"{p}/two"], [f"{p}/d2"], name=f"{p}/Pow"),
+            helper.make_node("ReduceMean", [f"{p}/d2"], [f"{p}/v"], axes=[axis], name=f"{p}/ReduceMean_1"),
+            helper.make_node("Add", [f"{p}/v", f"{p}/eps"], [f"{p}/ve"], name=f"{p}/Add"),
+            helper.make_node("Sqrt", [f"{p}/ve"], [f"{p}/s"], name=f"{p}/Sqrt"),
+            helper.make_node("Div", [f"{p}/d", f"{p}/s"], [f"{p}/n"], name=f"{p}/Div"),
+            helper.make_node("Mul", [f"{p}/n", gamma], [f"{p}/g"], name=f"{p}/Mul"),
+            helper.make_node("Add", [f"{p}/g", beta], list(node.output), name=f"{p}/Add_1"),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.opset_import[0].version = 17
+
+
+def _gammas(model: onnx.ModelProto, rng: np.random.Generator) -> list[np.ndarray]:
+    """Give every LayerNormalization a γ of its own, unequal values; returns them in order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    gammas = []
+    for node in model.graph.node:
+        if node.op_type in ("LayerNormalization", "SkipLayerNormalization"):
+            name = node.input[1 if node.op_type == "LayerNormalization" else 2]
+            gamma = rng.uniform(0.2, 2.0, numpy_helper.to_array(inits[name]).shape).astype(np.float32)
+            inits[name].CopyFrom(numpy_helper.from_array(gamma, name))
+            gammas.append(gamma)
+    return gammas
+
+
+@pytest.mark.parametrize("form", ["fused", "decomposed", "skip_layernorm"])
+def test_the_layer_norm_after_each_block_is_found(form: str) -> None:
+    fc2_bias = "skip_layernorm" if form == "skip_layernorm" else "add"
+    model = build_model([BlockSpec(fc2_bias=fc2_bias), BlockSpec(fc2_bias=fc2_bias)], layernorm=True, opset=17)
+    gammas = _gammas(model, np.random.default_rng(4))
+    if form == "decomposed":
+        _decompose_layer_norms(model)
+    first, second = find_mlp_blocks(model)
+    onnx.checker.check_model(model)
+    reader = ConstantReader(model, None)
+    scale = first.sites[0].norm_scale
+    # pre-LN: block 0's sum is normalized by block 1's LayerNorm; the fused form by its own
+    np.testing.assert_array_equal(reader.value(scale.node, scale.input).reshape(-1), gammas[1])
+    assert (second.sites[0].norm_scale is None) == (form != "skip_layernorm")  # its sum is the output
+
+
+def test_a_mean_over_another_axis_is_no_layer_norm() -> None:
+    model = build_model([BlockSpec(), BlockSpec()], layernorm=True, opset=17)
+    _decompose_layer_norms(model, axis=1)
+    assert find_mlp_blocks(model)[0].sites[0].norm_scale is None
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["add-layernorm", "skip_layernorm"])
+def test_gathered_positions_carry_how_the_next_layer_norm_weighs_them(fused: bool) -> None:
+    # the fused form normalizes its own sum, made inside it (output 3, absent from the model)
+    specs = [BlockSpec(fc2_bias="skip_layernorm"), BlockSpec()] if fused else [BlockSpec(layer_scale=0.5), BlockSpec()]
+    model = build_model(specs, dim=8, seq=5, layernorm=True)
+    gammas = _gammas(model, np.random.default_rng(5))
+    batches = [random_batch(model, batch=4, seed=s) for s in range(3)]
+    blocks = find_mlp_blocks(model)
+    first, second = gather_positions(model, blocks, batches, 12).values()
+    assert second.position_weight is None and second.norm_scale is None  # nothing normalizes its sum
+    np.testing.assert_array_equal(first.norm_scale, gammas[1])
+    layer_scale = 1.0 if fused else 0.5
+    if fused:
+        assert first.output_scale is None
+    else:
+        np.testing.assert_array_equal(first.output_scale, np.full(8, layer_scale, np.float32))
+    inputs = np.concatenate([b["x"] for b in batches]).reshape(-1, 8)
+    bias_ref = blocks[0].sites[0].fc2_bias
+    fc2_bias = ConstantReader(model, None).value(bias_ref.node, bias_ref.input)
+    total = inputs + layer_scale * (first.outputs + fc2_bias)  # every position: the data fits the memory
+    np.testing.assert_allclose(first.position_weight, 1.0 / (total.var(axis=1) + NORM_EPSILON), rtol=1e-4)
