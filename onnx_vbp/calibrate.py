@@ -77,12 +77,21 @@ def token_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return mask != 0
 
 
+def real_rows(lead: tuple[int, ...], kept_rows: np.ndarray | None) -> np.ndarray | None:
+    """Which rows of a batch's positions, whose dims before the features are `lead`, hold real
+    tokens: [batch, sequence] as the mask, or the two folded into one axis by a layout Reshape
+    (rows in the same order). None for all of them (no mask, or another layout)."""
+    if kept_rows is None or lead not in (kept_rows.shape, (kept_rows.size,)):
+        return None
+    return kept_rows.reshape(-1)
+
+
 def _positions(values: np.ndarray, axis: int, kept_rows: np.ndarray | None) -> np.ndarray:
     """`values` as [positions, features] (features along `axis`), padding positions dropped."""
     moved = np.moveaxis(values, axis, -1)
-    if kept_rows is not None and moved.shape[:-1] == kept_rows.shape:
-        moved = moved[kept_rows]  # padding positions are no observation
-    return moved.reshape(-1, moved.shape[-1])
+    rows = moved.reshape(-1, moved.shape[-1])
+    real = real_rows(moved.shape[:-1], kept_rows)
+    return rows if real is None else rows[real]  # padding positions are no observation
 
 
 def calibrate(

@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from scipy.special import erf, expit
 
-from onnx_vbp.calibrate import token_rows
+from onnx_vbp.calibrate import real_rows, token_rows
 from onnx_vbp.graph import ConstantReader, with_outputs
 from onnx_vbp.records import BlockPositions, BlockWeights, MlpBlock, MlpSite, Refit
 from onnx_vbp.runtime import ORT_ERRORS, available_cores, cpu_session, first_line
@@ -156,8 +156,9 @@ def gather_positions(
     memory: int = POSITIONS_MEMORY,
 ) -> dict[str, BlockPositions]:
     """Each block's fc1 inputs and fc2 outputs in the original model, with their sample, at
-    evenly spaced positions of `batches` (padding left out): as many as `memory` holds for all
-    blocks, spread over the data's `samples` (at the first batch's positions per sample). Where a
+    evenly spaced positions of `batches` (padding left out): as many per block as `memory` holds
+    for all blocks, spread over the data's `samples` (at the block's positions per sample in the
+    first batch). Where a
     layer normalization reads the residual sum after a block, also what it makes of an error in
     the block's output (BlockPositions.position_weight, norm_scale, output_scale)."""
     tensors = {block.name: _block_tensors(model, block) for block in blocks}
@@ -170,8 +171,11 @@ def gather_positions(
     session = cpu_session(with_outputs(model, names, fused_sums), threads, optimize=True, external_dir=external_dir)
     input_names = [i.name for i in session.get_inputs()]
     gathered: dict[str, list[tuple[np.ndarray, ...]]] = {b.name: [] for b in blocks}
-    stride = capacity = None
-    seen = taken = first_sample = 0
+    # per block, since blocks may see different grids of positions (an MLP-Mixer's token-mixing
+    # blocks run over channels): the positions seen and taken so far, and the stride between two
+    # taken, known from the block's first batch
+    seen, taken, stride = dict.fromkeys(tensors, 0), dict.fromkeys(tensors, 0), {}
+    capacity = first_sample = 0
     for batch_index, batch in enumerate(batches):
         try:
             values = dict(zip(names, session.run(names, {n: batch[n] for n in input_names}), strict=True))
@@ -181,31 +185,31 @@ def gather_positions(
             ) from exc
         kept_rows = token_rows(batch)
         batch_size = len(next(iter(batch.values())))
-        if stride is None:  # bytes and positions per sample, known from the first batch
+        if not capacity:  # positions per block: all blocks' rows of x and y fit `memory`
             row_bytes = sum(4 * (values[x].shape[-1] + values[y].shape[-1]) for x, y in tensors.values())
             capacity = max(1, memory // row_bytes)
-            first_input = values[next(iter(tensors.values()))[0]]
-            rows = first_input.size // first_input.shape[-1] if kept_rows is None else int(kept_rows.sum())
-            stride = max(1, math.ceil(samples * rows / batch_size / capacity))
         for block in blocks:
-            x_name, y_name = tensors[block.name]
-            x, y = values[x_name], values[y_name]
-            sample_ids = _samples_of(x, first_sample, batch_size)
-            rows_of = [x, y] + ([values[normed[block.name].residual]] if block.name in normed else [])
+            name = block.name
+            if taken[name] >= capacity:
+                continue
+            x_name, y_name = tensors[name]
+            rows_of = [values[x_name], values[y_name]] + ([values[normed[name].residual]] if name in normed else [])
+            real = real_rows(rows_of[0].shape[:-1], kept_rows)
             rows_of = [a.reshape(-1, a.shape[-1]) for a in rows_of]
-            if kept_rows is not None and kept_rows.size == rows_of[0].shape[0]:
-                real = kept_rows.reshape(-1)
+            sample_ids = _samples_of(rows_of[0], first_sample, batch_size)
+            if real is not None:
                 rows_of, sample_ids = [a[real] for a in rows_of], sample_ids[real]
-            pick = np.arange((-seen) % stride, rows_of[0].shape[0], stride)[: capacity - taken]
+            count = rows_of[0].shape[0]
+            stride.setdefault(name, max(1, math.ceil(samples * count / batch_size / capacity)))
+            pick = np.arange((-seen[name]) % stride[name], count, stride[name])[: capacity - taken[name]]
             part = [rows_of[0][pick].astype(np.float32), rows_of[1][pick].astype(np.float32), sample_ids[pick]]
-            if block.name in normed:
+            if name in normed:
                 part.append((1.0 / (rows_of[2][pick].var(axis=1, dtype=np.float64) + NORM_EPSILON)).astype(np.float32))
-            gathered[block.name].append(tuple(part))
-            counts = rows_of[0].shape[0], pick.size
+            gathered[name].append(tuple(part))
+            seen[name] += count
+            taken[name] += pick.size
         first_sample += batch_size
-        seen += counts[0]
-        taken += counts[1]
-        if taken >= capacity:
+        if min(taken.values(), default=capacity) >= capacity:
             break
     positions = {}
     for name, parts in gathered.items():

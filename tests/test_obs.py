@@ -427,6 +427,22 @@ def test_padding_positions_are_not_observed() -> None:
     np.testing.assert_allclose(with_mask.m2, expected.m2, rtol=1e-6, atol=1e-9)
 
 
+def test_padding_is_not_observed_where_a_layout_reshape_folded_the_tokens() -> None:
+    model = build_model([BlockSpec(fc="gemm", layout=True)], dim=8)  # hidden: [batch * sequence, width]
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[1].dim_param = "sequence"
+    blocks = find_mlp_blocks(model)
+    tokens = np.random.default_rng(7).normal(size=(6, 3, 8)).astype(np.float32)
+    mask = np.ones((6, 5), dtype=np.int64)
+    mask[:, 3:] = 0
+    padded = np.concatenate([tokens, np.full((6, 2, 8), 1e3, np.float32)], axis=1)
+    with_mask = calibrate(model, blocks, [{"x": padded, "attention_mask": mask}])[blocks[0].name]
+    expected = calibrate(model, blocks, [{"x": tokens}])[blocks[0].name]
+    assert with_mask.count == expected.count == 18
+    np.testing.assert_allclose(with_mask.mean, expected.mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(with_mask.m2, expected.m2, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     ("spec", "residual", "scaled"),
     [

@@ -222,6 +222,18 @@ def test_gathered_positions_stay_within_memory_and_span_the_data() -> None:
     assert positions.outputs.shape == positions.inputs.shape
 
 
+def test_blocks_on_different_grids_each_get_their_share_spread_over_the_data() -> None:
+    # MLP-Mixer: the token-mixing block sees 8 rows (channels) per sample, the channel block 5
+    model = build_model([BlockSpec(token_mixing=True, hidden=16), BlockSpec(hidden=16)], dim=8, seq=5)
+    batches = [random_batch(model, batch=8, seed=s) for s in range(10)]  # 80 samples
+    blocks = find_mlp_blocks(model)
+    row_bytes = 4 * (5 + 5) + 4 * (8 + 8)
+    gathered = gather_positions(model, blocks, batches, 80, memory=100 * row_bytes)
+    for positions in gathered.values():
+        assert 90 <= positions.sample.size <= 100, positions.sample.size
+        assert positions.sample.min() == 0 and positions.sample.max() >= 75
+
+
 def _layer_norm(z: np.ndarray, gamma: np.ndarray) -> np.ndarray:
     centered = z - z.mean(axis=1, keepdims=True)
     return gamma * centered / np.sqrt(centered.var(axis=1, keepdims=True) + 1e-12)
