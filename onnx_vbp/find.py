@@ -323,12 +323,15 @@ def _norm_scale(total: gs.Tensor, features: int) -> ParamRef | None:
 
     None when nothing of the kind reads it (an RMS norm does not remove the mean: not matched)."""
     for reader in total.outputs:
-        if reader.op == "LayerNormalization" and reader.inputs[0] is total and reader.attrs.get("axis", -1) == -1:
+        if (
+            reader.op == "LayerNormalization"
+            and reader.inputs[0] is total
+            and _last(reader.attrs.get("axis", -1), total)
+        ):
             return _scale_of(reader, 1, features)
         if reader.op != "Sub" or reader.inputs[0] is not total:
             continue
-        mean = producer(reader.inputs[1])
-        if mean is None or mean.op != "ReduceMean" or mean.inputs[0] is not total or not _last_axis_only(mean):
+        if not _mean_over_last_axis(producer(reader.inputs[1]), total):
             continue
         for divide in reader.outputs[0].outputs:
             root = producer(divide.inputs[1]) if len(divide.inputs) == 2 else None
@@ -341,9 +344,18 @@ def _norm_scale(total: gs.Tensor, features: int) -> ParamRef | None:
     return None
 
 
-def _last_axis_only(reduce: gs.Node) -> bool:
-    axes = reduce.attrs.get("axes") if len(reduce.inputs) < 2 else _ints(reduce.inputs[1])
-    return axes is not None and list(axes) == [-1]
+def _mean_over_last_axis(node: gs.Node | None, tensor: gs.Tensor) -> bool:
+    """Whether `node` is ReduceMean(`tensor`) over its last axis alone."""
+    if node is None or node.op != "ReduceMean" or node.inputs[0] is not tensor:
+        return False
+    axes = node.attrs.get("axes") if len(node.inputs) < 2 else _ints(node.inputs[1])  # an input from opset 18
+    return axes is not None and len(axes) == 1 and _last(axes[0], tensor)
+
+
+def _last(axis: int, tensor: gs.Tensor) -> bool:
+    """Whether `axis` is the last of `tensor` (counted from its end, or from its start where its
+    rank is known)."""
+    return axis == -1 or (tensor.shape is not None and axis == len(tensor.shape) - 1)
 
 
 def _scale_of(node: gs.Node, index: int, features: int) -> ParamRef | None:
