@@ -158,9 +158,11 @@ def gather_positions(
     """Each block's fc1 inputs and fc2 outputs in the original model, with their sample, at
     evenly spaced positions of `batches` (padding left out): as many per block as `memory` holds
     for all blocks, spread over the data's `samples` (at the block's positions per sample in the
-    first batch). Where a
-    layer normalization reads the residual sum after a block, also what it makes of an error in
-    the block's output (BlockPositions.position_weight, norm_scale, output_scale)."""
+    first batch). Where a layer normalization reads the residual sum after a block, also what it
+    makes of an error in the block's output (BlockPositions.position_weight, norm_scale,
+    output_scale)."""
+    if not blocks:
+        return {}
     tensors = {block.name: _block_tensors(model, block) for block in blocks}
     normed = {b.name: b.sites[0] for b in blocks if b.sites[0].residual and b.sites[0].norm_scale is not None}
     feature_scales = _feature_scales(model, normed, external_dir)
@@ -209,7 +211,7 @@ def gather_positions(
             seen[name] += count
             taken[name] += pick.size
         first_sample += batch_size
-        if min(taken.values(), default=capacity) >= capacity:
+        if min(taken.values()) >= capacity:
             break
     positions = {}
     for name, parts in gathered.items():

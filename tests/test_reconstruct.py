@@ -220,6 +220,7 @@ def test_gathered_positions_stay_within_memory_and_span_the_data() -> None:
     first = batches[0]["x"].reshape(-1, 8)
     np.testing.assert_array_equal(positions.inputs[:2], first[[0, 4]])
     assert positions.outputs.shape == positions.inputs.shape
+    assert gather_positions(model, [], batches, 80) == {}  # nothing to gather: no pass, no division by 0
 
 
 def test_blocks_on_different_grids_each_get_their_share_spread_over_the_data() -> None:
