@@ -143,8 +143,9 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="after the rewrite, refit each pruned block's kept fc1 and fc2 to the original block's "
         "outputs by gradient descent on calibration positions (one more pass over the data, then "
-        "minutes of fitting); a block keeps its refit only where it lowers the error on held-out "
-        "calibration samples. Float MatMul/Gemm blocks with GELU, SiLU, ReLU, sigmoid or tanh",
+        "minutes of fitting), the error measured as the LayerNorm reading the block's residual sum "
+        "sees it where there is one; a block keeps its refit only where it lowers the error on "
+        "held-out calibration samples. Float MatMul/Gemm blocks with GELU, SiLU, ReLU, sigmoid or tanh",
     )
     parser.add_argument("--min-keep", type=_non_negative, default=1, help="neurons always kept per block (default 1)")
     parser.add_argument(
