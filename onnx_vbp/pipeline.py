@@ -640,7 +640,7 @@ def _block_positions(
     reasons = {block.name: unfit_reason(block) for block in blocks}
     candidates = [block for block in blocks if reasons[block.name] is None]
     # quantized or scaled weights are known from the graph: spare the data pass for them
-    reasons.update(refit_blockers(model, candidates, external_dir=external_dir) if candidates else {})
+    reasons.update(refit_blockers(model, candidates) if candidates else {})
     declined = {name: reason for name, reason in reasons.items() if reason is not None}
     for name, reason in declined.items():
         log.warning("block %s is not refit: %s", name, reason)

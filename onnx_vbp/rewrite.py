@@ -239,26 +239,33 @@ def refit_weights(
     return refit_model, outcomes
 
 
-def refit_blockers(
-    model: onnx.ModelProto, blocks: list[MlpBlock], *, external_dir: Path | None = None
-) -> dict[str, str]:
+def refit_blockers(model: onnx.ModelProto, blocks: list[MlpBlock]) -> dict[str, str]:
     """Why `refit_weights` would not offer a block's weights to its fit, by block name (a block
-    it would offer is absent): known from the graph alone, before any data is read for it."""
-    editor = _Editor(model, external_dir)
-    found = {block.name: _refit_params(editor, block) for block in blocks}
-    del editor
-    gc.collect()
-    return {name: reason for name, reason in found.items() if isinstance(reason, str)}
+    it would offer is absent): known from the graph alone, before any data is read for it. No
+    weight is read from external data or copied: the constants' dtypes and shapes suffice."""
+    nodes = {node_key(n): n for n in import_graph(model).nodes}
+    reasons = {}
+    for block in blocks:
+        refs = _refit_refs(block)
+        reason = _unrefittable(nodes, refs, [trace_param(nodes[ref.node].inputs[ref.input]) for ref in refs])
+        if reason is not None:
+            reasons[block.name] = reason
+    return reasons
+
+
+def _refit_refs(block: MlpBlock) -> list[ParamRef]:
+    """fc1's weight, fc2's weight, then fc1's bias (and an integer fc1's scale and zero point)."""
+    site = block.sites[0]
+    return [site.fc1_params[0], site.fc2_weight, *site.fc1_params[1:]]
 
 
 def _refit_params(editor: _Editor, block: MlpBlock) -> tuple[list[ParamRef], list, set[int]] | str:
     """The block's fc1 weight, fc2 weight and fc1 bias (refs and editable params) and the nodes
     that may read them, or why they cannot be refit in place."""
     readers = _block_readers(editor, block)
-    site = block.sites[0]
-    refs = [site.fc1_params[0], site.fc2_weight, *site.fc1_params[1:]]
+    refs = _refit_refs(block)
     params = [editor.owned(editor.nodes[ref.node], ref.input, readers) for ref in refs]
-    reason = _unrefittable(editor, refs, params)
+    reason = _unrefittable(editor.nodes, refs, params)
     return (refs, params, readers) if reason is None else reason
 
 
@@ -267,12 +274,12 @@ def _refit_params(editor: _Editor, block: MlpBlock) -> tuple[list[ParamRef], lis
 REFIT_READERS = ("MatMul", "Gemm", "Add", "BiasGelu", "FastGelu")
 
 
-def _unrefittable(editor: _Editor, refs: list[ParamRef], params: list) -> str | None:
+def _unrefittable(nodes: dict[str, gs.Node], refs: list[ParamRef], params: list) -> str | None:
     """Why these weights cannot be refit in place: quantized, scaled by a Gemm, or not 2-D."""
     if len(refs) > 3:
         return "fc1 is quantized"
     for ref, param in zip(refs, params, strict=True):
-        node = editor.nodes[ref.node]
+        node = nodes[ref.node]
         scaled = node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0
         if node.op not in REFIT_READERS or scaled:
             return f"its weights are read by {node.op}, not a plain {'/'.join(REFIT_READERS)}"
