@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx
 
 from onnx_vbp.graph import with_outputs
-from onnx_vbp.records import MlpBlock
+from onnx_vbp.records import MlpBlock, fused_sums
 
 
 def hidden_outputs(blocks: list[MlpBlock]) -> list[str]:
@@ -24,5 +24,5 @@ def instrument(model: onnx.ModelProto, blocks: list[MlpBlock], residuals: bool =
     sums after them) added to the graph outputs. A sum made inside a fused SkipLayerNormalization
     is its optional output 3, given to the node where the model leaves it out (`with_outputs`)."""
     names = hidden_outputs(blocks) + (residual_outputs(blocks) if residuals else [])
-    fused = {site.residual_node: site.residual for b in blocks for site in b.sites if site.residual_node}
-    return with_outputs(model, names, fused if residuals else None)
+    sites = [site for block in blocks for site in block.sites]
+    return with_outputs(model, names, fused_sums(sites) if residuals else None)

@@ -46,7 +46,7 @@ from scipy.special import erf, expit
 
 from onnx_vbp.calibrate import real_rows, token_rows
 from onnx_vbp.graph import ConstantReader, with_outputs
-from onnx_vbp.records import BlockPositions, BlockWeights, MlpBlock, MlpSite, Refit
+from onnx_vbp.records import BlockPositions, BlockWeights, MlpBlock, MlpSite, Refit, fused_sums
 from onnx_vbp.runtime import ORT_ERRORS, available_cores, cpu_session, first_line
 from onnx_vbp.stats import CalibrationError
 
@@ -169,8 +169,9 @@ def gather_positions(
     names = list(
         dict.fromkeys([*(n for pair in tensors.values() for n in pair), *(s.residual for s in normed.values())])
     )
-    fused_sums = {site.residual_node: site.residual for site in normed.values() if site.residual_node}
-    session = cpu_session(with_outputs(model, names, fused_sums), threads, optimize=True, external_dir=external_dir)
+    session = cpu_session(
+        with_outputs(model, names, fused_sums(normed.values())), threads, optimize=True, external_dir=external_dir
+    )
     input_names = [i.name for i in session.get_inputs()]
     gathered: dict[str, list[tuple[np.ndarray, ...]]] = {b.name: [] for b in blocks}
     # per block, since blocks may see different grids of positions (an MLP-Mixer's token-mixing

@@ -6,6 +6,7 @@ plans; every later stage reads them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,12 @@ class MlpSite:
     # dequantized by, W = (Wq - zero point) * scale, each one value or one per output feature
     # (axis -1); None for a float fc2.
     fc2_dequantize: tuple[ParamRef, ParamRef | None] | None = None
+
+
+def fused_sums(sites: Iterable[MlpSite]) -> dict[str, str]:
+    """For `graph.with_outputs`: each fused SkipLayerNormalization (by its key) whose optional
+    output 3 is the residual sum one of `sites` joins -> that sum."""
+    return {site.residual_node: site.residual for site in sites if site.residual_node}
 
 
 @dataclass(frozen=True)
