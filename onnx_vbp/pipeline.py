@@ -65,7 +65,7 @@ from onnx_vbp.modelio import (
     write_model,
 )
 from onnx_vbp.options import ALLOCATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, STREAM_POWERS
-from onnx_vbp.reconstruct import fit_block, gather_positions, unfit_reason
+from onnx_vbp.reconstruct import fit_block, gather_positions, positions_budget, unfit_reason
 from onnx_vbp.records import BlockList, BlockPositions, BlockWeights, MlpBlock, Plan, Ranking, Refit
 from onnx_vbp.report import (
     Report,
@@ -647,7 +647,7 @@ def _block_positions(
     refittable = [block for block in blocks if block.name not in declined]
     if not refittable:
         return {}, declined
-    start = time.perf_counter()
+    start, budget = time.perf_counter(), positions_budget()
     with progress_bar("gathering positions", samples, options) as bar:
         batches = _counted(calibration_batches(Path(calib), specs, options), bar, specs[0].name)
         positions = gather_positions(
@@ -657,11 +657,13 @@ def _block_positions(
             samples,
             threads=options.threads,
             external_dir=external_dir,
+            memory=budget,
         )
     log.info(
-        "gathered %d positions per block for --reconstruct in %.1f s",
+        "gathered %d positions per block for --reconstruct in %.1f s (at most %d MiB for all blocks)",
         len(next(iter(positions.values())).sample) if positions else 0,
         time.perf_counter() - start,
+        budget >> 20,
     )
     return positions, declined
 

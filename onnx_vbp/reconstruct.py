@@ -47,11 +47,14 @@ from scipy.special import erf, expit
 from onnx_vbp.calibrate import real_rows, token_rows
 from onnx_vbp.graph import ConstantReader, with_outputs
 from onnx_vbp.records import BlockPositions, BlockWeights, MlpBlock, MlpSite, Refit, fused_sums
-from onnx_vbp.runtime import ORT_ERRORS, available_cores, cpu_session, first_line
+from onnx_vbp.runtime import ORT_ERRORS, available_cores, available_memory, cpu_session, first_line
 from onnx_vbp.stats import CalibrationError
 
-# Positions gathered for all blocks together stay within this many bytes (x and y in float32).
+# Positions gathered for all blocks together stay within this many bytes (x and y in float32),
+# and within POSITIONS_MEMORY_SHARE of the memory available when they are gathered: they are held
+# while the model is rewritten, each block is fitted (its own temporaries) and the result written.
 POSITIONS_MEMORY = 1 << 30
+POSITIONS_MEMORY_SHARE = 0.25
 HELD_OUT_EVERY = 10  # every 10th calibration sample is held out of the fit
 MIN_HELD_OUT = 2  # samples: fewer held out, and no block is refit
 STEPS = 300
@@ -145,6 +148,12 @@ def _samples_of(values: np.ndarray, first_sample: int, batch_size: int) -> np.nd
     return first_sample + np.arange(rows) * batch_size // rows
 
 
+def positions_budget() -> int:
+    """Bytes the gathered positions of all blocks may take (see POSITIONS_MEMORY)."""
+    available = available_memory()
+    return POSITIONS_MEMORY if available is None else min(POSITIONS_MEMORY, int(POSITIONS_MEMORY_SHARE * available))
+
+
 def gather_positions(
     model: onnx.ModelProto,
     blocks: list[MlpBlock],
@@ -153,16 +162,17 @@ def gather_positions(
     *,
     threads: int | None = None,
     external_dir: Path | None = None,
-    memory: int = POSITIONS_MEMORY,
+    memory: int | None = None,
 ) -> dict[str, BlockPositions]:
     """Each block's fc1 inputs and fc2 outputs in the original model, with their sample, at
-    evenly spaced positions of `batches` (padding left out): as many per block as `memory` holds
-    for all blocks, spread over the data's `samples` (at the block's positions per sample in the
-    first batch). Where a layer normalization reads the residual sum after a block, also what it
-    makes of an error in the block's output (BlockPositions.position_weight, norm_scale,
-    output_scale)."""
+    evenly spaced positions of `batches` (padding left out): as many per block as `memory` bytes
+    (by default `positions_budget()`) hold for all blocks, spread over the data's `samples` (at
+    the block's positions per sample in the first batch). Where a layer normalization reads the
+    residual sum after a block, also what it makes of an error in the block's output
+    (BlockPositions.position_weight, norm_scale, output_scale)."""
     if not blocks:
         return {}
+    memory = positions_budget() if memory is None else memory
     tensors = {block.name: _block_tensors(model, block) for block in blocks}
     normed = {b.name: b.sites[0] for b in blocks if b.sites[0].residual and b.sites[0].norm_scale is not None}
     feature_scales = _feature_scales(model, normed, external_dir)

@@ -12,10 +12,19 @@ from graphs import BlockSpec, build_model, quantize_static_int8, random_batch
 from helpers import run
 from onnx import helper, numpy_helper
 
-from onnx_vbp import find_mlp_blocks
+from onnx_vbp import find_mlp_blocks, reconstruct
 from onnx_vbp.cli import main
 from onnx_vbp.graph import ConstantReader
-from onnx_vbp.reconstruct import ACTIVATIONS, NORM_EPSILON, _Loss, fit_block, gather_positions
+from onnx_vbp.reconstruct import (
+    ACTIVATIONS,
+    NORM_EPSILON,
+    POSITIONS_MEMORY,
+    POSITIONS_MEMORY_SHARE,
+    _Loss,
+    fit_block,
+    gather_positions,
+    positions_budget,
+)
 from onnx_vbp.records import BlockPositions, BlockWeights, Refit
 from onnx_vbp.rewrite import refit_weights
 
@@ -221,6 +230,19 @@ def test_gathered_positions_stay_within_memory_and_span_the_data() -> None:
     np.testing.assert_array_equal(positions.inputs[:2], first[[0, 4]])
     assert positions.outputs.shape == positions.inputs.shape
     assert gather_positions(model, [], batches, 80) == {}  # nothing to gather: no pass, no division by 0
+
+
+def test_gathered_positions_stay_within_a_share_of_the_memory_available(monkeypatch) -> None:
+    model = build_model([BlockSpec(hidden=16)], dim=8, seq=5, residual=False)
+    batches = [random_batch(model, batch=8, seed=s) for s in range(10)]  # 400 positions
+    row_bytes = 4 * (8 + 8)
+    monkeypatch.setattr(reconstruct, "available_memory", lambda: int(100 * row_bytes / POSITIONS_MEMORY_SHARE))
+    (positions,) = gather_positions(model, find_mlp_blocks(model), batches, 80).values()
+    assert 90 <= positions.sample.size <= 100
+    monkeypatch.setattr(reconstruct, "available_memory", lambda: None)  # unknown: the fixed budget
+    assert positions_budget() == POSITIONS_MEMORY
+    monkeypatch.setattr(reconstruct, "available_memory", lambda: 1 << 40)
+    assert positions_budget() == POSITIONS_MEMORY
 
 
 def test_blocks_on_different_grids_each_get_their_share_spread_over_the_data() -> None:
