@@ -50,9 +50,9 @@ class MlpSite:
     width_tensors: tuple[tuple[str, int], ...]  # (tensor, axis) whose annotated shape has the width
     # Where fc2's output joins the residual stream (see `_residual`): the sum tensor, None when
     # there is none; the key of the fused SkipLayerNormalization whose optional output 3 is that
-    # sum (instrument adds the output where the model leaves it out), else None; and the constant
-    # that scales fc2's output on the way (a transformer's layer scale), axis -1 over fc2's
-    # output features.
+    # sum (`fused_sums`; graph.with_outputs adds the output where the model leaves it out), else
+    # None; and the constant that scales fc2's output on the way (a transformer's layer scale),
+    # axis -1 over fc2's output features.
     residual: str | None = None
     residual_node: str | None = None
     output_scale: ParamRef | None = None
