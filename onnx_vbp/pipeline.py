@@ -65,7 +65,14 @@ from onnx_vbp.modelio import (
     write_model,
 )
 from onnx_vbp.options import ALLOCATIONS, DEFAULT_RIDGE_LAMBDA, METHODS, STREAM_POWERS
-from onnx_vbp.reconstruct import fit_block, gather_positions, positions_budget, unfit_reason
+from onnx_vbp.reconstruct import (
+    POSITIONS_MEMORY,
+    POSITIONS_MEMORY_SHARE,
+    fit_block,
+    gather_positions,
+    positions_budget,
+    unfit_reason,
+)
 from onnx_vbp.records import BlockList, BlockPositions, BlockWeights, MlpBlock, Plan, Ranking, Refit
 from onnx_vbp.report import (
     Report,
@@ -648,6 +655,14 @@ def _block_positions(
     if not refittable:
         return {}, declined
     start, budget = time.perf_counter(), positions_budget()
+    if budget < POSITIONS_MEMORY:
+        log.warning(
+            "--reconstruct: the positions gathered for the fit are held to %d MiB, %d%% of the memory available "
+            "(at most %d MiB): the fit may see fewer of them than with more memory",
+            budget >> 20,
+            round(100 * POSITIONS_MEMORY_SHARE),
+            POSITIONS_MEMORY >> 20,
+        )
     with progress_bar("gathering positions", samples, options) as bar:
         batches = _counted(calibration_batches(Path(calib), specs, options), bar, specs[0].name)
         positions = gather_positions(

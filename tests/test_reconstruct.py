@@ -245,6 +245,19 @@ def test_gathered_positions_stay_within_a_share_of_the_memory_available(monkeypa
     assert positions_budget() == POSITIONS_MEMORY
 
 
+def test_a_positions_budget_held_down_by_the_memory_available_is_said(tmp_path: Path, monkeypatch, caplog) -> None:
+    model = build_model([BlockSpec(hidden=32)], dim=16, seq=5)
+    onnx.save(model, tmp_path / "m.onnx")
+    _write_batches(tmp_path / "calib", model, range(4))
+    argv = [str(tmp_path / "m.onnx"), str(tmp_path / "calib"), "--reconstruct", "-q", "-o", str(tmp_path / "o.onnx")]
+    monkeypatch.setattr(reconstruct, "available_memory", lambda: 1 << 34)  # room for the full budget
+    assert main(argv) == 0
+    assert "held to" not in caplog.text
+    monkeypatch.setattr(reconstruct, "available_memory", lambda: 1 << 28)
+    assert main([*argv[:-1], str(tmp_path / "p.onnx")]) == 0
+    assert "positions gathered for the fit are held to 64 MiB" in caplog.text
+
+
 def test_blocks_on_different_grids_each_get_their_share_spread_over_the_data() -> None:
     # MLP-Mixer: the token-mixing block sees 8 rows (channels) per sample, the channel block 5
     model = build_model([BlockSpec(token_mixing=True, hidden=16), BlockSpec(hidden=16)], dim=8, seq=5)
