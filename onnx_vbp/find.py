@@ -275,6 +275,10 @@ def _fc2_bias(fc2: Linear) -> BiasRef:
     return BiasRef(node_key(fc2.node), None)
 
 
+# what `_residual` returns where fc2's output joins no residual stream it can follow
+_NO_RESIDUAL = (None, None, None, None)
+
+
 def _residual(fc2: Linear, taken: set[str]) -> tuple[str | None, str | None, ParamRef | None, ParamRef | None]:
     """Where fc2's output (after its bias) is added to the residual stream:
 
@@ -284,7 +288,7 @@ def _residual(fc2: Linear, taken: set[str]) -> tuple[str | None, str | None, Par
     Returns (sum, SkipLayerNormalization key or None, scale, the scale γ of the layer
     normalization that reads the sum, see `_norm_scale`). The fused op writes the sum only
     when asked (optional output 3): if the model leaves it out, the sum gets a name not in
-    `taken` and instrument adds it. `scale` is a constant of one value per output feature or one
+    `taken` and `graph.with_outputs` adds it. `scale` is a constant of one value per output feature or one
     in all (layer scale, ViT-S and ConvNeXt); the other operand of a final Add must not be
     constant. A Reshape (onnxsim's Gemm on [batch * positions, features], reshaped back) keeps
     the features on the last axis, which the stream's energy is measured over. All None otherwise.
@@ -294,23 +298,23 @@ def _residual(fc2: Linear, taken: set[str]) -> tuple[str | None, str | None, Par
         while len(out.outputs) == 1 and out.outputs[0].op in LAYOUT_OPS and fc2.feature_axis == -1:
             out = out.outputs[0].outputs[0]
         if len(out.outputs) != 1:
-            return None, None, None, None
+            return _NO_RESIDUAL
         node = out.outputs[0]
         if node.op == "SkipLayerNormalization" and len(node.inputs) >= 3 and any(t is out for t in node.inputs[:2]):
             return _sum_output(node, taken), node_key(node), scale, _scale_of(node, 2, fc2.out_features)
         others = [i for i, t in enumerate(node.inputs) if t is not out]
         if len(node.inputs) != 2 or len(others) != 1:
-            return None, None, None, None
+            return _NO_RESIDUAL
         other = trace_param(node.inputs[others[0]])
         if node.op == "Add" and other is None and node.outputs:
             return node.outputs[0].name, None, scale, _norm_scale(node.outputs[0], fc2.out_features)
         if node.op != "Mul" or scale is not None or other is None:
-            return None, None, None, None
+            return _NO_RESIDUAL
         size = int(np.prod(other.source.shape))
         if size not in (1, fc2.out_features):
-            return None, None, None, None
+            return _NO_RESIDUAL
         scale, out = ParamRef(node_key(node), others[0], -1), node.outputs[0]
-    return None, None, None, None
+    return _NO_RESIDUAL
 
 
 def _norm_scale(total: gs.Tensor, features: int) -> ParamRef | None:
