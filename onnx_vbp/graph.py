@@ -211,6 +211,11 @@ def node_key(node: gs.Node) -> str:
     return node.outputs[0].name
 
 
+def nodes_by_key(graph: gs.Graph) -> dict[str, gs.Node]:
+    """The graph's nodes by `node_key`: how records (ParamRef, BiasRef) name the nodes they mean."""
+    return {node_key(n): n for n in graph.nodes}
+
+
 def node_label(node: gs.Node) -> str:
     """The node's name for people; exporters that leave names empty get the op and output."""
     return node.name or f"{node.op}({node.outputs[0].name})"
@@ -562,7 +567,7 @@ class ConstantReader:
     through pass-through ops, see `trace_input`); external data is read only for those asked."""
 
     def __init__(self, model: onnx.ModelProto, external_dir: Path | None) -> None:
-        self.nodes = {node_key(n): n for n in import_graph(model).nodes}
+        self.nodes = nodes_by_key(import_graph(model))
         self.disk = DiskWeights(model, external_dir)
 
     def value(self, node: str, index: int) -> np.ndarray:

@@ -50,7 +50,7 @@ from onnx_vbp.data import (
 from onnx_vbp.errors import VbpError
 from onnx_vbp.evaluate import evaluate
 from onnx_vbp.find import find_mlp_blocks
-from onnx_vbp.graph import import_graph, node_key, trace_param
+from onnx_vbp.graph import import_graph, nodes_by_key, trace_param
 from onnx_vbp.importance import rankings
 from onnx_vbp.modelio import (
     ModelError,
@@ -874,8 +874,7 @@ def weights_fingerprint(model: onnx.ModelProto, blocks: list[MlpBlock], external
     64 KiB of its fc1 and fc2 weights (any training or fine-tuning changes those). The same for a
     model stored inline or with external data; different for another model of the same
     architecture."""
-    graph = import_graph(model)
-    nodes = {node_key(n): n for n in graph.nodes}
+    nodes = nodes_by_key(import_graph(model))
     initializers = {t.name: t for t in model.graph.initializer}
     digest = hashlib.sha256()
     for block in blocks:

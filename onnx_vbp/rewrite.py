@@ -29,7 +29,7 @@ from onnx_vbp.graph import (
     export_model,
     import_graph,
     indexed_axes,
-    node_key,
+    nodes_by_key,
     param_input,
     quantize,
     quantizer_inputs,
@@ -49,7 +49,7 @@ class _Editor:
     def __init__(self, model: onnx.ModelProto, external_dir: Path | None) -> None:
         self.disk = DiskWeights(model, external_dir)
         self.graph = import_graph(model)
-        self.nodes = {node_key(n): n for n in self.graph.nodes}
+        self.nodes = nodes_by_key(self.graph)
         self.tensors = self.graph.tensors()
         self.graph_outputs = {id(t) for t in self.graph.outputs}
         self._taken = set(self.tensors) | {n.name for n in self.graph.nodes}
@@ -243,7 +243,7 @@ def refit_blockers(model: onnx.ModelProto, blocks: list[MlpBlock]) -> dict[str, 
     """Why `refit_weights` would not offer a block's weights to its fit, by block name (a block
     it would offer is absent): known from the graph alone, before any data is read for it. No
     weight is read from external data or copied: the constants' dtypes and shapes suffice."""
-    nodes = {node_key(n): n for n in import_graph(model).nodes}
+    nodes = nodes_by_key(import_graph(model))
     reasons = {}
     for block in blocks:
         refs = _refit_refs(block)
